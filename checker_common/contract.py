@@ -1,0 +1,239 @@
+"""The result message: the one contract between the checker and the processor.
+
+On the wire a result is a Kafka message keyed by the task id (UTF-8) whose value is UTF-8 JSON
+with the task id as its only top-level key::
+
+    {"<task_id>": {"name": ..., "timestamp": ..., "status": 200, "load_time": 0.59,
+                   "pattern_search": "match", "result_id": ..., "schema_version": 1, ...}}
+
+`encode()` builds that, `decode()` reads it back (also the first version's shape, which had no
+`result_id`), and `json_schema()` describes it. Nothing else spells these fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+# Results from the first checker carry no result_id; theirs is derived from where they were
+# read (topic, partition, offset) under this namespace, so a redelivery gets the same id.
+LEGACY_NAMESPACE = uuid.UUID("6f1c52e4-8d0b-4c4e-9a57-0c8f3b1d2a10")
+LEGACY_TIMESTAMP_FORMAT = "%m/%d/%y - %H:%M:%S"
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+
+
+class PatternResult(StrEnum):
+    MATCH = "match"
+    NO_MATCH = "no_match"
+
+
+class Health(StrEnum):
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+class ErrorKind(StrEnum):
+    """Why a check failed. Kinds are data, never exceptions."""
+
+    DNS = "dns"
+    CONNECT = "connect"
+    TLS = "tls"
+    TIMEOUT = "timeout"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    BODY_TOO_LARGE = "body_too_large"
+    INVALID_RESPONSE = "invalid_response"
+    DENIED_TARGET = "denied_target"
+    STATUS = "status"
+    PATTERN = "pattern"
+
+
+class CheckError(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ErrorKind
+    message: str = Field(max_length=2000)
+
+
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class Timings(BaseModel):
+    """Phase durations in seconds; null where the phase did not happen (no TLS on http)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dns: Seconds | None = None
+    connect: Seconds | None = None
+    tls: Seconds | None = None
+    ttfb: Seconds | None = Field(None, description="request sent to first response byte")
+    transfer: Seconds | None = Field(None, description="first to last body byte read")
+
+
+class CheckResult(BaseModel):
+    """One check of one task: what the checker measured and publishes."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: Literal[1] = 1
+    result_id: uuid.UUID
+    name: str = Field(max_length=200)
+    url: str = Field(max_length=8192)
+    method: str = Field("GET", max_length=10)
+    timestamp: datetime = Field(description="when the check started, ISO 8601 UTC")
+    scheduled_at: datetime | None = Field(None, description="when the check was planned to start")
+    attempt: int = Field(1, ge=1, description="1 for the first try, then retries")
+    status: int | None = Field(None, ge=100, le=999, description="HTTP status, null if none")
+    load_time: Seconds = Field(description="seconds from start to last byte or to the failure")
+    pattern_search: PatternResult | None = None
+    ok: bool
+    health: Health = Health.UNKNOWN
+    error: CheckError | None = None
+    timings: Timings = Field(default_factory=Timings)
+    bytes: int = Field(0, ge=0, description="body bytes read (after decompression)")
+    final_url: str | None = Field(None, max_length=8192)
+    redirects: int = Field(0, ge=0)
+    cert_expires_at: datetime | None = None
+
+    @field_validator("timestamp", "scheduled_at", "cert_expires_at")
+    @classmethod
+    def _aware_utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class ContractError(ValueError):
+    """A message that breaks the contract; the text says what and where."""
+
+
+def encode(task_id: uuid.UUID, result: CheckResult) -> tuple[bytes, bytes]:
+    """The Kafka key and value for one result."""
+    body = result.model_dump(mode="json")
+    key = str(task_id)
+    return key.encode(), orjson.dumps({key: body})
+
+
+class Decoded(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    task_id: uuid.UUID
+    result: CheckResult
+    legacy: bool = False
+
+
+def decode(
+    value: bytes | None,
+    *,
+    topic: str = "",
+    partition: int = 0,
+    offset: int = 0,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Decoded:
+    """Parse one message value. Raises `ContractError` with a readable reason."""
+    if value is None:
+        raise ContractError("empty message (no value)")
+    if len(value) > max_bytes:
+        raise ContractError(f"message too large: {len(value)} bytes > {max_bytes}")
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise ContractError(f"not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or len(document) != 1:
+        raise ContractError("top level must be an object with exactly one key, the task id")
+    ((raw_id, body),) = document.items()
+    try:
+        task_id = uuid.UUID(raw_id)
+    except ValueError:
+        raise ContractError(f"task id is not a UUID: {raw_id[:80]!r}") from None
+    if not isinstance(body, dict):
+        raise ContractError("the value under the task id must be an object")
+    legacy = "result_id" not in body and "schema_version" not in body
+    if legacy:
+        body = _upgrade_legacy(body, topic=topic, partition=partition, offset=offset)
+    else:
+        version = body.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ContractError(f"unknown schema_version: {version!r}")
+    try:
+        result = CheckResult.model_validate(body)
+    except ValidationError as exc:
+        raise ContractError(_first_error(exc)) from None
+    return Decoded(task_id=task_id, result=result, legacy=legacy)
+
+
+def legacy_result_id(topic: str, partition: int, offset: int) -> uuid.UUID:
+    return uuid.uuid5(LEGACY_NAMESPACE, f"{topic}/{partition}/{offset}")
+
+
+def _upgrade_legacy(
+    body: dict[str, Any], *, topic: str, partition: int, offset: int
+) -> dict[str, Any]:
+    """The first checker's shape: no result_id, `02/15/21 - 16:43:17`, load_time a string."""
+    upgraded = dict(body)
+    upgraded["result_id"] = str(legacy_result_id(topic, partition, offset))
+    stamp = body.get("timestamp")
+    if isinstance(stamp, str):
+        # It may already be ISO 8601; then the model decides.
+        with contextlib.suppress(ValueError):
+            parsed = datetime.strptime(stamp, LEGACY_TIMESTAMP_FORMAT)
+            upgraded["timestamp"] = parsed.replace(tzinfo=UTC)
+    load_time = body.get("load_time")
+    if isinstance(load_time, str):
+        try:
+            upgraded["load_time"] = float(load_time)
+        except ValueError:
+            raise ContractError(f"load_time: not a number: {load_time[:40]!r}") from None
+    pattern = body.get("pattern_search")
+    if isinstance(pattern, str):
+        normalised = pattern.strip().lower().replace(" ", "_")
+        upgraded["pattern_search"] = {
+            "match": "match",
+            "no_match": "no_match",
+            "not_match": "no_match",
+            "none": None,
+            "": None,
+        }.get(normalised, pattern)
+    status = body.get("status")
+    upgraded.setdefault("url", "")
+    upgraded.setdefault("name", "")
+    upgraded.setdefault(
+        "ok",
+        isinstance(status, int)
+        and 200 <= status < 400
+        and upgraded.get("pattern_search") != "no_match",
+    )
+    return upgraded
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first.get("loc", ())) or "message"
+    return f"{where}: {first.get('msg', 'invalid')}"
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (2020-12) of one message value, generated from the model."""
+    body = CheckResult.model_json_schema(mode="serialization")
+    defs = body.pop("$defs", {})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://periodic-checker.invalid/schema/result-message.schema.json",
+        "title": "Check result message",
+        "description": "Kafka message value; the key is the same task id as UTF-8.",
+        "type": "object",
+        "minProperties": 1,
+        "maxProperties": 1,
+        "propertyNames": {"format": "uuid"},
+        "additionalProperties": {"$ref": "#/$defs/CheckResult"},
+        "$defs": {**defs, "CheckResult": body},
+    }

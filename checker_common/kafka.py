@@ -1,0 +1,64 @@
+"""Kafka client configuration from settings: one place for the mutual-TLS options."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from typing import Any
+
+from checker_common.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+
+def client_config(settings: CommonSettings, *, client_id: str) -> dict[str, Any]:
+    """librdkafka options shared by producers, consumers and admin clients."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_connection,
+        "client.id": client_id,
+        "security.protocol": "SSL",
+        "ssl.ca.location": str(settings.kafka_ca_path),
+        "ssl.certificate.location": str(settings.kafka_cert_path),
+        "ssl.key.location": str(settings.kafka_key_file),
+        "ssl.endpoint.identification.algorithm": "https",
+        "socket.keepalive.enable": True,
+        "logger": logging.getLogger("librdkafka"),
+    }
+    if settings.kafka_cert_pass is not None:
+        config["ssl.key.password"] = settings.kafka_cert_pass.get_secret_value()
+    return config
+
+
+def bootstrap_addresses(settings: CommonSettings) -> list[tuple[str, int]]:
+    result = []
+    for server in settings.kafka_connection.split(","):
+        host, _, port = server.rpartition(":")
+        result.append((host.strip("[]"), int(port)))
+    return result
+
+
+def tls_handshake(settings: CommonSettings, host: str, port: int, timeout: float = 5.0) -> str:
+    """Open a TLS connection to one broker with the client certificate; return the version.
+
+    Raises OSError or ssl.SSLError when the broker is unreachable or refuses us.
+    """
+    context = ssl.create_default_context(cafile=str(settings.kafka_ca_path))
+    password = settings.kafka_cert_pass.get_secret_value() if settings.kafka_cert_pass else ""
+    context.load_cert_chain(
+        str(settings.kafka_cert_path), str(settings.kafka_key_file), password=password
+    )
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        # TLS 1.3 sends the server's verdict on our certificate after the handshake; a
+        # refused client certificate shows up on the first read.
+        tls.settimeout(0.5)
+        try:
+            tls.recv(1)
+        except TimeoutError:
+            pass
+        except ssl.SSLError:
+            raise
+        return tls.version() or "TLS"

@@ -1,0 +1,1 @@
+"""The processor daemon: stores check results from Kafka in PostgreSQL, exactly once."""

@@ -1,0 +1,72 @@
+"""Settings of the processor daemon."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from checker_common.redact import dsn_password
+from checker_common.settings import CommonSettings
+
+
+class ProcessorSettings(CommonSettings):
+    """Everything `checker-processing run` reads at start."""
+
+    postgresql_connection: str = Field(
+        description="libpq URL or key=value DSN of the results database",
+    )
+    kafka_consumer_group: str = Field(
+        "checker-processing", min_length=1, description="consumer group id"
+    )
+    kafka_consumer_topics: str = Field(
+        "checker-results", description="topics to consume, comma separated"
+    )
+    kafka_session_timeout_ms: int = Field(
+        45_000, ge=1_000, le=300_000, description="consumer group session time-out"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", min_length=1, description="address of the /metrics endpoint"
+    )
+    metrics_port: int = Field(9108, ge=0, le=65535, description="port of /metrics (0: off)")
+    results_retention_days: int = Field(
+        90, ge=1, le=36_500, description="days of results kept; older daily partitions dropped"
+    )
+    batch_max_messages: int = Field(
+        5_000, ge=1, le=1_000_000, description="most messages written in one transaction"
+    )
+    batch_max_ms: int = Field(
+        500, ge=1, le=60_000, description="longest wait to fill a batch, milliseconds"
+    )
+    max_message_bytes: int = Field(
+        1_048_576, ge=1_024, description="larger messages go to rejected_messages"
+    )
+
+    @field_validator("postgresql_connection")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("is empty")
+        if "://" in value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("URL must start with postgresql://")
+        if "://" not in value and "=" not in value:
+            raise ValueError("not a libpq URL or key=value DSN")
+        return value
+
+    @field_validator("kafka_consumer_topics")
+    @classmethod
+    def _topics(cls, value: str) -> str:
+        topics = [t.strip() for t in value.split(",") if t.strip()]
+        if not topics:
+            raise ValueError("must name at least one topic")
+        return ",".join(topics)
+
+    @property
+    def topics(self) -> list[str]:
+        return self.kafka_consumer_topics.split(",")
+
+    def secrets(self) -> list[str]:
+        found = super().secrets()
+        password = dsn_password(self.postgresql_connection)
+        if password:
+            found.append(password)
+        return found

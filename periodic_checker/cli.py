@@ -1,0 +1,54 @@
+"""`periodic-checker`: run the daemon, check the configuration, probe one URL, manage tasks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from checker_common import __version__, checks
+from checker_common.cli import Check, CheckFn, env_file_parent, run_checks, settings_or_exit
+from periodic_checker.settings import CheckerSettings
+
+PROG = "periodic-checker"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = env_file_parent()
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Runs website checks and publishes results to Kafka.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the checker daemon")
+    sub.add_parser(
+        "check-config",
+        parents=[common],
+        help="validate settings and try the broker and the task storage",
+    )
+    return parser
+
+
+def check_config(settings: CheckerSettings) -> int:
+    steps: list[CheckFn] = [
+        lambda: Check("settings", True, "valid"),
+        lambda: checks.broker_tls(settings),
+        lambda: checks.kafka_topics(settings, [settings.kafka_topic]),
+        lambda: checks.sqlite_writable(settings.task_storage),
+    ]
+    return run_checks(steps, settings.secrets(), print)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_or_exit(PROG, CheckerSettings, args)
+    if args.command == "check-config":
+        return check_config(settings)
+    from periodic_checker.daemon import run
+
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

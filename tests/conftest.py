@@ -1,0 +1,135 @@
+"""Session fixtures: a real broker behind mutual TLS, a real PostgreSQL database.
+
+The broker (Tansu behind stunnel) and the database are started or created once per test session
+and stopped or dropped at the end. To run the same tests against a real Apache Kafka, set
+TEST_KAFKA_BOOTSTRAP, TEST_KAFKA_CA_PATH, TEST_KAFKA_CERT_PATH, TEST_KAFKA_KEY_FILE and
+optionally TEST_KAFKA_CERT_PASS; tests that cut the broker off then skip. TEST_POSTGRES_DSN
+names an admin connection (default: postgresql://postgres@127.0.0.1:5432/postgres).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from checker_common.devstack import Broker, create_topics, free_port, make_certs
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@dataclass
+class KafkaTarget:
+    """Where the tests' broker is and how to reach it over mutual TLS."""
+
+    bootstrap: str
+    ca: Path
+    cert: Path
+    key: Path
+    password: str | None
+    certs_dir: Path | None  # the development certificates, incl. rogue/, when we made them
+    local: Broker | None  # None when an external Kafka is used
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "KAFKA_CONNECTION": self.bootstrap,
+            "KAFKA_CA_PATH": str(self.ca),
+            "KAFKA_CERT_PATH": str(self.cert),
+            "KAFKA_KEY_FILE": str(self.key),
+        }
+        if self.password is not None:
+            env["KAFKA_CERT_PASS"] = self.password
+        return env
+
+    def client_config(self, **extra: Any) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "security.protocol": "SSL",
+            "ssl.ca.location": str(self.ca),
+            "ssl.certificate.location": str(self.cert),
+            "ssl.key.location": str(self.key),
+        }
+        if self.password is not None:
+            config["ssl.key.password"] = self.password
+        config.update(extra)
+        return config
+
+    def require_local(self) -> Broker:
+        if self.local is None:
+            pytest.skip("needs the local broker (an external Kafka cannot be cut off)")
+        return self.local
+
+
+@pytest.fixture(scope="session")
+def dev_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaTarget]:
+    external = os.environ.get("TEST_KAFKA_BOOTSTRAP")
+    if external:
+        yield KafkaTarget(
+            bootstrap=external,
+            ca=Path(os.environ["TEST_KAFKA_CA_PATH"]),
+            cert=Path(os.environ["TEST_KAFKA_CERT_PATH"]),
+            key=Path(os.environ["TEST_KAFKA_KEY_FILE"]),
+            password=os.environ.get("TEST_KAFKA_CERT_PASS"),
+            certs_dir=None,
+            local=None,
+        )
+        return
+    certs = make_certs(tmp_path_factory.mktemp("broker-certs"))
+    broker = Broker(tmp_path_factory.mktemp("broker-run"), certs).start()
+    try:
+        yield KafkaTarget(
+            bootstrap=broker.bootstrap,
+            ca=certs / "ca.pem",
+            cert=certs / "client.pem",
+            key=certs / "client.key",
+            password=(certs / "client.pass").read_text().strip(),
+            certs_dir=certs,
+            local=broker,
+        )
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def topic(kafka: KafkaTarget) -> str:
+    """A fresh topic with 3 partitions for one test."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    create_topics(kafka.client_config(), [name], partitions=3)
+    return name
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """A database of its own for this test session, dropped at the end."""
+    name = f"pc_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(ADMIN_DSN)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base = ADMIN_DSN.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+        admin.close()
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()

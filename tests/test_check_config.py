@@ -1,0 +1,59 @@
+"""`check-config` tries every dependency and prints one line per check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import KafkaTarget
+from helpers import run_cli
+
+
+def test_checker_check_config_passes_against_real_broker(
+    kafka: KafkaTarget, topic: str, tmp_path: Path
+) -> None:
+    env = {**kafka.env(), "KAFKA_TOPIC": topic, "TASK_STORAGE": str(tmp_path / "t.sqlite3")}
+    result = run_cli("periodic_checker.cli", "check-config", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["ok"] * len(lines)
+    assert any("mutual TLS handshake" in line for line in lines)
+    assert any(topic in line for line in lines)
+    assert any("task storage" in line and "writable" in line for line in lines)
+    if kafka.password:
+        assert kafka.password not in result.stdout + result.stderr
+
+
+def test_processor_check_config_reports_each_failure_and_hides_password(
+    kafka: KafkaTarget, tmp_path: Path
+) -> None:
+    env = {
+        **kafka.env(),
+        "KAFKA_CONNECTION": "localhost:1",
+        "KAFKA_CONSUMER_TOPICS": "no-such-topic",
+        "POSTGRESQL_CONNECTION": "postgresql://someone:pa55-word-secret@127.0.0.1:1/nowhere",
+    }
+    result = run_cli("checker_processing.cli", "check-config", env=env)
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("FAIL broker localhost:1") for line in lines)
+    assert any(line.startswith("FAIL postgresql") for line in lines)
+    assert "pa55-word-secret" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_processor_check_config_passes(kafka: KafkaTarget, topic: str, pg_dsn: str) -> None:
+    env = {**kafka.env(), "KAFKA_CONSUMER_TOPICS": topic, "POSTGRESQL_CONNECTION": pg_dsn}
+    result = run_cli("checker_processing.cli", "check-config", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert any(line.startswith("ok   postgresql") for line in result.stdout.splitlines())
+
+
+def test_check_config_fails_when_storage_is_not_writable(
+    kafka: KafkaTarget, topic: str, tmp_path: Path
+) -> None:
+    storage = tmp_path / "ro.sqlite3"
+    storage.write_bytes(b"this is not a sqlite database, padded " * 40)
+    env = {**kafka.env(), "KAFKA_TOPIC": topic, "TASK_STORAGE": str(storage)}
+    result = run_cli("periodic_checker.cli", "check-config", env=env)
+    assert result.returncode == 1
+    assert any(line.startswith("FAIL task storage") for line in result.stdout.splitlines())
