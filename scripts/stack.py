@@ -1,0 +1,261 @@
+"""Bring the whole pipeline up on this machine, or stop everything it started.
+
+    scripts/stack.sh up      certificates, broker behind mutual TLS, topics, database,
+                             .env.prod, both daemons, an example page and a check of it
+    scripts/stack.sh down    stop every process it started, by PID
+    scripts/stack.sh status  which of them run
+
+Run state (PID files, logs, the task SQLite file) lives in `.run/`, which git ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psycopg2
+from psycopg2 import sql
+
+from checker_common.devstack import (
+    Broker,
+    StackError,
+    create_topics,
+    make_certs,
+    start_process,
+    stop_pid_file,
+    wait_for_port,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / ".run"
+CERTS = ROOT / "certs" / "dev"
+ENV_FILE = ROOT / ".env.prod"
+BIN = Path(sys.executable).parent
+TOPIC = "checker-results"
+DATABASE = os.environ.get("STACK_DATABASE", "periodic_checker")
+ADMIN_DSN = os.environ.get("STACK_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+KAFKA_PORT = int(os.environ.get("STACK_KAFKA_PORT", "9093"))
+KAFKA_PLAIN_PORT = int(os.environ.get("STACK_KAFKA_PLAIN_PORT", "19092"))
+API_PORT = int(os.environ.get("STACK_API_PORT", "8080"))
+METRICS_PORT = int(os.environ.get("STACK_METRICS_PORT", "9108"))
+PAGE_PORT = int(os.environ.get("STACK_PAGE_PORT", "8089"))
+# Stopped in this order: the checker first so it can flush, the broker last.
+ORDER = ["periodic-checker", "checker-processing", "example-page", "stunnel", "tansu"]
+
+
+def say(message: str) -> None:
+    print(f"stack: {message}", flush=True)
+
+
+def running(name: str) -> bool:
+    pid_file = RUN / f"{name}.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    return True
+
+
+def ensure_database() -> str:
+    admin = psycopg2.connect(ADMIN_DSN, connect_timeout=5)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+            say(f"created database {DATABASE}")
+    admin.close()
+    return f"{ADMIN_DSN.rsplit('/', 1)[0]}/{DATABASE}"
+
+
+def write_env(dsn: str) -> None:
+    password = (CERTS / "client.pass").read_text().strip()
+    settings = {
+        "LOG_LEVEL": "INFO",
+        "KAFKA_CONNECTION": f"localhost:{KAFKA_PORT}",
+        "KAFKA_CA_PATH": CERTS / "ca.pem",
+        "KAFKA_CERT_PATH": CERTS / "client.pem",
+        "KAFKA_KEY_FILE": CERTS / "client.key",
+        "KAFKA_CERT_PASS": password,
+        "KAFKA_TOPIC": TOPIC,
+        "TASK_STORAGE": RUN / "tasks.sqlite3",
+        "API_HOST": "127.0.0.1",
+        "API_PORT": API_PORT,
+        "POSTGRESQL_CONNECTION": dsn,
+        "KAFKA_CONSUMER_TOPICS": TOPIC,
+        # A short session lets a restarted local processor rejoin in seconds.
+        "KAFKA_SESSION_TIMEOUT_MS": 6000,
+        "METRICS_PORT": METRICS_PORT,
+        "BATCH_MAX_MS": 200,
+    }
+    lines = ["# Written by scripts/stack.sh up for the local stack; see .env.prod.example."]
+    lines += [f"{key}={value}" for key, value in settings.items()]
+    ENV_FILE.write_text("\n".join(lines) + "\n")
+    ENV_FILE.chmod(0o600)
+
+
+def start_daemon(name: str, *args: str) -> None:
+    if running(name):
+        say(f"{name} already runs")
+        return
+    start_process([str(BIN / name), *args], RUN / f"{name}.log", RUN / f"{name}.pid")
+
+
+def api(method: str, path: str, body: dict[str, object] | None = None) -> object:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{API_PORT}{path}",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+def wait_for(what: str, probe: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if probe():  # type: ignore[operator]
+                return
+        except (OSError, urllib.error.URLError, psycopg2.Error):
+            pass
+        time.sleep(0.5)
+    raise StackError(f"{what} did not happen within {timeout:.0f} s (logs in {RUN})")
+
+
+def add_example_check() -> None:
+    tasks = api("GET", "/tasks?q=local%20example")
+    if isinstance(tasks, dict) and tasks.get("tasks"):
+        return
+    api(
+        "POST",
+        "/tasks",
+        {
+            "name": "local example",
+            "url": f"http://127.0.0.1:{PAGE_PORT}/",
+            "pattern": "periodic-checker example page",
+            "interval": 10,
+            "timeout": 5,
+        },
+    )
+    say("added the check 'local example'")
+
+
+def count_rows(dsn: str) -> int:
+    with psycopg2.connect(dsn, connect_timeout=3) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM check_results")
+        row = cur.fetchone()
+    conn.close()
+    return int(row[0]) if row else 0
+
+
+def up() -> None:
+    RUN.mkdir(exist_ok=True)
+    make_certs(CERTS)
+    if running("tansu") and running("stunnel"):
+        say(f"broker already runs on localhost:{KAFKA_PORT}")
+    else:
+        for name in ("stunnel", "tansu"):
+            stop_pid_file(RUN / f"{name}.pid")
+        Broker(RUN, CERTS, tls_port=KAFKA_PORT, plain_port=KAFKA_PLAIN_PORT).start()
+        say(f"broker (tansu) behind mutual TLS (stunnel) on localhost:{KAFKA_PORT}")
+    dsn = ensure_database()
+    write_env(dsn)
+    password = (CERTS / "client.pass").read_text().strip()
+    create_topics(
+        {
+            "bootstrap.servers": f"localhost:{KAFKA_PORT}",
+            "security.protocol": "SSL",
+            "ssl.ca.location": str(CERTS / "ca.pem"),
+            "ssl.certificate.location": str(CERTS / "client.pem"),
+            "ssl.key.location": str(CERTS / "client.key"),
+            "ssl.key.password": password,
+        },
+        [TOPIC],
+    )
+    subprocess.run(
+        [str(BIN / "checker-processing"), "--env-file", str(ENV_FILE), "migrate"],
+        check=True,
+        cwd=ROOT,
+    )
+    if not running("example-page"):
+        start_process(
+            [
+                sys.executable,
+                "-m",
+                "http.server",
+                str(PAGE_PORT),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                str(ROOT / "deploy" / "local" / "www"),
+            ],
+            RUN / "example-page.log",
+            RUN / "example-page.pid",
+        )
+    wait_for_port(PAGE_PORT)
+    start_daemon("checker-processing", "--env-file", str(ENV_FILE), "run")
+    start_daemon("periodic-checker", "--env-file", str(ENV_FILE), "run")
+    wait_for("the checker's API to answer", lambda: api("GET", "/health") is not None, 60)
+    add_example_check()
+    wait_for("a first result in PostgreSQL", lambda: count_rows(dsn) > 0, 90)
+    say("the pipeline is up and results are flowing into PostgreSQL")
+    print(
+        f"""
+  API (and /docs, /metrics):  http://127.0.0.1:{API_PORT}/
+  add a check:                .venv/bin/periodic-checker tasks add --name site \\
+                                  --url https://example.org/ --interval 60
+  results:                    psql {dsn} -c 'SELECT * FROM latest_results'
+  processor metrics:          http://127.0.0.1:{METRICS_PORT}/metrics
+  logs:                       {RUN}/*.log
+  settings:                   {ENV_FILE}
+  stop everything:            scripts/stack.sh down
+"""
+    )
+
+
+def down() -> None:
+    for name in ORDER:
+        pid_file = RUN / f"{name}.pid"
+        if pid_file.exists():
+            stop_pid_file(pid_file)
+            say(f"stopped {name}")
+
+
+def status() -> int:
+    for name in ORDER:
+        say(f"{name}: {'running' if running(name) else 'stopped'}")
+    return 0 if all(running(name) for name in ORDER) else 1
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "up"
+    try:
+        if command == "up":
+            up()
+        elif command == "down":
+            down()
+        elif command == "status":
+            return status()
+        else:
+            print("usage: scripts/stack.sh up|down|status", file=sys.stderr)
+            return 2
+    except (StackError, subprocess.CalledProcessError, psycopg2.Error) as exc:
+        print(f"stack: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
