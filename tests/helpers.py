@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checker_common.devstack import Broker
 
 
 def run_cli(
@@ -44,3 +50,45 @@ def _is_setting(name: str) -> bool:
         "TARGET_",
     )
     return name.startswith(prefixes)
+
+
+@dataclass
+class KafkaTarget:
+    """Where the tests' broker is and how to reach it over mutual TLS."""
+
+    bootstrap: str
+    ca: Path
+    cert: Path
+    key: Path
+    password: str | None
+    certs_dir: Path | None  # the development certificates, incl. rogue/, when we made them
+    local: Broker | None  # None when an external Kafka is used
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "KAFKA_CONNECTION": self.bootstrap,
+            "KAFKA_CA_PATH": str(self.ca),
+            "KAFKA_CERT_PATH": str(self.cert),
+            "KAFKA_KEY_FILE": str(self.key),
+        }
+        if self.password is not None:
+            env["KAFKA_CERT_PASS"] = self.password
+        return env
+
+    def client_config(self, **extra: Any) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "security.protocol": "SSL",
+            "ssl.ca.location": str(self.ca),
+            "ssl.certificate.location": str(self.cert),
+            "ssl.key.location": str(self.key),
+        }
+        if self.password is not None:
+            config["ssl.key.password"] = self.password
+        config.update(extra)
+        return config
+
+    def require_local(self) -> Broker:
+        if self.local is None:
+            pytest.skip("needs the local broker (an external Kafka cannot be cut off)")
+        return self.local

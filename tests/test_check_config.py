@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import KafkaTarget
-from helpers import run_cli
+from helpers import KafkaTarget, run_cli
 
 
 def test_checker_check_config_passes_against_real_broker(

@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-from conftest import KafkaTarget
+from helpers import KafkaTarget
 
 
 def test_produce_and_consume_over_mutual_tls_with_encrypted_key(

@@ -1,0 +1,70 @@
+"""The systemd units verify, and the notify protocol speaks real datagrams."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checker_common.systemd import Notifier
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_unit_passes_systemd_analyze_verify(unit: Path, tmp_path: Path) -> None:
+    # verify checks that ExecStart exists: point it at this virtual environment.
+    local = tmp_path / unit.name
+    local.write_text(unit.read_text().replace("/opt/periodic-checker/bin/", f"{BIN}/"))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""
+    text = unit.read_text()
+    for required in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "EnvironmentFile=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "RestrictAddressFamilies=",
+        "User=periodic-checker",
+    ):
+        assert required in text
+
+
+def test_units_exist_for_both_daemons() -> None:
+    assert [u.name for u in UNITS] == ["checker-processing.service", "periodic-checker.service"]
+
+
+def test_notifier_sends_datagrams_to_notify_socket(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.settimeout(5)
+        notifier = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"})
+        assert notifier.ready("serving")
+        assert server.recv(1024) == b"READY=1\nSTATUS=serving"
+        assert notifier.watchdog()
+        assert server.recv(1024) == b"WATCHDOG=1"
+        assert not notifier.watchdog(), "a second ping inside half the interval is skipped"
+        assert notifier.stopping()
+        assert server.recv(1024) == b"STOPPING=1"
+        notifier.close()
+
+
+def test_notifier_is_a_no_op_outside_systemd() -> None:
+    notifier = Notifier({})
+    assert not notifier.enabled
+    assert not notifier.ready()
+    assert not notifier.watchdog()
