@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
+from datetime import timedelta
 
 from checker_common import __version__, checks
-from checker_common.cli import Check, CheckFn, env_file_parent, run_checks, settings_or_exit
+from checker_common.cli import (
+    Check,
+    CheckFn,
+    env_file_parent,
+    fail,
+    run_checks,
+    settings_or_exit,
+)
 from checker_processing.settings import ProcessorSettings
 
 PROG = "checker-processing"
@@ -27,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="validate settings and try the broker and the database",
     )
+    sub.add_parser("migrate", parents=[common], help="apply database migrations (idempotent)")
+    report = sub.add_parser(
+        "report", parents=[common], help="print availability per task over a recent window"
+    )
+    # Validated by hand (not `choices=`), so a bad value is one line and exit 2.
+    report.add_argument("--since", default="30d", help="window: 30d, 24h, 90m, 2w (default 30d)")
+    report.add_argument("--task", default=None, metavar="ID", help="only this task id")
+    report.add_argument("--format", default="table", help="table, json or csv (default table)")
     return parser
 
 
@@ -59,11 +76,71 @@ def check_config(settings: ProcessorSettings) -> int:
     return run_checks(steps, settings.secrets(), print)
 
 
+def migrate_command(settings: ProcessorSettings) -> int:
+    import psycopg2
+
+    from checker_processing import db, migrate
+
+    try:
+        conn = db.connect(settings.postgresql_connection)
+        try:
+            applied = migrate.apply(conn)
+        finally:
+            conn.close()
+    except psycopg2.Error as exc:
+        fail(PROG, f"migrate: {_first_line(exc, settings)}", code=1)
+    for migration in applied:
+        print(f"applied {migration.version:04d}_{migration.name}")
+    if not applied:
+        print("schema is up to date")
+    return 0
+
+
+def report_command(
+    settings: ProcessorSettings, since: timedelta, task: uuid.UUID | None, fmt: str
+) -> int:
+    import psycopg2
+
+    from checker_processing import db, report
+
+    try:
+        conn = db.connect(settings.postgresql_connection)
+        try:
+            rows = report.availability(conn, since, task)
+        finally:
+            conn.close()
+    except psycopg2.Error as exc:
+        fail(PROG, f"report: {_first_line(exc, settings)}", code=1)
+    print(report.render(rows, fmt))
+    return 0
+
+
+def _first_line(exc: BaseException, settings: ProcessorSettings) -> str:
+    from checker_common.redact import redact_text
+
+    text = str(exc).strip()
+    return redact_text(text.splitlines()[0] if text else type(exc).__name__, settings.secrets())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        from checker_processing import report
+
+        # Arguments first: a typo is reported even where no settings are present.
+        try:
+            since = report.parse_since(args.since)
+            task = report.parse_task(args.task)
+            fmt = report.parse_format(args.format)
+        except report.ReportArgumentError as exc:
+            fail(PROG, str(exc))
     settings = settings_or_exit(PROG, ProcessorSettings, args)
     if args.command == "check-config":
         return check_config(settings)
+    if args.command == "migrate":
+        return migrate_command(settings)
+    if args.command == "report":
+        return report_command(settings, since, task, fmt)
     from checker_processing.daemon import run
 
     return run(settings)

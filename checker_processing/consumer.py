@@ -1,0 +1,327 @@
+"""The batch loop: consume, write, then commit offsets — in that order, always.
+
+Offsets are committed by hand and only after the batch's rows are committed in PostgreSQL.
+While the database is away the batch is kept, the assigned partitions are paused and the
+consumer keeps being polled, so it stays in its group; the write is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg2
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from checker_processing.db import TRANSIENT_ERRORS
+from checker_processing.writer import Outcome, Record
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 0.25
+BACKOFF_MAX_S = 15.0
+# After a stop request, how long a database outage may still hold the last batch.
+SHUTDOWN_GRACE_S = 20.0
+MAINTENANCE_EVERY_S = 3600.0
+MAINTENANCE_RETRY_S = 60.0
+
+EXIT_OK = 0
+EXIT_GAVE_UP = 1
+EXIT_TEST_CRASH = 70
+
+TopicPartitionKey = tuple[str, int]
+
+
+class BatchWriter(Protocol):
+    def write(self, records: Sequence[Record]) -> Outcome: ...
+
+
+def backoff(attempt: int, rng: Callable[[], float] = random.random) -> float:
+    """Delay before retry number `attempt` (1, 2, ...): 0.25 s doubling to 15 s, +-20 % jitter."""
+    base = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (attempt - 1))
+    return float(min(BACKOFF_MAX_S, base * (0.8 + 0.4 * rng())))
+
+
+def next_offsets(records: Sequence[Record]) -> dict[TopicPartitionKey, int]:
+    """The offset to commit per partition: one past the highest record (pure)."""
+    found: dict[TopicPartitionKey, int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        found[key] = max(found.get(key, -1), record.offset + 1)
+    return found
+
+
+@dataclass
+class Stats:
+    batches: int = 0
+    total: Outcome = field(default_factory=Outcome)
+    db_retries: int = 0
+    commits_failed: int = 0
+
+
+class Processor:
+    """Runs the loop until `stop` is set; `run()` returns the exit status."""
+
+    def __init__(
+        self,
+        consumer: Any,
+        writer: BatchWriter,
+        *,
+        topics: list[str],
+        batch_max_messages: int,
+        batch_max_ms: int,
+        stop: threading.Event,
+        maintenance: Callable[[], None] | None = None,
+        crash_after_batch: int | None = None,
+        on_batch: Callable[[Outcome, float], None] | None = None,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.writer = writer
+        self.topics = topics
+        self.batch_max_messages = batch_max_messages
+        self.batch_timeout_s = batch_max_ms / 1000
+        self.stop = stop
+        self.maintenance = maintenance
+        self.crash_after_batch = crash_after_batch
+        self.on_batch = on_batch
+        self.on_retry = on_retry
+        self.stats = Stats()
+        # Offsets whose rows are in PostgreSQL but that the broker has not acknowledged yet.
+        self.pending: dict[TopicPartitionKey, int] = {}
+        self.in_hand: list[Record] = []
+        self.next_maintenance = 0.0
+
+    # -- group membership ------------------------------------------------------------------
+
+    def subscribe(self) -> None:
+        self.consumer.subscribe(
+            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", _describe(partitions))
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Before the partitions go: commit what is written; drop unwritten records of them
+        (their new owner starts at the committed offset and reads them again)."""
+        revoked = {(p.topic, p.partition) for p in partitions}
+        log.info("revoked %s", _describe(partitions))
+        self._commit_pending(only=revoked)
+        self._forget(revoked)
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        lost = {(p.topic, p.partition) for p in partitions}
+        log.warning("lost %s (session expired); not committing them", _describe(partitions))
+        self._forget(lost)
+
+    def _forget(self, keys: set[TopicPartitionKey]) -> None:
+        self.in_hand = [r for r in self.in_hand if (r.topic, r.partition) not in keys]
+        for key in keys:
+            self.pending.pop(key, None)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.subscribe()
+        status = EXIT_OK
+        try:
+            while not self.stop.is_set():
+                self._maybe_maintain()
+                self.in_hand = self._consume(self.batch_max_messages, self.batch_timeout_s)
+                if self.pending:
+                    self._commit_pending()
+                if not self.in_hand:
+                    continue
+                if not self._write_in_hand():
+                    status = EXIT_GAVE_UP
+                    break
+        finally:
+            if status == EXIT_OK:
+                self._commit_pending()
+            try:
+                # Leaves the group; the revoke callback commits anything still pending.
+                self.consumer.close()
+            except KafkaException as exc:
+                log.warning("closing the consumer: %s", exc)
+        log.info(
+            "stopped after %d batches: %d stored, %d duplicates, %d rejected",
+            self.stats.batches,
+            self.stats.total.inserted,
+            self.stats.total.duplicates,
+            self.stats.total.rejected,
+        )
+        return status
+
+    def _consume(self, count: int, timeout: float) -> list[Record]:
+        records = []
+        for message in self.consumer.consume(num_messages=count, timeout=timeout):
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", error)
+                continue
+            records.append(
+                Record(
+                    topic=message.topic(),
+                    partition=message.partition(),
+                    offset=message.offset(),
+                    key=message.key(),
+                    value=message.value(),
+                )
+            )
+        return records
+
+    def _write_in_hand(self) -> bool:
+        """Write the batch in hand, retrying through database outages; then commit offsets.
+        False when a stop request outlasted the outage (offsets stay uncommitted)."""
+        attempt = 0
+        paused = False
+        gave_up_at: float | None = None
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    outcome = self.writer.write(self.in_hand)
+                    break
+                except TRANSIENT_ERRORS as exc:
+                    attempt += 1
+                    self.stats.db_retries += 1
+                    if self.on_retry:
+                        self.on_retry()
+                    delay = backoff(attempt)
+                    log.warning(
+                        "database unavailable (attempt %d, retry in %.2fs): %s",
+                        attempt,
+                        delay,
+                        _one_line(exc),
+                    )
+                    if not paused:
+                        self._pause()
+                        paused = True
+                    if self.stop.is_set():
+                        gave_up_at = gave_up_at or time.monotonic() + SHUTDOWN_GRACE_S
+                        if time.monotonic() >= gave_up_at:
+                            log.error(
+                                "stopping with %d records unwritten; offsets not committed",
+                                len(self.in_hand),
+                            )
+                            return False
+                    self._idle(delay)
+                    if not self.in_hand:
+                        # Every partition of the batch was revoked meanwhile.
+                        return True
+        finally:
+            if paused:
+                self._resume()
+        elapsed = time.monotonic() - started
+        if attempt:
+            log.info("database is back after %d failed attempts; batch written", attempt)
+        self.stats.batches += 1
+        self.stats.total = self.stats.total + outcome
+        if self.on_batch:
+            self.on_batch(outcome, elapsed)
+        log.debug(
+            "batch %d: %d stored, %d duplicates, %d rejected in %.3fs",
+            self.stats.batches,
+            outcome.inserted,
+            outcome.duplicates,
+            outcome.rejected,
+            elapsed,
+        )
+        if self.crash_after_batch is not None and self.stats.batches == self.crash_after_batch:
+            # Test hook: die between the database commit and the offset commit.
+            log.error(
+                "test hook: exiting after the database commit of batch %d", self.stats.batches
+            )
+            os._exit(EXIT_TEST_CRASH)
+        for key, offset in next_offsets(self.in_hand).items():
+            self.pending[key] = max(self.pending.get(key, 0), offset)
+        self.in_hand = []
+        self._commit_pending()
+        return True
+
+    def _pause(self) -> None:
+        try:
+            assignment = list(self.consumer.assignment())
+            if assignment:
+                self.consumer.pause(assignment)
+        except KafkaException as exc:
+            log.warning("pausing partitions: %s", exc)
+
+    def _resume(self) -> None:
+        try:
+            assignment = list(self.consumer.assignment())
+            if assignment:
+                self.consumer.resume(assignment)
+        except KafkaException as exc:
+            log.warning("resuming partitions: %s", exc)
+
+    def _idle(self, seconds: float) -> None:
+        """Wait while serving the group (rebalances, max.poll.interval.ms). Partitions are
+        paused; anything delivered anyway is sought back so it is read again later."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            stray = self._consume(self.batch_max_messages, min(left, 1.0))
+            first: dict[TopicPartitionKey, int] = {}
+            for record in stray:
+                key = (record.topic, record.partition)
+                first[key] = min(first.get(key, record.offset), record.offset)
+            for (topic, partition), offset in first.items():
+                try:
+                    self.consumer.seek(TopicPartition(topic, partition, offset))
+                except KafkaException as exc:
+                    log.warning("seeking %s/%d back to %d: %s", topic, partition, offset, exc)
+            if stray:
+                self._pause()
+
+    def _commit_pending(self, only: set[TopicPartitionKey] | None = None) -> None:
+        # Never commit for a partition this member no longer owns: it would move its new
+        # owner's position.
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for key in [k for k in self.pending if k not in assigned]:
+            del self.pending[key]
+        todo = {k: v for k, v in self.pending.items() if only is None or k in only}
+        if not todo:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in todo.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # The rows are stored; a redelivery would be a harmless duplicate. Retry later.
+            self.stats.commits_failed += 1
+            log.warning("offset commit failed, will retry: %s", exc)
+            return
+        for key, offset in todo.items():
+            if self.pending.get(key) == offset:
+                del self.pending[key]
+
+    def _maybe_maintain(self) -> None:
+        if self.maintenance is None or time.monotonic() < self.next_maintenance:
+            return
+        try:
+            self.maintenance()
+        except psycopg2.Error as exc:
+            # Ingestion goes on; old partitions can wait for the next try.
+            log.warning("partition maintenance failed, retrying later: %s", _one_line(exc))
+            self.next_maintenance = time.monotonic() + MAINTENANCE_RETRY_S
+        else:
+            self.next_maintenance = time.monotonic() + MAINTENANCE_EVERY_S
+
+
+def _describe(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}/{p.partition}" for p in partitions) or "nothing"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,137 @@
+"""`checker-processing report`: availability per task over a recent window."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+
+import orjson
+from psycopg2 import sql
+from psycopg2.extensions import connection as Connection
+
+FORMATS = ("table", "json", "csv")
+_SINCE = re.compile(r"^(\d{1,6})([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class ReportArgumentError(ValueError):
+    """A bad --since, --task or --format; the message names the option."""
+
+
+def parse_since(text: str) -> timedelta:
+    """`30d`, `24h`, `90m`, `2w` -> a positive duration (pure)."""
+    match = _SINCE.match(text.strip())
+    if not match or int(match[1]) == 0:
+        raise ReportArgumentError(
+            f"--since: expected a positive duration like 30d, 24h, 90m or 2w, got {text!r}"
+        )
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+def parse_task(text: str | None) -> uuid.UUID | None:
+    if text is None:
+        return None
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise ReportArgumentError(f"--task: not a task id (UUID): {text!r}") from None
+
+
+def parse_format(text: str) -> str:
+    if text not in FORMATS:
+        raise ReportArgumentError(f"--format: expected one of {', '.join(FORMATS)}, got {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class TaskAvailability:
+    task_id: str
+    name: str
+    url: str
+    checks: int
+    successes: int
+    uptime_percent: float
+    load_time_p50: float
+    load_time_p95: float
+    load_time_p99: float
+    incidents: int
+    open_incident: bool
+
+
+# The window is filtered on checked_at itself (partition pruning, index range scan); the
+# percentiles are exact (percentile_cont over the window's rows).
+_QUERY = """
+WITH r AS (
+    SELECT task_id,
+           count(*) AS checks,
+           count(*) FILTER (WHERE ok) AS successes,
+           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY load_time) AS p
+    FROM check_results
+    WHERE checked_at >= %(since)s {task_filter}
+    GROUP BY task_id
+)
+SELECT r.task_id::text, coalesce(t.name, ''), coalesce(t.url, ''), r.checks, r.successes,
+       round(100.0 * r.successes / r.checks, 3)::float8, r.p[1], r.p[2], r.p[3],
+       (SELECT count(*) FROM incidents i
+         WHERE i.task_id = r.task_id AND coalesce(i.ended_at, 'infinity') >= %(since)s),
+       EXISTS (SELECT 1 FROM incidents i WHERE i.task_id = r.task_id AND i.ended_at IS NULL)
+FROM r LEFT JOIN tasks t USING (task_id)
+ORDER BY t.name, r.task_id
+"""
+
+
+def availability(
+    conn: Connection, since: timedelta, task: uuid.UUID | None, now: datetime | None = None
+) -> list[TaskAvailability]:
+    """Per task: checks, uptime and load-time percentiles in the window, incidents touching it."""
+    start = (now or datetime.now(UTC)) - since
+    task_filter = sql.SQL("AND task_id = %(task)s") if task else sql.SQL("")
+    query = sql.SQL(_QUERY).format(task_filter=task_filter)
+    with conn.cursor() as cur:
+        cur.execute(query, {"since": start, "task": str(task) if task else None})
+        found = [TaskAvailability(*row) for row in cur.fetchall()]
+    conn.rollback()
+    return found
+
+
+def render(rows: list[TaskAvailability], fmt: str) -> str:
+    """The report as text (pure)."""
+    if fmt == "json":
+        return orjson.dumps([asdict(r) for r in rows], option=orjson.OPT_INDENT_2).decode()
+    fields = list(TaskAvailability.__dataclass_fields__)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(fields)
+        for r in rows:
+            writer.writerow([getattr(r, f) for f in fields])
+        return out.getvalue().rstrip("\n")
+    header = ["task", "name", "checks", "uptime %", "p50 s", "p95 s", "p99 s", "incidents"]
+    table = [
+        [
+            r.task_id,
+            r.name or r.url,
+            str(r.checks),
+            f"{r.uptime_percent:.3f}",
+            f"{r.load_time_p50:.3f}",
+            f"{r.load_time_p95:.3f}",
+            f"{r.load_time_p99:.3f}",
+            f"{r.incidents}{' (open)' if r.open_incident else ''}",
+        ]
+        for r in rows
+    ]
+    if not table:
+        return "no results in this window"
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in [header, *table]
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,388 @@
+"""The processor as a process: real broker over mutual TLS, real PostgreSQL, signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import psycopg2
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from processing.processing_helpers import TcpProxy, make_result
+
+from checker_common.contract import encode
+from checker_common.devstack import free_port
+from checker_processing.daemon import CRASH_HOOK_ENV
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+ROOT = Path(__file__).resolve().parents[2]
+DEADLINE_S = 90.0
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Daemon:
+    """`python -m checker_processing.cli run` with only the given settings."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        base = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "checker_processing.cli", "run"],
+                env={**base, **env},
+                cwd=log.parent,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def assigned(self) -> set[int] | None:
+        """Partitions of the last assignment, None before the first."""
+        found = re.findall(r": assigned (.*)$", self.text(), re.MULTILINE)
+        if not found:
+            return None
+        if found[-1].startswith("nothing"):
+            return set()
+        return {int(part.rsplit("/", 1)[1]) for part in found[-1].split(", ")}
+
+    def stop(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def stored(self) -> int:
+        match = re.search(r"stopped after \d+ batches: (\d+) stored", self.text())
+        assert match, self.text()[-2000:]
+        return int(match[1])
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(env: dict[str, str], **extra: str) -> Daemon:
+        daemon = Daemon({**env, **extra}, tmp_path / f"processor-{len(started)}.log")
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def env(kafka: Any, schema_dsn: str, topic: str) -> dict[str, str]:
+    return {
+        **kafka.env(),
+        "POSTGRESQL_CONNECTION": schema_dsn,
+        "KAFKA_CONSUMER_TOPICS": topic,
+        "KAFKA_CONSUMER_GROUP": f"g-{uuid.uuid4().hex[:8]}",
+        "KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "METRICS_PORT": "0",
+        "BATCH_MAX_MESSAGES": "500",
+        "BATCH_MAX_MS": "200",
+        "MAX_MESSAGE_BYTES": "2048",
+    }
+
+
+@pytest.fixture
+def observer(schema_dsn: str) -> Iterator[Any]:
+    """A connection for assertions, named so it is not taken for the processor's."""
+    conn = psycopg2.connect(schema_dsn, application_name="test-observer")
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+def count(conn: Any, query: str = "SELECT count(*) FROM check_results") -> int:
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            return int(cur.fetchone()[0])
+    except psycopg2.errors.UndefinedTable:
+        return 0  # not migrated yet
+
+
+# Offset after the last message produced to each partition, from the delivery reports
+# (this broker's ListOffsets high watermark is not reliable), per topic.
+PRODUCED: dict[str, dict[int, int]] = {}
+
+
+def produce(kafka: Any, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    producer = Producer(kafka.client_config(**{"enable.idempotence": True, "linger.ms": 5}))
+    ends = PRODUCED.setdefault(topic, {})
+
+    def delivered(err: Any, msg: Any) -> None:
+        assert err is None, err
+        ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)
+
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(60) == 0
+
+
+def results(
+    n: int, tasks: int = 12
+) -> tuple[list[tuple[bytes | None, bytes]], dict[str, tuple[str, float, int | None]]]:
+    """n encoded results over some tasks, and result_id -> (task_id, load_time, status)."""
+    task_ids = [uuid.uuid4() for _ in range(tasks)]
+    messages: list[tuple[bytes | None, bytes]] = []
+    expected = {}
+    for i in range(n):
+        task = task_ids[i % tasks]
+        result = make_result(load_time=i / 1000, status=200 + i % 300)
+        expected[str(result.result_id)] = (str(task), result.load_time, result.status)
+        messages.append(encode(task, result))
+    return messages, expected
+
+
+def committed(kafka: Any, env: dict[str, str], topic: str) -> dict[int, int]:
+    consumer = Consumer(kafka.client_config(**{"group.id": env["KAFKA_CONSUMER_GROUP"]}))
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in range(3)], timeout=30)
+        return {tp.partition: tp.offset for tp in found}
+    finally:
+        consumer.close()
+
+
+def high_watermarks(kafka: Any, topic: str) -> dict[int, int]:
+    """Where a consumer that read everything produced has committed, per partition."""
+    return {p: PRODUCED[topic].get(p, -1001) for p in range(3)}
+
+
+def test_results_and_poison_are_stored_and_sigterm_commits(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, daemons: Any
+) -> None:
+    messages, expected = results(300)
+    poison: list[tuple[bytes | None, bytes]] = [
+        (b"k1", b"{not json"),
+        (b"k2", orjson.dumps({str(uuid.uuid4()): {"schema_version": 1, "ok": True}})),
+        (b"k3", b"x" * 4096),
+    ]
+    produce(kafka, topic, messages[:100] + poison[:2] + messages[100:200])
+    produce(kafka, topic, [poison[2], *messages[200:]])
+    metrics_port = free_port()
+    daemon = daemons(env, METRICS_PORT=str(metrics_port))
+    wait_for(lambda: count(observer) == 300, "300 rows")
+    wait_for(lambda: count(observer, "SELECT count(*) FROM rejected_messages") == 3, "3 rejected")
+    assert daemon.proc.poll() is None, "the consumer must keep running after poison messages"
+    with observer.cursor() as cur:
+        cur.execute(
+            "SELECT result_id::text, task_id::text, load_time, status_code FROM check_results"
+        )
+        assert {r[0]: r[1:] for r in cur.fetchall()} == expected
+        cur.execute("SELECT message_key, error FROM rejected_messages ORDER BY message_key")
+        rejected = [(bytes(k), e.split(":")[0]) for k, e in cur.fetchall()]
+    assert rejected == [
+        (b"k1", "not valid JSON"),
+        (b"k2", "result_id"),
+        (b"k3", "message too large"),
+    ]
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
+        metrics = page.read().decode()
+    assert 'checker_processing_messages_total{outcome="stored"} 300.0' in metrics
+    assert 'checker_processing_messages_total{outcome="rejected"} 3.0' in metrics
+
+    assert daemon.stop() == 0
+    assert daemon.stored() == 300
+    assert committed(kafka, env, topic) == high_watermarks(kafka, topic)
+
+    # Redelivery: a new group reads everything again; nothing is stored twice.
+    again = daemons({**env, "KAFKA_CONSUMER_GROUP": f"g-{uuid.uuid4().hex[:8]}"})
+    wait_for(
+        lambda: (
+            committed(kafka, {**env, "KAFKA_CONSUMER_GROUP": again_group(again)}, topic)
+            == high_watermarks(kafka, topic)
+        ),
+        "the second group to commit everything",
+    )
+    assert again.stop() == 0
+    assert again.stored() == 0
+    assert count(observer) == 300
+    assert count(observer, "SELECT count(DISTINCT result_id) FROM check_results") == 300
+    assert count(observer, "SELECT count(*) FROM rejected_messages") == 3
+
+
+def again_group(daemon: Daemon) -> str:
+    match = re.search(r"as group (\S+)", daemon.text())
+    return match[1] if match else "?"
+
+
+def test_terminated_database_connections_lose_and_duplicate_nothing(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, daemons: Any, schema_dsn: str
+) -> None:
+    messages, _ = results(10_000)
+    produce(kafka, topic, messages)
+    daemon = daemons(env, BATCH_MAX_MESSAGES="200")
+    app = re.search(r"application_name=([^&]+)", schema_dsn)
+    assert app
+    kills_midway = 0
+    last = -1
+    while (stored := count(observer)) < 10_000:
+        assert daemon.proc.poll() is None, daemon.text()[-2000:]
+        # A few terminations spread over the run; each costs a backoff and a reconnect.
+        if stored != last and kills_midway < 4:
+            with observer.cursor() as cur:
+                cur.execute(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
+                    " FROM pg_stat_activity WHERE application_name = %s",
+                    (app[1],),
+                )
+                killed = cur.fetchone()[0]
+            if killed and 0 < stored < 10_000:
+                kills_midway += 1
+            last = stored
+        time.sleep(0.2)
+    assert kills_midway >= 1
+    assert "database unavailable" in daemon.text()
+    assert daemon.stop() == 0
+    assert count(observer) == 10_000
+    assert count(observer, "SELECT count(DISTINCT result_id) FROM check_results") == 10_000
+    assert count(observer, "SELECT count(*) FROM rejected_messages") == 0
+    assert committed(kafka, env, topic) == high_watermarks(kafka, topic)
+
+
+def test_crash_between_database_and_offset_commit_is_exact_after_restart(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, daemons: Any
+) -> None:
+    messages, _ = results(1_000)
+    produce(kafka, topic, messages)
+    # A short session: the restart waits for the crashed member's session to expire.
+    env = {**env, "KAFKA_SESSION_TIMEOUT_MS": "3000"}
+    crashing = daemons(env, BATCH_MAX_MESSAGES="100", **{CRASH_HOOK_ENV: "3"})
+    assert crashing.proc.wait(timeout=DEADLINE_S) == 70
+    assert "exiting after the database commit of batch 3" in crashing.text()
+    stored_before = count(observer)
+    assert 0 < stored_before < 1_000
+
+    restarted = daemons(env, BATCH_MAX_MESSAGES="100")
+    wait_for(lambda: count(observer) == 1_000, "1000 rows after the restart")
+    wait_for(
+        lambda: committed(kafka, env, topic) == high_watermarks(kafka, topic),
+        "offsets committed",
+    )
+    assert restarted.stop() == 0
+    # Batch 3 was read again (its offsets were never committed) and found already stored.
+    assert re.search(r"\d+ stored, [1-9]\d* duplicates", restarted.text())
+    assert count(observer) == 1_000
+    assert count(observer, "SELECT count(DISTINCT result_id) FROM check_results") == 1_000
+
+
+def test_two_processors_split_the_partitions(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, daemons: Any
+) -> None:
+    first_half, _ = results(1_500, tasks=30)
+    second_half, _ = results(1_500, tasks=30)
+    first = daemons(env, BATCH_MAX_MESSAGES="100")
+    produce(kafka, topic, first_half)
+    wait_for(lambda: count(observer) > 0, "the first processor to store rows")
+    # The second one joins mid-stream: the first commits on revoke, the second starts there.
+    second = daemons(env, BATCH_MAX_MESSAGES="100")
+
+    def split() -> bool:
+        a, b = first.assigned(), second.assigned()
+        return bool(a and b and not a & b and a | b == {0, 1, 2})
+
+    wait_for(split, "both processors to own partitions")
+    assert ": revoked " in first.text()
+    produce(kafka, topic, second_half)
+    wait_for(lambda: count(observer) == 3_000, "3000 rows")
+    wait_for(lambda: committed(kafka, env, topic) == high_watermarks(kafka, topic), "commit")
+    assert first.stop() == 0
+    assert second.stop() == 0
+    assert first.stored() > 0
+    assert second.stored() > 0
+    assert first.stored() + second.stored() == 3_000
+    assert count(observer, "SELECT count(DISTINCT result_id) FROM check_results") == 3_000
+
+
+def test_database_outage_keeps_the_batch_and_the_group(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, daemons: Any, pg_dsn: str
+) -> None:
+    parts = urlsplit(env["POSTGRESQL_CONNECTION"])
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432), free_port())
+    try:
+        via_proxy = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+        # Started before its database: it waits for it instead of exiting.
+        daemon = daemons({**env, "POSTGRESQL_CONNECTION": via_proxy})
+        wait_for(lambda: "unavailable at start (attempt 2," in daemon.text(), "a retried start")
+        proxy.start()
+        first, _ = results(200)
+        produce(kafka, topic, first)
+        wait_for(lambda: count(observer) == 200, "the first 200 rows")
+        wait_for(lambda: committed(kafka, env, topic) == high_watermarks(kafka, topic), "commit")
+        before = dict(PRODUCED[topic])
+
+        proxy.stop()
+        second, _ = results(300)
+        produce(kafka, topic, second)
+        # Backoff grows (0.25, 0.5, 1, 2 s ...) past the 6 s session time-out in total.
+        wait_for(lambda: "database unavailable (attempt 5," in daemon.text(), "5 failed tries")
+        assert count(observer) == 200
+        assert committed(kafka, env, topic) == before, "no offset may move while rows are not in"
+        proxy.start()
+
+        wait_for(lambda: count(observer) == 500, "all 500 rows after the outage")
+        wait_for(lambda: committed(kafka, env, topic) == high_watermarks(kafka, topic), "commit")
+        assert daemon.proc.poll() is None
+        # It stayed in its group the whole time: assigned once, never revoked before SIGTERM.
+        assert daemon.text().count(": assigned ") == 1
+        assert ": revoked " not in daemon.text()
+        assert daemon.stop() == 0
+        assert daemon.stored() == 500
+    finally:
+        proxy.stop()
+
+
+def test_sigterm_mid_stream_commits_exactly_what_is_stored(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, daemons: Any
+) -> None:
+    messages, _ = results(5_000)
+    produce(kafka, topic, messages)
+    daemon = daemons(env, BATCH_MAX_MESSAGES="20")
+    wait_for(lambda: count(observer) > 0, "the first rows")
+    assert daemon.stop() == 0
+    assert "signal SIGTERM" in daemon.text()
+    with observer.cursor() as cur:
+        cur.execute(
+            "SELECT kafka_partition, count(*), max(kafka_offset) + 1 FROM check_results"
+            " GROUP BY 1 ORDER BY 1"
+        )
+        stored = {p: (n, end) for p, n, end in cur.fetchall()}
+    offsets = committed(kafka, env, topic)
+    for partition, (n, end) in stored.items():
+        # Every stored row's offset is committed, and nothing past the stored rows is.
+        assert offsets[partition] == end == n
+    assert sum(n for n, _ in stored.values()) < 5_000, "stopped before reading everything"
