@@ -48,8 +48,8 @@ class Notifier:
     def ready(self, status: str = "") -> bool:
         return self.notify("READY=1", *([f"STATUS={status}"] if status else []))
 
-    def stopping(self) -> bool:
-        return self.notify("STOPPING=1")
+    def stopping(self, status: str = "") -> bool:
+        return self.notify("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={text}")

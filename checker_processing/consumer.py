@@ -42,6 +42,34 @@ class BatchWriter(Protocol):
     def write(self, records: Sequence[Record]) -> Outcome: ...
 
 
+class Events:
+    """What the loop reports as it goes (metrics, systemd notifications); no-ops here.
+
+    Every method is called from the loop's own thread and must return quickly.
+    """
+
+    def tick(self) -> None:
+        """The loop is alive: called on every iteration, also while waiting for the database."""
+
+    def polled(self, count: int) -> None:
+        """A poll of the main loop returned `count` records (0 too)."""
+
+    def batch_written(self, outcome: Outcome, size: int, seconds: float) -> None:
+        """A batch of `size` records is committed in PostgreSQL."""
+
+    def db_unavailable(self, attempt: int, delay: float, held: int) -> None:
+        """Writing failed for a transient reason; retry `attempt` follows in `delay` s."""
+
+    def db_back(self, attempts: int) -> None:
+        """The batch held through an outage is written."""
+
+    def commit_failed(self) -> None:
+        """An offset commit failed (retried later)."""
+
+    def maintenance_failed(self) -> None:
+        """Partition maintenance failed (retried later)."""
+
+
 def backoff(attempt: int, rng: Callable[[], float] = random.random) -> float:
     """Delay before retry number `attempt` (1, 2, ...): 0.25 s doubling to 15 s, +-20 % jitter."""
     base = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (attempt - 1))
@@ -79,8 +107,7 @@ class Processor:
         stop: threading.Event,
         maintenance: Callable[[], None] | None = None,
         crash_after_batch: int | None = None,
-        on_batch: Callable[[Outcome, float], None] | None = None,
-        on_retry: Callable[[], None] | None = None,
+        events: Events | None = None,
     ) -> None:
         self.consumer = consumer
         self.writer = writer
@@ -90,8 +117,7 @@ class Processor:
         self.stop = stop
         self.maintenance = maintenance
         self.crash_after_batch = crash_after_batch
-        self.on_batch = on_batch
-        self.on_retry = on_retry
+        self.events = events or Events()
         self.stats = Stats()
         # Offsets whose rows are in PostgreSQL but that the broker has not acknowledged yet.
         self.pending: dict[TopicPartitionKey, int] = {}
@@ -133,8 +159,10 @@ class Processor:
         status = EXIT_OK
         try:
             while not self.stop.is_set():
+                self.events.tick()
                 self._maybe_maintain()
                 self.in_hand = self._consume(self.batch_max_messages, self.batch_timeout_s)
+                self.events.polled(len(self.in_hand))
                 if self.pending:
                     self._commit_pending()
                 if not self.in_hand:
@@ -156,6 +184,12 @@ class Processor:
             self.stats.total.inserted,
             self.stats.total.duplicates,
             self.stats.total.rejected,
+            extra={
+                "batches": self.stats.batches,
+                "stored": self.stats.total.inserted,
+                "duplicates": self.stats.total.duplicates,
+                "rejected": self.stats.total.rejected,
+            },
         )
         return status
 
@@ -165,7 +199,7 @@ class Processor:
             error = message.error()
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", error)
+                    log.warning("consumer error: %s", error, extra={"code": error.name()})
                 continue
             records.append(
                 Record(
@@ -193,14 +227,15 @@ class Processor:
                 except TRANSIENT_ERRORS as exc:
                     attempt += 1
                     self.stats.db_retries += 1
-                    if self.on_retry:
-                        self.on_retry()
                     delay = backoff(attempt)
+                    self.events.db_unavailable(attempt, delay, len(self.in_hand))
+                    # Expected while the database is away: one line with the reason.
                     log.warning(
                         "database unavailable (attempt %d, retry in %.2fs): %s",
                         attempt,
                         delay,
                         _one_line(exc),
+                        extra={"attempt": attempt, "batch_size": len(self.in_hand)},
                     )
                     if not paused:
                         self._pause()
@@ -222,11 +257,11 @@ class Processor:
                 self._resume()
         elapsed = time.monotonic() - started
         if attempt:
+            self.events.db_back(attempt)
             log.info("database is back after %d failed attempts; batch written", attempt)
         self.stats.batches += 1
         self.stats.total = self.stats.total + outcome
-        if self.on_batch:
-            self.on_batch(outcome, elapsed)
+        self.events.batch_written(outcome, len(self.in_hand), elapsed)
         log.debug(
             "batch %d: %d stored, %d duplicates, %d rejected in %.3fs",
             self.stats.batches,
@@ -234,6 +269,14 @@ class Processor:
             outcome.duplicates,
             outcome.rejected,
             elapsed,
+            extra={
+                "batch": self.stats.batches,
+                "batch_size": len(self.in_hand),
+                "stored": outcome.inserted,
+                "duplicates": outcome.duplicates,
+                "rejected": outcome.rejected,
+                "partitions": _partitions_of(self.in_hand),
+            },
         )
         if self.crash_after_batch is not None and self.stats.batches == self.crash_after_batch:
             # Test hook: die between the database commit and the offset commit.
@@ -268,6 +311,7 @@ class Processor:
         paused; anything delivered anyway is sought back so it is read again later."""
         deadline = time.monotonic() + seconds
         while True:
+            self.events.tick()
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -280,7 +324,14 @@ class Processor:
                 try:
                     self.consumer.seek(TopicPartition(topic, partition, offset))
                 except KafkaException as exc:
-                    log.warning("seeking %s/%d back to %d: %s", topic, partition, offset, exc)
+                    log.warning(
+                        "seeking %s/%d back to %d: %s",
+                        topic,
+                        partition,
+                        offset,
+                        exc,
+                        extra={"topic": topic, "partition": partition, "offset": offset},
+                    )
             if stray:
                 self._pause()
 
@@ -299,6 +350,7 @@ class Processor:
         except KafkaException as exc:
             # The rows are stored; a redelivery would be a harmless duplicate. Retry later.
             self.stats.commits_failed += 1
+            self.events.commit_failed()
             log.warning("offset commit failed, will retry: %s", exc)
             return
         for key, offset in todo.items():
@@ -312,10 +364,20 @@ class Processor:
             self.maintenance()
         except psycopg2.Error as exc:
             # Ingestion goes on; old partitions can wait for the next try.
+            self.events.maintenance_failed()
             log.warning("partition maintenance failed, retrying later: %s", _one_line(exc))
             self.next_maintenance = time.monotonic() + MAINTENANCE_RETRY_S
         else:
             self.next_maintenance = time.monotonic() + MAINTENANCE_EVERY_S
+
+
+def _partitions_of(records: Sequence[Record]) -> str:
+    """The offsets of a batch as "topic/partition:first-last, ...", for its log line (pure)."""
+    spans: dict[TopicPartitionKey, tuple[int, int]] = {}
+    for r in records:
+        low, high = spans.get((r.topic, r.partition), (r.offset, r.offset))
+        spans[(r.topic, r.partition)] = (min(low, r.offset), max(high, r.offset))
+    return ", ".join(f"{t}/{p}:{lo}-{hi}" for (t, p), (lo, hi) in sorted(spans.items()))
 
 
 def _describe(partitions: list[TopicPartition]) -> str:

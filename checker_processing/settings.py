@@ -23,6 +23,11 @@ class ProcessorSettings(CommonSettings):
     kafka_session_timeout_ms: int = Field(
         45_000, ge=1_000, le=300_000, description="consumer group session time-out"
     )
+    kafka_group_instance_id: str | None = Field(
+        None,
+        max_length=249,
+        description="static group membership id, unique per processor (optional)",
+    )
     metrics_host: str = Field(
         "127.0.0.1", min_length=1, description="address of the /metrics endpoint"
     )
@@ -51,6 +56,13 @@ class ProcessorSettings(CommonSettings):
         if "://" not in value and "=" not in value:
             raise ValueError("not a libpq URL or key=value DSN")
         return value
+
+    @field_validator("kafka_group_instance_id")
+    @classmethod
+    def _instance_id(cls, value: str | None) -> str | None:
+        # An empty line in the env file means "not set": dynamic membership.
+        value = (value or "").strip()
+        return value or None
 
     @field_validator("kafka_consumer_topics")
     @classmethod
