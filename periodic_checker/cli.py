@@ -7,7 +7,9 @@ import sys
 
 from checker_common import __version__, checks
 from checker_common.cli import Check, CheckFn, env_file_parent, run_checks, settings_or_exit
+from periodic_checker.probe_cli import add_probe_parser, run_probe
 from periodic_checker.settings import CheckerSettings
+from periodic_checker.tasks_cli import add_tasks_parser, run_tasks
 
 PROG = "periodic-checker"
 
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="validate settings and try the broker and the task storage",
     )
+    add_probe_parser(sub, parents=[common])
+    add_tasks_parser(sub, [common])
     return parser
 
 
@@ -42,6 +46,11 @@ def check_config(settings: CheckerSettings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # These two need no daemon settings: a probe runs on its own, tasks talk to the API.
+    if args.command == "probe":
+        return run_probe(args)
+    if args.command == "tasks":
+        return run_tasks(args)
     settings = settings_or_exit(PROG, CheckerSettings, args)
     if args.command == "check-config":
         return check_config(settings)

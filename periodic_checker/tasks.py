@@ -6,8 +6,11 @@ probe all use it); `Task` adds identity and the state the checker keeps (status,
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
@@ -17,7 +20,7 @@ from urllib.parse import urlsplit
 import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from checker_common.contract import Health
+from checker_common.contract import ErrorKind, Health
 
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
 STATUS_RANGES = re.compile(r"^\s*\d{3}(\s*-\s*\d{3})?(\s*,\s*\d{3}(\s*-\s*\d{3})?)*\s*$")
@@ -184,3 +187,181 @@ class Task(BaseModel):
     created_at: datetime
     updated_at: datetime
     last_run_at: datetime | None = None
+
+
+# --- Scheduling math (pure: the clock is an argument) -------------------------------------------
+
+# A one-shot task loaded at start (it never ran before a restart) runs within this many seconds,
+# spread by its id, so a restart with many pending one-shots does not fire them together.
+ONE_SHOT_SPREAD = 10.0
+
+
+def phase_fraction(task_id: uuid.UUID) -> float:
+    """A stable number in [0, 1) derived from the id: the same task always gets the same one."""
+    digest = hashlib.blake2b(task_id.bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def start_offset(task_id: uuid.UUID, interval: float) -> float:
+    """Where in each interval the task fires, in seconds after a multiple of the interval.
+
+    Tasks with the same interval spread evenly over it instead of firing together, and a task
+    keeps its phase across restarts because the offset depends on nothing but its id.
+    """
+    return phase_fraction(task_id) * interval
+
+
+def next_fire_time(task_id: uuid.UUID, interval: float, now: float) -> float:
+    """The first fire time at or after `now` (epoch seconds) on the task's fixed grid."""
+    offset = start_offset(task_id, interval)
+    cycles = math.ceil((now - offset) / interval)
+    fire = cycles * interval + offset
+    # Float rounding can put `fire` a hair before `now`; step to the next slot then.
+    return fire if fire >= now else fire + interval
+
+
+def planned_fire_time(task_id: uuid.UUID, interval: float, now: float) -> float:
+    """The latest grid slot at or before `now`: when the run happening now was planned."""
+    offset = start_offset(task_id, interval)
+    cycles = math.floor((now - offset) / interval)
+    return cycles * interval + offset
+
+
+def one_shot_fire_time(task_id: uuid.UUID, now: float, *, at_load: bool) -> float:
+    """A one-shot task runs at once when created, or spread over a few seconds after a restart."""
+    return now + phase_fraction(task_id) * ONE_SHOT_SPREAD if at_load else now
+
+
+# --- State transitions (pure) -------------------------------------------------------------------
+
+
+def end_reason(spec: TaskSpec, runs: int, now: datetime) -> str | None:
+    """Why a task with `runs` completed runs is finished, or None while it should keep running."""
+    if spec.interval is None and runs >= 1:
+        return "one-shot task ran"
+    if spec.end_after_runs is not None and runs >= spec.end_after_runs:
+        return f"ran {runs} of {spec.end_after_runs} runs"
+    if spec.end_at is not None and now >= spec.end_at:
+        return f"end time {spec.end_at.isoformat()} reached"
+    return None
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What the checker does after one attempt: the task's new state and whether to retry."""
+
+    task: Task
+    retry_after: float | None  # seconds until the next attempt; None when this one was final
+    changed: bool  # the stored state must be written
+
+
+def after_attempt(
+    task: Task,
+    *,
+    ok: bool,
+    error_kind: ErrorKind | None,
+    error_message: str,
+    attempt: int,
+    now: datetime,
+    counts_as_run: bool = True,
+) -> CheckOutcome:
+    """Apply one attempt's result to a task (see docs/task-states.md for the table).
+
+    - the target policy refused the host: status `error` with the reason, no retry;
+    - a failure with retries left: retry after `retry_interval`, health and runs unchanged;
+    - otherwise the attempt is final: health becomes up or down, the run is counted, and the
+      task becomes `done` when its end is reached (one-shot, end_after_runs, end_at).
+    `counts_as_run=False` (a run started by hand) moves health but leaves runs and status.
+    """
+    if error_kind is ErrorKind.DENIED_TARGET:
+        reason = f"target refused by policy: {error_message}"[:500]
+        return CheckOutcome(
+            task.model_copy(
+                update={
+                    "status": TaskStatus.ERROR,
+                    "status_reason": reason,
+                    "updated_at": now,
+                    "last_run_at": now,
+                }
+            ),
+            retry_after=None,
+            changed=True,
+        )
+    if not ok and counts_as_run and attempt <= task.spec.retries:
+        return CheckOutcome(task, retry_after=task.spec.retry_interval, changed=False)
+    update: dict[str, Any] = {
+        "health": Health.UP if ok else Health.DOWN,
+        "failures_in_a_row": 0 if ok else task.failures_in_a_row + 1,
+        "last_run_at": now,
+    }
+    if counts_as_run:
+        runs = task.runs + 1
+        update["runs"] = runs
+        ended = end_reason(task.spec, runs, now)
+        if ended is not None and task.status is TaskStatus.ACTIVE:
+            update.update(status=TaskStatus.DONE, status_reason=ended, updated_at=now)
+    return CheckOutcome(task.model_copy(update=update), retry_after=None, changed=True)
+
+
+def paused(task: Task, now: datetime) -> Task:
+    """active -> paused (paused stays paused); done and error tasks cannot be paused."""
+    if task.status in (TaskStatus.ACTIVE, TaskStatus.PAUSED):
+        return task.model_copy(
+            update={"status": TaskStatus.PAUSED, "status_reason": None, "updated_at": now}
+        )
+    raise ValueError(f"a task in status {task.status} cannot be paused")
+
+
+def resumed(task: Task, now: datetime) -> Task:
+    """paused or error -> active (active stays active); a done task stays done."""
+    if task.status is TaskStatus.DONE:
+        raise ValueError("the task is done; change its end (end_after_runs, end_at) to rerun it")
+    if task.status is TaskStatus.ERROR:
+        # Its definition must validate again (an upgrade may have made it invalid).
+        TaskSpec.model_validate(task.spec.model_dump())
+    reason = end_reason(task.spec, task.runs, now)
+    if reason is not None:
+        raise ValueError(f"the task has reached its end: {reason}")
+    return task.model_copy(
+        update={"status": TaskStatus.ACTIVE, "status_reason": None, "updated_at": now}
+    )
+
+
+def edited(task: Task, spec: TaskSpec, now: datetime) -> Task:
+    """A new definition for an existing task.
+
+    A change to what is checked (anything but the name) resets health to unknown. The status
+    follows the new end: done when it is already reached; an error or done task otherwise
+    becomes active again; a paused task stays paused.
+    """
+    same_check = spec.model_dump(exclude={"name"}) == _dump_or_none(task.spec, exclude={"name"})
+    update: dict[str, Any] = {"spec": spec, "updated_at": now}
+    if not same_check:
+        update.update(health=Health.UNKNOWN, failures_in_a_row=0)
+    reason = end_reason(spec, task.runs, now)
+    if reason is not None:
+        update.update(status=TaskStatus.DONE, status_reason=reason)
+    elif task.status is TaskStatus.PAUSED:
+        update.update(status=TaskStatus.PAUSED, status_reason=None)
+    else:
+        update.update(status=TaskStatus.ACTIVE, status_reason=None)
+    return task.model_copy(update=update)
+
+
+def at_load(task: Task, now: datetime) -> Task:
+    """An active task whose end time passed while the checker was stopped becomes done."""
+    if task.status is TaskStatus.ACTIVE:
+        reason = end_reason(task.spec, task.runs, now)
+        if reason is not None:
+            return task.model_copy(
+                update={"status": TaskStatus.DONE, "status_reason": reason, "updated_at": now}
+            )
+    return task
+
+
+def _dump_or_none(spec: TaskSpec, *, exclude: set[str]) -> dict[str, Any] | None:
+    # A definition that no longer validates was built without validation; it may not dump.
+    try:
+        return spec.model_dump(exclude=exclude)
+    except Exception:
+        return None

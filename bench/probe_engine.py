@@ -1,0 +1,260 @@
+"""Probe engine: checks per second and CPU per 1,000 checks, side by side in one run.
+
+    .venv/bin/python bench/probe_engine.py [--checks 10000] [--runs 3] [--concurrency 50]
+
+Targets: one local nginx page of about 1 KB; every check opens a new connection and looks for a
+pattern in the body. Contenders, interleaved in each run so they share the machine's mood:
+
+- `periodic-checker`: the checker's own `Prober` (tracing, RE2, result message encoding),
+- `bare aiohttp`: a plain aiohttp loop with no scheduler, tracing or Kafka: the floor for Python,
+- `blackbox_exporter`: Prometheus' prober (Debian package), driven through its `/probe`
+  endpoint; its CPU is read from its own process, not the driver's.
+
+CPU is each process's own user+system time. Prints a Markdown table of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from checker_common.devstack import free_port, stop_process, wait_for_port
+
+PATTERN = "periodic-checker benchmark page"
+PAGE = (
+    "<!doctype html><html><head><title>bench</title></head><body><h1>"
+    + PATTERN
+    + "</h1><p>"
+    + "lorem ipsum dolor sit amet " * 34
+    + "</p></body></html>\n"
+)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def start_nginx(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    www = workdir / "www"
+    www.mkdir()
+    (www / "index.html").write_text(PAGE)
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""
+daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/tmp;
+    proxy_temp_path {workdir}/tmp;
+    fastcgi_temp_path {workdir}/tmp;
+    uwsgi_temp_path {workdir}/tmp;
+    scgi_temp_path {workdir}/tmp;
+    keepalive_timeout 5;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+        location / {{ default_type text/html; }}
+    }}
+}}
+"""
+    )
+    (workdir / "tmp").mkdir()
+    proc = subprocess.Popen(
+        ["nginx", "-c", str(conf), "-p", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port)
+    return proc
+
+
+def start_blackbox(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    conf = workdir / "blackbox.yml"
+    conf.write_text(
+        f"""modules:
+  http_pattern:
+    prober: http
+    timeout: 5s
+    http:
+      method: GET
+      fail_if_body_not_matches_regexp: ["{PATTERN}"]
+      preferred_ip_protocol: ip4
+"""
+    )
+    binary = shutil.which("prometheus-blackbox-exporter") or "blackbox_exporter"
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={conf}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port)
+    return proc
+
+
+WORKER = r"""
+import asyncio, json, sys, time, os, uuid
+mode, url, checks, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+PATTERN = sys.argv[5]
+
+async def bare():
+    import aiohttp, re
+    rx = re.compile(PATTERN)
+    ok = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0)) as s:
+        sem = asyncio.Semaphore(concurrency)
+        async def one():
+            nonlocal ok
+            async with sem:
+                t0 = time.monotonic()
+                async with s.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    body = await r.text()
+                    if r.status == 200 and rx.search(body):
+                        ok += 1
+                time.monotonic() - t0
+        await asyncio.gather(*(one() for _ in range(checks)))
+    return ok
+
+async def ours():
+    from periodic_checker.probe import Prober
+    from periodic_checker.tasks import TaskSpec
+    from checker_common.contract import encode
+    spec = TaskSpec(name="bench", url=url, pattern=PATTERN, interval=60, timeout=5)
+    prober = Prober()
+    await prober.start()
+    sem = asyncio.Semaphore(concurrency)
+    ok = 0
+    task_id = uuid.uuid4()
+    async def one():
+        nonlocal ok
+        async with sem:
+            result = await prober.check(task_id, spec)
+            encode(task_id, result)  # the message is part of a check's cost
+            ok += result.ok
+    await asyncio.gather(*(one() for _ in range(checks)))
+    await prober.close()
+    return ok
+
+async def blackbox():
+    import aiohttp
+    ok = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        sem = asyncio.Semaphore(concurrency)
+        async def one():
+            nonlocal ok
+            async with sem:
+                async with s.get(url) as r:
+                    text = await r.text()
+                    ok += "probe_success 1" in text
+        await asyncio.gather(*(one() for _ in range(checks)))
+    return ok
+
+fn = {"bare": bare, "ours": ours, "blackbox": blackbox}[mode]
+if os.environ.get("BENCH_UVLOOP"):
+    import uvloop
+    uvloop.install()
+cpu0 = time.process_time(); t0 = time.monotonic()
+ok = asyncio.run(fn())
+print(json.dumps({"ok": ok, "wall": time.monotonic() - t0, "cpu": time.process_time() - cpu0}))
+"""
+
+
+def run_worker(mode: str, url: str, checks: int, concurrency: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, mode, url, str(checks), str(concurrency), PATTERN],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checks", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = parser.parse_args()
+
+    results: dict[str, list[dict[str, float]]] = {"ours": [], "bare": [], "blackbox": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)  # nginx workers run as an unprivileged user
+        nginx_port, bb_port = free_port(), free_port()
+        nginx = start_nginx(work, nginx_port)
+        blackbox = start_blackbox(work, bb_port)
+        page = f"http://127.0.0.1:{nginx_port}/"
+        probe = f"http://127.0.0.1:{bb_port}/probe?module=http_pattern&target={page}"
+        try:
+            run_worker("bare", page, 500, args.concurrency)  # warm-up
+            for run in range(args.runs):
+                for mode in ("ours", "bare", "blackbox"):
+                    if mode == "blackbox":
+                        cpu0 = cpu_seconds(blackbox.pid)
+                        figures = run_worker(mode, probe, args.checks, args.concurrency)
+                        figures["cpu"] = cpu_seconds(blackbox.pid) - cpu0
+                    else:
+                        figures = run_worker(mode, page, args.checks, args.concurrency)
+                    results[mode].append(figures)
+                    print(f"run {run + 1} {mode}: {figures}", file=sys.stderr)
+        finally:
+            stop_process(blackbox)
+            stop_process(nginx)
+
+    names = {
+        "ours": "periodic-checker Prober",
+        "bare": "bare aiohttp loop",
+        "blackbox": "blackbox_exporter 0.23 (/probe)",
+    }
+    summary = {}
+    for mode, runs in results.items():
+        rate = statistics.median(args.checks / r["wall"] for r in runs)
+        cpu = statistics.median(r["cpu"] / args.checks * 1000 for r in runs)
+        ok = min(r["ok"] for r in runs)
+        summary[mode] = {"checks_per_s": rate, "cpu_s_per_1000": cpu, "min_ok": ok}
+    print(f"\n{args.checks} checks x {args.runs} runs, concurrency {args.concurrency}, medians\n")
+    print("| prober | checks/s | CPU s per 1,000 checks | successful checks (min) |")
+    print("|---|---|---|---|")
+    for mode, row in summary.items():
+        print(
+            f"| {names[mode]} | {row['checks_per_s']:.0f} | {row['cpu_s_per_1000']:.3f} "
+            f"| {row['min_ok']:.0f} / {args.checks} |"
+        )
+    ours, bare, bb = summary["ours"], summary["bare"], summary["blackbox"]
+    print(
+        f"\nCPU per check, periodic-checker / blackbox_exporter: "
+        f"{ours['cpu_s_per_1000'] / bb['cpu_s_per_1000']:.2f} (goal <= 0.70)\n"
+        f"Throughput, periodic-checker / bare aiohttp: "
+        f"{ours['checks_per_s'] / bare['checks_per_s']:.2f} (goal >= 0.75)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    start = time.monotonic()
+    code = main()
+    print(f"(took {time.monotonic() - start:.0f} s)", file=sys.stderr)
+    sys.exit(code)

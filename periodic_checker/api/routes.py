@@ -1,0 +1,275 @@
+"""The handlers: read and validate the request, call the task service, render the answer.
+
+Every route is listed once in `ROUTES`; `openapi.py` describes the same list.
+"""
+
+from __future__ import annotations
+
+import uuid
+from importlib import resources
+from typing import TypeVar
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from periodic_checker.api.errors import ApiError, from_service, invalid, validation_error
+from periodic_checker.api.models import (
+    MAX_BODY_BYTES,
+    HealthResponse,
+    RemoveTaskRequest,
+    RunResponse,
+    StatusAdapter,
+    TaskListQuery,
+    TaskPageResponse,
+    TaskPatch,
+    patch_changes,
+)
+from periodic_checker.service import ServiceError, TaskFilter, TaskService
+from periodic_checker.tasks import Task, TaskSpec
+
+SERVICE = web.AppKey("service", TaskService)
+OPENAPI = web.AppKey("openapi", bytes)
+STATIC = resources.files("periodic_checker.api") / "static"
+STATIC_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def service_of(request: web.Request) -> TaskService:
+    return request.app[SERVICE]
+
+
+def json_response(body: BaseModel, status: int = 200, **headers: str) -> web.Response:
+    return web.Response(
+        body=body.__pydantic_serializer__.to_json(body),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def task_response(task: Task, status: int = 200) -> web.Response:
+    if status == 201:
+        return json_response(task, status, Location=f"/tasks/{task.id}")
+    return json_response(task, status)
+
+
+def task_id(request: web.Request) -> uuid.UUID:
+    raw = request.match_info["id"]
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise invalid("id", "must be a UUID") from None
+
+
+async def read_json(request: web.Request) -> object:
+    """The body as JSON: 415 unless it says it is JSON, 413 past the limit, 400 if malformed."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json, not {request.content_type or 'none'}",
+        )
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
+    raw = await request.read()  # the app's client_max_size bounds bodies sent without a length
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    document = await read_json(request)
+    if not isinstance(document, dict):
+        raise invalid("body", "must be a JSON object")
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def service_errors(exc: Exception) -> ApiError:
+    """Errors from the service: its own, or a merged spec that fails validation."""
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    assert isinstance(exc, ServiceError)
+    return from_service(exc)
+
+
+# --- tasks ---
+
+
+async def create_task(request: web.Request) -> web.Response:
+    spec = await read_model(request, TaskSpec)
+    try:
+        task = await service_of(request).create(spec)
+    except (ServiceError, ValidationError) as exc:
+        raise service_errors(exc) from None
+    return task_response(task, 201)
+
+
+async def put_task(request: web.Request) -> web.Response:
+    ident = task_id(request)
+    spec = await read_model(request, TaskSpec)
+    try:
+        task, created = await service_of(request).put(ident, spec)
+    except (ServiceError, ValidationError) as exc:
+        raise service_errors(exc) from None
+    return task_response(task, 201 if created else 200)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    ident = task_id(request)
+    try:
+        task = await service_of(request).get(ident)
+    except ServiceError as exc:
+        raise from_service(exc) from None
+    return task_response(task)
+
+
+async def patch_task(request: web.Request) -> web.Response:
+    ident = task_id(request)
+    patch = await read_model(request, TaskPatch)
+    try:
+        task = await service_of(request).update(ident, patch_changes(patch))
+    except (ServiceError, ValidationError) as exc:
+        raise service_errors(exc) from None
+    return task_response(task)
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    ident = task_id(request)
+    try:
+        await service_of(request).delete(ident)
+    except ServiceError as exc:
+        raise from_service(exc) from None
+    return web.Response(status=204)
+
+
+async def remove_task(request: web.Request) -> web.Response:
+    """POST /remove_task {"id": ...}: the first version's name for DELETE /tasks/{id}."""
+    body = await read_model(request, RemoveTaskRequest)
+    try:
+        await service_of(request).delete(body.id)
+    except ServiceError as exc:
+        raise from_service(exc) from None
+    return web.Response(status=204, headers={"Deprecation": "true"})
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    try:
+        query = TaskListQuery.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    wanted = TaskFilter(
+        status=query.status,
+        health=query.health,
+        text=query.q,
+        cursor=query.cursor,
+        limit=query.limit,
+    )
+    try:
+        page = await service_of(request).list(wanted)
+    except ServiceError as exc:
+        raise from_service(exc) from None
+    except ValueError as exc:  # the service could not read the opaque cursor
+        raise invalid("cursor", str(exc) or "not a cursor from this API") from None
+    return json_response(TaskPageResponse(tasks=page.tasks, next_cursor=page.next_cursor))
+
+
+async def pause_task(request: web.Request) -> web.Response:
+    ident = task_id(request)
+    try:
+        task = await service_of(request).pause(ident)
+    except ServiceError as exc:
+        raise from_service(exc) from None
+    return task_response(task)
+
+
+async def resume_task(request: web.Request) -> web.Response:
+    ident = task_id(request)
+    try:
+        task = await service_of(request).resume(ident)
+    except ServiceError as exc:
+        raise from_service(exc) from None
+    return task_response(task)
+
+
+async def run_task(request: web.Request) -> web.Response:
+    ident = task_id(request)
+    try:
+        result = await service_of(request).run_now(ident)
+    except ServiceError as exc:
+        raise from_service(exc) from None
+    return json_response(RunResponse(task_id=ident, result=result))
+
+
+# --- the checker ---
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: answering at all means the event loop turns."""
+    return json_response(HealthResponse())
+
+
+async def status(request: web.Request) -> web.Response:
+    body = StatusAdapter.dump_json(service_of(request).status())
+    return web.Response(body=body, content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+async def docs_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/docs/")
+
+
+async def docs_asset(request: web.Request) -> web.Response:
+    """Swagger UI from the package's own files, so /docs works without the internet."""
+    name = request.match_info.get("name") or "index.html"
+    suffix = name[name.rfind(".") :] if "." in name else ""
+    if "/" in name or name.startswith(".") or suffix not in STATIC_TYPES:
+        raise ApiError(404, "not_found", "no such file")
+    asset = STATIC / name
+    if not asset.is_file():
+        raise ApiError(404, "not_found", "no such file")
+    return web.Response(
+        body=asset.read_bytes(),
+        content_type=STATIC_TYPES[suffix],
+        headers={"Cache-Control": "max-age=3600"},
+    )
+
+
+ROUTES = [
+    web.get("/health", health),
+    web.get("/status", status),
+    web.get("/metrics", metrics),
+    web.get("/openapi.json", openapi),
+    web.get("/docs", docs_redirect),
+    web.get("/docs/", docs_asset),
+    web.get("/docs/{name}", docs_asset),
+    web.get("/tasks", list_tasks),
+    web.post("/tasks", create_task),
+    web.get("/tasks/{id}", get_task),
+    web.put("/tasks/{id}", put_task),
+    web.patch("/tasks/{id}", patch_task),
+    web.delete("/tasks/{id}", delete_task),
+    web.post("/tasks/{id}/pause", pause_task),
+    web.post("/tasks/{id}/resume", resume_task),
+    web.post("/tasks/{id}/run", run_task),
+    web.post("/remove_task", remove_task),
+]

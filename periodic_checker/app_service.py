@@ -1,0 +1,205 @@
+"""`CheckerService`: the `TaskService` the API talks to, over the store and the scheduler.
+
+Every change is written to the store first (the source of truth), then applied to the running
+scheduler, so what the API answered is what a restart will load.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from checker_common import __version__
+from checker_common.contract import CheckResult
+from periodic_checker.scheduler import CheckScheduler
+from periodic_checker.service import (
+    InvalidChange,
+    ServiceStatus,
+    TargetDenied,
+    TaskFilter,
+    TaskNotFound,
+    TaskPage,
+)
+from periodic_checker.store import TaskExists, TaskStore
+from periodic_checker.tasks import Task, TaskSpec, TaskStatus, edited, end_reason, paused, resumed
+
+log = logging.getLogger(__name__)
+
+
+class HostPolicy(Protocol):
+    def check_url(self, url: str) -> str | None: ...
+
+
+class StatsSource(Protocol):
+    def stats(self) -> Any: ...
+
+
+class CheckerService:
+    """Implements `periodic_checker.service.TaskService`."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        scheduler: CheckScheduler,
+        *,
+        policy: HostPolicy | None = None,
+        publisher: StatsSource | None = None,
+    ) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.policy = policy
+        self.publisher = publisher
+
+    async def create(self, spec: TaskSpec) -> Task:
+        return self._create(uuid.uuid4(), spec)
+
+    async def put(self, task_id: uuid.UUID, spec: TaskSpec) -> tuple[Task, bool]:
+        existing = self.scheduler.tasks.get(task_id)
+        if existing is None:
+            try:
+                return self._create(task_id, spec), True
+            except TaskExists:
+                existing = self._stored(task_id)
+        return self._replace(existing, spec), False
+
+    async def update(self, task_id: uuid.UUID, changes: dict[str, Any]) -> Task:
+        task = await self.get(task_id)
+        merged = {**task.spec.model_dump(exclude_unset=False), **changes}
+        spec = TaskSpec.model_validate(merged)  # ValidationError names the field (422)
+        return self._replace(task, spec)
+
+    async def delete(self, task_id: uuid.UUID) -> None:
+        if not self.store.delete(task_id):
+            raise TaskNotFound(f"no task {task_id}")
+        self.scheduler.remove(task_id)
+        log.info("task %s deleted", task_id, extra={"task_id": str(task_id)})
+
+    async def get(self, task_id: uuid.UUID) -> Task:
+        task = self.scheduler.tasks.get(task_id)
+        return task if task is not None else self._stored(task_id)
+
+    async def list(self, query: TaskFilter) -> TaskPage:
+        # The store is read after the pending states are written, so the page is current.
+        await self.scheduler.flush()
+        return self.store.page(query)  # ValueError for a cursor it did not make
+
+    async def pause(self, task_id: uuid.UUID) -> Task:
+        task = await self.get(task_id)
+        try:
+            changed = paused(task, _now())
+        except ValueError as exc:
+            raise InvalidChange(str(exc)) from None
+        return self._save_state(changed)
+
+    async def resume(self, task_id: uuid.UUID) -> Task:
+        task = await self.get(task_id)
+        try:
+            changed = resumed(task, _now())
+        except ValidationError as exc:
+            first = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise InvalidChange(
+                f"the stored definition does not validate ({where}: {first.get('msg')});"
+                " replace it with PUT"
+            ) from None
+        except ValueError as exc:
+            raise InvalidChange(str(exc)) from None
+        self._check_policy(changed.spec)
+        return self._save_state(changed)
+
+    async def run_now(self, task_id: uuid.UUID) -> CheckResult:
+        task = await self.get(task_id)
+        if task.status is TaskStatus.ERROR:
+            raise InvalidChange(f"the task is in error ({task.status_reason}); fix it first")
+        try:
+            return await self.scheduler.run_now(task_id)
+        except KeyError:
+            raise TaskNotFound(f"no task {task_id}") from None
+
+    def status(self) -> ServiceStatus:
+        tasks = self.scheduler.tasks.values()
+        status = ServiceStatus(
+            tasks_by_status=dict(Counter(str(t.status) for t in tasks)),
+            tasks_by_health=dict(Counter(str(t.health) for t in tasks)),
+            checks_in_flight=self.scheduler.in_flight,
+            schedule_lag_p99=self.scheduler.lags.percentile(99),
+            version=__version__,
+        )
+        stats = self.scheduler.stats
+        status.extra.update(
+            schedule_lag_p50=self.scheduler.lags.percentile(50),
+            schedule_lag_max=self.scheduler.lags.max,
+            checks=stats.checks,
+            retries=stats.retries,
+            skipped_overlap=stats.skipped_overlap,
+        )
+        if self.publisher is not None:
+            _publisher_status(status, self.publisher.stats())
+        return status
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _create(self, task_id: uuid.UUID, spec: TaskSpec) -> Task:
+        self._check_policy(spec)
+        now = _now()
+        reason = end_reason(spec, 0, now)
+        task = Task(
+            id=task_id,
+            spec=spec,
+            status=TaskStatus.DONE if reason else TaskStatus.ACTIVE,
+            status_reason=reason,
+            created_at=now,
+            updated_at=now,
+        )
+        self.store.insert(task)  # NameTaken, TooManyTasks, TaskExists
+        self.scheduler.add(task)
+        log.info("task %s created: %s", task_id, spec.name, extra={"task_id": str(task_id)})
+        return task
+
+    def _replace(self, task: Task, spec: TaskSpec) -> Task:
+        self._check_policy(spec)
+        changed = edited(task, spec, _now())
+        self.store.replace(changed)  # NameTaken
+        self.scheduler.replace(changed)
+        log.info("task %s changed", task.id, extra={"task_id": str(task.id)})
+        return changed
+
+    def _save_state(self, task: Task) -> Task:
+        # A user's pause or resume is written at once, not with the batched check states.
+        self.store.save_states([task])
+        self.scheduler.replace(task)
+        log.info("task %s is now %s", task.id, task.status, extra={"task_id": str(task.id)})
+        return task
+
+    def _stored(self, task_id: uuid.UUID) -> Task:
+        task = self.store.get(task_id)
+        if task is None:
+            raise TaskNotFound(f"no task {task_id}")
+        return task
+
+    def _check_policy(self, spec: TaskSpec) -> None:
+        if self.policy is not None:
+            reason = self.policy.check_url(spec.url)
+            if reason is not None:
+                raise TargetDenied(reason)
+
+
+def _publisher_status(status: ServiceStatus, stats: Any) -> None:
+    """Copy what the publisher reports (`producer.PublisherStats`) into the status."""
+    status.producer_queue = int(getattr(stats, "queue_length", 0) or 0)
+    status.outbox_size = int(getattr(stats, "outbox_size", 0) or 0)
+    status.broker_reachable = bool(getattr(stats, "broker_reachable", False))
+    last = getattr(stats, "last_delivered_at", None)
+    status.last_delivered_at = last.isoformat() if isinstance(last, datetime) else None
+    for name in ("delivered", "failed", "stored", "dropped"):
+        if hasattr(stats, name):
+            status.extra[f"results_{name}"] = getattr(stats, name)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

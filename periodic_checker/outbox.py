@@ -1,0 +1,150 @@
+"""The outbox: results the broker has not confirmed yet, kept in SQLite until it does.
+
+The table lives in the same SQLite file as the tasks (its own connection, WAL mode). Each row
+carries a sequence number; rows of one task are sent in that order, so a result never
+overtakes an earlier one of the same task. Sequence numbers come from `reserve()`: the
+publisher takes one for every result when it is published, so a result that fails after later
+ones of its task were stored still goes back in front of them.
+
+Rows are deleted only after the broker confirmed their delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 10_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq      INTEGER PRIMARY KEY,
+    task_id  TEXT    NOT NULL,
+    key      BLOB    NOT NULL,
+    value    BLOB    NOT NULL,
+    added_at REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_task_seq ON outbox (task_id, seq);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One stored message: its place in the send order, its task and the Kafka key/value."""
+
+    seq: int
+    task_id: uuid.UUID
+    key: bytes
+    value: bytes
+
+
+class Outbox:
+    """Messages waiting for the broker, in the task store's SQLite file.
+
+    Thread-safe: the publisher runs its reads and writes in worker threads while the event
+    loop may ask for `size()`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # An outbox row is a result nobody else has: make its commit survive power loss.
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.executescript(SCHEMA)
+            (count, last) = self._db.execute("SELECT COUNT(*), MAX(seq) FROM outbox").fetchone()
+        except sqlite3.Error:
+            self._db.close()
+            raise
+        self._count: int = count
+        self._next_seq: int = (last or 0) + 1
+
+    def reserve(self) -> int:
+        """The next sequence number: larger than every stored and every reserved one."""
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            return seq
+
+    def add(self, items: list[tuple[uuid.UUID, bytes, bytes]]) -> None:
+        """Append messages (task_id, key, value) behind everything reserved so far."""
+        rows = [OutboxRow(self.reserve(), task_id, key, value) for task_id, key, value in items]
+        self.put(rows)
+
+    def put(self, rows: Sequence[OutboxRow]) -> None:
+        """Store messages under sequence numbers taken earlier with `reserve()`."""
+        if not rows:
+            return
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._db.total_changes
+                # A row stored twice (same seq) is the same message: keep the first copy.
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO outbox (seq, task_id, key, value, added_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [(r.seq, str(r.task_id), r.key, r.value, now) for r in rows],
+                )
+                added = self._db.total_changes - before
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._count += added
+            self._next_seq = max(self._next_seq, max(r.seq for r in rows) + 1)
+
+    def head(self, limit: int) -> list[OutboxRow]:
+        """The oldest rows in send order (smallest sequence number first)."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT seq, task_id, key, value FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [OutboxRow(seq, uuid.UUID(task), key, value) for seq, task, key, value in found]
+
+    def delete(self, seqs: Iterable[int]) -> None:
+        """Forget rows the broker has confirmed."""
+        params = [(seq,) for seq in seqs]
+        if not params:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._db.total_changes
+                self._db.executemany("DELETE FROM outbox WHERE seq = ?", params)
+                removed = self._db.total_changes - before
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._count -= removed
+
+    def backlog(self) -> Counter[uuid.UUID]:
+        """How many rows each task has waiting."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT task_id, COUNT(*) FROM outbox GROUP BY task_id"
+            ).fetchall()
+        return Counter({uuid.UUID(task): count for task, count in found})
+
+    def size(self) -> int:
+        """Rows waiting (kept in memory: this connection is the table's only writer)."""
+        return self._count
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,748 @@
+"""One check of one task: an HTTP request measured like blackbox_exporter does it.
+
+`Prober.check()` returns a `CheckResult` and never raises (cancellation aside): every failure
+is an `ErrorKind` with a short message. One `Prober` holds two client sessions made at start:
+a fresh-connection one (the connector closes each connection after its response, and DNS is not
+cached, so the load time includes DNS, TCP connect and TLS like a first visit) and a keep-alive
+one for tasks with `keepalive=True`. Keeping them apart means a fresh check never picks up a
+pooled connection by accident.
+
+How the phases are measured (seconds, summed over redirect hops; null when a phase did not
+happen, e.g. no DNS for an IP literal, no TLS over http, no connection phases on a reused
+connection):
+
+- dns: aiohttp's `dns_resolvehost_start` -> `_end` trace events.
+- connect: TCP connect, from the end of DNS (or `connection_create_start`) to the moment the
+  TLS layer is created. aiohttp does not trace TLS, so the SSL contexts are a small
+  `SSLContext` subclass whose `wrap_bio()` (called by asyncio once the socket is connected,
+  right before the handshake) stamps the time on the running check. Over plain http connect
+  ends at `connection_create_end`.
+- tls: from that stamp to `connection_create_end` (handshake done).
+- ttfb: from `request_headers_sent` to the response headers being parsed.
+- transfer: from the response headers to the last body byte read.
+
+Redirects are followed here, hop by hop, so the target policy is applied to every hop (the
+literal host before connecting; `PolicyResolver` drops denied addresses after DNS) and hops
+are counted; 303, and 301/302 after a POST, continue as GET. The body is decompressed here
+too, in bounded steps, so a gzip bomb costs at most `max_body_bytes` + 1 bytes; a larger body
+fails with `body_too_large`. The pattern is searched with RE2 in the body decoded with its
+charset (UTF-8 when none or unknown); there is no pattern result without a body (HEAD, 204,
+304, empty). The verdict, in order: transport errors, status, body size, pattern.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextvars
+import logging
+import socket
+import ssl
+import time
+import uuid
+import zlib
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any, Final
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+from checker_common.contract import (
+    CheckError,
+    CheckResult,
+    ErrorKind,
+    PatternResult,
+    Timings,
+)
+from periodic_checker.policy import TargetPolicy
+from periodic_checker.tasks import TaskSpec, status_accepted
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USER_AGENT: Final = "periodic-checker/0.2"
+REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+NO_BODY_STATUSES: Final = frozenset({204, 304})
+# Dropped when a redirect leaves the origin, as browsers and Go's client do: they may carry
+# the task's credentials.
+SENSITIVE_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+MAX_MESSAGE: Final = 500
+MAX_URL: Final = 8192
+# codecs.lookup() names whose bytes RE2 can search directly.
+UTF8_COMPATIBLE: Final = frozenset({"utf-8", "ascii"})
+
+_running: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
+    "periodic_checker_probe_run", default=None
+)
+
+
+class DeniedAddress(OSError):
+    """Every address a name resolved to is denied by the target policy."""
+
+
+class _Run:
+    """The clock marks and measurements of one check (one per `check()`, never shared)."""
+
+    __slots__ = (
+        "bytes",
+        "cert_expires_at",
+        "conn_end",
+        "conn_start",
+        "connect",
+        "dns",
+        "dns_end",
+        "dns_start",
+        "final_url",
+        "headers",
+        "hop_open",
+        "hop_start",
+        "pattern",
+        "redirects",
+        "sent",
+        "status",
+        "tls",
+        "tls_object",
+        "tls_start",
+        "transfer",
+        "ttfb",
+    )
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.bytes = 0
+        self.redirects = 0
+        self.final_url: str | None = None
+        self.pattern: PatternResult | None = None
+        self.cert_expires_at: datetime | None = None
+        self.dns: float | None = None
+        self.connect: float | None = None
+        self.tls: float | None = None
+        self.ttfb: float | None = None
+        self.transfer: float | None = None
+        self.begin_hop()
+
+    def begin_hop(self) -> None:
+        self.hop_open = True
+        self.hop_start = time.monotonic()
+        self.dns_start: float | None = None
+        self.dns_end: float | None = None
+        self.conn_start: float | None = None
+        self.tls_start: float | None = None
+        self.tls_object: ssl.SSLObject | None = None
+        self.conn_end: float | None = None
+        self.sent: float | None = None
+        self.headers: float | None = None
+
+    def end_hop(self, body_end: float | None) -> None:
+        """Add the phases this hop completed to the totals (once per hop)."""
+        if not self.hop_open:
+            return
+        self.hop_open = False
+        self.dns = _add(self.dns, self.dns_start, self.dns_end)
+        tcp_from = self.dns_end if self.dns_end is not None else self.conn_start
+        tcp_to = self.tls_start if self.tls_start is not None else self.conn_end
+        self.connect = _add(self.connect, tcp_from, tcp_to)
+        self.tls = _add(self.tls, self.tls_start, self.conn_end)
+        self.ttfb = _add(self.ttfb, self.sent, self.headers)
+        self.transfer = _add(self.transfer, self.headers, body_end)
+
+    def phase(self) -> str:
+        """Where the current hop is, for a time-out message."""
+        if self.headers is not None:
+            return "reading the body"
+        if self.sent is not None or self.conn_end is not None:
+            return "waiting for the response"
+        if self.tls_start is not None:
+            return "in the TLS handshake"
+        if self.dns_start is not None and self.dns_end is None:
+            return "resolving the host name"
+        if self.conn_start is not None:
+            return "connecting"
+        return "waiting for a connection"
+
+    def timings(self) -> Timings:
+        return Timings(
+            dns=self.dns, connect=self.connect, tls=self.tls, ttfb=self.ttfb, transfer=self.transfer
+        )
+
+
+def _add(total: float | None, start: float | None, end: float | None) -> float | None:
+    if start is None or end is None:
+        return total
+    return (total or 0.0) + max(0.0, end - start)
+
+
+class _TimedTLSContext(ssl.SSLContext):
+    """Stamps the start of the TLS handshake: asyncio wraps the connected socket right before
+    it begins the handshake, in the task (context) of the request."""
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        run = _running.get()
+        if run is None:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        run.tls_start = time.monotonic()
+        run.tls_object = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        return run.tls_object
+
+
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(verifying, not verifying) client contexts; the first trusts the system store
+    (and SSL_CERT_FILE / SSL_CERT_DIR, read by OpenSSL when the store is loaded)."""
+    verified = _TimedTLSContext(ssl.PROTOCOL_TLS_CLIENT)
+    verified.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    verified.options |= ssl.OP_NO_COMPRESSION
+    unverified = _TimedTLSContext(ssl.PROTOCOL_TLS_CLIENT)
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    unverified.options |= ssl.OP_NO_COMPRESSION
+    return verified, unverified
+
+
+class PolicyResolver(AbstractResolver):
+    """Resolves with aiohttp's default resolver, then keeps only addresses the policy allows.
+
+    aiohttp connects only to what this returns, so a name pointing into a denied network
+    (including DNS rebinding between checks) cannot be reached.
+    """
+
+    def __init__(self, policy: TargetPolicy, inner: AbstractResolver | None = None) -> None:
+        self._policy = policy
+        self._inner = inner if inner is not None else DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        try:
+            found = await self._inner.resolve(host, port, family)
+        except UnicodeError as exc:
+            # getaddrinfo() refuses names IDNA cannot encode (an empty or 64+ character label)
+            # with UnicodeError; as an OSError aiohttp reports it as the DNS error it is.
+            raise socket.gaierror(socket.EAI_NONAME, f"not a valid host name ({exc})") from exc
+        allowed: list[ResolveResult] = []
+        reason = None
+        for entry in found:
+            denied = self._policy.check_resolved(entry["host"])
+            if denied is None:
+                allowed.append(entry)
+            else:
+                reason = denied
+        if not allowed:
+            raise DeniedAddress(f"{host} resolves into a denied network: {reason}")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+async def _on_connection_create_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    ctx.trace_request_ctx.conn_start = time.monotonic()
+
+
+async def _on_connection_create_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    ctx.trace_request_ctx.conn_end = time.monotonic()
+
+
+async def _on_dns_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    ctx.trace_request_ctx.dns_start = time.monotonic()
+
+
+async def _on_dns_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    ctx.trace_request_ctx.dns_end = time.monotonic()
+
+
+async def _on_headers_sent(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    ctx.trace_request_ctx.sent = time.monotonic()
+
+
+def _trace_config() -> aiohttp.TraceConfig:
+    """Only the events the phases need; each callback is one clock read."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_start.append(_on_connection_create_start)
+    trace.on_connection_create_end.append(_on_connection_create_end)
+    trace.on_dns_resolvehost_start.append(_on_dns_start)
+    trace.on_dns_resolvehost_end.append(_on_dns_end)
+    trace.on_request_headers_sent.append(_on_headers_sent)
+    return trace
+
+
+class Prober:
+    """Runs checks over two long-lived client sessions (fresh connections / keep-alive)."""
+
+    def __init__(
+        self,
+        *,
+        policy: TargetPolicy | None = None,
+        max_connections: int = 0,
+        user_agent: str = DEFAULT_USER_AGENT,
+    ) -> None:
+        self._policy = policy if policy is not None else TargetPolicy()
+        self._max_connections = max_connections
+        self._user_agent = user_agent
+        self._fresh: aiohttp.ClientSession | None = None
+        self._keepalive: aiohttp.ClientSession | None = None
+        self._verified: ssl.SSLContext | None = None
+        self._unverified: ssl.SSLContext | None = None
+
+    async def start(self) -> None:
+        """Open the sessions (inside the running loop); call once before `check()`."""
+        if self._fresh is not None:
+            return
+        # Loading the trust store takes tens of milliseconds: once, here.
+        self._verified, self._unverified = tls_contexts()
+        trace = _trace_config()
+        self._fresh = self._session(keepalive=False, trace=trace)
+        self._keepalive = self._session(keepalive=True, trace=trace)
+
+    def _session(self, *, keepalive: bool, trace: aiohttp.TraceConfig) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=0,
+            force_close=not keepalive,
+            use_dns_cache=keepalive,
+            resolver=PolicyResolver(self._policy),
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            # One deadline per check (asyncio.timeout in check()) covers every phase.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None),
+            # Decompressed here, in bounded steps (see _read_body).
+            auto_decompress=False,
+            # Sessions are shared by all tasks: a cookie from one site must not reach another.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[trace],
+            headers={"User-Agent": self._user_agent, "Accept-Encoding": "gzip, deflate"},
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        for session in (self._fresh, self._keepalive):
+            if session is not None:
+                await session.close()
+        self._fresh = self._keepalive = None
+
+    async def __aenter__(self) -> Prober:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def check(
+        self,
+        task_id: uuid.UUID,
+        spec: TaskSpec,
+        *,
+        scheduled_at: datetime | None = None,
+        attempt: int = 1,
+    ) -> CheckResult:
+        """Run one check of `spec`. Never raises except `asyncio.CancelledError`."""
+        timestamp = datetime.now(UTC)
+        started = time.monotonic()
+        run = _Run()
+        token = _running.set(run)
+        error: CheckError | None
+        try:
+            async with asyncio.timeout(spec.timeout):
+                error = await self._fetch(spec, run)
+        except TimeoutError:
+            error = CheckError(
+                kind=ErrorKind.TIMEOUT,
+                message=f"no complete answer within {spec.timeout:g} s ({run.phase()})",
+            )
+            run.end_hop(None)
+        except Exception as exc:
+            error = classify_error(exc, redirected=run.redirects > 0)
+            if error is None:
+                log.exception("unexpected error in check of task %s (%s)", task_id, spec.url)
+                error = CheckError(
+                    kind=ErrorKind.INVALID_RESPONSE, message=_short(f"{type(exc).__name__}: {exc}")
+                )
+            run.end_hop(None)
+        finally:
+            _running.reset(token)
+        load_time = time.monotonic() - started
+        return CheckResult(
+            result_id=uuid.uuid4(),
+            name=spec.name,
+            url=spec.url,
+            method=spec.method,
+            timestamp=timestamp,
+            scheduled_at=scheduled_at,
+            attempt=attempt,
+            status=run.status,
+            load_time=load_time,
+            pattern_search=run.pattern,
+            ok=error is None,
+            error=error,
+            timings=run.timings(),
+            bytes=run.bytes,
+            final_url=run.final_url[:MAX_URL] if run.final_url else None,
+            redirects=run.redirects,
+            cert_expires_at=run.cert_expires_at,
+        )
+
+    async def _fetch(self, spec: TaskSpec, run: _Run) -> CheckError | None:
+        """All hops of one check; returns the check's error or None. aiohttp errors escape
+        to `check()`, which turns them into data."""
+        session = self._keepalive if spec.keepalive else self._fresh
+        tls = self._verified if spec.verify_tls else self._unverified
+        if session is None or tls is None:
+            raise RuntimeError("Prober.start() was not called")
+        try:
+            url = URL(spec.url)
+        except ValueError as exc:  # e.g. a host that is not valid IDNA
+            return CheckError(kind=ErrorKind.CONNECT, message=_short(f"invalid URL: {exc}"))
+        method: str = spec.method
+        data = spec.body.encode() if spec.body is not None else None
+        headers = dict(spec.headers)
+        seen: set[URL] | None = None  # made at the first redirect: most checks have none
+        while True:
+            run.final_url = spec.url if seen is None else str(url)
+            denied = self._policy.check_url(url)
+            if denied is not None:
+                return CheckError(kind=ErrorKind.DENIED_TARGET, message=_short(denied))
+            run.begin_hop()
+            async with session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                ssl=tls,
+                trace_request_ctx=run,
+            ) as response:
+                run.headers = time.monotonic()
+                run.status = response.status
+                if url.scheme == "https":
+                    run.cert_expires_at = peer_cert_expiry(run.tls_object, response)
+                location = None
+                if spec.follow_redirects and response.status in REDIRECT_STATUSES:
+                    location = response.headers.get("Location")
+                if location is None:
+                    return await self._finish(spec, method, response, run)
+            run.end_hop(None)
+            try:
+                target = url.join(URL(location))
+            except ValueError:
+                return CheckError(
+                    kind=ErrorKind.INVALID_RESPONSE,
+                    message=_short(f"redirect to an invalid URL: {location!r}"),
+                )
+            if target.scheme not in ("http", "https") or not target.host:
+                return CheckError(
+                    kind=ErrorKind.INVALID_RESPONSE,
+                    message=_short(f"redirect to an unsupported URL: {location!r}"),
+                )
+            if run.redirects >= spec.max_redirects:
+                return CheckError(
+                    kind=ErrorKind.TOO_MANY_REDIRECTS,
+                    message=_short(f"more than {spec.max_redirects} redirects (next: {target})"),
+                )
+            if seen is None:
+                seen = {url.with_fragment(None)}
+            key = target.with_fragment(None)
+            if key in seen:
+                return CheckError(
+                    kind=ErrorKind.TOO_MANY_REDIRECTS,
+                    message=_short(f"redirect loop back to {key}"),
+                )
+            seen.add(key)
+            run.redirects += 1
+            method, data = redirected_method(response.status, method, data)
+            if target.origin() != url.origin():
+                headers = {k: v for k, v in headers.items() if k.lower() not in SENSITIVE_HEADERS}
+            url = target
+
+    async def _finish(
+        self, spec: TaskSpec, method: str, response: aiohttp.ClientResponse, run: _Run
+    ) -> CheckError | None:
+        """Read the final response's body, then judge status, size and pattern."""
+        pattern = spec.compiled_pattern
+        if method == "HEAD" or response.status in NO_BODY_STATUSES or response.status < 200:
+            run.end_hop(time.monotonic())
+            return judge(spec, response.status, too_large=False, pattern=None)
+        body = await read_body(response, spec.max_body_bytes, keep=pattern is not None)
+        run.end_hop(time.monotonic())
+        run.bytes = body.size
+        if body.error is not None:
+            return CheckError(kind=ErrorKind.INVALID_RESPONSE, message=_short(body.error))
+        if pattern is not None and body.data and not body.too_large:
+            found = search_body(pattern, body.data, body_charset(response))
+            run.pattern = PatternResult.MATCH if found else PatternResult.NO_MATCH
+        return judge(spec, response.status, too_large=body.too_large, pattern=run.pattern)
+
+
+def judge(
+    spec: TaskSpec, status: int, *, too_large: bool, pattern: PatternResult | None
+) -> CheckError | None:
+    """The check's verdict once a response was read: status, then size, then pattern."""
+    if not status_accepted(status, spec.status_ranges):
+        return CheckError(
+            kind=ErrorKind.STATUS,
+            message=f"HTTP status {status} is not in the accepted {spec.accepted_statuses}",
+        )
+    if too_large:
+        return CheckError(
+            kind=ErrorKind.BODY_TOO_LARGE,
+            message=f"body larger than {spec.max_body_bytes} bytes (read stopped there)",
+        )
+    if pattern is PatternResult.NO_MATCH and spec.pattern_fails_when == "absent":
+        return CheckError(kind=ErrorKind.PATTERN, message="pattern not found in the body")
+    if pattern is PatternResult.MATCH and spec.pattern_fails_when == "present":
+        return CheckError(kind=ErrorKind.PATTERN, message="pattern found in the body")
+    return None
+
+
+def redirected_method(status: int, method: str, data: bytes | None) -> tuple[str, bytes | None]:
+    """What browsers do: 303 (and 301/302 after POST) continue as GET without a body."""
+    if status == 303 and method != "HEAD":
+        return "GET", None
+    if status in (301, 302) and method == "POST":
+        return "GET", None
+    return method, data
+
+
+class Body:
+    """What was read of a body: the bytes (only when kept), how many, and why it stopped."""
+
+    __slots__ = ("data", "error", "size", "too_large")
+
+    def __init__(self, data: bytes, size: int, too_large: bool, error: str | None) -> None:
+        self.data = data
+        self.size = size
+        self.too_large = too_large
+        self.error = error
+
+
+async def read_body(response: aiohttp.ClientResponse, cap: int, *, keep: bool) -> Body:
+    """Read at most `cap` bytes of the decoded body (+1 to know it is larger), then stop."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    inflater = Inflater.for_encoding(encoding)
+    if inflater is None and encoding not in ("", "identity"):
+        return Body(b"", 0, False, f"unsupported content-encoding {encoding[:40]!r}")
+    chunks: list[bytes] = []
+    size = 0
+    content = response.content
+    try:
+        while size <= cap:
+            raw = await content.readany()
+            if not raw:
+                if inflater is not None:
+                    tail = inflater.finish()
+                    size += len(tail)
+                    if keep:
+                        chunks.append(tail)
+                break
+            if inflater is None:
+                size += len(raw)
+                if keep:
+                    chunks.append(raw)
+                continue
+            for piece in inflater.feed(raw, cap + 1 - size):
+                size += len(piece)
+                if keep:
+                    chunks.append(piece)
+    except zlib.error as exc:
+        return Body(b"", size, False, f"cannot decompress the {encoding} body: {exc}")
+    too_large = size > cap
+    if too_large:
+        return Body(b"", cap, True, None)
+    return Body(b"".join(chunks) if keep else b"", size, False, None)
+
+
+class Inflater:
+    """gzip / deflate decompression whose output per call never exceeds what the cap leaves."""
+
+    __slots__ = ("_raw_tried", "_z")
+
+    def __init__(self, wbits: int) -> None:
+        self._z = zlib.decompressobj(wbits)
+        # "deflate" is zlib-wrapped by the standard, raw deflate by some servers: try both.
+        self._raw_tried = wbits != zlib.MAX_WBITS
+
+    @classmethod
+    def for_encoding(cls, encoding: str) -> Inflater | None:
+        if encoding in ("gzip", "x-gzip"):
+            return cls(16 + zlib.MAX_WBITS)
+        if encoding == "deflate":
+            return cls(zlib.MAX_WBITS)
+        return None
+
+    def feed(self, data: bytes, room: int) -> list[bytes]:
+        """Decompress `data`, returning at most `room` bytes (room >= 1); stops there."""
+        out: list[bytes] = []
+        while data and room > 0:
+            try:
+                piece = self._z.decompress(data, room)
+            except zlib.error:
+                if self._raw_tried:
+                    raise
+                self._raw_tried = True
+                self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+                continue
+            self._raw_tried = True
+            out.append(piece)
+            room -= len(piece)
+            data = self._z.unconsumed_tail
+            if self._z.eof:
+                break
+        return out
+
+    def finish(self) -> bytes:
+        # Left in the window at most one match (258 bytes): a bomb cannot hide here.
+        return self._z.flush()
+
+
+def search_body(pattern: Any, body: bytes, charset: str) -> bool:
+    """Does the RE2 `pattern` occur in the body decoded with `charset`?
+
+    RE2 works on UTF-8: a UTF-8 (or ASCII) body is searched as it is, any other is decoded
+    and re-encoded. Handing RE2 bytes rather than `str` matters: for a `str` the binding
+    maps every match position back to characters, which is ~70x slower on a 100 KB page.
+    """
+    if charset not in UTF8_COMPATIBLE:
+        body = body.decode(charset, errors="replace").encode("utf-8")
+    return pattern.search(body) is not None
+
+
+def body_charset(response: aiohttp.ClientResponse) -> str:
+    """The Content-Type charset if Python knows it, else UTF-8."""
+    charset = response.charset
+    if charset:
+        try:
+            return codecs.lookup(charset).name
+        except LookupError:
+            pass
+    return "utf-8"
+
+
+def peer_cert_expiry(
+    new_connection: ssl.SSLObject | None, response: aiohttp.ClientResponse
+) -> datetime | None:
+    """notAfter of the server's certificate: from the TLS object of the connection this hop
+    created, else (a reused keep-alive connection) from the connection the response came on."""
+    ssl_object: object = new_connection
+    if ssl_object is None:
+        # A response read to the end has already handed its connection back (connection is
+        # None); its protocol still holds the pooled transport.
+        protocol = response.connection.protocol if response.connection is not None else None
+        protocol = protocol or getattr(response, "_protocol", None)
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    try:
+        # The binary form is there even when verification is off (the dict form is then empty).
+        der = ssl_object.getpeercert(binary_form=True)
+    except ValueError:  # handshake not done
+        return None
+    return cert_not_after(der) if der else None
+
+
+def cert_not_after(der: bytes) -> datetime | None:
+    """Read Certificate.tbsCertificate.validity.notAfter from DER; None if malformed."""
+    try:
+        _, start, _ = _tlv(der, 0)  # Certificate
+        _, pos, _ = _tlv(der, start)  # tbsCertificate
+        tag, _, end = _tlv(der, pos)
+        if tag == 0xA0:  # [0] version
+            pos = end
+        for _ in range(3):  # serialNumber, signature, issuer
+            _, _, pos = _tlv(der, pos)
+        tag, pos, _ = _tlv(der, pos)  # validity
+        if tag != 0x30:
+            return None
+        _, _, pos = _tlv(der, pos)  # notBefore
+        tag, start, end = _tlv(der, pos)
+        text = der[start:end].decode("ascii")
+        if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ
+            year = int(text[:2])
+            text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
+        elif tag != 0x18:  # GeneralizedTime YYYYMMDDHHMMSSZ
+            return None
+        return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _tlv(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of value, end of value) of the DER element at `pos`."""
+    tag = data[pos]
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4:
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos : pos + count], "big")
+        pos += count
+    if pos + length > len(data):
+        raise ValueError("DER element overruns the data")
+    return tag, pos, pos + length
+
+
+def classify_error(exc: BaseException, *, redirected: bool = False) -> CheckError | None:
+    """Turn a client exception into an error kind and a short message; None if unknown."""
+    kind: ErrorKind
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        where = f"{exc.host}:{exc.port}"
+        if isinstance(os_error, DeniedAddress):
+            kind, message = ErrorKind.DENIED_TARGET, str(os_error)
+        elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            cert_error = exc.certificate_error
+            reason = getattr(cert_error, "verify_message", None) or str(cert_error)
+            kind, message = ErrorKind.TLS, f"certificate of {where} not accepted: {reason}"
+        elif isinstance(exc, aiohttp.ClientSSLError) or isinstance(os_error, ssl.SSLError):
+            kind, message = ErrorKind.TLS, f"TLS with {where} failed: {_reason(os_error)}"
+        elif isinstance(os_error, socket.gaierror) or _is_dns_error(exc):
+            kind, message = ErrorKind.DNS, f"cannot resolve {exc.host}: {_reason(os_error)}"
+        else:
+            kind, message = ErrorKind.CONNECT, f"cannot connect to {where}: {_reason(os_error)}"
+    elif isinstance(exc, aiohttp.InvalidURL):
+        kind = ErrorKind.INVALID_RESPONSE if redirected else ErrorKind.CONNECT
+        message = f"invalid URL: {exc}"
+    elif isinstance(exc, ssl.SSLError):
+        kind, message = ErrorKind.TLS, f"TLS error: {_reason(exc)}"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        kind, message = ErrorKind.INVALID_RESPONSE, "server closed the connection early"
+    elif isinstance(exc, aiohttp.ClientPayloadError):
+        kind, message = ErrorKind.INVALID_RESPONSE, f"broken body: {_reason(exc)}"
+    elif isinstance(exc, aiohttp.ClientResponseError):
+        kind, message = ErrorKind.INVALID_RESPONSE, f"malformed response: {exc.message}"
+    elif isinstance(exc, aiohttp.ClientOSError | ConnectionError):
+        kind, message = ErrorKind.CONNECT, f"connection failed: {_reason(exc)}"
+    elif isinstance(exc, aiohttp.ClientError):
+        kind, message = ErrorKind.INVALID_RESPONSE, f"{type(exc).__name__}: {exc}"
+    else:
+        return None
+    return CheckError(kind=kind, message=_short(message))
+
+
+def _is_dns_error(exc: aiohttp.ClientConnectorError) -> bool:
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
+    return dns_error is not None and isinstance(exc, dns_error)
+
+
+def _reason(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return text or type(exc).__name__
+
+
+def _short(text: str, limit: int = MAX_MESSAGE) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

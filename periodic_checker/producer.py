@@ -1,0 +1,499 @@
+"""Publishes check results to Kafka and loses none: librdkafka first, the SQLite outbox after.
+
+How a result travels:
+
+- `publish()` gives it a sequence number (from the outbox, so it orders results across memory
+  and disk) and hands it to librdkafka (idempotent, acks=all, zstd, batched) -- unless its task
+  already has a message in librdkafka or rows in the outbox, or librdkafka holds
+  `max_in_flight` messages. Then it goes to the outbox, behind its task's earlier results.
+- A task has at most one message in librdkafka at a time. librdkafka keeps a partition in
+  order while the broker answers, but a message that times out can be followed by a later one
+  that gets through; one message per task rules that out, and results of one task come
+  seconds apart anyway.
+- Delivery reports are served by a poller thread and settled on the event loop by the pump
+  task: a failed delivery goes to the outbox (one WARNING line with its ids), a delivered one
+  that came from the outbox is deleted from it. A row is deleted only after its delivery report.
+- The pump also drains the outbox, oldest first, the head row of each task that has nothing in
+  flight: in waves of `drain_batch` while the broker answers, in small probes while it does
+  not (a delivered probe says it is back).
+- A broker that refuses the producer's idempotence state (fenced, bad epoch or sequence,
+  fatal error) gets a new producer instance; what the old one held comes back as purged.
+- `close()` flushes for the time-out given, purges what is left, and stores exactly the
+  messages whose reports say they were not delivered (plus any without a report). A result
+  published after that is written to the outbox at once.
+
+Throughput of the outbox drain: many tasks drain in waves (10,000 rows in about 1.5 s here);
+one task's backlog drains one row per round trip (about 40 a second here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from checker_common.contract import CheckResult, encode
+from checker_common.kafka import client_config
+from periodic_checker.outbox import Outbox, OutboxRow
+from periodic_checker.settings import CheckerSettings
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "periodic-checker"
+DEFAULT_MAX_IN_FLIGHT = 10_000
+DEFAULT_DRAIN_BATCH = 500
+PROBE_BATCH = 10
+DEFAULT_DRAIN_INTERVAL = 1.0
+LINGER_MS = 20
+POLL_SECONDS = 0.1
+# After purge() librdkafka reports the purged messages on the next poll; this bounds the wait.
+PURGE_GRACE_SECONDS = 5.0
+MIN_PURGE_GRACE_SECONDS = 0.5
+# Reading a few times the wave size lets a wave skip tasks whose head row is busy.
+HEAD_READ_FACTOR = 4
+
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+_BROKER_GONE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._MSG_TIMED_OUT})
+# The producer's idempotence state is broken: only a new instance (a new producer id) helps.
+# Seen after an outage when a broker refuses librdkafka's local epoch bump.
+_NEEDS_NEW_PRODUCER = frozenset(
+    {
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError._FATAL,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStats:
+    """What the publisher holds and has done, for /status and /metrics."""
+
+    queue_length: int  # in librdkafka, plus on the way to the outbox
+    outbox_size: int  # rows in the outbox (a row being re-sent stays until delivered)
+    broker_reachable: bool | None  # None until the first sign either way
+    last_delivered_at: datetime | None
+    delivered: int  # delivery reports that said delivered
+    failed: int  # delivery reports that said failed (each went to, or stayed in, the outbox)
+    in_flight: int  # messages handed to librdkafka, not yet reported
+    max_in_flight: int
+    stored: int  # results written to the outbox since start
+    dropped: int  # results that could not even be encoded
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    seq: int
+    task_id: uuid.UUID
+    key: bytes
+    value: bytes
+    stored: bool  # True: the row is in the outbox already (this is a re-send)
+
+
+class ResultPublisher:
+    """Sends results to `settings.kafka_topic`, keeping what the broker cannot take yet."""
+
+    def __init__(
+        self,
+        settings: CheckerSettings,
+        outbox: Outbox,
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        drain_batch: int = DEFAULT_DRAIN_BATCH,
+        drain_interval: float = DEFAULT_DRAIN_INTERVAL,
+    ) -> None:
+        self._settings = settings
+        self._outbox = outbox
+        self._topic = settings.kafka_topic
+        self._max_in_flight = max_in_flight
+        self._drain_batch = drain_batch
+        self._drain_interval = drain_interval
+        self._producer: Any = None
+        self._in_flight: dict[int, _Message] = {}
+        self._stored_in_flight = 0
+        self._busy_tasks: set[uuid.UUID] = set()
+        # Rows per task in the outbox or on their way to it: such a task's new results queue up.
+        self._backlog: Counter[uuid.UUID] = Counter()
+        self._spill: list[OutboxRow] = []
+        self._writing = 0  # rows of the spill being written right now
+        self._confirmed: set[int] = set()  # outbox rows delivered, delete pending
+        # Filled by delivery callbacks on whichever thread serves them; settled on the loop.
+        self._reports: deque[tuple[int, KafkaError | None]] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._stopping = False
+        self._closed = False
+        self._pump: asyncio.Task[None] | None = None
+        self._poller: threading.Thread | None = None
+        self._poll_stop = threading.Event()
+        self._reachable: bool | None = None
+        self._renew = False  # set from any thread: replace the producer on the next step
+        self._renewed_at = -float("inf")
+        self._probe_after = -float("inf")
+        self._last_delivered_at: datetime | None = None
+        self._delivered = 0
+        self._failed = 0
+        self._stored = 0
+        self._dropped = 0
+
+    def producer_config(self) -> dict[str, Any]:
+        config = client_config(self._settings, client_id=CLIENT_ID)
+        config.update(
+            {
+                "enable.idempotence": True,
+                "acks": "all",
+                "compression.type": "zstd",
+                "linger.ms": LINGER_MS,
+                "message.timeout.ms": self._settings.kafka_message_timeout_ms,
+                "queue.buffering.max.messages": self._max_in_flight,
+                "error_cb": self._on_error,
+            }
+        )
+        return config
+
+    async def start(self) -> None:
+        """Create the producer, learn the outbox's backlog, start the poller and the pump."""
+        self._backlog.update(await asyncio.to_thread(self._outbox.backlog))
+        self._producer = Producer(self.producer_config())
+        self._renewed_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._poller = threading.Thread(
+            target=self._poll_forever, args=(loop,), name="kafka-poller", daemon=True
+        )
+        self._poller.start()
+        self._pump = asyncio.create_task(self._run(), name="result-publisher")
+        if self._outbox.size():
+            log.info("outbox holds %d results from before; sending them", self._outbox.size())
+
+    def publish(self, task_id: uuid.UUID, result: CheckResult) -> None:
+        """Hand one result over; never blocks on the network and never raises."""
+        try:
+            key, value = encode(task_id, result)
+        except Exception:
+            self._dropped += 1
+            log.exception(
+                "result cannot be encoded, dropped: task_id=%s result_id=%s",
+                task_id,
+                result.result_id,
+            )
+            return
+        try:
+            self._route(_Message(self._outbox.reserve(), task_id, key, value, stored=False))
+        except Exception:
+            # Not expected; say so loudly rather than let a check's caller fail.
+            log.exception(
+                "result not handed over: task_id=%s result_id=%s", task_id, result.result_id
+            )
+
+    async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - the flush's budget
+        """Flush for up to `timeout` seconds; put every undelivered message in the outbox."""
+        if self._closing:
+            return
+        deadline = time.monotonic() + timeout
+        self._closing = True  # from here publish() only fills the outbox
+        self._stopping = True
+        self._wake.set()
+        if self._pump is not None:
+            await self._pump  # it ends after its current step; never cancelled mid-write
+        self._poll_stop.set()
+        if self._poller is not None:
+            await asyncio.to_thread(self._poller.join)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            now = time.monotonic
+            left = await asyncio.to_thread(producer.flush, max(0.0, deadline - now()))
+            if left:
+                # Messages librdkafka still holds would otherwise be delivered (or not) after
+                # we are gone; purged ones report _PURGE_* and are stored below.
+                producer.purge()
+                grace = min(PURGE_GRACE_SECONDS, max(MIN_PURGE_GRACE_SECONDS, deadline - now()))
+                await asyncio.to_thread(producer.flush, grace)
+        self._settle_reports()
+        unreported = [m for m in self._in_flight.values() if not m.stored]
+        if unreported:
+            log.warning("%d messages without a delivery report; storing them", len(unreported))
+        for message in unreported:
+            self._to_outbox(message)
+        self._in_flight.clear()
+        self._busy_tasks.clear()
+        self._stored_in_flight = 0
+        moved = len(self._spill)
+        self._closed = True  # later results are written by publish() itself
+        try:
+            await self._store_spill()
+            await self._delete_confirmed()
+        except Exception:
+            # Nothing is left to retry with: say exactly what is lost.
+            log.exception(
+                "outbox write failed at shutdown: %d results lost, %d delivered rows not deleted",
+                len(self._spill),
+                len(self._confirmed),
+            )
+            return
+        log.info(
+            "publisher closed: %d results moved to the outbox at shutdown, %d rows in the outbox",
+            moved,
+            self._outbox.size(),
+        )
+
+    def stats(self) -> PublisherStats:
+        producer = self._producer
+        return PublisherStats(
+            queue_length=(len(producer) if producer is not None else 0)
+            + len(self._spill)
+            + self._writing,
+            outbox_size=self._outbox.size(),
+            broker_reachable=self._reachable,
+            last_delivered_at=self._last_delivered_at,
+            delivered=self._delivered,
+            failed=self._failed,
+            in_flight=len(self._in_flight),
+            max_in_flight=self._max_in_flight,
+            stored=self._stored,
+            dropped=self._dropped,
+        )
+
+    # -- routing (event loop) ---------------------------------------------------------------
+
+    def _route(self, message: _Message) -> None:
+        must_wait = (
+            self._producer is None
+            or self._closing
+            or message.task_id in self._busy_tasks
+            or self._backlog[message.task_id] > 0
+            or len(self._in_flight) >= self._max_in_flight
+        )
+        if must_wait or not self._send(message):
+            self._to_outbox(message)
+
+    def _send(self, message: _Message) -> bool:
+        try:
+            self._producer.produce(
+                self._topic,
+                key=message.key,
+                value=message.value,
+                on_delivery=functools.partial(self._on_delivery, message.seq),
+            )
+        except BufferError:
+            return False
+        except KafkaException as exc:
+            log.warning("produce refused, task_id=%s kept in the outbox: %s", message.task_id, exc)
+            return False
+        self._in_flight[message.seq] = message
+        self._busy_tasks.add(message.task_id)
+        if message.stored:
+            self._stored_in_flight += 1
+        return True
+
+    def _to_outbox(self, message: _Message) -> None:
+        row = OutboxRow(message.seq, message.task_id, message.key, message.value)
+        if self._closed:
+            # No pump any more: a late result (a check finishing after close) is written now.
+            self._outbox.put([row])
+            self._stored += 1
+            return
+        self._spill.append(row)
+        self._backlog[message.task_id] += 1
+        self._wake.set()
+
+    def _settle_reports(self) -> None:
+        while self._reports:
+            seq, error = self._reports.popleft()
+            self._settle(seq, error)
+
+    def _settle(self, seq: int, error: KafkaError | None) -> None:
+        message = self._in_flight.pop(seq, None)
+        if message is None:
+            return
+        self._busy_tasks.discard(message.task_id)
+        if message.stored:
+            self._stored_in_flight -= 1
+        if error is None:
+            self._delivered += 1
+            self._last_delivered_at = datetime.now(UTC)
+            self._set_reachable(True)
+            if message.stored:
+                self._confirmed.add(seq)
+                self._backlog[message.task_id] -= 1
+                if self._backlog[message.task_id] <= 0:
+                    del self._backlog[message.task_id]
+            return
+        if error.code() in _PURGED:
+            log.debug("purged, kept: task_id=%s seq=%d", message.task_id, seq)
+        else:
+            self._failed += 1
+            if error.code() in _BROKER_GONE:
+                self._set_reachable(False)
+            if error.code() in _NEEDS_NEW_PRODUCER or error.fatal():
+                self._renew = True
+            if message.stored:
+                # Re-sending a row right after it failed would spin; probe again a bit later.
+                self._probe_after = time.monotonic() + self._drain_interval
+            log.warning(
+                "delivery failed, result kept in the outbox: task_id=%s result_id=%s: %s",
+                message.task_id,
+                _result_id(message.value),
+                error.str(),
+            )
+        if not message.stored:
+            self._to_outbox(message)
+
+    def _set_reachable(self, reachable: bool) -> None:
+        if self._reachable is not reachable:
+            if reachable:
+                log.info("broker reachable; outbox holds %d results", self._outbox.size())
+            else:
+                log.warning("broker unreachable; results go to the outbox when librdkafka is full")
+        self._reachable = reachable
+
+    # -- the pump (event loop) --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._drain_interval)
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                await self._step()
+            except Exception:
+                # SQLite trouble (disk full, locked): what was not written stays in memory.
+                log.exception("publisher step failed; retrying in %.1f s", self._drain_interval)
+                await asyncio.sleep(self._drain_interval)
+
+    async def _step(self) -> None:
+        self._settle_reports()
+        if self._renew and time.monotonic() - self._renewed_at >= self._drain_interval:
+            await self._renew_producer()
+        await self._store_spill()
+        await self._delete_confirmed()
+        await self._refill()
+
+    async def _renew_producer(self) -> None:
+        """Swap in a new producer; what the old one still holds comes back as purged."""
+        old, self._producer = self._producer, None  # publish() spills meanwhile
+        self._renew = False
+        if old is not None:
+            log.warning("replacing the kafka producer (its idempotence state is broken)")
+            old.purge()
+            await asyncio.to_thread(old.flush, PURGE_GRACE_SECONDS)
+            self._settle_reports()
+        try:
+            self._producer = Producer(self.producer_config())
+        finally:
+            self._renewed_at = time.monotonic()
+
+    async def _store_spill(self) -> None:
+        if not self._spill:
+            return
+        rows, self._spill = self._spill, []
+        self._writing = len(rows)
+        try:
+            await asyncio.to_thread(self._outbox.put, rows)
+        except BaseException:
+            self._spill[:0] = rows
+            raise
+        finally:
+            self._writing = 0
+        self._stored += len(rows)
+
+    async def _delete_confirmed(self) -> None:
+        if not self._confirmed:
+            return
+        seqs = list(self._confirmed)
+        await asyncio.to_thread(self._outbox.delete, seqs)
+        self._confirmed.difference_update(seqs)
+
+    async def _refill(self) -> None:
+        """Send the head rows of the outbox, one per task that has nothing in flight."""
+        if self._producer is None or self._closing or self._renew or self._stored_in_flight:
+            return
+        if self._outbox.size() <= len(self._confirmed):
+            return
+        if not self._reachable and time.monotonic() < self._probe_after:
+            return
+        room = self._max_in_flight - len(self._in_flight)
+        wave = self._drain_batch if self._reachable else PROBE_BATCH
+        budget = min(room, wave)
+        if budget <= 0:
+            return
+        rows = await asyncio.to_thread(
+            self._outbox.head, len(self._confirmed) + budget * HEAD_READ_FACTOR
+        )
+        if self._producer is None or self._closing:
+            return
+        seen: set[uuid.UUID] = set()
+        sent = 0
+        for row in rows:
+            if row.seq in self._confirmed or row.task_id in seen:
+                continue
+            # Only a task's oldest row may go, and only when nothing of it is in flight.
+            seen.add(row.task_id)
+            if row.task_id in self._busy_tasks:
+                continue
+            if len(self._in_flight) >= self._max_in_flight:
+                break
+            if not self._send(_Message(row.seq, row.task_id, row.key, row.value, stored=True)):
+                break
+            sent += 1
+            if sent >= budget:
+                break
+        if sent:
+            log.debug("re-sending %d results from the outbox", sent)
+
+    # -- librdkafka callbacks (poller thread, or the thread running flush) -------------------
+
+    def _poll_forever(self, loop: asyncio.AbstractEventLoop) -> None:
+        while not self._poll_stop.is_set():
+            producer = self._producer  # replaced by the pump after a fatal error
+            if producer is None:
+                self._poll_stop.wait(POLL_SECONDS)
+                continue
+            try:
+                served = producer.poll(POLL_SECONDS)
+            except Exception:
+                log.exception("kafka poll failed")
+                self._poll_stop.wait(POLL_SECONDS)
+                continue
+            if served and self._reports:
+                try:
+                    loop.call_soon_threadsafe(self._wake.set)
+                except RuntimeError:  # the loop is closed: nobody left to tell
+                    return
+
+    def _on_delivery(self, seq: int, error: KafkaError | None, _message: Any) -> None:
+        self._reports.append((seq, error))
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            log.error("kafka producer fatal error; replacing the producer: %s", error.str())
+            self._renew = True
+        elif error.code() in _BROKER_GONE:
+            # A plain attribute write is atomic; the loop logs the change on the next report.
+            self._reachable = False
+            log.warning("kafka: %s", error.str())
+        else:
+            log.info("kafka: %s", error.str())
+
+
+def _result_id(value: bytes) -> str:
+    """The result_id inside a message value, for log lines."""
+    try:
+        (body,) = orjson.loads(value).values()
+        return str(body.get("result_id", "?"))
+    except (orjson.JSONDecodeError, ValueError, AttributeError):
+        return "?"

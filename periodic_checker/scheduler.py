@@ -1,0 +1,487 @@
+"""Runs each active task on its cadence: APScheduler 3 fires, caps bound the load, the probe
+checks, the health rules decide, the store and the publisher get the result.
+
+The store is the source of truth; `start()` rebuilds the in-memory job store from it and live
+changes (add, edit, pause, remove) apply without a restart. Each task fires on a fixed grid
+shifted by an offset derived from its id (`tasks.start_offset`), so tasks sharing an interval
+spread over it and keep their phase across restarts. State changes (health, runs, status) are
+written in one short transaction per `flush_interval` instead of one per check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from checker_common.contract import CheckResult, Health
+from periodic_checker.store import TaskStore
+from periodic_checker.tasks import (
+    Task,
+    TaskSpec,
+    TaskStatus,
+    after_attempt,
+    at_load,
+    next_fire_time,
+    one_shot_fire_time,
+    planned_fire_time,
+)
+
+log = logging.getLogger(__name__)
+
+# A fire is matched to the grid slot it was planned for; APScheduler stores times with
+# microsecond precision, so allow for rounding just before the slot.
+SLOT_TOLERANCE = 0.001
+LAG_SAMPLES = 10_000
+
+
+class Checker(Protocol):
+    """The probe: one check of one task, never raises (errors are data in the result)."""
+
+    async def check(
+        self,
+        task_id: uuid.UUID,
+        spec: TaskSpec,
+        *,
+        scheduled_at: datetime | None = None,
+        attempt: int = 1,
+    ) -> CheckResult: ...
+
+
+class Publisher(Protocol):
+    """Takes a result for delivery; never blocks, never raises."""
+
+    def publish(self, task_id: uuid.UUID, result: CheckResult) -> None: ...
+
+
+class LagReservoir:
+    """The most recent schedule lags (actual start - planned start), for p50/p99 on demand."""
+
+    def __init__(self, size: int = LAG_SAMPLES) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+        self.count = 0
+        self.max = 0.0
+
+    def add(self, lag: float) -> None:
+        lag = max(lag, 0.0)
+        self._samples.append(lag)
+        self.count += 1
+        self.max = max(self.max, lag)
+
+    def percentile(self, q: float) -> float | None:
+        """The q-th percentile (0-100) of the recent samples; None before the first one."""
+        if not self._samples:
+            return None
+        ordered = sorted(self._samples)
+        index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+        return ordered[index]
+
+
+@dataclass
+class _HostSlot:
+    limit: asyncio.Semaphore
+    users: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    fired: int = 0
+    checks: int = 0
+    retries: int = 0
+    skipped_overlap: int = 0
+    in_flight: int = 0
+
+
+class CheckScheduler:
+    """The running checker's view of its tasks (`tasks`) and the jobs that run them."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        checker: Checker,
+        publisher: Publisher,
+        *,
+        max_in_flight: int = 500,
+        per_host_in_flight: int = 10,
+        flush_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.checker = checker
+        self.publisher = publisher
+        self.per_host_in_flight = per_host_in_flight
+        self.flush_interval = flush_interval
+        self.clock = clock
+        self.tasks: dict[uuid.UUID, Task] = {}
+        self.lags = LagReservoir()
+        self.stats = SchedulerStats()
+        self._global = asyncio.Semaphore(max_in_flight)
+        self._hosts: dict[str, _HostSlot] = {}
+        self._running: dict[uuid.UUID, asyncio.Task[Any]] = {}
+        self._one_shot_at: dict[uuid.UUID, float] = {}
+        self._dirty: dict[uuid.UUID, Task] = {}
+        self._stopping = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._aps = AsyncIOScheduler(
+            timezone=UTC,
+            job_defaults={
+                # Late runs (a GC pause, a busy loop) still happen, once.
+                "coalesce": True,
+                "misfire_grace_time": None,
+                # Overlap is prevented by `_running` (which also covers run_now) and counted
+                # quietly; APScheduler's own limit would log a warning per skipped fire.
+                "max_instances": 1_000_000,
+            },
+        )
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def start(self, tasks: Iterable[Task]) -> None:
+        """Schedule the stored tasks and start firing."""
+        now = datetime.now(UTC)
+        # Jobs go straight into the job store of a paused scheduler: nothing fires while they
+        # are added (tens of seconds for 100,000 tasks).
+        self._aps.start(paused=True)
+        ended = []
+        for task in tasks:
+            loaded = at_load(task, now)
+            if loaded is not task:
+                ended.append(loaded)
+            self.tasks[task.id] = loaded
+            if loaded.status is TaskStatus.ACTIVE:
+                self._schedule(loaded, at_load=True)
+        if ended:
+            self.store.save_states(ended)
+        # The loaded tasks and jobs live as long as the process: keep them out of the
+        # collector's full passes, which otherwise walk every job (pauses of 0.4 s at 100k).
+        gc.collect()
+        gc.freeze()
+        moved = self._skip_slots_passed_while_loading()  # last: nothing may pass after it
+        self._aps.resume()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="state-flusher")
+        if moved:
+            log.info("%d tasks whose slot passed while loading wait for their next one", moved)
+
+    def _skip_slots_passed_while_loading(self) -> int:
+        """Move first fires that fell inside the loading time to the task's next slot.
+
+        Otherwise every task whose slot passed while the others were being added would fire
+        at once when the scheduler starts: the burst a restart must not cause. Each keeps its
+        phase; like a slot during downtime, a slot during loading is not made up for.
+        """
+        total = 0
+        # Moving many jobs takes time too (about 50 us each at 100k): repeat for the slots
+        # that pass meanwhile, each pass shorter than the one before.
+        for _ in range(5):
+            ready = self.clock()
+            moved = 0
+            for job in self._aps.get_jobs():  # ordered by next run time
+                if job.next_run_time is None or job.next_run_time.timestamp() >= ready:
+                    break
+                task = self.tasks.get(job.args[0])
+                if task is None or task.spec.interval is None:
+                    continue  # a one-shot runs late rather than never
+                fire = next_fire_time(task.id, task.spec.interval, ready)
+                job.modify(next_run_time=datetime.fromtimestamp(fire, UTC))
+                moved += 1
+            total += moved
+            if moved < 100:
+                break
+        return total
+
+    async def stop(self, grace: float) -> None:
+        """Stop firing, let running checks finish (up to `grace` seconds), write the last states."""
+        self._stopping.set()
+        if self._aps.running:
+            # pause, not shutdown: APScheduler's shutdown cancels the running jobs.
+            self._aps.pause()
+        running = set(self._running.values())
+        if running:
+            log.info("waiting up to %.0f s for %d running checks", grace, len(running))
+            _, late = await asyncio.wait(running, timeout=grace)
+            for job in late:
+                job.cancel()
+            if late:
+                log.warning("cancelled %d checks still running after %.0f s", len(late), grace)
+                await asyncio.wait(late, timeout=5)
+        if self._aps.running:
+            self._aps.shutdown(wait=False)
+            await asyncio.sleep(0)  # its shutdown runs on the loop
+        if self._flusher is not None:
+            await self._flusher
+        await self.flush()
+        gc.unfreeze()
+
+    # -- live changes --------------------------------------------------------------------------
+
+    def add(self, task: Task) -> None:
+        self.tasks[task.id] = task
+        if task.status is TaskStatus.ACTIVE:
+            self._schedule(task, at_load=False)
+
+    def replace(self, task: Task) -> None:
+        """A task's definition or status changed (edit, pause, resume)."""
+        old = self.tasks.get(task.id)
+        self.tasks[task.id] = task
+        if task.id in self._dirty:
+            self._dirty[task.id] = task
+        if task.status is not TaskStatus.ACTIVE:
+            self._unschedule(task.id)
+        elif (
+            old is None
+            or old.status is not TaskStatus.ACTIVE
+            or old.spec.interval != task.spec.interval
+            or task.spec.interval is None
+        ):
+            self._schedule(task, at_load=False)
+
+    def remove(self, task_id: uuid.UUID) -> None:
+        self.tasks.pop(task_id, None)
+        self._dirty.pop(task_id, None)
+        self._unschedule(task_id)
+
+    def next_fire(self, task_id: uuid.UUID) -> datetime | None:
+        job = self._aps.get_job(str(task_id))
+        return None if job is None else job.next_run_time
+
+    @property
+    def in_flight(self) -> int:
+        return self.stats.in_flight
+
+    def running(self, task_id: uuid.UUID) -> bool:
+        return task_id in self._running
+
+    def _schedule(self, task: Task, *, at_load: bool) -> None:
+        now = self.clock()
+        trigger: DateTrigger | IntervalTrigger
+        if task.spec.interval is None:
+            fire = one_shot_fire_time(task.id, now, at_load=at_load)
+            self._one_shot_at[task.id] = fire
+            trigger = DateTrigger(run_date=datetime.fromtimestamp(fire, UTC), timezone=UTC)
+        else:
+            fire = next_fire_time(task.id, task.spec.interval, now)
+            trigger = IntervalTrigger(
+                seconds=task.spec.interval,
+                start_date=datetime.fromtimestamp(fire, UTC),
+                timezone=UTC,
+            )
+        self._aps.add_job(
+            self._fire, trigger, args=(task.id,), id=str(task.id), replace_existing=True
+        )
+
+    def _unschedule(self, task_id: uuid.UUID) -> None:
+        self._one_shot_at.pop(task_id, None)
+        with contextlib.suppress(JobLookupError):
+            self._aps.remove_job(str(task_id))
+
+    # -- one run: attempts, caps, health -------------------------------------------------------
+
+    async def _fire(self, task_id: uuid.UUID) -> None:
+        now = self.clock()
+        task = self.tasks.get(task_id)
+        if task is None or task.status is not TaskStatus.ACTIVE or self._stopping.is_set():
+            return
+        self.stats.fired += 1
+        if task_id in self._running:
+            self.stats.skipped_overlap += 1
+            log.debug("task %s still running; this fire is skipped", task_id)
+            return
+        if task.spec.interval is None:
+            planned = self._one_shot_at.pop(task_id, now)
+        else:
+            planned = planned_fire_time(task_id, task.spec.interval, now + SLOT_TOLERANCE)
+        current = asyncio.current_task()
+        assert current is not None
+        self._running[task_id] = current
+        try:
+            await self._attempts(task_id, planned)
+        except Exception:
+            # Errors are data in results; this is a bug, and it must not end the scheduler.
+            log.exception("run of task %s failed", task_id, extra={"task_id": str(task_id)})
+        finally:
+            self._running.pop(task_id, None)
+
+    async def _attempts(self, task_id: uuid.UUID, planned: float) -> None:
+        attempt = 1
+        scheduled_at = datetime.fromtimestamp(planned, UTC)
+        while True:
+            task = self.tasks.get(task_id)
+            if task is None or task.status is not TaskStatus.ACTIVE:
+                return
+            spec = task.spec
+            result = await self._check(
+                task_id, spec, scheduled_at, attempt, planned if attempt == 1 else None
+            )
+            retry_after = self._settle(task_id, spec, result, attempt, counts_as_run=True)
+            if retry_after is None or self._stopping.is_set():
+                return
+            self.stats.retries += 1
+            scheduled_at = datetime.fromtimestamp(self.clock() + retry_after, UTC)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), retry_after)
+                return  # stopping: the retry is dropped, health stays as it was
+            attempt += 1
+
+    async def _check(
+        self,
+        task_id: uuid.UUID,
+        spec: TaskSpec,
+        scheduled_at: datetime | None,
+        attempt: int,
+        planned: float | None,
+    ) -> CheckResult:
+        host = spec.host
+        slot = self._hosts.get(host)
+        if slot is None:
+            slot = self._hosts[host] = _HostSlot(asyncio.Semaphore(self.per_host_in_flight))
+        slot.users += 1
+        try:
+            async with slot.limit, self._global:
+                if planned is not None:
+                    self.lags.add(self.clock() - planned)
+                self.stats.in_flight += 1
+                self.stats.checks += 1
+                try:
+                    return await self.checker.check(
+                        task_id, spec, scheduled_at=scheduled_at, attempt=attempt
+                    )
+                finally:
+                    self.stats.in_flight -= 1
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._hosts[host]
+
+    def _settle(
+        self,
+        task_id: uuid.UUID,
+        spec: TaskSpec,
+        result: CheckResult,
+        attempt: int,
+        *,
+        counts_as_run: bool,
+    ) -> float | None:
+        """Apply the health rules, record the state, publish; the retry delay or None."""
+        current = self.tasks.get(task_id)
+        if current is None or current.spec is not spec:
+            # Deleted or edited while the check ran: publish what was measured, change nothing.
+            health = Health.UNKNOWN if current is None else current.health
+            self.publisher.publish(task_id, result.model_copy(update={"health": health}))
+            return None
+        outcome = after_attempt(
+            current,
+            ok=result.ok,
+            error_kind=result.error.kind if result.error else None,
+            error_message=result.error.message if result.error else "",
+            attempt=attempt,
+            now=datetime.now(UTC),
+            counts_as_run=counts_as_run,
+        )
+        task = outcome.task
+        if outcome.changed:
+            self.tasks[task_id] = task
+            self._dirty[task_id] = task
+            if task.status is not current.status:
+                log.info(
+                    "task %s is now %s: %s", task_id, task.status, task.status_reason,
+                    extra={"task_id": str(task_id)},
+                )  # fmt: skip
+                if task.status is not TaskStatus.ACTIVE:
+                    self._unschedule(task_id)
+            if task.health is not current.health:
+                log.info(
+                    "task %s health %s -> %s", task_id, current.health, task.health,
+                    extra={"task_id": str(task_id)},
+                )  # fmt: skip
+        self.publisher.publish(task_id, result.model_copy(update={"health": task.health}))
+        return outcome.retry_after
+
+    async def run_now(self, task_id: uuid.UUID) -> CheckResult:
+        """One check at once, outside the cadence: health moves, runs and status do not.
+        Waits for the task's running check first, so a task never overlaps itself."""
+        while (running := self._running.get(task_id)) is not None:
+            await asyncio.wait([running])
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise KeyError(task_id)
+        current = asyncio.current_task()
+        assert current is not None
+        self._running[task_id] = current
+        try:
+            result = await self._check(task_id, task.spec, None, 1, None)
+            self._settle(task_id, task.spec, result, 1, counts_as_run=False)
+            latest = self.tasks.get(task_id, task)
+            return result.model_copy(update={"health": latest.health})
+        finally:
+            self._running.pop(task_id, None)
+
+    # -- batched state writes ------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write the changed states now, in one transaction."""
+        if not self._dirty:
+            return
+        batch, self._dirty = self._dirty, {}
+        try:
+            await asyncio.to_thread(self.store.save_states, list(batch.values()))
+        except Exception:
+            log.exception("writing %d task states failed; will retry", len(batch))
+            for task_id, task in batch.items():
+                if task_id in self.tasks:
+                    self._dirty.setdefault(task_id, task)
+
+    async def _flush_loop(self) -> None:
+        collector = CollectorPolicy()
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
+            await self.flush()
+            collector.tick(time.monotonic())
+
+
+class CollectorPolicy:
+    """Keeps the garbage collector's full passes short with 100,000 jobs.
+
+    Every fire replaces a few long-lived objects per job (APScheduler's job-list entries, the
+    task's state); they pile up in the oldest generation, and a full pass then walks them all
+    (0.1-0.5 s at 100k jobs: every check due in that time starts late). So every `freeze_every`
+    seconds the survivors move to the permanent generation (`gc.freeze()`, cheap), which full
+    passes skip; objects there are still freed by reference counting when replaced. Only
+    cyclic garbage that reached the oldest generation would stay, so once every
+    `full_every` seconds one full pass runs over everything: one pause an hour, not many.
+    """
+
+    def __init__(self, freeze_every: float = 5.0, full_every: float = 3600.0) -> None:
+        self.freeze_every = freeze_every
+        self.full_every = full_every
+        now = time.monotonic()
+        self._last_freeze = now
+        self._last_full = now
+
+    def tick(self, now: float) -> None:
+        if now - self._last_full >= self.full_every:
+            started = time.monotonic()
+            gc.unfreeze()
+            found = gc.collect()
+            gc.freeze()
+            self._last_full = self._last_freeze = now
+            log.info(
+                "full garbage collection: %d objects freed in %.3f s",
+                found, time.monotonic() - started,
+            )  # fmt: skip
+        elif now - self._last_freeze >= self.freeze_every:
+            gc.freeze()
+            self._last_freeze = now

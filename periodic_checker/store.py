@@ -1,0 +1,414 @@
+"""Where tasks live: a small `TaskStore` interface and its SQLite implementation.
+
+The store is the source of truth; the scheduler is rebuilt from it at start. SQLite runs in WAL
+mode with short write transactions, so the outbox (its own table and connection in the same
+file) and the API's reads do not wait on each other. The schema is versioned with
+`PRAGMA user_version` and upgraded at open by ordered steps; another store (PostgreSQL, for
+several checkers) implements the same Protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import sqlite3
+import threading
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+from pydantic import ValidationError
+
+from checker_common.contract import Health
+from periodic_checker.service import NameTaken, TaskFilter, TaskPage, TooManyTasks
+from periodic_checker.tasks import Task, TaskSpec, TaskStatus
+
+log = logging.getLogger(__name__)
+
+# Ordered schema steps: step N brings the file to user_version N. Append, never edit.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS tasks (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            url TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            status TEXT NOT NULL,
+            status_reason TEXT,
+            health TEXT NOT NULL,
+            runs INTEGER NOT NULL DEFAULT 0,
+            failures_in_a_row INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            last_run_at TEXT
+        )""",
+        "CREATE INDEX IF NOT EXISTS tasks_order ON tasks (created_at, id)",
+        "CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+BUSY_TIMEOUT_MS = 5000
+MAX_PAGE = 1000
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used; the message says why."""
+
+
+class TaskExists(Exception):
+    """A task with this id is already stored."""
+
+
+class TaskStore(Protocol):
+    """What the checker needs from a task store."""
+
+    def load(self, now: datetime) -> list[Task]:
+        """Every task. A stored definition that no longer validates comes back (and is saved)
+        with status `error` and the validation message as its reason."""
+        ...
+
+    def get(self, task_id: uuid.UUID) -> Task | None: ...
+
+    def insert(self, task: Task) -> None:
+        """Raises NameTaken, TooManyTasks or TaskExists."""
+        ...
+
+    def replace(self, task: Task) -> None:
+        """Write definition and state of an existing task; raises NameTaken."""
+        ...
+
+    def delete(self, task_id: uuid.UUID) -> bool: ...
+
+    def save_states(self, tasks: Sequence[Task]) -> None:
+        """Write status, health, runs and times of many tasks in one transaction."""
+        ...
+
+    def page(self, query: TaskFilter) -> TaskPage: ...
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Number of tasks by status and by health."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SQLiteTaskStore:
+    """`TaskStore` on one SQLite file. Thread-safe: calls are serialised by a lock, so batched
+    writes may run in a worker thread while the event loop reads."""
+
+    def __init__(self, path: Path, *, max_tasks: int = 100_000) -> None:
+        self.path = path
+        self.max_tasks = max_tasks
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            # WAL with synchronous=NORMAL: commits do not fsync; a power cut can lose the last
+            # transactions but never corrupts the file.
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self.schema_version = migrate(self._db)
+        except sqlite3.Error as exc:
+            raise StoreError(f"task storage {path}: {exc}") from None
+        if mode.lower() != "wal":
+            log.warning("task storage %s: journal mode is %s, not wal", path, mode)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def load(self, now: datetime) -> list[Task]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM tasks ORDER BY created_at, id")
+            tasks = []
+            broken = []
+            for row in rows.fetchall():
+                task, problem = _row_to_task(row)
+                if problem is not None and (
+                    task.status is not TaskStatus.ERROR or task.status_reason != problem
+                ):
+                    task = task.model_copy(
+                        update={
+                            "status": TaskStatus.ERROR,
+                            "status_reason": problem,
+                            "updated_at": now,
+                        }
+                    )
+                    broken.append(task)
+                tasks.append(task)
+            if broken:
+                self._write_states(broken)
+        for task in broken:
+            log.warning(
+                "task %s no longer validates: %s", task.id, task.status_reason,
+                extra={"task_id": str(task.id)},
+            )  # fmt: skip
+        return tasks
+
+    def get(self, task_id: uuid.UUID) -> Task | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (str(task_id),)
+            ).fetchone()
+        return None if row is None else _row_to_task(row)[0]
+
+    def page(self, query: TaskFilter) -> TaskPage:
+        where: list[str] = []
+        args: list[Any] = []
+        if query.status is not None:
+            where.append("status = ?")
+            args.append(str(query.status))
+        if query.health is not None:
+            where.append("health = ?")
+            args.append(str(query.health))
+        if query.text:
+            pattern = "%" + _escape_like(query.text) + "%"
+            where.append("(name LIKE ? ESCAPE '\\' OR url LIKE ? ESCAPE '\\')")
+            args += [pattern, pattern]
+        if query.cursor:
+            created, last_id = decode_cursor(query.cursor)
+            where.append("(created_at > ? OR (created_at = ? AND id > ?))")
+            args += [created, created, last_id]
+        limit = max(1, min(query.limit, MAX_PAGE))
+        sql = f"SELECT {_COLUMNS} FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, id LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        cursor = encode_cursor(rows[-1][_CREATED], rows[-1][_ID]) if more else None
+        return TaskPage(tasks=[_row_to_task(row)[0] for row in rows], next_cursor=cursor)
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        with self._lock:
+            by_status = dict(
+                self._db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall()
+            )
+            by_health = dict(
+                self._db.execute("SELECT health, COUNT(*) FROM tasks GROUP BY health").fetchall()
+            )
+        return by_status, by_health
+
+    # -- writes (each one short transaction) ----------------------------------------------------
+
+    def insert(self, task: Task) -> None:
+        with self._lock, _transaction(self._db):
+            (count,) = self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()
+            if count >= self.max_tasks:
+                raise TooManyTasks(f"the checker holds its maximum of {self.max_tasks} tasks")
+            try:
+                self._db.execute(
+                    f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * _NCOLUMNS)})",
+                    _task_to_row(task),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _integrity(exc, task) from None
+
+    def replace(self, task: Task) -> None:
+        row = _task_to_row(task)
+        assignments = ", ".join(f"{name} = ?" for name in _COLUMN_NAMES[1:])
+        with self._lock, _transaction(self._db):
+            try:
+                self._db.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", (*row[1:], row[0]))
+            except sqlite3.IntegrityError as exc:
+                raise _integrity(exc, task) from None
+
+    def delete(self, task_id: uuid.UUID) -> bool:
+        with self._lock, _transaction(self._db):
+            cursor = self._db.execute("DELETE FROM tasks WHERE id = ?", (str(task_id),))
+        return cursor.rowcount > 0
+
+    def save_states(self, tasks: Sequence[Task]) -> None:
+        if not tasks:
+            return
+        with self._lock:
+            self._write_states(tasks)
+
+    def _write_states(self, tasks: Sequence[Task]) -> None:
+        rows = [
+            (
+                str(t.status),
+                t.status_reason,
+                str(t.health),
+                t.runs,
+                t.failures_in_a_row,
+                _time(t.updated_at),
+                _time(t.last_run_at),
+                str(t.id),
+            )
+            for t in tasks
+        ]
+        with _transaction(self._db):
+            self._db.executemany(
+                "UPDATE tasks SET status = ?, status_reason = ?, health = ?, runs = ?,"
+                " failures_in_a_row = ?, updated_at = ?, last_run_at = ? WHERE id = ?",
+                rows,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# -- schema --------------------------------------------------------------------------------------
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the file to SCHEMA_VERSION, one transaction per step; returns the version."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"schema version {version} is newer than this checker knows ({SCHEMA_VERSION});"
+            " upgrade the checker"
+        )
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        with _transaction(db):
+            for statement in MIGRATIONS[number - 1]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+        log.info("task storage migrated to schema version %d", number)
+    return SCHEMA_VERSION
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on a connection in autocommit mode."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+# -- rows ----------------------------------------------------------------------------------------
+
+_COLUMN_NAMES = (
+    "id",
+    "name",
+    "url",
+    "spec",
+    "status",
+    "status_reason",
+    "health",
+    "runs",
+    "failures_in_a_row",
+    "created_at",
+    "updated_at",
+    "last_run_at",
+)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+_NCOLUMNS = len(_COLUMN_NAMES)
+_ID = 0
+_CREATED = 9
+
+
+def _task_to_row(task: Task) -> tuple[Any, ...]:
+    return (
+        str(task.id),
+        task.spec.name,
+        task.spec.url,
+        task.spec.model_dump_json(),
+        str(task.status),
+        task.status_reason,
+        str(task.health),
+        task.runs,
+        task.failures_in_a_row,
+        _time(task.created_at),
+        _time(task.updated_at),
+        _time(task.last_run_at),
+    )
+
+
+def _row_to_task(row: Sequence[Any]) -> tuple[Task, str | None]:
+    """The task in a row, and the validation problem of its definition (None when it is fine)."""
+    spec, problem = parse_spec(row[3], name=row[1], url=row[2])
+    try:
+        status = TaskStatus(row[4])
+    except ValueError:
+        status, problem = TaskStatus.ERROR, problem or f"unknown status {row[4]!r}"
+    try:
+        health = Health(row[6])
+    except ValueError:
+        health = Health.UNKNOWN
+    task = Task(
+        id=uuid.UUID(row[0]),
+        spec=spec,
+        status=status,
+        status_reason=row[5],
+        health=health,
+        runs=row[7],
+        failures_in_a_row=row[8],
+        created_at=_parse_time(row[9]),
+        updated_at=_parse_time(row[10]),
+        last_run_at=_parse_time(row[11]) if row[11] else None,
+    )
+    return task, problem
+
+
+def parse_spec(raw: str, *, name: str, url: str) -> tuple[TaskSpec, str | None]:
+    """Validate a stored definition. One that fails (after an upgrade tightened a rule) is still
+    built, without validation, so it can be shown and edited; the problem names the field."""
+    try:
+        return TaskSpec.model_validate_json(raw), None
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "definition"
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        problem = f"stored definition no longer validates: {where}: {message}"
+    try:
+        fields = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        fields = {}
+    if not isinstance(fields, dict):
+        fields = {}
+    known = {k: v for k, v in fields.items() if k in TaskSpec.model_fields}
+    known.update(name=name, url=url)
+    return TaskSpec.model_construct(**known), problem
+
+
+def _integrity(exc: sqlite3.IntegrityError, task: Task) -> Exception:
+    text = str(exc)
+    if "tasks.name" in text:
+        return NameTaken(f"a task named {task.spec.name!r} already exists")
+    if "tasks.id" in text:
+        return TaskExists(f"task {task.id} already exists")
+    return StoreError(text)
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def encode_cursor(created_at: str, task_id: str) -> str:
+    """An opaque position in the list: after (created_at, id)."""
+    return base64.urlsafe_b64encode(orjson.dumps([created_at, task_id])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """Raises ValueError for a cursor this store did not make."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, task_id = orjson.loads(raw)
+        datetime.fromisoformat(created)
+        uuid.UUID(task_id)
+    except (binascii.Error, orjson.JSONDecodeError, ValueError, TypeError):
+        raise ValueError("not a valid cursor") from None
+    return str(created), str(task_id)

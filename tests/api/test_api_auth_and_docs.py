@@ -1,0 +1,159 @@
+"""Bearer token on mutating routes; health, status, metrics, OpenAPI and the offline Swagger UI."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+from api.support import TOKEN, Client
+from prometheus_client import REGISTRY, Counter
+
+from periodic_checker.api.openapi import build_openapi
+from periodic_checker.api.routes import ROUTES
+from periodic_checker.app_service import CheckerService
+
+TASK = {"name": "site", "url": "http://127.0.0.1:9/"}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+MUTATIONS = [
+    ("POST", "/tasks"),
+    ("PUT", "/tasks/{id}"),
+    ("PATCH", "/tasks/{id}"),
+    ("DELETE", "/tasks/{id}"),
+    ("POST", "/tasks/{id}/pause"),
+    ("POST", "/tasks/{id}/resume"),
+    ("POST", "/tasks/{id}/run"),
+    ("POST", "/remove_task"),
+]
+
+
+async def test_with_a_token_set_mutating_routes_refuse_without_it(
+    authed: Client, service: CheckerService, subtests: pytest.Subtests
+) -> None:
+    for method, path in MUTATIONS:
+        for token in [None, "wrong-token-0123456789", ""]:
+            with subtests.test(f"{method} {path}", token=token):
+                headers = {} if token is None else bearer(token)
+                url = path.format(id=uuid.uuid4())
+                response = await authed.request(method, url, json=TASK, headers=headers)
+                assert response.status == 401
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+                assert (await response.json())["error"] == "unauthorized"
+    assert service.scheduler.tasks == {}
+
+
+async def test_with_the_token_mutating_routes_work(authed: Client) -> None:
+    created = await authed.post("/tasks", json=TASK, headers=bearer(TOKEN))
+    assert created.status == 201
+    task_id = (await created.json())["id"]
+    paused = await authed.post(f"/tasks/{task_id}/pause", headers=bearer(TOKEN))
+    assert paused.status == 200
+    deleted = await authed.delete(f"/tasks/{task_id}", headers=bearer(TOKEN))
+    assert deleted.status == 204
+
+
+async def test_with_a_token_set_reads_stay_open(authed: Client) -> None:
+    created = await authed.post("/tasks", json=TASK, headers=bearer(TOKEN))
+    task_id = (await created.json())["id"]
+    for path in ["/tasks", f"/tasks/{task_id}", "/health", "/status", "/metrics", "/openapi.json"]:
+        assert (await authed.get(path)).status == 200, path
+
+
+async def test_without_a_token_mutating_routes_are_open(client: Client) -> None:
+    response = await client.post("/tasks", json=TASK)
+    assert response.status == 201
+
+
+async def test_health_answers_while_the_loop_turns(client: Client) -> None:
+    response = await client.get("/health")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_status_reports_the_services_numbers(client: Client) -> None:
+    await client.post("/tasks", json=TASK)
+    body = await (await client.get("/status")).json()
+    assert body["tasks_by_status"] == {"active": 1}
+    assert body["tasks_by_health"] == {"unknown": 1}
+    for key in [
+        "checks_in_flight",
+        "schedule_lag_p99",
+        "producer_queue",
+        "outbox_size",
+        "broker_reachable",
+        "last_delivered_at",
+        "version",
+    ]:
+        assert key in body
+
+
+async def test_metrics_are_the_default_registry_in_prometheus_text(client: Client) -> None:
+    name = f"api_test_{uuid.uuid4().hex[:8]}"
+    counter = Counter(name, "a counter registered by other code")
+    counter.inc(3)
+    try:
+        response = await client.get("/metrics")
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        assert f"{name}_total 3.0" in await response.text()
+    finally:
+        REGISTRY.unregister(counter)
+
+
+async def test_requests_are_counted_by_route_pattern(client: Client) -> None:
+    created = await client.post("/tasks", json=TASK)
+    await client.get(f"/tasks/{(await created.json())['id']}")
+    await client.get("/no/such/route")
+    text = await (await client.get("/metrics")).text()
+    for series in [
+        'periodic_checker_api_requests_total{method="POST",route="/tasks",status="201"}',
+        'periodic_checker_api_requests_total{method="GET",route="/tasks/{id}",status="200"}',
+        'periodic_checker_api_requests_total{method="GET",route="unmatched",status="404"}',
+    ]:
+        assert series in text, series
+
+
+async def test_openapi_is_3_1_and_describes_every_api_route(client: Client) -> None:
+    document = await (await client.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    described = {
+        (method.upper(), path)
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    served = {
+        (route.method, route.path)
+        for route in ROUTES
+        if not route.path.startswith(("/docs", "/openapi"))
+    }
+    assert served == described
+    task_spec = document["components"]["schemas"]["TaskSpec"]
+    assert task_spec["additionalProperties"] is False
+    assert document == build_openapi(document["info"]["version"])
+
+
+async def test_swagger_ui_is_served_from_the_package_without_a_cdn(client: Client) -> None:
+    redirect = await client.get("/docs", allow_redirects=False)
+    assert redirect.status == 302
+    page = await client.get("/docs/")
+    assert page.status == 200
+    html = await page.text()
+    sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert sources
+    assert not [s for s in sources if "//" in s]
+    for source in sources:
+        asset = await client.get(f"/docs/{source}")
+        assert asset.status == 200, source
+    init = await (await client.get("/docs/swagger-init.js")).text()
+    assert "../openapi.json" in init
+
+
+async def test_docs_do_not_serve_other_files(client: Client) -> None:
+    for name in ["..%2Fapp.py", "SWAGGER-UI-LICENSE", ".hidden.js", "missing.js"]:
+        assert (await client.get(f"/docs/{name}")).status == 404, name

@@ -1,0 +1,174 @@
+"""Every invalid input gets a 4xx JSON body naming the field and the problem, never a 500."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from api.support import Client, ClientFactory, checker_service, make_settings
+
+from periodic_checker.api.app import create_app
+from periodic_checker.api.models import MAX_BODY_BYTES
+from periodic_checker.app_service import CheckerService
+
+OK = {"name": "site", "url": "http://127.0.0.1:9/"}
+
+# (case, JSON body for POST /tasks, status, field named in detail, words in its message)
+BODY_CASES: list[tuple[str, Any, int, str, str]] = [
+    ("file scheme", {**OK, "url": "file:///etc/passwd"}, 422, "url", "scheme"),
+    ("ftp scheme", {**OK, "url": "ftp://example.com/"}, 422, "url", "scheme"),
+    ("no host", {**OK, "url": "http:///path"}, 422, "url", "host"),
+    ("not a url", {**OK, "url": "example.com"}, 422, "url", "scheme"),
+    ("space in url", {**OK, "url": "http://exa mple.com/"}, 422, "url", "spaces"),
+    ("bad port", {**OK, "url": "http://example.com:99999/"}, 422, "url", "port"),
+    ("interval too small", {**OK, "interval": 0.5}, 422, "interval", "greater than or equal"),
+    ("interval too large", {**OK, "interval": 10**9}, 422, "interval", "less than or equal"),
+    ("timeout zero", {**OK, "timeout": 0}, 422, "timeout", "greater than"),
+    ("timeout too large", {**OK, "timeout": 301, "interval": 600}, 422, "timeout", "less than"),
+    ("timeout not below interval", {**OK, "interval": 5, "timeout": 5}, 422, "timeout", "below"),
+    ("pattern RE2 refuses", {**OK, "pattern": "(a"}, 422, "pattern", "RE2"),
+    ("pattern backreference", {**OK, "pattern": r"(a)\1"}, 422, "pattern", "RE2"),
+    ("header value with CRLF", {**OK, "headers": {"X-A": "1\r\nX-B: 2"}}, 422, "headers", "CR"),
+    ("header name with LF", {**OK, "headers": {"X-\nA": "1"}}, 422, "headers", "token"),
+    ("header value not text", {**OK, "headers": {"X-A": 1}}, 422, "headers.X-A", "string"),
+    ("unknown field", {**OK, "colour": "red"}, 422, "colour", "not permitted"),
+    ("missing name", {"url": OK["url"]}, 422, "name", "required"),
+    ("empty name", {**OK, "name": ""}, 422, "name", "at least 1"),
+    ("wrong method", {**OK, "method": "TRACE"}, 422, "method", "GET"),
+    ("bad status ranges", {**OK, "accepted_statuses": "200-"}, 422, "accepted_statuses", "ranges"),
+    ("retries negative", {**OK, "retries": -1}, 422, "retries", "greater than or equal"),
+    ("interval a string", {**OK, "interval": "often"}, 422, "interval", "number"),
+    ("body is a list", [OK], 422, "body", "JSON object"),
+    ("body is a string", "task", 422, "body", "JSON object"),
+]
+
+
+async def test_invalid_tasks_are_refused_naming_the_field(
+    client: Client, subtests: pytest.Subtests
+) -> None:
+    for case, body, status, field, words in BODY_CASES:
+        for method, path in [("POST", "/tasks"), ("PUT", f"/tasks/{uuid.uuid4()}")]:
+            with subtests.test(case, method=method):
+                response = await client.request(method, path, json=body)
+                assert response.status == status, await response.text()
+                answer = await response.json()
+                assert answer["error"] == "validation"
+                fields = {d["field"]: d["message"] for d in answer["detail"]}
+                assert field in fields, answer
+                assert words.lower() in fields[field].lower(), answer
+    listed = await (await client.get("/tasks")).json()
+    assert listed["tasks"] == []
+
+
+# (case, method, path, raw body, content type, status, error word)
+JSON = "application/json"
+BAD_TYPE = "unsupported_media_type"
+ANY_ID = "/tasks/0b6cbe3a-0cd6-4b16-9f1e-3f9a4bb8a0d4"
+RAW_CASES: list[tuple[str, str, str, bytes | None, str | None, int, str]] = [
+    ("malformed JSON", "POST", "/tasks", b'{"name": ', JSON, 400, "malformed_json"),
+    ("NaN is not JSON", "POST", "/tasks", b'{"timeout": NaN}', JSON, 400, "malformed_json"),
+    ("form body", "POST", "/tasks", b"name=a", "application/x-www-form-urlencoded", 415, BAD_TYPE),
+    ("text body", "PUT", ANY_ID, b"{}", "text/plain", 415, BAD_TYPE),
+    ("no body at all", "POST", "/tasks", None, None, 415, BAD_TYPE),
+    ("patch as text", "PATCH", ANY_ID, b"{}", "text/plain", 415, BAD_TYPE),
+    ("wrong method", "DELETE", "/tasks", None, None, 405, "method_not_allowed"),
+    ("unknown route", "GET", "/nothing-here", None, None, 404, "not_found"),
+]
+
+
+async def test_bad_requests_get_json_errors(client: Client, subtests: pytest.Subtests) -> None:
+    for case, method, path, raw, content_type, status, error in RAW_CASES:
+        with subtests.test(case):
+            headers = {"Content-Type": content_type} if content_type else {}
+            response = await client.request(method, path, data=raw, headers=headers)
+            assert response.status == status
+            assert response.content_type == "application/json"
+            assert (await response.json())["error"] == error
+
+
+async def test_405_says_which_methods_are_allowed(client: Client) -> None:
+    response = await client.request("DELETE", "/tasks")
+    assert set(response.headers["Allow"].split(", ")) >= {"GET", "POST"}
+
+
+async def test_a_body_over_64_kib_is_413(client: Client) -> None:
+    big = {**OK, "body": "x" * MAX_BODY_BYTES}
+    response = await client.post("/tasks", json=big)
+    assert response.status == 413
+    assert (await response.json())["error"] == "too_large"
+
+
+async def test_a_chunked_body_over_64_kib_is_413(client: Client) -> None:
+    async def chunks() -> Any:
+        yield b'{"name": "a", "body": "'
+        for _ in range(MAX_BODY_BYTES // 1024 + 1):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = await client.post(
+        "/tasks", data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 413
+    assert (await response.json())["error"] == "too_large"
+
+
+@pytest.mark.parametrize("path", ["/tasks/not-a-uuid", "/tasks/not-a-uuid/pause"])
+async def test_a_malformed_id_is_422_naming_id(client: Client, path: str) -> None:
+    response = await client.post(path) if path.endswith("pause") else await client.get(path)
+    assert response.status == 422
+    assert (await response.json())["detail"] == [{"field": "id", "message": "must be a UUID"}]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"status": "sleeping"}, "status"),
+        ({"health": "meh"}, "health"),
+        ({"sort": "name"}, "sort"),
+    ],
+)
+async def test_bad_list_queries_name_the_parameter(
+    client: Client, query: dict[str, str], field: str
+) -> None:
+    response = await client.get("/tasks", params=query)
+    assert response.status == 422
+    assert [d["field"] for d in (await response.json())["detail"]] == [field]
+
+
+async def test_patch_refuses_unknown_fields_and_nulls_where_not_allowed(client: Client) -> None:
+    created = await (await client.post("/tasks", json=OK)).json()
+    path = f"/tasks/{created['id']}"
+    unknown = await client.patch(path, json={"colour": "red"})
+    assert unknown.status == 422
+    assert (await unknown.json())["detail"][0]["field"] == "colour"
+    null_name = await client.patch(path, json={"name": None})
+    assert null_name.status == 422
+    assert (await null_name.json())["detail"][0]["field"] == "name"
+
+
+async def test_an_unexpected_error_is_a_logged_500_json(
+    aiohttp_client: ClientFactory,
+    dev_certs: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(CheckerService):
+        async def get(self, task_id: uuid.UUID) -> Any:
+            raise RuntimeError("disk on fire")
+
+    async with checker_service(tmp_path / "t.sqlite3", service_class=Broken) as broken:
+        client = await aiohttp_client(create_app(broken, make_settings(dev_certs)))
+        with caplog.at_level(logging.ERROR, logger="periodic_checker.api.app"):
+            response = await client.get(f"/tasks/{uuid.uuid4()}")
+    assert response.status == 500
+    body = await response.json()
+    assert body["error"] == "internal"
+    assert "disk on fire" not in body["message"]
+    assert any(
+        "unexpected error on GET /tasks/" in r.getMessage() and r.exc_info for r in caplog.records
+    )

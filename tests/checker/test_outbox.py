@@ -1,0 +1,124 @@
+"""The outbox keeps unsent results in the task store's SQLite file, in send order per task."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from periodic_checker.outbox import Outbox, OutboxRow
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "tasks.sqlite3"
+
+
+@pytest.fixture
+def outbox(path: Path) -> Iterator[Outbox]:
+    box = Outbox(path)
+    yield box
+    box.close()
+
+
+def test_added_rows_come_back_oldest_first(outbox: Outbox) -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    outbox.add([(a, b"ka", b"1"), (b, b"kb", b"2")])
+    outbox.add([(a, b"ka", b"3")])
+
+    assert outbox.size() == 3
+    assert [(r.task_id, r.value) for r in outbox.head(10)] == [(a, b"1"), (b, b"2"), (a, b"3")]
+    assert [r.value for r in outbox.head(2)] == [b"1", b"2"]
+
+
+def test_a_row_put_under_an_earlier_reservation_goes_in_front(outbox: Outbox) -> None:
+    task = uuid.uuid4()
+    early = outbox.reserve()  # taken when the result was published
+    outbox.add([(task, b"k", b"later")])
+    outbox.put([OutboxRow(early, task, b"k", b"earlier")])
+
+    assert [r.value for r in outbox.head(10)] == [b"earlier", b"later"]
+
+
+def test_delete_removes_only_the_rows_named(outbox: Outbox) -> None:
+    task = uuid.uuid4()
+    outbox.add([(task, b"k", str(i).encode()) for i in range(5)])
+    first_two = [r.seq for r in outbox.head(2)]
+
+    outbox.delete(first_two)
+    outbox.delete(first_two)  # confirming twice is harmless
+
+    assert outbox.size() == 3
+    assert [r.value for r in outbox.head(10)] == [b"2", b"3", b"4"]
+
+
+def test_storing_the_same_row_twice_keeps_one(outbox: Outbox) -> None:
+    row = OutboxRow(outbox.reserve(), uuid.uuid4(), b"k", b"v")
+    outbox.put([row])
+    outbox.put([row])
+
+    assert outbox.size() == 1
+    assert outbox.head(10) == [row]
+
+
+def test_backlog_counts_rows_per_task(outbox: Outbox) -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    outbox.add([(a, b"k", b"1"), (a, b"k", b"2"), (b, b"k", b"3")])
+
+    assert outbox.backlog() == {a: 2, b: 1}
+
+
+def test_rows_and_order_survive_reopening(path: Path) -> None:
+    task = uuid.uuid4()
+    first = Outbox(path)
+    first.add([(task, b"k", b"1"), (task, b"k", b"2")])
+    last_seq = first.head(10)[-1].seq
+    first.close()
+
+    again = Outbox(path)
+    try:
+        assert again.size() == 2
+        assert [r.value for r in again.head(10)] == [b"1", b"2"]
+        assert again.reserve() > last_seq
+    finally:
+        again.close()
+
+
+def test_shares_the_task_store_file_in_wal_mode(path: Path) -> None:
+    tasks = sqlite3.connect(path)
+    tasks.execute("CREATE TABLE tasks (id TEXT PRIMARY KEY)")
+    tasks.execute("INSERT INTO tasks VALUES ('t1')")
+    tasks.commit()
+
+    box = Outbox(path)
+    box.add([(uuid.uuid4(), b"k", b"v")])
+    box.close()
+
+    assert tasks.execute("SELECT id FROM tasks").fetchall() == [("t1",)]
+    assert tasks.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 1
+    tasks.close()
+    fresh = sqlite3.connect(path)
+    assert fresh.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    fresh.close()
+
+
+def test_reservations_from_many_threads_are_unique(outbox: Outbox) -> None:
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        mine = [outbox.reserve() for _ in range(500)]
+        with lock:
+            taken.extend(mine)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(set(taken)) == 2000

@@ -1,0 +1,518 @@
+"""The probe against real servers: one table of targets, then what the table cannot show
+(TLS phases and certificate expiry, connection reuse, redirect details, the command line)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from checker.targets import SEEN, make_app, serve, silent_server
+from yarl import URL
+
+from checker_common.contract import ErrorKind, PatternResult, decode, encode
+from checker_common.devstack import free_port
+from periodic_checker import probe_cli
+from periodic_checker.probe import Prober, cert_not_after
+from periodic_checker.tasks import TaskSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+TASK = uuid.UUID("00000000-0000-4000-8000-000000000001")
+MATCH, NO_MATCH = PatternResult.MATCH, PatternResult.NO_MATCH
+
+
+# --- certificates ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path  # trusted by the probe in these tests (SSL_CERT_FILE)
+    good: tuple[Path, Path]  # for localhost and 127.0.0.1, signed by ca
+    self_signed: tuple[Path, Path]
+    wrong_host: tuple[Path, Path]  # signed by ca, but for wrong.example only
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def certs(dev_certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    out = tmp_path_factory.mktemp("probe-certs")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(
+        "req", "-x509", *ec, "-keyout", str(out / "self.key"), "-out", str(out / "self.pem"),
+        "-days", "30", "-subj", "/CN=localhost",
+        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    )  # fmt: skip
+    _openssl(
+        "req", *ec, "-keyout", str(out / "wrong.key"), "-out", str(out / "wrong.csr"),
+        "-subj", "/CN=wrong.example",
+    )  # fmt: skip
+    (out / "wrong.ext").write_text("subjectAltName=DNS:wrong.example\n")
+    _openssl(
+        "x509", "-req", "-in", str(out / "wrong.csr"), "-CA", str(dev_certs / "ca.pem"),
+        "-CAkey", str(dev_certs / "ca.key"), "-CAcreateserial", "-out", str(out / "wrong.pem"),
+        "-days", "30", "-extfile", str(out / "wrong.ext"),
+    )  # fmt: skip
+    return Certs(
+        ca=dev_certs / "ca.pem",
+        good=(dev_certs / "broker.pem", dev_certs / "broker.key"),
+        self_signed=(out / "self.pem", out / "self.key"),
+        wrong_host=(out / "wrong.pem", out / "wrong.key"),
+    )
+
+
+def server_tls(pair: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(pair[0]), str(pair[1]))
+    return context
+
+
+# --- servers and the prober --------------------------------------------------------------
+
+
+@dataclass
+class Targets:
+    http: URL
+    https: URL  # trusted certificate, as localhost
+    self_signed: URL
+    wrong_host: URL
+    silent_port: int
+    closed_port: int
+    apps: dict[str, Any] = field(default_factory=dict)
+
+    def url(self, where: str, path: str) -> str:
+        if where == "silent-http":
+            return f"http://127.0.0.1:{self.silent_port}/"
+        if where == "silent-https":
+            return f"https://127.0.0.1:{self.silent_port}/"
+        if where == "closed":
+            return f"http://127.0.0.1:{self.closed_port}/"
+        if where == "dns":
+            return "http://no-such-host.invalid/"
+        if where == "bad-name":
+            return "http://empty..label/"
+        base: URL = getattr(self, where.replace("-", "_"))
+        return f"{base}{path}"
+
+
+@pytest.fixture
+async def targets(certs: Certs) -> AsyncIterator[Targets]:
+    async with AsyncExitStack() as stack:
+        apps = {name: make_app() for name in ("http", "https", "self_signed", "wrong_host")}
+        http = await stack.enter_async_context(serve(apps["http"]))
+        https = await stack.enter_async_context(
+            serve(apps["https"], ssl_context=server_tls(certs.good))
+        )
+        self_signed = await stack.enter_async_context(
+            serve(apps["self_signed"], ssl_context=server_tls(certs.self_signed))
+        )
+        wrong_host = await stack.enter_async_context(
+            serve(apps["wrong_host"], ssl_context=server_tls(certs.wrong_host))
+        )
+        silent = await stack.enter_async_context(silent_server())
+        yield Targets(
+            http=http,
+            https=https.with_host("localhost"),
+            self_signed=self_signed,
+            wrong_host=wrong_host,
+            silent_port=silent,
+            closed_port=free_port(),
+            apps=apps,
+        )
+
+
+@pytest.fixture
+async def prober(certs: Certs, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Prober]:
+    # OpenSSL reads SSL_CERT_FILE when the prober loads the trust store in start().
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
+    async with Prober() as started:
+        yield started
+
+
+def spec(url: str, **fields: Any) -> TaskSpec:
+    return TaskSpec(name="probe test", url=url, interval=None, **fields)
+
+
+# --- the table ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    where: str
+    path: str
+    status: int | None
+    error: ErrorKind | None
+    pattern: PatternResult | None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+HELLO = {"pattern": "hello periodic"}
+FAST = {"timeout": 0.6}
+ROWS = [
+    Row("200", "http", "/ok", 200, None, MATCH, HELLO),
+    Row("404", "http", "/status/404", 404, ErrorKind.STATUS, None),
+    Row("500", "http", "/status/500", 500, ErrorKind.STATUS, None),
+    Row("404-accepted", "http", "/status/404", 404, None, None, {"accepted_statuses": "404"}),
+    Row("redirect-chain", "http", "/redirect/3", 200, None, MATCH, HELLO),
+    Row("redirect-loop", "http", "/loop/a", 302, ErrorKind.TOO_MANY_REDIRECTS, None),
+    Row(
+        "too-many-redirects",
+        "http",
+        "/redirect/5",
+        302,
+        ErrorKind.TOO_MANY_REDIRECTS,
+        None,
+        {"max_redirects": 2},
+    ),
+    Row(
+        "redirect-not-followed", "http", "/redirect/1", 302, None, None, {"follow_redirects": False}
+    ),
+    Row("slow-first-byte", "http", "/slow?delay=30", None, ErrorKind.TIMEOUT, None, FAST),
+    Row("trickled-body", "http", "/trickle?interval=0.2", 200, ErrorKind.TIMEOUT, None, FAST),
+    Row("never-answers", "silent-http", "", None, ErrorKind.TIMEOUT, None, FAST),
+    Row("stalled-tls", "silent-https", "", None, ErrorKind.TIMEOUT, None, FAST),
+    Row("closed-port", "closed", "", None, ErrorKind.CONNECT, None),
+    Row("dns-does-not-resolve", "dns", "", None, ErrorKind.DNS, None),
+    Row("dns-name-not-encodable", "bad-name", "", None, ErrorKind.DNS, None),
+    Row("self-signed-cert", "self-signed", "/ok", None, ErrorKind.TLS, None, HELLO),
+    Row("cert-for-another-host", "wrong-host", "/ok", None, ErrorKind.TLS, None, HELLO),
+    Row("tls-unverified", "self-signed", "/ok", 200, None, MATCH, {**HELLO, "verify_tls": False}),
+    Row("https", "https", "/ok", 200, None, MATCH, HELLO),
+    Row(
+        "gzip-bomb",
+        "http",
+        "/gzip-bomb?mb=64",
+        200,
+        ErrorKind.BODY_TOO_LARGE,
+        None,
+        {"pattern": "x", "max_body_bytes": 1_048_576},
+    ),
+    Row("gzip", "http", "/gzip", 200, None, MATCH, HELLO),
+    Row("deflate", "http", "/deflate", 200, None, MATCH, HELLO),
+    Row("raw-deflate", "http", "/deflate-raw", 200, None, MATCH, HELLO),
+    Row("windows-1251", "http", "/charset/windows-1251", 200, None, MATCH, {"pattern": "Привет"}),
+    Row("latin-1", "http", "/charset/latin-1", 200, None, MATCH, {"pattern": "^café $"}),
+    Row("pattern-absent", "http", "/ok", 200, ErrorKind.PATTERN, NO_MATCH, {"pattern": "bye"}),
+    Row(
+        "pattern-present-fails",
+        "http",
+        "/ok",
+        200,
+        ErrorKind.PATTERN,
+        MATCH,
+        {**HELLO, "pattern_fails_when": "present"},
+    ),
+    Row(
+        "pattern-absent-wanted",
+        "http",
+        "/ok",
+        200,
+        None,
+        NO_MATCH,
+        {"pattern": "error", "pattern_fails_when": "present"},
+    ),
+    Row("head", "http", "/ok", 200, None, None, {**HELLO, "method": "HEAD"}),
+    Row("no-content", "http", "/no-content", 204, None, None, HELLO),
+    Row("empty-body", "http", "/empty", 200, None, None, HELLO),
+    Row(
+        "body-over-cap",
+        "http",
+        "/bytes?size=5000",
+        200,
+        ErrorKind.BODY_TOO_LARGE,
+        None,
+        {"pattern": "a", "max_body_bytes": 4096},
+    ),
+    Row(
+        "body-at-cap",
+        "http",
+        "/bytes?size=4096",
+        200,
+        None,
+        MATCH,
+        {"pattern": "a", "max_body_bytes": 4096},
+    ),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+async def test_target(row: Row, targets: Targets, prober: Prober) -> None:
+    url = targets.url(row.where, row.path)
+    result = await prober.check(TASK, spec(url, **row.fields))
+
+    assert (result.status, result.error and result.error.kind, result.pattern_search) == (
+        row.status,
+        row.error,
+        row.pattern,
+    ), result.error
+    assert result.ok is (row.error is None)
+    assert result.error is None or result.error.message
+    assert result.url == url
+    assert result.name == "probe test"
+    assert result.load_time >= 0
+    assert result.timestamp.tzinfo is not None
+    assert result.health.value == "unknown"  # the scheduler decides health
+
+
+async def test_redirects_are_counted_and_final_url_reported(
+    targets: Targets, prober: Prober
+) -> None:
+    result = await prober.check(TASK, spec(f"{targets.http}/redirect/3"))
+
+    assert result.ok
+    assert result.redirects == 3
+    assert result.final_url == f"{targets.http}/ok"
+    paths = [seen.path for seen in targets.apps["http"][SEEN]]
+    assert paths == ["/redirect/3", "/redirect/2", "/redirect/1", "/ok"]
+
+
+async def test_a_loop_stops_before_repeating_a_hop(targets: Targets, prober: Prober) -> None:
+    result = await prober.check(TASK, spec(f"{targets.http}/loop/a"))
+
+    assert result.error is not None
+    assert "loop" in result.error.message
+    assert [seen.path for seen in targets.apps["http"][SEEN]] == ["/loop/a", "/loop/b"]
+
+
+async def test_body_read_stops_at_the_cap(targets: Targets, prober: Prober) -> None:
+    cap = 1_048_576
+    bomb = await prober.check(TASK, spec(f"{targets.http}/gzip-bomb?mb=64", max_body_bytes=cap))
+    big = await prober.check(TASK, spec(f"{targets.http}/bytes?size=5000", max_body_bytes=4096))
+    fits = await prober.check(TASK, spec(f"{targets.http}/bytes?size=4096", max_body_bytes=4096))
+
+    assert (bomb.bytes, big.bytes, fits.bytes) == (cap, 4096, 4096)
+    assert fits.ok
+
+
+async def test_https_measures_every_phase_and_the_certificate_expiry(
+    targets: Targets, prober: Prober, certs: Certs
+) -> None:
+    result = await prober.check(TASK, spec(f"{targets.https}/ok"))
+
+    assert result.ok, result.error
+    timings = result.timings
+    phases = [timings.dns, timings.connect, timings.tls, timings.ttfb, timings.transfer]
+    assert all(phase is not None and phase >= 0 for phase in phases), timings
+    assert sum(p or 0 for p in phases) <= result.load_time
+    assert result.cert_expires_at == openssl_not_after(certs.good[0])
+
+
+async def test_http_has_no_tls_phase_and_no_certificate(targets: Targets, prober: Prober) -> None:
+    result = await prober.check(TASK, spec(f"{targets.http}/ok"))
+
+    assert result.timings.tls is None
+    assert result.cert_expires_at is None
+    assert result.timings.dns is None  # an IP literal is not resolved
+    assert result.timings.connect is not None
+    assert result.timings.ttfb is not None
+
+
+async def test_a_stalled_handshake_says_so(targets: Targets, prober: Prober) -> None:
+    result = await prober.check(TASK, spec(targets.url("silent-https", ""), timeout=0.5))
+
+    assert result.error is not None
+    assert "TLS handshake" in result.error.message
+    assert result.timings.connect is not None
+    assert result.timings.tls is None
+
+
+async def test_each_check_opens_a_new_connection_unless_keepalive(
+    targets: Targets, prober: Prober
+) -> None:
+    fresh = [await prober.check(TASK, spec(f"{targets.https}/ok")) for _ in range(3)]
+    fresh_peers = {seen.peer for seen in targets.apps["https"][SEEN]}
+    targets.apps["https"][SEEN].clear()
+    kept = [await prober.check(TASK, spec(f"{targets.https}/ok", keepalive=True)) for _ in range(3)]
+    kept_peers = {seen.peer for seen in targets.apps["https"][SEEN]}
+
+    assert len(fresh_peers) == 3
+    assert len(kept_peers) == 1
+    assert all(r.timings.tls is not None for r in fresh)
+    assert kept[0].timings.tls is not None
+    assert [r.timings.connect for r in kept[1:]] == [None, None]  # nothing to connect
+    assert all(r.cert_expires_at is not None for r in fresh + kept)
+
+
+async def test_credentials_do_not_follow_a_redirect_to_another_host(
+    targets: Targets, prober: Prober
+) -> None:
+    other = targets.http.with_host("localhost") / "echo"
+    url = f"{targets.http}/to?url={other}"
+    headers = {"Authorization": "Bearer secret", "X-Trace": "kept"}
+    result = await prober.check(TASK, spec(url, headers=headers))
+
+    first, second = targets.apps["http"][SEEN]
+    assert result.ok
+    assert result.redirects == 1
+    assert first.headers["Authorization"] == "Bearer secret"
+    assert "Authorization" not in second.headers
+    assert second.headers["X-Trace"] == "kept"
+    assert first.headers["User-Agent"] == "periodic-checker/0.2"
+
+
+async def test_see_other_turns_a_post_into_a_get(targets: Targets, prober: Prober) -> None:
+    url = f"{targets.http}/to?code=303&url=/echo"
+    result = await prober.check(TASK, spec(url, method="POST", body="payload"))
+
+    assert result.ok
+    assert result.status == 200
+    assert [s.method for s in targets.apps["http"][SEEN]] == ["POST", "GET"]
+
+
+async def test_cancelling_a_check_raises_cancelled(targets: Targets, prober: Prober) -> None:
+    check = asyncio.create_task(prober.check(TASK, spec(targets.url("silent-http", ""))))
+    await asyncio.sleep(0.2)
+    check.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await check
+
+
+async def test_results_match_the_published_schema(targets: Targets, prober: Prober) -> None:
+    schema = json.loads((ROOT / "schema" / "result-message.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    urls = [f"{targets.https}/redirect/2", f"{targets.http}/status/500", targets.url("dns", "")]
+    for url in urls:
+        result = await prober.check(TASK, spec(url, pattern="hello"), attempt=2)
+        key, value = encode(TASK, result)
+        validator.validate(json.loads(value))
+        assert key == str(TASK).encode()
+        assert decode(value).result == result
+
+
+# --- certificate parsing -----------------------------------------------------------------
+
+
+def openssl_not_after(pem: Path) -> datetime:
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-enddate", "-in", str(pem)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return datetime.fromtimestamp(ssl.cert_time_to_seconds(out.strip().split("=", 1)[1]), UTC)
+
+
+def test_not_after_is_read_from_der(certs: Certs) -> None:
+    for pem in (certs.good[0], certs.self_signed[0], certs.wrong_host[0], certs.ca):
+        der = ssl.PEM_cert_to_DER_cert(pem.read_text())
+        assert cert_not_after(der) == openssl_not_after(pem)
+
+
+@pytest.mark.parametrize(
+    "der", [b"", b"\x30", b"\x30\x03\x02\x01\x01", b"\x30\x84\xff\xff\xff\xff"]
+)
+def test_not_after_of_garbage_is_none(der: bytes) -> None:
+    assert cert_not_after(der) is None
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    settings = ("KAFKA_", "API_", "LOG_", "TASK_", "TARGET_", "MAX_", "PER_HOST_", "SHUTDOWN_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(settings)}
+
+
+async def run_probe(*args: str) -> tuple[int, str, str]:
+    """`python -m periodic_checker.probe_cli ARGS` without blocking the test's servers."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "periodic_checker.probe_cli",
+        *args,
+        env=_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_cli_prints_the_result_message(targets: Targets) -> None:
+    code, out, _ = await run_probe(
+        f"{targets.http}/ok",
+        "--pattern",
+        "hello",
+        "--header",
+        "X-Probe: yes",
+        "--task-id",
+        str(TASK),
+    )
+
+    decoded = decode(out.encode())
+    assert code == 0
+    assert decoded.task_id == TASK
+    assert decoded.result.ok
+    assert decoded.result.pattern_search is MATCH
+    assert targets.apps["http"][SEEN][0].headers["X-Probe"] == "yes"
+
+
+async def test_cli_exits_1_when_the_check_fails(targets: Targets) -> None:
+    code, out, _ = await run_probe(f"{targets.http}/status/503", "--timeout", "5")
+
+    result = decode(out.encode()).result
+    assert code == 1
+    assert result.status == 503
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.STATUS
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["http://x/", "--timeout", "0"], "--timeout"),
+        (["http://x/", "--timeout", "soon"], "--timeout"),
+        (["ftp://x/"], "URL"),
+        (["http://x/", "--pattern", "("], "--pattern"),
+        (["http://x/", "--header", "no colon"], "--header"),
+        (["http://x/", "--header", "Bad Name: v"], "--header"),
+        (["http://x/", "--method", "BREW"], "--method"),
+        (["http://x/", "--accepted-statuses", "2xx"], "--accepted-statuses"),
+        (["http://x/", "--max-body-bytes", "-1"], "--max-body-bytes"),
+        (["http://x/", "--deny-networks", "10.0.0.0/33"], "--deny-networks"),
+        (["http://x/", "--task-id", "nope"], "--task-id"),
+    ],
+)
+def test_cli_names_the_bad_option_and_exits_2(
+    args: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        probe_cli.main(args)
+
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exited.value.code == 2
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"periodic-checker probe: error: {option}:"), err
+    assert out == ""
+
+
+def test_cli_denies_a_metadata_address_without_settings() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "periodic_checker.probe_cli", "http://0xA9FEA9FE/latest/"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    result = decode(done.stdout.encode()).result
+    assert done.returncode == 1
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.DENIED_TARGET

@@ -1,0 +1,188 @@
+"""The SQLite task store on real files: migrations, constraints, state that survives re-opening."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checker_common.contract import Health
+from periodic_checker.service import NameTaken, TaskFilter, TooManyTasks
+from periodic_checker.store import (
+    SCHEMA_VERSION,
+    SQLiteTaskStore,
+    StoreError,
+    TaskExists,
+    decode_cursor,
+)
+from periodic_checker.tasks import Task, TaskSpec, TaskStatus
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def make_task(name: str = "site", created: datetime = NOW, **spec: Any) -> Task:
+    fields: dict[str, Any] = {"name": name, "url": f"http://{name}.test/", "interval": 60.0}
+    fields.update(spec)
+    return Task(id=uuid.uuid4(), spec=TaskSpec(**fields), created_at=created, updated_at=created)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "tasks.sqlite3"
+
+
+def test_migrations_apply_to_an_empty_file_and_reopening_keeps_them(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    assert store.schema_version == SCHEMA_VERSION
+    store.insert(make_task())
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    again = SQLiteTaskStore(path)
+    assert [t.spec.name for t in again.load(NOW)] == ["site"]
+    again.close()
+
+
+def test_a_file_from_a_newer_checker_is_refused(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer than this checker"):
+        SQLiteTaskStore(path)
+
+
+def test_tasks_and_their_state_survive_reopening(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    task = make_task(pattern="Welcome", headers={"X-Probe": "1"}, retries=2)
+    store.insert(task)
+    later = NOW + timedelta(minutes=5)
+    changed = task.model_copy(
+        update={
+            "status": TaskStatus.PAUSED,
+            "health": Health.DOWN,
+            "runs": 42,
+            "failures_in_a_row": 3,
+            "updated_at": later,
+            "last_run_at": later,
+        }
+    )
+    store.save_states([changed])
+    store.close()
+    reopened = SQLiteTaskStore(path)
+    assert reopened.load(NOW) == [changed]
+    assert reopened.get(task.id) == changed
+    reopened.close()
+
+
+def test_names_are_unique(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    first = make_task("site")
+    store.insert(first)
+    with pytest.raises(NameTaken, match="'site'"):
+        store.insert(make_task("site"))
+    other = make_task("other")
+    store.insert(other)
+    renamed = other.model_copy(update={"spec": other.spec.model_copy(update={"name": "site"})})
+    with pytest.raises(NameTaken):
+        store.replace(renamed)
+    with pytest.raises(TaskExists):
+        store.insert(first.model_copy(update={"spec": make_task("third").spec}))
+    store.close()
+
+
+def test_max_tasks_is_enforced(path: Path) -> None:
+    store = SQLiteTaskStore(path, max_tasks=2)
+    store.insert(make_task("a"))
+    store.insert(make_task("b"))
+    with pytest.raises(TooManyTasks, match="2 tasks"):
+        store.insert(make_task("c"))
+    store.close()
+
+
+def test_replace_and_delete(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    task = make_task()
+    store.insert(task)
+    spec = TaskSpec(name="site", url="https://elsewhere.test/", interval=30)
+    store.replace(task.model_copy(update={"spec": spec}))
+    stored = store.get(task.id)
+    assert stored is not None
+    assert stored.spec == spec
+    assert store.delete(task.id) is True
+    assert store.delete(task.id) is False
+    assert store.get(task.id) is None
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("raw_change", "reason"),
+    [
+        ({"timeout": 90.0}, "timeout: must be below the interval"),
+        ({"pattern": "(unclosed"}, "pattern: not a valid RE2"),
+        ({"retired_field": True}, "retired_field: Extra inputs are not permitted"),
+    ],
+)
+def test_a_stored_definition_that_no_longer_validates_becomes_error_with_reason(
+    path: Path, raw_change: dict[str, Any], reason: str
+) -> None:
+    store = SQLiteTaskStore(path)
+    task = make_task()
+    store.insert(task)
+    store.close()
+    # What an upgrade that tightens a rule looks like: the stored JSON is as it was.
+    with sqlite3.connect(path) as db:
+        (raw,) = db.execute("SELECT spec FROM tasks").fetchone()
+        db.execute("UPDATE tasks SET spec = ?", (json.dumps({**json.loads(raw), **raw_change}),))
+    store = SQLiteTaskStore(path)
+    (loaded,) = store.load(NOW)
+    assert loaded.status is TaskStatus.ERROR
+    assert loaded.status_reason is not None
+    assert reason in loaded.status_reason
+    assert loaded.spec.name == "site"
+    assert loaded.spec.url == "http://site.test/"
+    store.close()
+    # The status and reason were stored, so anything reading the store shows them.
+    with sqlite3.connect(path) as db:
+        status, stored_reason = db.execute("SELECT status, status_reason FROM tasks").fetchone()
+    assert status == "error"
+    assert reason in stored_reason
+
+
+def test_pages_filter_and_follow_the_cursor(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    tasks = [make_task(f"site-{i:02}", created=NOW + timedelta(seconds=i)) for i in range(25)]
+    for task in tasks:
+        store.insert(task)
+    store.save_states([tasks[3].model_copy(update={"health": Health.DOWN})])
+    store.save_states([tasks[4].model_copy(update={"status": TaskStatus.PAUSED})])
+
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = store.page(TaskFilter(limit=10, cursor=cursor))
+        seen += [t.spec.name for t in page.tasks]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == [t.spec.name for t in tasks]
+
+    assert [t.id for t in store.page(TaskFilter(health=Health.DOWN)).tasks] == [tasks[3].id]
+    assert [t.id for t in store.page(TaskFilter(status=TaskStatus.PAUSED)).tasks] == [tasks[4].id]
+    found = store.page(TaskFilter(text="SITE-1")).tasks
+    assert [t.spec.name for t in found] == [f"site-{i}" for i in range(10, 20)]
+    assert store.page(TaskFilter(text="%")).tasks == []
+    by_status, by_health = store.counts()
+    assert by_status == {"active": 24, "paused": 1}
+    assert by_health == {"unknown": 24, "down": 1}
+    store.close()
+
+
+@pytest.mark.parametrize("cursor", ["", "not-base64!", "bm9uc2Vuc2U", "WzEsMl0"])
+def test_a_cursor_the_store_did_not_make_is_refused(cursor: str) -> None:
+    with pytest.raises(ValueError, match="not a valid cursor"):
+        decode_cursor(cursor)
