@@ -33,9 +33,10 @@ from checker_common.devstack import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / ".run"
+# STACK_RUN_DIR moves all run state (and the .env.prod it writes) elsewhere, for tests.
+RUN = Path(os.environ.get("STACK_RUN_DIR", ROOT / ".run"))
 CERTS = ROOT / "certs" / "dev"
-ENV_FILE = ROOT / ".env.prod"
+ENV_FILE = RUN / ".env.prod" if "STACK_RUN_DIR" in os.environ else ROOT / ".env.prod"
 BIN = Path(sys.executable).parent
 TOPIC = "checker-results"
 DATABASE = os.environ.get("STACK_DATABASE", "periodic_checker")
@@ -214,8 +215,8 @@ def up() -> None:
     print(
         f"""
   API (and /docs, /metrics):  http://127.0.0.1:{API_PORT}/
-  add a check:                .venv/bin/periodic-checker tasks add --name site \\
-                                  --url https://example.org/ --interval 60
+  add a check:                .venv/bin/periodic-checker tasks add site \\
+                                  https://example.org/ --interval 60
   results:                    psql {dsn} -c 'SELECT * FROM latest_results'
   processor metrics:          http://127.0.0.1:{METRICS_PORT}/metrics
   logs:                       {RUN}/*.log
