@@ -12,6 +12,27 @@ from checker_common.settings import CommonSettings
 log = logging.getLogger(__name__)
 
 
+class LibrdkafkaLevels(logging.Filter):
+    """librdkafka's syslog level 3 (mapped to ERROR by confluent-kafka) as WARNING for
+    connection failures ("FAIL"): during a broker outage they repeat every few seconds and
+    the client reconnects on its own; an outage that matters shows in the results' delivery."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.levelno == logging.ERROR and isinstance(args, tuple) and args[:1] == ("FAIL",):
+            record.levelno = logging.WARNING
+            record.levelname = logging.getLevelName(logging.WARNING)
+        return True
+
+
+def librdkafka_logger() -> logging.Logger:
+    """The logger librdkafka writes to, with `LibrdkafkaLevels` attached once."""
+    logger = logging.getLogger("librdkafka")
+    if not any(isinstance(f, LibrdkafkaLevels) for f in logger.filters):
+        logger.addFilter(LibrdkafkaLevels())
+    return logger
+
+
 def client_config(settings: CommonSettings, *, client_id: str) -> dict[str, Any]:
     """librdkafka options shared by producers, consumers and admin clients."""
     config: dict[str, Any] = {
@@ -23,7 +44,7 @@ def client_config(settings: CommonSettings, *, client_id: str) -> dict[str, Any]
         "ssl.key.location": str(settings.kafka_key_file),
         "ssl.endpoint.identification.algorithm": "https",
         "socket.keepalive.enable": True,
-        "logger": logging.getLogger("librdkafka"),
+        "logger": librdkafka_logger(),
     }
     if settings.kafka_cert_pass is not None:
         config["ssl.key.password"] = settings.kafka_cert_pass.get_secret_value()

@@ -10,13 +10,13 @@ daemon would publish, as one line of JSON. Exit 0 when the check passed, 1 when 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import uvloop
 from pydantic import ValidationError
 
 from checker_common.cli import fail
@@ -185,7 +185,7 @@ def run_probe(args: argparse.Namespace) -> int:
     policy = build_policy(args)
     task = task_id(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = asyncio.run(probe_once(spec, policy, task))
+    result = uvloop.run(probe_once(spec, policy, task))
     _, value = encode(task, result)
     sys.stdout.write(value.decode() + "\n")
     return EXIT_OK if result.ok else EXIT_FAILED

@@ -188,6 +188,7 @@ class ResultPublisher:
                 "result cannot be encoded, dropped: task_id=%s result_id=%s",
                 task_id,
                 result.result_id,
+                extra={"task_id": str(task_id), "result_id": str(result.result_id)},
             )
             return
         try:
@@ -195,7 +196,10 @@ class ResultPublisher:
         except Exception:
             # Not expected; say so loudly rather than let a check's caller fail.
             log.exception(
-                "result not handed over: task_id=%s result_id=%s", task_id, result.result_id
+                "result not handed over: task_id=%s result_id=%s",
+                task_id,
+                result.result_id,
+                extra={"task_id": str(task_id), "result_id": str(result.result_id)},
             )
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - the flush's budget
@@ -290,7 +294,12 @@ class ResultPublisher:
         except BufferError:
             return False
         except KafkaException as exc:
-            log.warning("produce refused, task_id=%s kept in the outbox: %s", message.task_id, exc)
+            log.warning(
+                "produce refused, task_id=%s kept in the outbox: %s",
+                message.task_id,
+                exc,
+                extra={"task_id": str(message.task_id)},
+            )
             return False
         self._in_flight[message.seq] = message
         self._busy_tasks.add(message.task_id)
@@ -342,11 +351,13 @@ class ResultPublisher:
             if message.stored:
                 # Re-sending a row right after it failed would spin; probe again a bit later.
                 self._probe_after = time.monotonic() + self._drain_interval
+            result_id = _result_id(message.value)
             log.warning(
                 "delivery failed, result kept in the outbox: task_id=%s result_id=%s: %s",
                 message.task_id,
-                _result_id(message.value),
+                result_id,
                 error.str(),
+                extra={"task_id": str(message.task_id), "result_id": result_id},
             )
         if not message.stored:
             self._to_outbox(message)

@@ -28,6 +28,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from checker_common.contract import CheckResult, Health
+from periodic_checker import metrics
 from periodic_checker.store import TaskStore
 from periodic_checker.tasks import (
     Task,
@@ -125,7 +126,8 @@ class CheckScheduler:
         self.per_host_in_flight = per_host_in_flight
         self.flush_interval = flush_interval
         self.clock = clock
-        self.tasks: dict[uuid.UUID, Task] = {}
+        # A dict that also counts tasks by status and health, for /metrics and /status.
+        self.tasks: dict[uuid.UUID, Task] = metrics.TaskMap()
         self.lags = LagReservoir()
         self.stats = SchedulerStats()
         self._global = asyncio.Semaphore(max_in_flight)
@@ -351,11 +353,13 @@ class CheckScheduler:
         try:
             async with slot.limit, self._global:
                 if planned is not None:
-                    self.lags.add(self.clock() - planned)
+                    lag = self.clock() - planned
+                    self.lags.add(lag)
+                    metrics.record_lag(lag)
                 self.stats.in_flight += 1
                 self.stats.checks += 1
                 try:
-                    return await self.checker.check(
+                    result = await self.checker.check(
                         task_id, spec, scheduled_at=scheduled_at, attempt=attempt
                     )
                 finally:
@@ -364,6 +368,10 @@ class CheckScheduler:
             slot.users -= 1
             if slot.users == 0:
                 del self._hosts[host]
+        metrics.record_check(result)
+        if not result.ok:
+            _log_failure(task_id, result)
+        return result
 
     def _settle(
         self,
@@ -450,6 +458,24 @@ class CheckScheduler:
                 await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
             await self.flush()
             collector.tick(time.monotonic())
+
+
+def _log_failure(task_id: uuid.UUID, result: CheckResult) -> None:
+    """One INFO line per failed check: a failing site is data, not an error of the checker."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    error = result.error
+    kind = str(error.kind) if error is not None else "none"
+    message = error.message if error is not None else ""
+    log.info(
+        "check of task %s failed (%s): %s", task_id, kind, message,
+        extra={
+            "task_id": str(task_id),
+            "result_id": str(result.result_id),
+            "error_kind": kind,
+            "attempt": result.attempt,
+        },
+    )  # fmt: skip
 
 
 class CollectorPolicy:

@@ -195,7 +195,7 @@ async def test_daemon_checks_publishes_and_stops_on_sigterm(
     notify.close()
     shutil.rmtree(notify_dir)
     assert "READY=1" in messages
-    assert "WATCHDOG=1" in messages
+    assert messages.count("WATCHDOG=1") >= 2  # fed all along, not once
     assert "STOPPING=1" in messages
     assert "stopping" in text
     assert "stopped" in text
