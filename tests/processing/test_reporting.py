@@ -177,7 +177,10 @@ def test_report_bad_arguments_exit_2_with_one_line(args: list[str], message: str
 def test_report_and_migrate_commands(kafka: Any, schema_dsn: str) -> None:
     env = {**kafka.env(), "POSTGRESQL_CONNECTION": schema_dsn}
     first = run_cli("checker_processing.cli", "migrate", env=env)
-    assert (first.returncode, first.stdout) == (0, "applied 0001_initial\n"), first.stderr
+    assert (first.returncode, first.stdout) == (
+        0,
+        "applied 0001_initial\napplied 0002_latest_results_lateral\n",
+    ), first.stderr
     again = run_cli("checker_processing.cli", "migrate", env=env)
     assert (again.returncode, again.stdout) == (0, "schema is up to date\n"), again.stderr
 

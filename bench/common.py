@@ -1,0 +1,295 @@
+"""Helpers the processor benchmarks share: the machine, a database and a broker of their own,
+result messages built fast, the processor daemon as a subprocess.
+
+Everything started here is stopped by the context managers that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg2
+from psycopg2 import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from checker_common.contract import CheckResult, decode, encode  # noqa: E402
+from checker_common.devstack import Broker, create_topics, make_certs  # noqa: E402
+
+__all__ = ["make_certs"]
+
+ADMIN_DSN = os.environ.get("BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def machine() -> str:
+    """One line: cores, CPU model, memory, PostgreSQL server version."""
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    return (
+        f"nproc {os.cpu_count()}, CPU {model}, memory {mem_kb / 1024 / 1024:.0f} GiB, "
+        f"Python {platform.python_version()}, load average at start "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+
+
+def server_version(dsn: str) -> str:
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            row = cur.fetchone()
+        return str(row[0]) if row else "?"
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def temp_database(prefix: str) -> Iterator[str]:
+    """A database of its own, dropped (with its connections) at the end."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(ADMIN_DSN, connect_timeout=5)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"{ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+        admin.close()
+
+
+def migrate(dsn: str) -> None:
+    from checker_processing import db
+    from checker_processing import migrate as migrations
+
+    conn = db.connect(dsn)
+    try:
+        migrations.apply(conn)
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class Kafka:
+    """The local broker behind mutual TLS: settings env vars and librdkafka options."""
+
+    broker: Broker
+    certs: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            "KAFKA_CONNECTION": self.broker.bootstrap,
+            "KAFKA_CA_PATH": str(self.certs / "ca.pem"),
+            "KAFKA_CERT_PATH": str(self.certs / "client.pem"),
+            "KAFKA_KEY_FILE": str(self.certs / "client.key"),
+            "KAFKA_CERT_PASS": (self.certs / "client.pass").read_text().strip(),
+        }
+
+    def config(self, **extra: Any) -> dict[str, Any]:
+        env = self.env()
+        return {
+            "bootstrap.servers": env["KAFKA_CONNECTION"],
+            "security.protocol": "SSL",
+            "ssl.ca.location": env["KAFKA_CA_PATH"],
+            "ssl.certificate.location": env["KAFKA_CERT_PATH"],
+            "ssl.key.location": env["KAFKA_KEY_FILE"],
+            "ssl.key.password": env["KAFKA_CERT_PASS"],
+            **extra,
+        }
+
+    def topic(self, partitions: int) -> str:
+        name = f"bench-{uuid.uuid4().hex[:10]}"
+        create_topics(self.config(), [name], partitions=partitions)
+        return name
+
+
+@contextlib.contextmanager
+def kafka(workdir: Path) -> Iterator[Kafka]:
+    """Tansu + stunnel (mTLS) on 127.0.0.1 with fresh development certificates."""
+    certs = make_certs(workdir / "certs")
+    broker = Broker(workdir / "broker", certs).start()
+    try:
+        yield Kafka(broker, certs)
+    finally:
+        broker.stop()
+
+
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        yield Path(tmp)
+
+
+# -- messages --------------------------------------------------------------------------------
+
+TASK_MARK = "00000000-0000-4000-8000-00000000aaaa"
+RESULT_MARK = "00000000-0000-4000-8000-00000000bbbb"
+STAMP_MARK = "2000-01-01T00:00:00.000000Z"
+
+
+def task_id(n: int) -> str:
+    return f"00000000-0000-4000-8000-{n:012x}"
+
+
+class MessageTemplate:
+    """The JSON of one realistic result from `contract.encode`, with the task id, result id
+    and timestamp swapped in by string formatting (1M messages in seconds, not minutes).
+    `check()` proves a built message still decodes under the contract."""
+
+    def __init__(self, *, down: bool = False) -> None:
+        fields: dict[str, Any] = {
+            "result_id": uuid.UUID(RESULT_MARK),
+            "name": "shop front page",
+            "url": "https://shop.example.test/en/index.html",
+            "timestamp": datetime(2000, 1, 1, tzinfo=UTC),
+            "scheduled_at": None,
+            "status": 200,
+            "load_time": 0.0123,
+            "pattern_search": "match",
+            "ok": True,
+            "health": "up",
+            "timings": {
+                "dns": 0.0011,
+                "connect": 0.0021,
+                "tls": 0.0042,
+                "ttfb": 0.0038,
+                "transfer": 0.0011,
+            },
+            "bytes": 48213,
+            "final_url": "https://shop.example.test/en/index.html",
+            "cert_expires_at": datetime(2027, 3, 1, tzinfo=UTC),
+        }
+        if down:
+            fields.update(
+                status=503,
+                ok=False,
+                health="down",
+                pattern_search=None,
+                error={"kind": "status", "message": "status 503 is not in 200-399"},
+            )
+        _, value = encode(uuid.UUID(TASK_MARK), CheckResult.model_validate(fields))
+        text = value.decode()
+        stamp = orjson.loads(value)[TASK_MARK]["timestamp"]
+        assert text.count(TASK_MARK) == 1, text
+        assert text.count(RESULT_MARK) == 1, text
+        assert text.count(stamp) == 1, text
+        self.format = (
+            text.replace("%", "%%")
+            .replace(TASK_MARK, "%(task)s")
+            .replace(RESULT_MARK, "%(result)s")
+            .replace(stamp, "%(stamp)s")
+        )
+        self.load_time = float(fields["load_time"])
+
+    def build(self, task: str, result: str, stamp: datetime) -> bytes:
+        iso = stamp.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        return (self.format % {"task": task, "result": result, "stamp": iso}).encode()
+
+    def check(self) -> None:
+        now = datetime.now(UTC)
+        result = str(uuid.uuid4())
+        decoded = decode(self.build(task_id(7), result, now))
+        assert str(decoded.task_id) == task_id(7)
+        assert str(decoded.result.result_id) == result
+        assert decoded.result.timestamp == now
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+
+def snapshot(revision: str, out: Path) -> tuple[Path, str]:
+    """The packages as committed at `revision` (read-only `git archive`), so a benchmark
+    measures a known version while others edit the work tree. Returns (dir, commit)."""
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", revision],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    out.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", commit, "checker_common", "checker_processing"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out, commit
+
+
+class Daemon:
+    """`python -m checker_processing.cli run` with only the given settings; `source` is the
+    directory its packages are imported from (default: the work tree)."""
+
+    def __init__(self, env: dict[str, str], log: Path, source: Path = ROOT) -> None:
+        base = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
+        base["PYTHONPATH"] = str(source)
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "checker_processing.cli", "run"],
+                env={**base, **env},
+                cwd=source,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout=10)
+
+    def tail(self, chars: int = 2000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+@contextlib.contextmanager
+def daemon(env: dict[str, str], log: Path, source: Path = ROOT) -> Iterator[Daemon]:
+    started = Daemon(env, log, source)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (pure)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), math.ceil(q * len(ordered))))
+    return ordered[rank - 1]
