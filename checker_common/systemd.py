@@ -37,9 +37,16 @@ class Notifier:
         if self._address is None:
             return False
         if self._socket is None:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a reader that stops reading must never freeze the daemon's loop;
+            # a datagram that does not fit is dropped (the next watchdog ping follows soon).
+            self._socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         try:
             self._socket.sendto("\n".join(states).encode(), self._address)
+        except BlockingIOError:
+            log.debug("systemd notify socket full; dropped %s", states)
+            return False
         except OSError as exc:
             log.warning("cannot notify systemd: %s", exc)
             return False

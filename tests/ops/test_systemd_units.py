@@ -68,3 +68,15 @@ def test_notifier_is_a_no_op_outside_systemd() -> None:
     assert not notifier.enabled
     assert not notifier.ready()
     assert not notifier.watchdog()
+
+
+def test_notifier_never_blocks_when_nobody_reads(tmp_path: Path) -> None:
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+        # The receive queue holds only a few datagrams; a blocking send would hang here.
+        sent = [notifier.status(f"tick {i}") for i in range(500)]
+        assert sent[0] is True
+        assert False in sent
+        notifier.close()

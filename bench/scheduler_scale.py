@@ -1,0 +1,389 @@
+"""Scheduler at scale: the real checker daemon with N tasks against one local nginx page.
+
+    .venv/bin/python bench/scheduler_scale.py --tasks 10000 --interval 10 --intervals 3 --runs 3
+    .venv/bin/python bench/scheduler_scale.py --tasks 100000 --interval 60 --intervals 3 \
+        --plot bench/results/lag-100k.png
+
+Per run: a fresh broker (tansu + stunnel mTLS) and topic, N tasks bulk-written into a new
+SQLite store, then `python -m periodic_checker.cli run` as a subprocess. The bench binds a
+NOTIFY_SOCKET to time start-up (process start -> READY=1) and consumes the topic itself.
+
+Measured in a window of `--intervals` whole intervals that starts one interval after READY
+(slots that pass while loading are skipped by design, see scheduler.py): every task has
+exactly `intervals` slots in it, so expected = N x intervals results whose `scheduled_at` lies
+in the window; missed = expected - distinct (task, scheduled_at) pairs received. Lag is
+`timestamp - scheduled_at` of those results. CPU and VmRSS are read from /proc/<pid> of the
+daemon each second; the load average is sampled with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import orjson  # noqa: E402
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: E402
+
+from bench.common import Kafka, kafka, machine, workdir  # noqa: E402
+from bench.probe_engine import PATTERN, start_nginx  # noqa: E402
+from checker_common.devstack import free_port, stop_process  # noqa: E402
+from periodic_checker.store import _COLUMNS, _NCOLUMNS, SQLiteTaskStore, _task_to_row  # noqa: E402
+from periodic_checker.tasks import Task, TaskSpec  # noqa: E402
+
+PYTHON = ROOT / ".venv" / "bin" / "python"
+START_TIMEOUT = 300.0
+# After the window closes, results still being checked or batched by the producer arrive.
+DRAIN = 15.0
+PARTITIONS = 3
+
+
+def write_tasks(path: Path, count: int, url: str, interval: float) -> float:
+    """Bulk-insert `count` tasks in one transaction (the store's own row shape); seconds."""
+    started = time.monotonic()
+    store = SQLiteTaskStore(path, max_tasks=count)  # creates the schema
+    now = datetime.now(UTC)
+    spec = TaskSpec(
+        name="x", url=url, pattern=PATTERN, interval=interval, timeout=min(5, interval / 2)
+    )
+    template = Task(id=uuid.uuid4(), spec=spec, created_at=now, updated_at=now)
+    spec_json = spec.model_dump_json()
+    rows = []
+    for n in range(count):
+        row = list(_task_to_row(template))
+        row[0] = str(uuid.uuid4())
+        row[1] = f"bench-{n}"
+        spec_n = spec_json.replace('"name":"x"', f'"name":"bench-{n}"', 1)
+        row[3] = spec_n
+        rows.append(tuple(row))
+    db = store._db  # the bench writes in bulk; the store's API inserts one task a transaction
+    db.execute("BEGIN")
+    db.executemany(f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * _NCOLUMNS)})", rows)
+    db.execute("COMMIT")
+    store.close()
+    return time.monotonic() - started
+
+
+def proc_sample(pid: int) -> tuple[float, int]:
+    """(CPU seconds user+system, VmRSS bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    return cpu, rss
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+@dataclass
+class RunResult:
+    tasks: int
+    interval: float
+    intervals: int
+    startup_s: float
+    write_s: float
+    expected: int
+    received: int
+    missed: int
+    duplicates: int
+    failed: int
+    lag_p50: float
+    lag_p99: float
+    lag_max: float
+    cpu_s: float
+    window_s: float
+    rss_start_mb: float
+    rss_max_mb: float
+    load_avg: list[float]
+    series: list[tuple[float, float]] = field(default_factory=list)  # (s into window, lag)
+    all_results: int = 0  # every result read, planned inside the window or not
+    daemon_status: dict[str, object] = field(default_factory=dict)  # GET /status at window end
+
+
+def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: int) -> RunResult:
+    topic = kafka_.topic(partitions=PARTITIONS)
+    with workdir() as work:
+        store = work / "tasks.sqlite3"
+        write_s = write_tasks(store, tasks, page, interval)
+        notify_path = work / "notify.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.settimeout(1.0)
+        env = {
+            **os.environ,
+            **kafka_.env(),
+            "KAFKA_TOPIC": topic,
+            "TASK_STORAGE": str(store),
+            "MAX_TASKS": str(tasks),
+            "API_PORT": str(free_port()),
+            # Every bench task targets the same host; real task sets spread over many.
+            "PER_HOST_IN_FLIGHT": "500",
+            "LOG_LEVEL": "WARNING",
+            "NOTIFY_SOCKET": str(notify_path),
+        }
+        # Partitions assigned by hand: a group join takes about 20 s with this broker.
+        consumer = Consumer(
+            kafka_.config(
+                **{"group.id": f"bench-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
+            )
+        )
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+        log = (work / "daemon.log").open("wb")
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [str(PYTHON), "-m", "periodic_checker.cli", "run"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=work,
+        )
+        try:
+            ready_at = wait_ready(notify, proc, started)
+            startup = ready_at - started
+            print(f"  ready after {startup:.1f} s", file=sys.stderr)
+            window_start = time.time() + interval
+            window_end = window_start + intervals * interval
+            _, rss_start = proc_sample(proc.pid)
+            rss_max = rss_start
+            loads: list[float] = []
+            cpu_at_start: float | None = None
+            cpu_at_end: float | None = None
+            seen: set[tuple[str, str]] = set()
+            lags: list[float] = []
+            series: list[tuple[float, float]] = []
+            received = duplicates = failed = all_results = 0
+            status: dict[str, object] = {}
+            next_sample = 0.0
+            stop_at = window_end + DRAIN
+            while time.time() < stop_at:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited with {proc.returncode}; see its log")
+                drain_notify(notify)  # the daemon's STATUS= updates block it once the queue is full
+                now = time.time()
+                if now >= next_sample:
+                    next_sample = now + 1.0
+                    cpu, rss = proc_sample(proc.pid)
+                    rss_max = max(rss_max, rss)
+                    if cpu_at_start is None and now >= window_start:
+                        cpu_at_start, t_cpu0 = cpu, now
+                    if cpu_at_end is None and now >= window_end:
+                        cpu_at_end, t_cpu1 = cpu, now
+                        status = daemon_status(int(env["API_PORT"]))
+                    if window_start <= now <= window_end:
+                        loads.append(os.getloadavg()[0])
+                for message in consumer.consume(5000, timeout=0.2):
+                    value = message.value()
+                    if message.error() is not None or value is None:
+                        continue
+                    ((task_id, result),) = orjson.loads(value).items()
+                    planned = result.get("scheduled_at")
+                    if planned is None:
+                        continue
+                    planned_t = datetime.fromisoformat(planned).timestamp()
+                    lag = datetime.fromisoformat(result["timestamp"]).timestamp() - planned_t
+                    all_results += 1
+                    series.append((planned_t - window_start, lag))
+                    if not window_start <= planned_t < window_end:
+                        continue
+                    key = (task_id, planned)
+                    if key in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(key)
+                    received += 1
+                    failed += not result["ok"]
+                    lags.append(lag)
+            assert cpu_at_start is not None
+            assert cpu_at_end is not None
+            expected = tasks * intervals
+            return RunResult(
+                tasks=tasks,
+                interval=interval,
+                intervals=intervals,
+                startup_s=startup,
+                write_s=write_s,
+                expected=expected,
+                received=received,
+                missed=expected - received,
+                duplicates=duplicates,
+                failed=failed,
+                lag_p50=pct(lags, 50),
+                lag_p99=pct(lags, 99),
+                lag_max=max(lags, default=float("nan")),
+                cpu_s=cpu_at_end - cpu_at_start,
+                window_s=t_cpu1 - t_cpu0,
+                rss_start_mb=rss_start / 2**20,
+                rss_max_mb=rss_max / 2**20,
+                load_avg=[min(loads, default=0), statistics.mean(loads or [0]), max(loads or [0])],
+                series=series,
+                all_results=all_results,
+                daemon_status=status,
+            )
+        finally:
+            stop_process(proc, timeout=60)
+            consumer.close()
+            notify.close()
+            log.close()
+            tail = (work / "daemon.log").read_text(errors="replace").splitlines()[-5:]
+            if tail:
+                print("  daemon log tail:\n    " + "\n    ".join(tail), file=sys.stderr)
+
+
+def daemon_status(port: int) -> dict[str, object]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as answer:
+            return dict(json.loads(answer.read()))
+    except (OSError, ValueError) as exc:
+        return {"error": str(exc)}
+
+
+def drain_notify(notify: socket.socket) -> None:
+    notify.setblocking(False)
+    try:
+        while notify.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
+    finally:
+        notify.settimeout(1.0)
+
+
+def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], started: float) -> float:
+    while time.monotonic() - started < START_TIMEOUT:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} before READY=1")
+        try:
+            data = notify.recv(4096)
+        except TimeoutError:
+            continue
+        if b"READY=1" in data.split(b"\n"):
+            return time.monotonic()
+    raise RuntimeError("no READY=1 within the start time-out")
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for n, run in enumerate(results):
+        xs = [x for x, _ in run.series]
+        ys = [y * 1000 for _, y in run.series]
+        ax.scatter(xs, ys, s=1, alpha=0.3, label=f"run {n + 1}")
+        # p99 per second, to see the tail over time
+        buckets: dict[int, list[float]] = {}
+        for x, y in zip(xs, ys, strict=True):
+            buckets.setdefault(int(x), []).append(y)
+        secs = sorted(buckets)
+        ax.plot(secs, [pct(buckets[s], 99) for s in secs], linewidth=1, label=f"run {n + 1} p99/s")
+    run0 = results[0]
+    ax.set_title(
+        f"Schedule lag, {run0.tasks:,} tasks every {run0.interval:g} s on one checker process"
+    )
+    ax.set_xlabel(
+        "planned start, seconds from the measured window's start (0 = READY + 1 interval)"
+    )
+    ax.set_ylabel("lag: actual start - planned (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right", markerscale=8, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--interval", type=float, default=10.0)
+    parser.add_argument("--intervals", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--plot", type=Path, help="PNG of lag over time")
+    parser.add_argument("--json", type=Path, help="also write the figures (no series) here")
+    args = parser.parse_args()
+    print(machine(), file=sys.stderr)
+    results: list[RunResult] = []
+    with workdir() as work, kafka(work) as kafka_:
+        www = work / "nginx"
+        www.mkdir()
+        www.chmod(0o755)
+        work.chmod(0o755)  # nginx workers run as an unprivileged user
+        port = free_port()
+        nginx = start_nginx(www, port)
+        try:
+            for n in range(args.runs):
+                print(f"run {n + 1}/{args.runs}", file=sys.stderr)
+                run = one_run(
+                    kafka_, f"http://127.0.0.1:{port}/", args.tasks, args.interval, args.intervals
+                )
+                results.append(run)
+                print(f"  {summary_line(run)}", file=sys.stderr)
+        finally:
+            stop_process(nginx)
+    print(table(results))
+    for n, r in enumerate(results):
+        print(
+            f"\nrun {n + 1}: {r.all_results:,} results read in all; daemon /status at the end"
+            f" of the window: {json.dumps(r.daemon_status)}"
+        )
+    if args.plot:
+        plot(results, args.plot)
+    if args.json:
+        rows = [{k: v for k, v in vars(r).items() if k != "series"} for r in results]
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def summary_line(r: RunResult) -> str:
+    return (
+        f"start-up {r.startup_s:.1f} s, expected {r.expected}, received {r.received}, "
+        f"missed {r.missed}, failed {r.failed}, lag p50/p99/max "
+        f"{r.lag_p50 * 1000:.1f}/{r.lag_p99 * 1000:.1f}/{r.lag_max * 1000:.0f} ms, "
+        f"CPU {r.cpu_s / r.window_s:.2f} cores, RSS {r.rss_start_mb:.0f}->{r.rss_max_mb:.0f} MB, "
+        f"load {r.load_avg[1]:.2f}"
+    )
+
+
+def table(results: list[RunResult]) -> str:
+    lines = [
+        "| run | tasks / interval | start-up to READY | checks expected | received | missed "
+        "| failed | lag p50 | lag p99 | lag max | checker CPU (cores) | CPU ms per check "
+        "| VmRSS after start / max | load avg (min/mean/max) |",
+        "|---" * 14 + "|",
+    ]
+    for n, r in enumerate(results):
+        per_check = r.cpu_s / max(1, r.received) * 1000
+        lines.append(
+            f"| {n + 1} | {r.tasks:,} / {r.interval:g} s | {r.startup_s:.1f} s | {r.expected:,} "
+            f"| {r.received:,} | {r.missed} | {r.failed} | {r.lag_p50 * 1000:.1f} ms "
+            f"| {r.lag_p99 * 1000:.1f} ms | {r.lag_max * 1000:.0f} ms "
+            f"| {r.cpu_s / r.window_s:.2f} | {per_check:.2f} "
+            f"| {r.rss_start_mb:.0f} / {r.rss_max_mb:.0f} MB "
+            f"| {r.load_avg[0]:.1f} / {r.load_avg[1]:.1f} / {r.load_avg[2]:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
