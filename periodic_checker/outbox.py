@@ -103,7 +103,10 @@ class Outbox:
                 added = self._db.total_changes - before
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (disk full): a ROLLBACK
+                # then fails and would hide the real error.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
             self._count += added
             self._next_seq = max(self._next_seq, max(r.seq for r in rows) + 1)
@@ -129,7 +132,10 @@ class Outbox:
                 removed = self._db.total_changes - before
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (disk full): a ROLLBACK
+                # then fails and would hide the real error.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
             self._count -= removed
 

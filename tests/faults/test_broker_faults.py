@@ -1,0 +1,89 @@
+"""The broker goes away while checks run: longer than the producer's message time-out (results
+wait in the outbox), and flapping. Nothing is lost, nothing doubled, both daemons recover by
+themselves. FAULTS_FULL=1 runs the long versions (60 s at 1,000 checks/s, a minute of flaps)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from faults.faults_support import (
+    DRAIN_DEADLINE_S,
+    FULL,
+    broker_cut,
+    now_utc,
+    pipeline,
+    recovery_seconds,
+)
+
+from helpers import KafkaTarget
+
+pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres]
+
+TASKS = 1_000 if FULL else 150  # each checked once a second
+OUTAGE_S = 60.0 if FULL else 10.0
+FLAP_S = 60.0 if FULL else 18.0
+FLAP_PERIOD_S = 3.0
+
+
+def test_broker_outage_longer_than_the_message_timeout_loses_nothing(
+    kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
+) -> None:
+    broker = kafka.require_local()
+    with pipeline(kafka, topic, pg_dsn, tmp_path) as line:
+        line.seed(TASKS)
+        line.start_processor()
+        line.start_checker(KAFKA_MESSAGE_TIMEOUT_MS=3000)
+        line.wait_for_rows(TASKS, "results flowing before the outage")
+        with broker_cut(broker):
+            time.sleep(OUTAGE_S)  # the fault itself lasts this long
+        ended = now_utc()
+        outbox_used = "result kept in the outbox" in line.checker.text()
+        # Recovered by itself: the backlog is delivered while checks go on.
+        drained = line.wait_outbox_empty(DRAIN_DEADLINE_S)
+        line.wait_for_rows(line.rows() + 2 * TASKS, "results after the outage")
+        tally = line.finish()
+        recovery = recovery_seconds(line.dsn, ended)
+    tally.report(
+        "broker_outage",
+        tasks=TASKS,
+        outage_s=OUTAGE_S,
+        outbox_drained_s=drained,
+        recovery_s=recovery if recovery is not None else -1.0,
+    )
+    assert outbox_used, "an outage past the message time-out must go through the outbox"
+    assert tally.lost == tally.duplicates == tally.unknown == tally.outbox_left == 0
+    assert tally.rows == tally.produced
+
+
+def test_broker_flapping_loses_nothing(
+    kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
+) -> None:
+    broker = kafka.require_local()
+    with pipeline(kafka, topic, pg_dsn, tmp_path) as line:
+        line.seed(TASKS)
+        line.start_processor()
+        line.start_checker(KAFKA_MESSAGE_TIMEOUT_MS=3000)
+        line.wait_for_rows(TASKS, "results flowing before the flaps")
+        flaps = 0
+        started = time.monotonic()
+        while time.monotonic() - started < FLAP_S:
+            with broker_cut(broker):
+                flaps += 1
+                time.sleep(FLAP_PERIOD_S)
+            time.sleep(FLAP_PERIOD_S)
+        ended = now_utc()
+        drained = line.wait_outbox_empty(DRAIN_DEADLINE_S)
+        line.wait_for_rows(line.rows() + 2 * TASKS, "results after the flaps")
+        tally = line.finish()
+        recovery = recovery_seconds(line.dsn, ended)
+    tally.report(
+        "broker_flapping",
+        tasks=TASKS,
+        flaps=flaps,
+        outbox_drained_s=drained,
+        recovery_s=recovery if recovery is not None else -1.0,
+    )
+    assert tally.lost == tally.duplicates == tally.unknown == tally.outbox_left == 0
+    assert tally.rows == tally.produced
