@@ -13,10 +13,11 @@ with the task id as its only top-level key::
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -169,6 +170,199 @@ def decode(
     except ValidationError as exc:
         raise ContractError(_first_error(exc)) from None
     return Decoded(task_id=task_id, result=result, legacy=legacy)
+
+
+class Plain(NamedTuple):
+    """A decoded message as plain values, for writers that only pass them on.
+
+    `body` has every CheckResult field as JSON values: str UUIDs (lower case, canonical),
+    timestamps as ISO 8601 UTC strings, enums as their values, `error` a dict or None,
+    `timings` a dict with all five phases. `checked_at` is the parsed `timestamp`.
+    """
+
+    task_id: str
+    body: dict[str, Any]
+    checked_at: datetime
+    legacy: bool
+
+
+def decode_plain(
+    value: bytes | None,
+    *,
+    topic: str = "",
+    partition: int = 0,
+    offset: int = 0,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Plain:
+    """`decode()` for the ingest path: the same messages accepted, the same errors raised.
+
+    Messages in the shape `encode()` writes are checked by hand in one pass over orjson's
+    output (several times faster than pydantic on a dict); anything else (the legacy shape,
+    lax spellings pydantic would coerce, every error) goes through `decode()` itself, so the
+    model stays the one definition and every error text comes from it.
+    """
+    if value is not None and len(value) <= max_bytes:
+        plain = _plain_fast(value)
+        if plain is not None:
+            return plain
+    decoded = decode(value, topic=topic, partition=partition, offset=offset, max_bytes=max_bytes)
+    result = decoded.result
+    return Plain(
+        str(decoded.task_id), result.model_dump(mode="json"), result.timestamp, decoded.legacy
+    )
+
+
+# Only the canonical spellings; pydantic accepts more (upper case, no hyphens, other offsets),
+# and those take the model's path.
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z").match
+_UTC_ISO = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|\+00:00)\Z"
+).match
+_HEALTH = frozenset(h.value for h in Health)
+_PATTERN = frozenset(p.value for p in PatternResult)
+_KINDS = frozenset(k.value for k in ErrorKind)
+_PHASES = ("dns", "connect", "tls", "ttfb", "transfer")
+_NO_TIMINGS: dict[str, Any] = {}
+# Larger JSON integers could round differently as a float; the model decides those.
+_EXACT_FLOAT_INT = 2**53
+
+
+def _utc(text: Any) -> datetime | None:
+    """A canonical ISO 8601 UTC string as an aware datetime; None when unsure."""
+    if type(text) is not str or not _UTC_ISO(text):
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:  # 2026-02-30, 25:00: the model says what is wrong
+        return None
+
+
+def _seconds(value: Any) -> float | None:
+    """A JSON number >= 0 as a float; None when unsure (also for a missing value)."""
+    if type(value) is float:
+        return value if value >= 0 else None
+    if type(value) is int and 0 <= value < _EXACT_FLOAT_INT:
+        return float(value)
+    return None
+
+
+def _plain_fast(value: bytes) -> Plain | None:
+    """The message as Plain if it is in the canonical shape and valid; None otherwise (then
+    `decode()` decides). Mirrors CheckResult's fields and constraints one by one."""
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if type(document) is not dict or len(document) != 1:
+        return None
+    ((task_id, body),) = document.items()
+    if not _UUID(task_id) or type(body) is not dict:
+        return None
+    get = body.get
+    version = get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        return None
+    result_id, name, url, method = get("result_id"), get("name"), get("url"), get("method", "GET")
+    if not (
+        type(result_id) is str
+        and _UUID(result_id)
+        and type(name) is str
+        and len(name) <= 200
+        and type(url) is str
+        and len(url) <= 8192
+        and type(method) is str
+        and len(method) <= 10
+    ):
+        return None
+    stamp = get("timestamp")
+    checked_at = _utc(stamp)
+    if checked_at is None:
+        return None
+    scheduled_at = get("scheduled_at")
+    if scheduled_at is not None and _utc(scheduled_at) is None:
+        return None
+    cert_expires_at = get("cert_expires_at")
+    if cert_expires_at is not None and _utc(cert_expires_at) is None:
+        return None
+    attempt, status, bytes_, redirects = (
+        get("attempt", 1),
+        get("status"),
+        get("bytes", 0),
+        get("redirects", 0),
+    )
+    if not (
+        type(attempt) is int
+        and attempt >= 1
+        and (status is None or (type(status) is int and 100 <= status <= 999))
+        and type(bytes_) is int
+        and bytes_ >= 0
+        and type(redirects) is int
+        and redirects >= 0
+    ):
+        return None
+    load_time = _seconds(get("load_time"))
+    if load_time is None:
+        return None
+    pattern, ok, health = get("pattern_search"), get("ok"), get("health", "unknown")
+    if not (
+        (pattern is None or (type(pattern) is str and pattern in _PATTERN))
+        and type(ok) is bool
+        and type(health) is str
+        and health in _HEALTH
+    ):
+        return None
+    error = get("error")
+    if error is not None:
+        if type(error) is not dict or len(error) != 2:
+            return None
+        kind, message = error.get("kind"), error.get("message")
+        if not (
+            type(kind) is str and kind in _KINDS and type(message) is str and len(message) <= 2000
+        ):
+            return None
+        error = {"kind": kind, "message": message}
+    raw_timings = get("timings", _NO_TIMINGS)
+    if type(raw_timings) is not dict:
+        return None
+    timings: dict[str, float | None] = {}
+    for phase in _PHASES:
+        seconds = raw_timings.get(phase)
+        if seconds is not None:
+            seconds = _seconds(seconds)
+            if seconds is None:
+                return None
+        timings[phase] = seconds
+    if len(raw_timings) > len(_PHASES) or not raw_timings.keys() <= timings.keys():
+        return None  # an unknown phase: the model forbids extras
+    final_url = get("final_url")
+    if final_url is not None and (type(final_url) is not str or len(final_url) > 8192):
+        return None
+    return Plain(
+        task_id,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "result_id": result_id,
+            "name": name,
+            "url": url,
+            "method": method,
+            "timestamp": stamp,
+            "scheduled_at": scheduled_at,
+            "attempt": attempt,
+            "status": status,
+            "load_time": load_time,
+            "pattern_search": pattern,
+            "ok": ok,
+            "health": health,
+            "error": error,
+            "timings": timings,
+            "bytes": bytes_,
+            "final_url": final_url,
+            "redirects": redirects,
+            "cert_expires_at": cert_expires_at,
+        },
+        checked_at,
+        False,
+    )
 
 
 def legacy_result_id(topic: str, partition: int, offset: int) -> uuid.UUID:

@@ -3,6 +3,10 @@
 Offsets are committed by hand and only after the batch's rows are committed in PostgreSQL.
 While the database is away the batch is kept, the assigned partitions are paused and the
 consumer keeps being polled, so it stays in its group; the write is retried with backoff.
+
+While draining a backlog (a batch came back full) the next batch is taken from what the
+consumer has already fetched, and decoded in a helper thread while this one is in the
+database: the two halves of the work overlap, the order of writes and commits does not change.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,7 +26,7 @@ import psycopg2
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from checker_processing.db import TRANSIENT_ERRORS
-from checker_processing.writer import Outcome, Record
+from checker_processing.writer import Outcome, Prepared, Record
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,9 @@ BACKOFF_MAX_S = 15.0
 SHUTDOWN_GRACE_S = 20.0
 MAINTENANCE_EVERY_S = 3600.0
 MAINTENANCE_RETRY_S = 60.0
+# While a batch is prepared beside a write, the writing thread needs the GIL back after every
+# database round trip; the default 5 ms switch interval would add up to that much to each.
+SWITCH_INTERVAL_S = 0.0005
 
 EXIT_OK = 0
 EXIT_GAVE_UP = 1
@@ -39,7 +48,9 @@ TopicPartitionKey = tuple[str, int]
 
 
 class BatchWriter(Protocol):
-    def write(self, records: Sequence[Record]) -> Outcome: ...
+    def prepare(self, records: Sequence[Record]) -> Prepared: ...
+
+    def write(self, records: Sequence[Record], prepared: Prepared | None = None) -> Outcome: ...
 
 
 class Events:
@@ -122,6 +133,9 @@ class Processor:
         # Offsets whose rows are in PostgreSQL but that the broker has not acknowledged yet.
         self.pending: dict[TopicPartitionKey, int] = {}
         self.in_hand: list[Record] = []
+        # The next batch, consumed while draining a backlog, and its preparation.
+        self.ahead: list[Record] = []
+        self.ahead_prepared: Future[Prepared] | None = None
         self.next_maintenance = 0.0
 
     # -- group membership ------------------------------------------------------------------
@@ -148,7 +162,9 @@ class Processor:
         self._forget(lost)
 
     def _forget(self, keys: set[TopicPartitionKey]) -> None:
+        # New lists: a preparation made from the old ones no longer applies.
         self.in_hand = [r for r in self.in_hand if (r.topic, r.partition) not in keys]
+        self.ahead = [r for r in self.ahead if (r.topic, r.partition) not in keys]
         for key in keys:
             self.pending.pop(key, None)
 
@@ -157,20 +173,33 @@ class Processor:
     def run(self) -> int:
         self.subscribe()
         status = EXIT_OK
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         try:
             while not self.stop.is_set():
                 self.events.tick()
                 self._maybe_maintain()
-                self.in_hand = self._consume(self.batch_max_messages, self.batch_timeout_s)
+                prepared = None
+                if self.ahead:
+                    self.in_hand, self.ahead = self.ahead, []
+                    prepared = self._prepared_ahead(self.in_hand)
+                else:
+                    self.in_hand = self._consume(self.batch_max_messages, self.batch_timeout_s)
                 self.events.polled(len(self.in_hand))
                 if self.pending:
                     self._commit_pending()
                 if not self.in_hand:
                     continue
-                if not self._write_in_hand():
+                if len(self.in_hand) >= self.batch_max_messages:
+                    self._read_ahead(preparer)
+                if not self._write_in_hand(prepared):
                     status = EXIT_GAVE_UP
                     break
         finally:
+            # Records read ahead are not written: their offsets are not committed either.
+            preparer.shutdown(wait=True, cancel_futures=True)
+            sys.setswitchinterval(switch_interval)
             if status == EXIT_OK:
                 self._commit_pending()
             try:
@@ -212,7 +241,27 @@ class Processor:
             )
         return records
 
-    def _write_in_hand(self) -> bool:
+    def _read_ahead(self, preparer: ThreadPoolExecutor) -> None:
+        """Take the next batch from what is fetched already (no wait) and start preparing it."""
+        self.ahead = self._consume(self.batch_max_messages, 0)
+        self.ahead_prepared = (
+            preparer.submit(self.writer.prepare, self.ahead) if self.ahead else None
+        )
+
+    def _prepared_ahead(self, records: list[Record]) -> Prepared | None:
+        """The preparation of `records` if it is theirs (none after a revocation changed
+        them); the writer prepares again when given none."""
+        future, self.ahead_prepared = self.ahead_prepared, None
+        if future is None:
+            return None
+        try:
+            prepared = future.result()
+        except Exception:  # prepare is pure; should it fail, write() fails the same way
+            log.exception("preparing a batch ahead failed")
+            return None
+        return prepared if prepared.records is records else None
+
+    def _write_in_hand(self, prepared: Prepared | None = None) -> bool:
         """Write the batch in hand, retrying through database outages; then commit offsets.
         False when a stop request outlasted the outage (offsets stay uncommitted)."""
         attempt = 0
@@ -222,7 +271,7 @@ class Processor:
             while True:
                 started = time.monotonic()
                 try:
-                    outcome = self.writer.write(self.in_hand)
+                    outcome = self.writer.write(self.in_hand, prepared)
                     break
                 except TRANSIENT_ERRORS as exc:
                     attempt += 1

@@ -1,10 +1,13 @@
 """Writes a batch of Kafka records to PostgreSQL in one transaction, exactly once per result.
 
-Rows go through COPY into a per-connection staging table and one
-INSERT ... ON CONFLICT DO NOTHING RETURNING; only the rows that were really new update the
-tasks table and the incidents, so a redelivered batch changes nothing. Records that break the
-contract, and rows the database refuses, go to rejected_messages with their raw bytes.
-Connection trouble is raised to the caller (who keeps the batch and retries).
+A batch is first COPied straight into check_results inside a savepoint: a normal batch holds
+only new results, and then every row is new. If any result is already stored (a redelivery),
+the primary key refuses the COPY; the batch then goes back to the savepoint and through a
+per-connection staging table and one INSERT ... ON CONFLICT DO NOTHING RETURNING. Either way
+only the rows that were really new update the tasks table and the incidents, so a redelivered
+batch changes nothing. Records that break the contract, and rows the database refuses, go to
+rejected_messages with their raw bytes. Connection trouble is raised to the caller (who keeps
+the batch and retries).
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg2
+import psycopg2.errors
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from checker_common.contract import ContractError, Decoded, Health, decode
+from checker_common.contract import ContractError, Health, Plain, decode_plain
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +80,9 @@ RETURNING task_id, result_id, checked_at, name, url, method, status_code, ok, he
 """
 
 
-@dataclass(frozen=True)
-class Record:
-    """One Kafka message as read: where it was and its raw bytes."""
+class Record(NamedTuple):
+    """One Kafka message as read: where it was and its raw bytes (a tuple: one is built per
+    message consumed, and a frozen dataclass costs several times as much to build)."""
 
     topic: str
     partition: int
@@ -86,10 +91,9 @@ class Record:
     value: bytes | None
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     record: Record
-    decoded: Decoded
+    plain: Plain
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def parse(records: Iterable[Record], max_bytes: int) -> tuple[list[Row], list[Re
     rejected: list[Rejection] = []
     for record in records:
         try:
-            decoded = decode(
+            plain = decode_plain(
                 record.value,
                 topic=record.topic,
                 partition=record.partition,
@@ -130,66 +134,74 @@ def parse(records: Iterable[Record], max_bytes: int) -> tuple[list[Row], list[Re
         except ContractError as exc:
             rejected.append(Rejection(record, str(exc)))
         else:
-            rows.append(Row(record, decoded))
+            rows.append(Row(record, plain))
     return rows, rejected
 
 
-def row_values(row: Row) -> tuple[Any, ...]:
-    """The COPY values of one row, in COLUMNS order."""
-    r = row.decoded.result
-    t = r.timings
+def copy_text(rows: Iterable[Row]) -> str:
+    """Rows in COPY text format, COLUMNS order (pure). Each column has its own formatter:
+    only free text is escaped; UUIDs, enum values and the message's own ISO 8601 UTC strings
+    go as they are (the contract admits nothing there that COPY would misread). A NUL in a
+    string is left in: the server refuses it, and that row is then found and rejected like any
+    other the database will not take."""
+    lines = []
+    tails: dict[tuple[str, int, bool], str] = {}
+    for record, plain in rows:
+        b = plain.body
+        t = b["timings"]
+        e = b["error"]
+        tail_key = (record.topic, record.partition, plain.legacy)
+        tail = tails.get(tail_key)
+        if tail is None:
+            tail = tails[tail_key] = (
+                f"{'t' if plain.legacy else 'f'}\t{_text(record.topic)}\t{record.partition}"
+            )
+        # Inline None tests, not helper calls: this runs for every column of every row.
+        n = _NULL
+        lines.append(
+            f"{b['result_id']}\t{b['timestamp']}\t{plain.task_id}\t{_text(b['name'])}"
+            f"\t{_text(b['url'])}\t{_text(b['method'])}"
+            f"\t{n if (v := b['scheduled_at']) is None else v}"
+            f"\t{b['attempt']}\t{n if (v := b['status']) is None else v}\t{b['load_time']}"
+            f"\t{n if (v := b['pattern_search']) is None else v}"
+            f"\t{'t' if b['ok'] else 'f'}\t{b['health']}"
+            f"\t{e['kind'] if e else n}\t{_text(e['message']) if e else n}"
+            f"\t{n if (v := t['dns']) is None else v}\t{n if (v := t['connect']) is None else v}"
+            f"\t{n if (v := t['tls']) is None else v}\t{n if (v := t['ttfb']) is None else v}"
+            f"\t{n if (v := t['transfer']) is None else v}\t{b['bytes']}"
+            f"\t{n if (v := b['final_url']) is None else _text(v)}\t{b['redirects']}"
+            f"\t{n if (v := b['cert_expires_at']) is None else v}\t{tail}\t{record.offset}\n"
+        )
+    return "".join(lines)
+
+
+_NULL = "\\N"
+_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]").search
+
+
+def _text(value: str) -> str:
+    if _NEEDS_ESCAPE(value) is None:
+        return value
     return (
-        r.result_id,
-        r.timestamp,
-        row.decoded.task_id,
-        r.name,
-        r.url,
-        r.method,
-        r.scheduled_at,
-        r.attempt,
-        r.status,
-        r.load_time,
-        r.pattern_search.value if r.pattern_search else None,
-        r.ok,
-        r.health.value,
-        r.error.kind.value if r.error else None,
-        r.error.message if r.error else None,
-        t.dns,
-        t.connect,
-        t.tls,
-        t.ttfb,
-        t.transfer,
-        r.bytes,
-        r.final_url,
-        r.redirects,
-        r.cert_expires_at,
-        row.decoded.legacy,
-        row.record.topic,
-        row.record.partition,
-        row.record.offset,
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
     )
 
 
-def copy_text(rows: Iterable[Row]) -> str:
-    """Rows in COPY text format (pure). A NUL in a string is left in: the server refuses it,
-    and that row is then found and rejected like any other the database will not take."""
-    lines = []
-    for row in rows:
-        lines.append("\t".join(_copy_field(value) for value in row_values(row)))
-    return "\n".join(lines) + "\n" if lines else ""
+@dataclass(frozen=True)
+class Prepared:
+    """A batch decoded and in COPY text: the CPU half of a write, done ahead (pure)."""
+
+    records: Sequence[Record]
+    rows: list[Row]
+    rejected: list[Rejection]
+    text: str
+    days: frozenset[date]
 
 
-def _copy_field(value: Any) -> str:
-    if value is None:
-        return "\\N"
-    if isinstance(value, bool):
-        return "t" if value else "f"
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, float):
-        return repr(value)
-    text = str(value)
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+def prepare(records: Sequence[Record], max_bytes: int) -> Prepared:
+    rows, rejected = parse(records, max_bytes)
+    days = frozenset(utc_day(row.plain.checked_at) for row in rows)
+    return Prepared(records, rows, rejected, copy_text(rows), days)
 
 
 def utc_day(moment: datetime) -> date:
@@ -226,14 +238,21 @@ class Writer:
     def close(self) -> None:
         self.reset()
 
-    def write(self, records: Sequence[Record]) -> Outcome:
+    def prepare(self, records: Sequence[Record]) -> Prepared:
+        """The CPU half of `write`; pure, so it may run in another thread meanwhile."""
+        return prepare(records, self._max_bytes)
+
+    def write(self, records: Sequence[Record], prepared: Prepared | None = None) -> Outcome:
         """Store a batch. Raises a TRANSIENT error (db.TRANSIENT_ERRORS) when the database
-        cannot be reached; then nothing of this call may be assumed stored, retry it whole."""
-        rows, rejected = parse(records, self._max_bytes)
+        cannot be reached; then nothing of this call may be assumed stored, retry it whole.
+        `prepared` is used when it was made from this very sequence of records."""
+        if prepared is None or prepared.records is not records:
+            prepared = self.prepare(records)
+        rows, rejected = prepared.rows, prepared.rejected
         try:
-            self.ensure_partitions({utc_day(r.decoded.result.timestamp) for r in rows})
+            self.ensure_partitions(prepared.days)
             try:
-                outcome = self._store(rows, rejected)
+                outcome = self._store(rows, rejected, prepared.text)
             except PERMANENT_ERRORS as exc:
                 self.conn.rollback()
                 log.warning("batch of %d rows refused (%s); finding the bad rows", len(rows), exc)
@@ -281,18 +300,15 @@ class Writer:
         middle = len(rows) // 2
         return self._bisect(rows[:middle]) + self._bisect(rows[middle:])
 
-    def _store(self, rows: list[Row], rejected: list[Rejection]) -> Outcome:
+    def _store(
+        self, rows: list[Row], rejected: list[Rejection], text: str | None = None
+    ) -> Outcome:
         """One transaction: results, tasks, incidents and rejections."""
         conn = self.conn
         inserted: list[tuple[Any, ...]] = []
         with conn.cursor() as cur:
             if rows:
-                cur.execute(_STAGING)
-                cur.copy_expert(
-                    f"COPY staging_results ({_COLS}) FROM STDIN", io.StringIO(copy_text(rows))
-                )
-                cur.execute(_INSERT)
-                inserted = cur.fetchall()
+                inserted = _insert_new(cur, copy_text(rows) if text is None else text, rows)
                 if inserted:
                     _update_tasks_and_incidents(cur, inserted)
             stored_rejections = 0
@@ -330,8 +346,51 @@ class Writer:
         return Outcome(len(inserted), len(rows) - len(inserted), stored_rejections)
 
 
+def _insert_new(cur: Any, text: str, rows: list[Row]) -> list[tuple[Any, ...]]:
+    """Store the rows not stored yet; returns them in the shape of _INSERT's RETURNING."""
+    cur.execute("SAVEPOINT direct_copy")
+    # One read of the whole text: psycopg2 takes the GIL back for every chunk it reads, and
+    # with a preparing thread beside it each take can wait a whole switch interval.
+    size = len(text) + 1
+    try:
+        cur.copy_expert(f"COPY check_results ({_COLS}) FROM STDIN", io.StringIO(text), size)
+    except psycopg2.errors.UniqueViolation:
+        # Some result is stored already (a redelivery, or twice in this batch): the slow path
+        # sorts out which rows are new.
+        cur.execute("ROLLBACK TO SAVEPOINT direct_copy")
+        cur.execute(_STAGING)
+        cur.copy_expert(f"COPY staging_results ({_COLS}) FROM STDIN", io.StringIO(text), size)
+        cur.execute(_INSERT)
+        return list(cur.fetchall())
+    cur.execute("RELEASE SAVEPOINT direct_copy")
+    # All rows are new: what RETURNING would give, from memory.
+    returned = []
+    for row in rows:
+        b = row.plain.body
+        e = b["error"]
+        returned.append(
+            (
+                row.plain.task_id,
+                b["result_id"],
+                row.plain.checked_at,
+                b["name"],
+                b["url"],
+                b["method"],
+                b["status"],
+                b["ok"],
+                b["health"],
+                e["kind"] if e else None,
+                e["message"] if e else None,
+            )
+        )
+    return returned
+
+
 def _update_tasks_and_incidents(cur: Any, inserted: list[tuple[Any, ...]]) -> None:
-    """Move each task's latest result and its incidents forward from the new rows only."""
+    """Move each task's latest result and its incidents forward from the new rows only.
+
+    Set-based: which incidents open and close is worked out here, row by row in time order
+    per task, then applied in at most four statements whatever the batch holds."""
     by_task: dict[str, list[tuple[Any, ...]]] = {}
     for row in inserted:
         by_task.setdefault(str(row[0]), []).append(row)
@@ -350,55 +409,104 @@ def _update_tasks_and_incidents(cur: Any, inserted: list[tuple[Any, ...]]) -> No
     )
     open_incidents: dict[str, int] = dict(cur.fetchall())
 
+    closes: list[tuple[Any, ...]] = []  # incidents open in the database that end now
+    spans: list[tuple[Any, ...]] = []  # incidents that open and end within this batch
+    opens: list[tuple[Any, ...]] = []  # incidents that open now and stay open
     latest = []
     for task_id in task_ids:
         rows = sorted(by_task[task_id], key=lambda r: (r[2], str(r[1])))
         previous = last_seen.get(task_id)
+        opened: tuple[Any, ...] | None = None  # the row that opened this batch's incident
         for row in rows:
             # A result older than what we already applied arrived late: it is stored, but it
             # must not reopen or close incidents out of order.
             if previous is not None and row[2] < previous:
                 continue
-            _apply_health(cur, task_id, row, open_incidents)
+            health = row[8]
+            if health == Health.DOWN and opened is None and task_id not in open_incidents:
+                opened = row
+            elif health == Health.UP:
+                if opened is not None:
+                    spans.append((*_opening(task_id, opened), row[2], row[1]))
+                    opened = None
+                elif task_id in open_incidents:
+                    closes.append((open_incidents.pop(task_id), row[2], row[1]))
+        if opened is not None:
+            opens.append(_opening(task_id, opened))
         newest = rows[-1]
         if previous is None or newest[2] >= previous:
             latest.append(newest)
-    if latest:
+    if closes:
         execute_values(
             cur,
-            "INSERT INTO tasks (task_id, last_result_id, last_checked_at, name, url, method,"
-            " last_status_code, last_ok, last_health) VALUES %s"
-            " ON CONFLICT (task_id) DO UPDATE SET name = EXCLUDED.name, url = EXCLUDED.url,"
-            " method = EXCLUDED.method, last_result_id = EXCLUDED.last_result_id,"
-            " last_checked_at = EXCLUDED.last_checked_at,"
-            " last_status_code = EXCLUDED.last_status_code, last_ok = EXCLUDED.last_ok,"
-            " last_health = EXCLUDED.last_health, updated_at = now()"
-            " WHERE tasks.last_checked_at <= EXCLUDED.last_checked_at",
-            [row[:9] for row in latest],
+            "UPDATE incidents AS i SET ended_at = greatest(v.ended_at, i.started_at),"
+            " closed_by = v.closed_by FROM (VALUES %s) AS v (incident_id, ended_at, closed_by)"
+            " WHERE i.incident_id = v.incident_id",
+            closes,
+            template="(%s::bigint, %s::timestamptz, %s::uuid)",
+            page_size=_PAGE,
         )
-
-
-def _apply_health(
-    cur: Any, task_id: str, row: tuple[Any, ...], open_incidents: dict[str, int]
-) -> None:
-    result_id, checked_at, health = row[1], row[2], row[8]
-    error_kind, error_message = row[9], row[10]
-    if health == Health.DOWN and task_id not in open_incidents:
-        cur.execute(
+    if spans:
+        # Skipped for a task whose incident another processor holds open (as a lone INSERT
+        # of the opening would have been skipped by the unique index).
+        execute_values(
+            cur,
             "INSERT INTO incidents (task_id, started_at, first_error_kind, first_error_message,"
-            " opened_by) VALUES (%s, %s, %s, %s, %s)"
-            " ON CONFLICT (task_id) WHERE ended_at IS NULL DO NOTHING RETURNING incident_id",
-            (task_id, checked_at, error_kind, error_message, result_id),
+            " opened_by, ended_at, closed_by)"
+            " SELECT * FROM (VALUES %s) AS v (task_id, started_at, kind, message, opened_by,"
+            " ended_at, closed_by) WHERE NOT EXISTS (SELECT FROM incidents AS i"
+            " WHERE i.task_id = v.task_id AND i.ended_at IS NULL)",
+            spans,
+            template="(%s::uuid, %s::timestamptz, %s, %s, %s::uuid, %s::timestamptz, %s::uuid)",
+            page_size=_PAGE,
         )
-        created = cur.fetchone()
-        if created:
-            open_incidents[task_id] = created[0]
-    elif health == Health.UP and task_id in open_incidents:
-        cur.execute(
-            "UPDATE incidents SET ended_at = greatest(%s, started_at), closed_by = %s"
-            " WHERE incident_id = %s",
-            (checked_at, result_id, open_incidents.pop(task_id)),
+    if opens:
+        execute_values(
+            cur,
+            "INSERT INTO incidents (task_id, started_at, first_error_kind, first_error_message,"
+            " opened_by) VALUES %s ON CONFLICT (task_id) WHERE ended_at IS NULL DO NOTHING",
+            opens,
+            page_size=_PAGE,
         )
+    # Tasks seen before are locked above: a plain UPDATE (cheaper than an upsert's
+    # speculative insert); only tasks new to the table take the upsert.
+    known = [row for row in latest if row[0] in last_seen]
+    if known:
+        columns = zip(*(r[:9] for r in known), strict=True)
+        cur.execute(_UPDATE_TASKS, [list(column) for column in columns])
+    new = [row[:9] for row in latest if row[0] not in last_seen]
+    if new:
+        execute_values(cur, _UPSERT_TASKS, new, page_size=_PAGE)
+
+
+_UPDATE_TASKS = """
+UPDATE tasks AS t SET name = v.name, url = v.url, method = v.method,
+    last_result_id = v.result_id, last_checked_at = v.checked_at,
+    last_status_code = v.status_code, last_ok = v.ok, last_health = v.health, updated_at = now()
+FROM unnest(%s::uuid[], %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[],
+            %s::smallint[], %s::boolean[], %s::text[])
+    AS v (task_id, result_id, checked_at, name, url, method, status_code, ok, health)
+WHERE t.task_id = v.task_id AND t.last_checked_at <= v.checked_at
+"""
+_UPSERT_TASKS = (
+    "INSERT INTO tasks (task_id, last_result_id, last_checked_at, name, url, method,"
+    " last_status_code, last_ok, last_health) VALUES %s"
+    " ON CONFLICT (task_id) DO UPDATE SET name = EXCLUDED.name, url = EXCLUDED.url,"
+    " method = EXCLUDED.method, last_result_id = EXCLUDED.last_result_id,"
+    " last_checked_at = EXCLUDED.last_checked_at,"
+    " last_status_code = EXCLUDED.last_status_code, last_ok = EXCLUDED.last_ok,"
+    " last_health = EXCLUDED.last_health, updated_at = now()"
+    " WHERE tasks.last_checked_at <= EXCLUDED.last_checked_at"
+)
+
+
+# Rows per statement for execute_values: a batch's tasks and incidents in one round trip.
+_PAGE = 100_000
+
+
+def _opening(task_id: str, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An incident's opening columns from the 'down' row that opens it."""
+    return (task_id, row[2], row[9], row[10], row[1])
 
 
 def _one_line(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ import jsonschema
 import orjson
 import pytest
 
+from checker_common import contract
 from checker_common.contract import (
     CheckError,
     CheckResult,
@@ -21,6 +22,7 @@ from checker_common.contract import (
     PatternResult,
     Timings,
     decode,
+    decode_plain,
     encode,
     legacy_result_id,
 )
@@ -145,3 +147,153 @@ def test_messages_that_break_the_contract_say_why(value: bytes | None, reason: s
 def test_too_large_message_is_refused_before_parsing() -> None:
     with pytest.raises(ContractError, match="too large"):
         decode(b"{" + b" " * 2000 + b"}", max_bytes=1024)
+
+
+# -- decode_plain: the ingest path's decoder must agree with decode() on every message ------
+
+TASK = "0b7e2a4c-5d6f-4a1b-9c8d-7e6f5a4b3c2d"
+CANONICAL = a_result(
+    ok=False,
+    status=503,
+    health=Health.DOWN,
+    pattern_search=None,
+    error=CheckError(kind=ErrorKind.STATUS, message="status 503 is not in 200-399"),
+    scheduled_at=datetime(2026, 11, 27, 11, 59, 59, tzinfo=UTC),
+    cert_expires_at=datetime(2027, 3, 1, tzinfo=UTC),
+).model_dump(mode="json")
+MINIMAL = {
+    "schema_version": 1,
+    "result_id": "5f0c8a52-2b1e-4c4e-8f57-1c8f3b1d2a10",
+    "name": "n",
+    "url": "u",
+    "timestamp": "2026-11-27T12:00:00Z",
+    "load_time": 0.5,
+    "ok": True,
+}
+
+
+def changed(base: dict[str, object], **changes: object) -> bytes:
+    body = {**base, **changes}
+    return orjson.dumps({TASK: {k: v for k, v in body.items() if v is not DROP}})
+
+
+DROP = object()
+
+AGREEMENT = {
+    # valid, in encode()'s shape
+    "canonical": changed(CANONICAL),
+    "minimal": changed(MINIMAL),
+    "unknown top-level field ignored": changed(MINIMAL, future_field={"x": 1}),
+    "+00:00 offset": changed(MINIMAL, timestamp="2026-11-27T12:00:00.5+00:00"),
+    "integer seconds": changed(MINIMAL, load_time=1, timings={"dns": 0}),
+    "some timings": changed(MINIMAL, timings={"dns": 0.1, "ttfb": None}),
+    "name at its limit": changed(MINIMAL, name="n" * 200),
+    "method at its limit": changed(MINIMAL, method="PROPFINDXX"),
+    "message at its limit": changed(CANONICAL, error={"kind": "dns", "message": "m" * 2000}),
+    "final_url at its limit": changed(MINIMAL, final_url="u" * 8192),
+    "NUL in a name (the database refuses it, not the contract)": changed(MINIMAL, name="a\x00b"),
+    "escapes in free text": changed(MINIMAL, name="a\tb\\c\nd\re"),
+    # valid, but spelled as only the model accepts: decode() itself decides
+    "+02:00 offset": changed(MINIMAL, timestamp="2026-11-27T14:00:00+02:00"),
+    "naive timestamp": changed(MINIMAL, timestamp="2026-11-27T12:00:00"),
+    "upper-case result id": changed(MINIMAL, result_id=MINIMAL["result_id"].upper()),  # type: ignore[attr-defined]
+    "status as text": changed(MINIMAL, status="200"),
+    "attempt as 2.0": changed(MINIMAL, attempt=2.0),
+    "huge integer seconds": changed(MINIMAL, load_time=2**53 + 1),
+    "bool as text": changed(MINIMAL, ok="true"),
+    "schema_version true": changed(MINIMAL, schema_version=True),
+    "legacy shape": orjson.dumps(
+        {TASK: {"name": "old", "timestamp": "02/15/21 - 16:43:17", "load_time": "0.5"}}
+    ),
+    "upper-case task id": orjson.dumps({TASK.upper(): MINIMAL}),
+    # invalid
+    "no value": None,
+    "not JSON": b"{",
+    "two tasks": orjson.dumps({TASK: MINIMAL, str(uuid.uuid4()): MINIMAL}),
+    "task id not a UUID": orjson.dumps({"task": MINIMAL}),
+    "body not an object": orjson.dumps({TASK: [1]}),
+    "schema_version 2": changed(MINIMAL, schema_version=2),
+    "no schema_version": changed(MINIMAL, schema_version=DROP),
+    "no result_id": changed(MINIMAL, result_id=DROP),
+    "result_id not a UUID": changed(MINIMAL, result_id="r-1"),
+    "no name": changed(MINIMAL, name=DROP),
+    "name too long": changed(MINIMAL, name="n" * 201),
+    "name a number": changed(MINIMAL, name=5),
+    "method null": changed(MINIMAL, method=None),
+    "method too long": changed(MINIMAL, method="M" * 11),
+    "no timestamp": changed(MINIMAL, timestamp=DROP),
+    "timestamp null": changed(MINIMAL, timestamp=None),
+    "timestamp not a date": changed(MINIMAL, timestamp="2026-02-30T00:00:00Z"),
+    "timestamp not a time": changed(MINIMAL, timestamp="yesterday"),
+    "scheduled_at not a time": changed(MINIMAL, scheduled_at="soon"),
+    "attempt 0": changed(MINIMAL, attempt=0),
+    "status 99": changed(MINIMAL, status=99),
+    "status 1000": changed(MINIMAL, status=1000),
+    "no load_time": changed(MINIMAL, load_time=DROP),
+    "negative load_time": changed(MINIMAL, load_time=-0.1),
+    "pattern unknown": changed(MINIMAL, pattern_search="maybe"),
+    "no ok": changed(MINIMAL, ok=DROP),
+    "health unknown": changed(MINIMAL, health="sideways"),
+    "error kind unknown": changed(MINIMAL, error={"kind": "gremlins", "message": "m"}),
+    "error without message": changed(MINIMAL, error={"kind": "dns"}),
+    "error with extra field": changed(MINIMAL, error={"kind": "dns", "message": "m", "x": 1}),
+    "error message too long": changed(MINIMAL, error={"kind": "dns", "message": "m" * 2001}),
+    "timings null": changed(MINIMAL, timings=None),
+    "timings unknown phase": changed(MINIMAL, timings={"dns": 0.1, "render": 0.2}),
+    "timings negative": changed(MINIMAL, timings={"tls": -1}),
+    "bytes negative": changed(MINIMAL, bytes=-1),
+    "redirects negative": changed(MINIMAL, redirects=-1),
+    "final_url too long": changed(MINIMAL, final_url="u" * 8193),
+}
+
+
+def reference(value: bytes | None) -> tuple[object, ...]:
+    """What decode() makes of a message, in the terms decode_plain() gives it."""
+    try:
+        decoded = decode(value, topic="t", partition=1, offset=7, max_bytes=20_000)
+    except ContractError as exc:
+        return ("rejected", str(exc))
+    result = decoded.result
+    return ("accepted", str(decoded.task_id), result, result.timestamp, decoded.legacy)
+
+
+def plain_view(value: bytes | None) -> tuple[object, ...]:
+    try:
+        plain = decode_plain(value, topic="t", partition=1, offset=7, max_bytes=20_000)
+    except ContractError as exc:
+        return ("rejected", str(exc))
+    body = plain.body
+    assert set(body) == set(CheckResult.model_fields)
+    # The ISO strings go to PostgreSQL as they are: each must be the model's instant, in UTC.
+    for field in ("timestamp", "scheduled_at", "cert_expires_at"):
+        if body[field] is not None:
+            assert body[field].endswith(("Z", "+00:00"))
+    result = CheckResult.model_validate(body)
+    assert datetime.fromisoformat(body["timestamp"]) == result.timestamp == plain.checked_at
+    assert body["result_id"] == str(result.result_id)
+    return ("accepted", plain.task_id, result, plain.checked_at, plain.legacy)
+
+
+@pytest.mark.parametrize("value", AGREEMENT.values(), ids=AGREEMENT.keys())
+def test_decode_plain_accepts_and_rejects_exactly_what_decode_does(value: bytes | None) -> None:
+    assert plain_view(value) == reference(value)
+
+
+def test_decode_plain_agrees_on_size_limit() -> None:
+    value = changed(MINIMAL, name="n" * 150)
+    assert plain_view(value) == reference(value)
+    with pytest.raises(ContractError, match="too large") as raised:
+        decode_plain(value, max_bytes=len(value) - 1)
+    assert str(raised.value) == f"message too large: {len(value)} bytes > {len(value) - 1}"
+
+
+def test_messages_from_encode_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def model_path(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decode() was used")
+
+    expected = {k: reference(v) for k, v in AGREEMENT.items() if k in ("canonical", "minimal")}
+    monkeypatch.setattr(contract, "decode", model_path)
+    assert plain_view(AGREEMENT["canonical"]) == expected["canonical"]
+    assert plain_view(AGREEMENT["minimal"]) == expected["minimal"]
+    _, value = encode(uuid.uuid4(), a_result())
+    decode_plain(value)
