@@ -119,16 +119,38 @@ class Outbox:
             ).fetchall()
         return [OutboxRow(seq, uuid.UUID(task), key, value) for seq, task, key, value in found]
 
+    def heads(self, task_ids: Iterable[uuid.UUID]) -> list[OutboxRow]:
+        """The oldest row of each of these tasks (tasks without rows are left out).
+
+        One statement for the whole batch; each task's head is one lookup in the
+        (task_id, seq) index, so the cost does not grow with the size of the outbox.
+        """
+        ids = _json_list(str(task) for task in task_ids)
+        if ids == "[]":
+            return []
+        with self._lock:
+            found = self._db.execute(
+                "SELECT o.seq, o.task_id, o.key, o.value FROM json_each(?) AS t "
+                "JOIN outbox AS o ON o.seq = "
+                "(SELECT MIN(seq) FROM outbox WHERE task_id = t.value) "
+                "ORDER BY o.seq",
+                (ids,),
+            ).fetchall()
+        return [OutboxRow(seq, uuid.UUID(task), key, value) for seq, task, key, value in found]
+
     def delete(self, seqs: Iterable[int]) -> None:
         """Forget rows the broker has confirmed."""
-        params = [(seq,) for seq in seqs]
-        if not params:
+        params = _json_list(seqs)
+        if params == "[]":
             return
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 before = self._db.total_changes
-                self._db.executemany("DELETE FROM outbox WHERE seq = ?", params)
+                # One statement for the batch (each row found by its primary key).
+                self._db.execute(
+                    "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))", (params,)
+                )
                 removed = self._db.total_changes - before
                 self._db.execute("COMMIT")
             except BaseException:
@@ -154,3 +176,10 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _json_list(items: Iterable[int | str]) -> str:
+    """A JSON array of these ids, for json_each(): task ids as the strings they are stored as."""
+    return (
+        "[" + ",".join(f'"{item}"' if isinstance(item, str) else str(item) for item in items) + "]"
+    )

@@ -13,17 +13,23 @@ How a result travels:
 - Delivery reports are served by a poller thread and settled on the event loop by the pump
   task: a failed delivery goes to the outbox (one WARNING line with its ids), a delivered one
   that came from the outbox is deleted from it. A row is deleted only after its delivery report.
-- The pump also drains the outbox, oldest first, the head row of each task that has nothing in
-  flight: in waves of `drain_batch` while the broker answers, in small probes while it does
-  not (a delivered probe says it is back).
+- The pump also drains the outbox, one chain per task: as soon as a task has nothing in
+  flight and rows waiting (its message was just acknowledged, or its first row was stored),
+  its head row goes to librdkafka on the next pump step. Tasks drain side by side, each at
+  the rate of its round trips, none waiting for unrelated ones. Heads are read for all such
+  tasks in one statement per step, after that step's deletes. While the broker does not
+  answer only small probes go (a delivered probe says it is back).
+- A task whose backlog is empty (every stored row delivered) and that has nothing in flight
+  sends directly again.
 - A broker that refuses the producer's idempotence state (fenced, bad epoch or sequence,
   fatal error) gets a new producer instance; what the old one held comes back as purged.
 - `close()` flushes for the time-out given, purges what is left, and stores exactly the
   messages whose reports say they were not delivered (plus any without a report). A result
   published after that is written to the outbox at once.
 
-Throughput of the outbox drain: many tasks drain in waves (10,000 rows in about 1.5 s here);
-one task's backlog drains one row per round trip (about 40 a second here).
+Throughput of the outbox drain: many tasks drain at once (at most `drain_batch` heads are
+handed over per pump step); one task's backlog drains one row per round trip (about 40 a
+second here).
 """
 
 from __future__ import annotations
@@ -60,8 +66,6 @@ POLL_SECONDS = 0.1
 # After purge() librdkafka reports the purged messages on the next poll; this bounds the wait.
 PURGE_GRACE_SECONDS = 5.0
 MIN_PURGE_GRACE_SECONDS = 0.5
-# Reading a few times the wave size lets a wave skip tasks whose head row is busy.
-HEAD_READ_FACTOR = 4
 
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 _BROKER_GONE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._MSG_TIMED_OUT})
@@ -125,6 +129,9 @@ class ResultPublisher:
         self._in_flight: dict[int, _Message] = {}
         self._stored_in_flight = 0
         self._busy_tasks: set[uuid.UUID] = set()
+        # Tasks with rows waiting and nothing in flight, longest waiting first: their head row
+        # goes to librdkafka on the next pump step (a dict keeps insertion order).
+        self._ready: dict[uuid.UUID, None] = {}
         # Rows per task in the outbox or on their way to it: such a task's new results queue up.
         self._backlog: Counter[uuid.UUID] = Counter()
         self._spill: list[OutboxRow] = []
@@ -167,6 +174,7 @@ class ResultPublisher:
     async def start(self) -> None:
         """Create the producer, learn the outbox's backlog, start the poller and the pump."""
         self._backlog.update(await asyncio.to_thread(self._outbox.backlog))
+        self._ready.update(dict.fromkeys(self._backlog))
         self._producer = Producer(self.producer_config())
         self._renewed_at = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -233,6 +241,7 @@ class ResultPublisher:
             self._to_outbox(message)
         self._in_flight.clear()
         self._busy_tasks.clear()
+        self._ready.clear()
         self._stored_in_flight = 0
         moved = len(self._spill)
         self._closed = True  # later results are written by publish() itself
@@ -316,6 +325,9 @@ class ResultPublisher:
             return
         self._spill.append(row)
         self._backlog[message.task_id] += 1
+        if message.task_id not in self._busy_tasks:
+            # Nothing of it in flight that would start the chain when acknowledged.
+            self._ready[message.task_id] = None
         self._wake.set()
 
     def _settle_reports(self) -> None:
@@ -338,7 +350,10 @@ class ResultPublisher:
                 self._confirmed.add(seq)
                 self._backlog[message.task_id] -= 1
                 if self._backlog[message.task_id] <= 0:
-                    del self._backlog[message.task_id]
+                    del self._backlog[message.task_id]  # back to sending directly
+            if self._backlog[message.task_id] > 0:
+                # The chain: this task's next row goes on the next pump step.
+                self._ready[message.task_id] = None
             return
         if error.code() in _PURGED:
             log.debug("purged, kept: task_id=%s seq=%d", message.task_id, seq)
@@ -360,7 +375,10 @@ class ResultPublisher:
                 extra={"task_id": str(message.task_id), "result_id": result_id},
             )
         if not message.stored:
-            self._to_outbox(message)
+            self._to_outbox(message)  # marks the task ready: nothing of it is in flight now
+        elif self._backlog[message.task_id] > 0:
+            # Its row is still the task's head; it goes again, behind the probes if need be.
+            self._ready[message.task_id] = None
 
     def _set_reachable(self, reachable: bool) -> None:
         if self._reachable is not reachable:
@@ -390,9 +408,29 @@ class ResultPublisher:
         self._settle_reports()
         if self._renew and time.monotonic() - self._renewed_at >= self._drain_interval:
             await self._renew_producer()
-        await self._store_spill()
-        await self._delete_confirmed()
-        await self._refill()
+        # One trip to the worker thread per step: store the spill, delete what was delivered,
+        # read the heads of the ready tasks (after the deletes, so no head is a delivered row).
+        rows, self._spill = self._spill, []
+        seqs = list(self._confirmed)
+        tasks = self._take_ready()
+        if not (rows or seqs or tasks):
+            return
+        self._writing = len(rows)
+        done: list[str] = []
+        try:
+            heads = await asyncio.to_thread(_outbox_io, self._outbox, rows, seqs, tasks, done)
+        except BaseException:
+            if "stored" not in done:
+                self._spill[:0] = rows
+            self._ready.update(dict.fromkeys(tasks))
+            raise
+        finally:
+            self._writing = 0
+            if "stored" in done:
+                self._stored += len(rows)
+            if "deleted" in done:
+                self._confirmed.difference_update(seqs)
+        self._send_heads(tasks, heads)
 
     async def _renew_producer(self) -> None:
         """Swap in a new producer; what the old one still holds comes back as purged."""
@@ -429,40 +467,60 @@ class ResultPublisher:
         await asyncio.to_thread(self._outbox.delete, seqs)
         self._confirmed.difference_update(seqs)
 
-    async def _refill(self) -> None:
-        """Send the head rows of the outbox, one per task that has nothing in flight."""
-        if self._producer is None or self._closing or self._renew or self._stored_in_flight:
-            return
-        if self._outbox.size() <= len(self._confirmed):
-            return
-        if not self._reachable and time.monotonic() < self._probe_after:
-            return
-        room = self._max_in_flight - len(self._in_flight)
-        wave = self._drain_batch if self._reachable else PROBE_BATCH
-        budget = min(room, wave)
-        if budget <= 0:
-            return
-        rows = await asyncio.to_thread(
-            self._outbox.head, len(self._confirmed) + budget * HEAD_READ_FACTOR
-        )
-        if self._producer is None or self._closing:
-            return
-        seen: set[uuid.UUID] = set()
+    def _take_ready(self) -> list[uuid.UUID]:
+        """Up to one step's budget of ready tasks, longest waiting first, taken off the list."""
+        if not self._ready:
+            return []
+        if self._producer is None or self._closing or self._renew:
+            return []
+        if not self._reachable:
+            # Probing: a few rows at a time, the next probe only after the last one settled.
+            if self._stored_in_flight or time.monotonic() < self._probe_after:
+                return []
+            budget = PROBE_BATCH
+        else:
+            budget = self._drain_batch
+        budget = min(budget, self._max_in_flight - len(self._in_flight))
+        tasks: list[uuid.UUID] = []
+        for task in self._ready:
+            if len(tasks) >= budget:
+                break  # delivery reports wake the pump again
+            tasks.append(task)
+        for task in tasks:
+            del self._ready[task]
+        return tasks
+
+    def _send_heads(self, tasks: list[uuid.UUID], rows: list[OutboxRow]) -> None:
+        """Hand over the head row of each task taken by `_take_ready()`."""
+        found = {row.task_id for row in rows}
         sent = 0
-        for row in rows:
-            if row.seq in self._confirmed or row.task_id in seen:
-                continue
-            # Only a task's oldest row may go, and only when nothing of it is in flight.
-            seen.add(row.task_id)
+        for index, row in enumerate(rows):
             if row.task_id in self._busy_tasks:
+                continue  # its acknowledgement starts the chain again
+            if row.seq in self._confirmed:
+                self._ready[row.task_id] = None  # delivered, delete pending: next step
                 continue
-            if len(self._in_flight) >= self._max_in_flight:
-                break
-            if not self._send(_Message(row.seq, row.task_id, row.key, row.value, stored=True)):
+            if (
+                self._producer is None
+                or self._closing
+                or len(self._in_flight) >= self._max_in_flight
+                or not self._send(_Message(row.seq, row.task_id, row.key, row.value, stored=True))
+            ):
+                # Not now (librdkafka full or being replaced): this and the rest stay ready.
+                self._ready.update(
+                    dict.fromkeys(
+                        r.task_id for r in rows[index:] if r.task_id not in self._busy_tasks
+                    )
+                )
                 break
             sent += 1
-            if sent >= budget:
-                break
+        if len(found) < len(tasks):
+            # No stored row yet: its rows are still in the spill (they wake the pump when
+            # stored) -- or its backlog count is off, then new results mark it again.
+            spilled = {row.task_id for row in self._spill}
+            self._ready.update(dict.fromkeys(t for t in tasks if t not in found and t in spilled))
+        if self._ready and sent and self._reachable:
+            self._wake.set()  # more ready tasks than one step's budget: go on at once
         if sent:
             log.debug("re-sending %d results from the outbox", sent)
 
@@ -499,6 +557,21 @@ class ResultPublisher:
             log.warning("kafka: %s", error.str())
         else:
             log.info("kafka: %s", error.str())
+
+
+def _outbox_io(
+    outbox: Outbox,
+    rows: list[OutboxRow],
+    seqs: list[int],
+    tasks: list[uuid.UUID],
+    done: list[str],
+) -> list[OutboxRow]:
+    """A pump step's SQLite work, in a worker thread; `done` tells the loop how far it got."""
+    outbox.put(rows)
+    done.append("stored")
+    outbox.delete(seqs)
+    done.append("deleted")
+    return outbox.heads(tasks) if tasks else []
 
 
 def _result_id(value: bytes) -> str:

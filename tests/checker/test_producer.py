@@ -203,24 +203,33 @@ async def test_published_results_all_arrive_keyed_by_task_and_valid(
     assert_all_arrived_once_in_order(read_topic(kafka, topic), sent)
 
 
-async def test_results_for_a_task_with_one_in_flight_queue_behind_it(
+async def test_a_burst_for_many_tasks_drains_in_order_then_tasks_send_directly_again(
     kafka: KafkaTarget, topic: str, settings: CheckerSettings
 ) -> None:
     outbox = Outbox(settings.task_storage)
     publisher = ResultPublisher(settings, outbox)
     await publisher.start()
-    tasks = [uuid.uuid4() for _ in range(5)]
+    tasks = [uuid.uuid4() for _ in range(200)]
     sent = Sent({})
     try:
         for n in range(1, 21):  # a burst: 20 results per task before any report
             sent.publish_round(publisher, tasks, n)
-        await wait_for(publisher, settled, "all delivered")
+        burst = publisher.stats()
+        # Each task's later results queue behind its first; the chains empty the outbox.
+        await wait_for(publisher, settled, "the burst delivered and the outbox empty")
+        stored_by_burst = publisher.stats().stored
+        sent.publish_round(publisher, tasks, 21)
+        await wait_for(publisher, settled, "one more round delivered")
         stats = publisher.stats()
     finally:
         await publisher.close(timeout=10)
         outbox.close()
 
-    assert stats.delivered == 100
+    assert burst.in_flight == 200, "the first result of each task went straight to librdkafka"
+    assert stored_by_burst == 200 * 19, "the rest queued behind it in the outbox"
+    assert stats.stored == stored_by_burst, "with the backlog gone, every task sends directly"
+    assert stats.delivered == 200 * 21
+    assert stats.failed == 0
     assert_all_arrived_once_in_order(read_topic(kafka, topic), sent)
 
 
@@ -258,6 +267,39 @@ async def test_outage_longer_than_the_message_timeout_loses_nothing(
     assert all(any(str(rid) in line for line in failed_ids) for rid in first_of_task), (
         "each failed delivery is logged with its result_id"
     )
+    assert_all_arrived_once_in_order(read_topic(kafka, topic), sent)
+
+
+async def test_thousands_of_rows_from_a_long_outage_drain_once_and_in_order(
+    kafka: KafkaTarget, topic: str, settings: CheckerSettings
+) -> None:
+    broker = kafka.require_local()
+    outbox = Outbox(settings.task_storage)
+    publisher = ResultPublisher(settings, outbox)
+    await publisher.start()
+    tasks = [uuid.uuid4() for _ in range(200)]
+    rounds = 15
+    sent = Sent({})
+    try:
+        with outage(broker):
+            for n in range(1, rounds + 1):
+                sent.publish_round(publisher, tasks, n)
+            # Longer than the message time-out: the first of each task failed and is stored
+            # in front of the task's later results.
+            during = await wait_for(
+                publisher,
+                lambda s: s.outbox_size == 200 * rounds and s.failed >= 200,
+                "everything in the outbox",
+            )
+        await wait_for(publisher, settled, "outbox drained after the outage")
+        after = publisher.stats()
+    finally:
+        await publisher.close(timeout=10)
+        outbox.close()
+
+    assert during.broker_reachable is False
+    assert after.broker_reachable is True
+    assert after.delivered == 200 * rounds
     assert_all_arrived_once_in_order(read_topic(kafka, topic), sent)
 
 
