@@ -122,3 +122,16 @@ def test_reservations_from_many_threads_are_unique(outbox: Outbox) -> None:
         thread.join()
 
     assert len(set(taken)) == 2000
+
+
+def test_heads_give_the_oldest_row_of_each_named_task_only(outbox: Outbox) -> None:
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    outbox.add([(a, b"ka", b"a1"), (b, b"kb", b"b1"), (a, b"ka", b"a2"), (b, b"kb", b"b2")])
+    outbox.add([(c, b"kc", b"c1")])
+
+    heads = {row.task_id: row.value for row in outbox.heads([a, b, uuid.uuid4()])}
+
+    assert heads == {a: b"a1", b: b"b1"}
+    outbox.delete([row.seq for row in outbox.heads([a])])
+    assert [row.value for row in outbox.heads([a])] == [b"a2"]
+    assert outbox.size() == 4
