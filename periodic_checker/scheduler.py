@@ -310,6 +310,11 @@ class CheckScheduler:
         self._running[task_id] = current
         try:
             await self._attempts(task_id, planned)
+        except asyncio.CancelledError:
+            if not self._stopping.is_set():
+                raise
+            # Cancelled by stop() after its grace period, which logged it once for all of them;
+            # ending quietly keeps APScheduler from logging an ERROR for each.
         except Exception:
             # Errors are data in results; this is a bug, and it must not end the scheduler.
             log.exception("run of task %s failed", task_id, extra={"task_id": str(task_id)})

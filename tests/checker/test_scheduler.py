@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import logging
 import sqlite3
 import time
 import uuid
@@ -506,3 +507,20 @@ def test_the_collector_policy_freezes_survivors_and_collects_cycles_rarely() -> 
         assert alive() is None, "the full pass freed the frozen cycle"
     finally:
         gc.unfreeze()
+
+
+async def test_stop_cancels_late_checks_with_one_warning_and_no_errors(
+    target: Target, make_checker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = await make_checker()
+    for _ in range(3):  # one-shot checks of a page that answers after 10 s
+        await c.service.create(spec(target, "/slow", interval=None, timeout=20.0))
+    await wait_until(lambda: len(c.scheduler._running) == 3)
+
+    with caplog.at_level(logging.WARNING):
+        await c.scheduler.stop(grace=0.2)
+        await asyncio.sleep(0.1)  # APScheduler reports job outcomes on the loop
+
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("cancelled 3 checks" in r.getMessage() for r in caplog.records)
+    c.store.close()
