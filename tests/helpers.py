@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,3 +94,28 @@ class KafkaTarget:
         if self.local is None:
             pytest.skip("needs the local broker (an external Kafka cannot be cut off)")
         return self.local
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
+    """Poll `condition` until it is truthy and return its value; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def start_checker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`periodic-checker run` as a process with only the given settings; output to `log`."""
+    base = {k: v for k, v in os.environ.items() if not _is_setting(k)}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "periodic_checker.cli", "run"],
+            env={**base, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )

@@ -4,10 +4,7 @@ does not lose it, and the restarted daemon schedules it again."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,21 +14,9 @@ import pytest
 
 from checker_common.devstack import free_port, stop_process, wait_for_port
 
-from helpers import KafkaTarget, _is_setting
+from helpers import KafkaTarget, start_checker
 
 pytestmark = pytest.mark.kafka
-
-
-def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    base = {k: v for k, v in os.environ.items() if not _is_setting(k)}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "periodic_checker.cli", "run"],
-            env={**base, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
 
 
 async def test_task_created_then_sigkill_is_there_after_restart(
@@ -47,7 +32,7 @@ async def test_task_created_then_sigkill_is_there_after_restart(
     }
     log = tmp_path / "checker.log"
     api = f"http://127.0.0.1:{api_port}"
-    daemon = start_daemon(env, log)
+    daemon = start_checker(env, log)
     try:
         wait_for_port(api_port, timeout=60)
         async with aiohttp.ClientSession() as http:
@@ -61,7 +46,7 @@ async def test_task_created_then_sigkill_is_there_after_restart(
         assert daemon.wait(timeout=30) == -signal.SIGKILL
 
         restarted_at = time.time()
-        daemon = start_daemon(env, log)
+        daemon = start_checker(env, log)
         wait_for_port(api_port, timeout=60)
         async with aiohttp.ClientSession() as http:
             got = await http.get(f"{api}/tasks/{task['id']}")

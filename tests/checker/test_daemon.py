@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -32,7 +30,7 @@ from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.tasks import Task, TaskSpec, TaskStatus
 
 from conftest import ROOT, KafkaTarget
-from helpers import _is_setting
+from helpers import start_checker
 
 pytestmark = pytest.mark.kafka
 
@@ -53,18 +51,6 @@ async def site() -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{server.port}/"
     finally:
         await server.close()
-
-
-def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    base = {k: v for k, v in os.environ.items() if not _is_setting(k)}
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "periodic_checker.cli", "run"],
-            env={**base, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
 
 
 def received(notify: socket.socket) -> list[str]:
@@ -146,7 +132,7 @@ async def test_daemon_checks_publishes_and_stops_on_sigterm(
         "SHUTDOWN_TIMEOUT": "10",
     }
     log = tmp_path / "daemon.log"
-    proc = start_daemon(env, log)
+    proc = start_checker(env, log)
     try:
         await wait_for_line(proc, log, "started: 1 tasks")
         wanted = {str(stored.id)}

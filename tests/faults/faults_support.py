@@ -30,9 +30,10 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -50,6 +51,7 @@ from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.tasks import Task, TaskSpec
 
 from helpers import KafkaTarget, _is_setting
+from helpers import wait_for as poll_until
 
 FULL = os.environ.get("FAULTS_FULL") == "1"
 DEADLINE_S = 120.0
@@ -58,16 +60,8 @@ DRAIN_DEADLINE_S = 180.0
 PARTITIONS = 3
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
-    """Poll `condition` until it is truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+# Poll with this module's deadline unless a call names its own.
+wait_for = partial(poll_until, timeout=DEADLINE_S)
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -116,7 +110,7 @@ class Daemon:
             assert self.alive(), f"{self.module} exited {self.proc.returncode}:\n{self.tail()}"
             return False
 
-        wait_for(seen, f"{text!r} in {self.log.name}", timeout)
+        wait_for(seen, f"{text!r} in {self.log.name}", timeout=timeout)
 
     def tail(self, chars: int = 3000) -> str:
         return self.text()[-chars:]
@@ -386,7 +380,9 @@ def read_topic(kafka: KafkaTarget, topic: str, quiet_s: float = 3.0) -> list[Dec
 
 def wait_until_stored(dsn: str, ids: Iterable[str], timeout: float = DEADLINE_S) -> None:
     wanted = set(ids)
-    wait_for(lambda: wanted <= set(stored(dsn)), f"{len(wanted)} results in PostgreSQL", timeout)
+    wait_for(
+        lambda: wanted <= set(stored(dsn)), f"{len(wanted)} results in PostgreSQL", timeout=timeout
+    )
 
 
 # --- the tally ---------------------------------------------------------------------------------
@@ -507,7 +503,7 @@ class Pipeline:
     def wait_outbox_empty(self, timeout: float = DEADLINE_S) -> float:
         """Seconds until the checker's outbox is empty (its backlog delivered)."""
         started = time.monotonic()
-        wait_for(lambda: self.outbox_size() == 0, "the checker's outbox to drain", timeout)
+        wait_for(lambda: self.outbox_size() == 0, "the checker's outbox to drain", timeout=timeout)
         return time.monotonic() - started
 
     def outbox_left(self) -> int:

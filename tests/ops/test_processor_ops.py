@@ -12,10 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -34,6 +34,7 @@ from checker_processing.metrics import partition_lags
 from checker_processing.settings import ProcessorSettings
 
 from helpers import run_cli
+from helpers import wait_for as poll_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -41,15 +42,8 @@ DEADLINE_S = 60.0
 WATCHDOG_USEC = "2000000"
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+# Poll with this module's deadline unless a call names its own.
+wait_for = partial(poll_until, timeout=DEADLINE_S)
 
 
 class NotifySocket:

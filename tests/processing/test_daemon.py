@@ -11,6 +11,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,21 +26,16 @@ from checker_common.contract import encode
 from checker_common.devstack import free_port
 from checker_processing.daemon import CRASH_HOOK_ENV
 
+from helpers import wait_for as poll_until
+
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 90.0
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+# Poll with this module's deadline unless a call names its own.
+wait_for = partial(poll_until, timeout=DEADLINE_S)
 
 
 class Daemon:
