@@ -132,6 +132,9 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
         env = {
             **os.environ,
             **kafka_.env(),
+            # The daemon runs the code of the tree this script is in (a copy of the repository
+            # benchmarks that copy, whatever the venv's editable install points at).
+            "PYTHONPATH": str(ROOT),
             "KAFKA_TOPIC": topic,
             "TASK_STORAGE": str(store),
             "MAX_TASKS": str(tasks),

@@ -42,9 +42,10 @@ import ssl
 import time
 import uuid
 import zlib
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import SimpleNamespace
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -58,6 +59,7 @@ from checker_common.contract import (
     PatternResult,
     Timings,
 )
+from periodic_checker import http1
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.tasks import TaskSpec, status_accepted
 
@@ -294,8 +296,78 @@ def _trace_config() -> aiohttp.TraceConfig:
     return trace
 
 
+class HopResponse(Protocol):
+    """What the probe needs of a response, from either engine (`http1.Response` for fresh
+    connections, `PooledResponse` over aiohttp for keep-alive ones)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Looked up with lower-case names."""
+        ...
+
+    @property
+    def charset(self) -> str | None: ...
+
+    async def readany(self) -> bytes: ...
+
+    def ssl_object(self) -> ssl.SSLObject | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class PooledResponse:
+    """An aiohttp response seen as a `HopResponse`."""
+
+    __slots__ = ("_response", "_run")
+
+    def __init__(self, response: aiohttp.ClientResponse, run: _Run) -> None:
+        self._response = response
+        self._run = run
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    @property
+    def charset(self) -> str | None:
+        return self._response.charset
+
+    async def readany(self) -> bytes:
+        return await self._response.content.readany()
+
+    def ssl_object(self) -> ssl.SSLObject | None:
+        """The TLS object of the connection this hop created, else (a reused connection) of
+        the pooled connection the response came on."""
+        if self._run.tls_object is not None:
+            return self._run.tls_object
+        response = self._response
+        # A response read to the end has already handed its connection back (connection is
+        # None); its protocol still holds the pooled transport.
+        protocol = response.connection.protocol if response.connection is not None else None
+        protocol = protocol or getattr(response, "_protocol", None)
+        transport = getattr(protocol, "transport", None)
+        found = transport.get_extra_info("ssl_object") if transport is not None else None
+        return found if isinstance(found, ssl.SSLObject) else None
+
+    async def aclose(self) -> None:
+        # What `async with session.request()` does on exit: the connection goes back to the
+        # pool when the body was read to the end, else it is closed.
+        self._response.release()
+        await self._response.wait_for_close()
+
+
 class Prober:
-    """Runs checks over two long-lived client sessions (fresh connections / keep-alive)."""
+    """Runs checks: fresh-connection checks through `http1.exchange` (one new connection each,
+    DNS not cached, so the load time includes DNS, TCP connect and TLS like a first visit),
+    keep-alive checks through an aiohttp session that pools connections. Keeping them apart
+    means a fresh check never picks up a pooled connection by accident."""
 
     def __init__(
         self,
@@ -306,48 +378,48 @@ class Prober:
     ) -> None:
         self._policy = policy if policy is not None else TargetPolicy()
         self._max_connections = max_connections
-        self._user_agent = user_agent
-        self._fresh: aiohttp.ClientSession | None = None
+        self._defaults = {
+            "User-Agent": user_agent,
+            "Accept": "*/*",
+            "Accept-Encoding": "gzip, deflate",
+        }
+        self._resolver: PolicyResolver | None = None
         self._keepalive: aiohttp.ClientSession | None = None
         self._verified: ssl.SSLContext | None = None
         self._unverified: ssl.SSLContext | None = None
 
     async def start(self) -> None:
-        """Open the sessions (inside the running loop); call once before `check()`."""
-        if self._fresh is not None:
+        """Open the keep-alive session (inside the running loop); call once before `check()`."""
+        if self._keepalive is not None:
             return
         # Loading the trust store takes tens of milliseconds: once, here.
         self._verified, self._unverified = tls_contexts()
-        trace = _trace_config()
-        self._fresh = self._session(keepalive=False, trace=trace)
-        self._keepalive = self._session(keepalive=True, trace=trace)
-
-    def _session(self, *, keepalive: bool, trace: aiohttp.TraceConfig) -> aiohttp.ClientSession:
+        self._resolver = PolicyResolver(self._policy)
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             limit_per_host=0,
-            force_close=not keepalive,
-            use_dns_cache=keepalive,
             resolver=PolicyResolver(self._policy),
         )
-        return aiohttp.ClientSession(
+        self._keepalive = aiohttp.ClientSession(
             connector=connector,
             # One deadline per check (asyncio.timeout in check()) covers every phase.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None),
-            # Decompressed here, in bounded steps (see _read_body).
+            # Decompressed here, in bounded steps (see read_body).
             auto_decompress=False,
-            # Sessions are shared by all tasks: a cookie from one site must not reach another.
+            # The session is shared by all tasks: a cookie from one site must not reach another.
             cookie_jar=aiohttp.DummyCookieJar(),
-            trace_configs=[trace],
-            headers={"User-Agent": self._user_agent, "Accept-Encoding": "gzip, deflate"},
+            trace_configs=[_trace_config()],
+            headers=self._defaults,
             trust_env=False,
         )
 
     async def close(self) -> None:
-        for session in (self._fresh, self._keepalive):
-            if session is not None:
-                await session.close()
-        self._fresh = self._keepalive = None
+        if self._keepalive is not None:
+            await self._keepalive.close()
+        if self._resolver is not None:
+            await self._resolver.close()
+        self._keepalive = None
+        self._resolver = None
 
     async def __aenter__(self) -> Prober:
         await self.start()
@@ -411,11 +483,10 @@ class Prober:
         )
 
     async def _fetch(self, spec: TaskSpec, run: _Run) -> CheckError | None:
-        """All hops of one check; returns the check's error or None. aiohttp errors escape
-        to `check()`, which turns them into data."""
-        session = self._keepalive if spec.keepalive else self._fresh
+        """All hops of one check; returns the check's error or None. Exchange and aiohttp
+        errors escape to `check()`, which turns them into data."""
         tls = self._verified if spec.verify_tls else self._unverified
-        if session is None or tls is None:
+        if tls is None:
             raise RuntimeError("Prober.start() was not called")
         try:
             url = URL(spec.url)
@@ -431,24 +502,32 @@ class Prober:
             if denied is not None:
                 return CheckError(kind=ErrorKind.DENIED_TARGET, message=_short(denied))
             run.begin_hop()
-            async with session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                ssl=tls,
-                trace_request_ctx=run,
-            ) as response:
+            https = url.scheme == "https"
+            if spec.keepalive:
+                response: HopResponse = await self._pooled(method, url, headers, data, tls, run)
+            else:
+                head = http1.request_head(method, url, headers, data, self._defaults)
+                response = await http1.exchange(
+                    method,
+                    url,
+                    head,
+                    data,
+                    tls=tls if https else None,
+                    resolver=self._policy_resolver(),
+                    marks=run,
+                )
+            try:
                 run.headers = time.monotonic()
                 run.status = response.status
-                if url.scheme == "https":
-                    run.cert_expires_at = peer_cert_expiry(run.tls_object, response)
+                if https:
+                    run.cert_expires_at = certificate_expiry(response.ssl_object())
                 location = None
                 if spec.follow_redirects and response.status in REDIRECT_STATUSES:
-                    location = response.headers.get("Location")
+                    location = response.headers.get("location")
                 if location is None:
                     return await self._finish(spec, method, response, run)
+            finally:
+                await response.aclose()
             run.end_hop(None)
             try:
                 target = url.join(URL(location))
@@ -482,8 +561,36 @@ class Prober:
                 headers = {k: v for k, v in headers.items() if k.lower() not in SENSITIVE_HEADERS}
             url = target
 
+    def _policy_resolver(self) -> PolicyResolver:
+        if self._resolver is None:
+            raise RuntimeError("Prober.start() was not called")
+        return self._resolver
+
+    async def _pooled(
+        self,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        data: bytes | None,
+        tls: ssl.SSLContext,
+        run: _Run,
+    ) -> PooledResponse:
+        """One hop over the keep-alive session (aiohttp pools the connections)."""
+        if self._keepalive is None:
+            raise RuntimeError("Prober.start() was not called")
+        response = await self._keepalive.request(
+            method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            ssl=tls,
+            trace_request_ctx=run,
+        )
+        return PooledResponse(response, run)
+
     async def _finish(
-        self, spec: TaskSpec, method: str, response: aiohttp.ClientResponse, run: _Run
+        self, spec: TaskSpec, method: str, response: HopResponse, run: _Run
     ) -> CheckError | None:
         """Read the final response's body, then judge status, size and pattern."""
         pattern = spec.compiled_pattern
@@ -496,7 +603,7 @@ class Prober:
         if body.error is not None:
             return CheckError(kind=ErrorKind.INVALID_RESPONSE, message=_short(body.error))
         if pattern is not None and body.data and not body.too_large:
-            found = search_body(pattern, body.data, body_charset(response))
+            found = search_body(pattern, body.data, body_charset(response.charset))
             run.pattern = PatternResult.MATCH if found else PatternResult.NO_MATCH
         return judge(spec, response.status, too_large=body.too_large, pattern=run.pattern)
 
@@ -543,18 +650,17 @@ class Body:
         self.error = error
 
 
-async def read_body(response: aiohttp.ClientResponse, cap: int, *, keep: bool) -> Body:
+async def read_body(response: HopResponse, cap: int, *, keep: bool) -> Body:
     """Read at most `cap` bytes of the decoded body (+1 to know it is larger), then stop."""
-    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    encoding = response.headers.get("content-encoding", "").strip().lower()
     inflater = Inflater.for_encoding(encoding)
     if inflater is None and encoding not in ("", "identity"):
         return Body(b"", 0, False, f"unsupported content-encoding {encoding[:40]!r}")
     chunks: list[bytes] = []
     size = 0
-    content = response.content
     try:
         while size <= cap:
-            raw = await content.readany()
+            raw = await response.readany()
             if not raw:
                 if inflater is not None:
                     tail = inflater.finish()
@@ -634,9 +740,8 @@ def search_body(pattern: Any, body: bytes, charset: str) -> bool:
     return pattern.search(body) is not None
 
 
-def body_charset(response: aiohttp.ClientResponse) -> str:
+def body_charset(charset: str | None) -> str:
     """The Content-Type charset if Python knows it, else UTF-8."""
-    charset = response.charset
     return (_codec_name(charset) if charset else None) or "utf-8"
 
 
@@ -649,21 +754,9 @@ def _codec_name(charset: str) -> str | None:
         return None
 
 
-def peer_cert_expiry(
-    new_connection: ssl.SSLObject | None, response: aiohttp.ClientResponse
-) -> datetime | None:
-    """notAfter of the server's certificate: from the TLS object of the connection this hop
-    created, else (a reused keep-alive connection) from the connection the response came on."""
-    ssl_object: object = new_connection
+def certificate_expiry(ssl_object: ssl.SSLObject | None) -> datetime | None:
+    """notAfter of the server's certificate on this TLS connection, None without one."""
     if ssl_object is None:
-        # A response read to the end has already handed its connection back (connection is
-        # None); its protocol still holds the pooled transport.
-        protocol = response.connection.protocol if response.connection is not None else None
-        protocol = protocol or getattr(response, "_protocol", None)
-        transport = getattr(protocol, "transport", None)
-        if transport is not None:
-            ssl_object = transport.get_extra_info("ssl_object")
-    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
         return None
     try:
         # The binary form is there even when verification is off (the dict form is then empty).
@@ -718,6 +811,8 @@ def _tlv(data: bytes, pos: int) -> tuple[int, int, int]:
 def classify_error(exc: BaseException, *, redirected: bool = False) -> CheckError | None:
     """Turn a client exception into an error kind and a short message; None if unknown."""
     kind: ErrorKind
+    if isinstance(exc, http1.ExchangeError):
+        return _exchange_error(exc)
     if isinstance(exc, aiohttp.ClientConnectorError):
         os_error = exc.os_error
         where = f"{exc.host}:{exc.port}"
@@ -750,6 +845,34 @@ def classify_error(exc: BaseException, *, redirected: bool = False) -> CheckErro
         kind, message = ErrorKind.INVALID_RESPONSE, f"{type(exc).__name__}: {exc}"
     else:
         return None
+    return CheckError(kind=kind, message=_short(message))
+
+
+def _exchange_error(exc: http1.ExchangeError) -> CheckError:
+    """The error of a fresh-connection exchange, in the same words as the keep-alive path's."""
+    kind: ErrorKind
+    if isinstance(exc, http1.ResolveFailed):
+        if isinstance(exc.cause, DeniedAddress):
+            kind, message = ErrorKind.DENIED_TARGET, str(exc.cause)
+        else:
+            kind, message = ErrorKind.DNS, f"cannot resolve {exc.host}: {_reason(exc.cause)}"
+    elif isinstance(exc, http1.ConnectFailed):
+        where = f"{exc.host}:{exc.port}"
+        kind, message = ErrorKind.CONNECT, f"cannot connect to {where}: {_reason(exc.cause)}"
+    elif isinstance(exc, http1.TLSFailed):
+        where = f"{exc.host}:{exc.port}"
+        kind = ErrorKind.TLS
+        if isinstance(exc.cause, ssl.SSLCertVerificationError):
+            reason = exc.cause.verify_message or _reason(exc.cause)
+            message = f"certificate of {where} not accepted: {reason}"
+        else:
+            message = f"TLS with {where} failed: {_reason(exc.cause)}"
+    elif isinstance(exc, http1.ServerDisconnected):
+        kind, message = ErrorKind.INVALID_RESPONSE, "server closed the connection early"
+    elif isinstance(exc, http1.BrokenBody):
+        kind, message = ErrorKind.INVALID_RESPONSE, f"broken body: {exc}"
+    else:
+        kind, message = ErrorKind.INVALID_RESPONSE, f"malformed response: {exc}"
     return CheckError(kind=kind, message=_short(message))
 
 

@@ -4,8 +4,17 @@ checks, the health rules decide, the store and the publisher get the result.
 The store is the source of truth; `start()` rebuilds the in-memory job store from it and live
 changes (add, edit, pause, remove) apply without a restart. Each task fires on a fixed grid
 shifted by an offset derived from its id (`tasks.start_offset`), so tasks sharing an interval
-spread over it and keep their phase across restarts. State changes (health, runs, status) are
-written in one short transaction per `flush_interval` instead of one per check.
+spread over it and keep their phase across restarts. Jobs live in a heap-backed job store
+(`jobstore.HeapJobStore`): a fire costs O(log n), and the scheduler wakes once per
+`schedule_tick` for all the jobs due in it, which adds at most one tick to the schedule lag.
+
+State changes are written in batches, one short transaction each, instead of one per check:
+changes that matter promptly (status, its reason, health, and any change of a task that has an
+end: `end_after_runs`, `end_at` or one-shot) within `flush_interval`; mere progress of an
+open-ended task (runs, last_run_at, failures_in_a_row with health unchanged) at most every
+`progress_flush_interval`, a task's changes in that time making one write. `stop()` writes
+everything. So a SIGKILL may lose up to `progress_flush_interval` of runs/last_run_at progress of
+open-ended tasks, but never a health or status change older than `flush_interval`.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from checker_common.contract import CheckResult, Health
 from periodic_checker import metrics
+from periodic_checker.jobstore import HeapJobStore
 from periodic_checker.store import TaskStore
 from periodic_checker.tasks import (
     Task,
@@ -46,6 +56,9 @@ log = logging.getLogger(__name__)
 # A fire is matched to the grid slot it was planned for; APScheduler stores times with
 # microsecond precision, so allow for rounding just before the slot.
 SLOT_TOLERANCE = 0.001
+# The scheduler wakes once for the jobs due within a tick rather than once a job; a check
+# starts at most this much later than planned because of it.
+SCHEDULE_TICK = 0.005
 LAG_SAMPLES = 10_000
 
 
@@ -118,6 +131,8 @@ class CheckScheduler:
         max_in_flight: int = 500,
         per_host_in_flight: int = 10,
         flush_interval: float = 1.0,
+        progress_flush_interval: float = 60.0,
+        schedule_tick: float = SCHEDULE_TICK,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -125,6 +140,7 @@ class CheckScheduler:
         self.publisher = publisher
         self.per_host_in_flight = per_host_in_flight
         self.flush_interval = flush_interval
+        self.progress_flush_interval = progress_flush_interval
         self.clock = clock
         # A dict that also counts tasks by status and health, for /metrics and /status.
         self.tasks: dict[uuid.UUID, Task] = metrics.TaskMap()
@@ -134,11 +150,15 @@ class CheckScheduler:
         self._hosts: dict[str, _HostSlot] = {}
         self._running: dict[uuid.UUID, asyncio.Task[Any]] = {}
         self._one_shot_at: dict[uuid.UUID, float] = {}
+        # States to write: `_dirty` within flush_interval, `_progress` (mere progress of
+        # open-ended tasks) within progress_flush_interval. A task is in one of them at most.
         self._dirty: dict[uuid.UUID, Task] = {}
+        self._progress: dict[uuid.UUID, Task] = {}
         self._stopping = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._aps = AsyncIOScheduler(
             timezone=UTC,
+            jobstores={"default": HeapJobStore(tick=schedule_tick)},
             job_defaults={
                 # Late runs (a GC pause, a busy loop) still happen, once.
                 "coalesce": True,
@@ -185,7 +205,7 @@ class CheckScheduler:
         phase; like a slot during downtime, a slot during loading is not made up for.
         """
         total = 0
-        # Moving many jobs takes time too (about 50 us each at 100k): repeat for the slots
+        # Moving many jobs takes time too (a job modification each): repeat for the slots
         # that pass meanwhile, each pass shorter than the one before.
         for _ in range(5):
             ready = self.clock()
@@ -240,6 +260,8 @@ class CheckScheduler:
         self.tasks[task.id] = task
         if task.id in self._dirty:
             self._dirty[task.id] = task
+        elif task.id in self._progress:
+            self._progress[task.id] = task
         if task.status is not TaskStatus.ACTIVE:
             self._unschedule(task.id)
         elif (
@@ -253,6 +275,7 @@ class CheckScheduler:
     def remove(self, task_id: uuid.UUID) -> None:
         self.tasks.pop(task_id, None)
         self._dirty.pop(task_id, None)
+        self._progress.pop(task_id, None)
         self._unschedule(task_id)
 
     def next_fire(self, task_id: uuid.UUID) -> datetime | None:
@@ -406,7 +429,7 @@ class CheckScheduler:
         task = outcome.task
         if outcome.changed:
             self.tasks[task_id] = task
-            self._dirty[task_id] = task
+            self._mark_changed(current, task)
             if task.status is not current.status:
                 log.info(
                     "task %s is now %s: %s", task_id, task.status, task.status_reason,
@@ -443,26 +466,61 @@ class CheckScheduler:
 
     # -- batched state writes ------------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Write the changed states now, in one transaction."""
-        if not self._dirty:
-            return
+    def _mark_changed(self, before: Task, after: Task) -> None:
+        """Queue a changed state for the prompt writes, or for the progress writes when only
+        the counters of an open-ended task moved."""
+        task_id = after.id
+        if task_id in self._dirty or not _mere_progress(before, after):
+            self._dirty[task_id] = after
+            self._progress.pop(task_id, None)
+        else:
+            self._progress[task_id] = after
+
+    async def flush(self, *, progress: bool = True) -> None:
+        """Write the changed states now, in one transaction; with `progress=False`, only those
+        that matter promptly (the progress of open-ended tasks waits)."""
         batch, self._dirty = self._dirty, {}
+        if progress and self._progress:
+            batch.update(self._progress)  # disjoint from the prompt ones
+            self._progress = {}
+        if not batch:
+            return
         try:
             await asyncio.to_thread(self.store.save_states, list(batch.values()))
         except Exception:
             log.exception("writing %d task states failed; will retry", len(batch))
+            # Retried with the next flush. A task changed meanwhile keeps its newer state,
+            # written as promptly as the failed one was due.
             for task_id, task in batch.items():
-                if task_id in self.tasks:
-                    self._dirty.setdefault(task_id, task)
+                if task_id in self.tasks and task_id not in self._dirty:
+                    self._dirty[task_id] = self._progress.pop(task_id, task)
 
     async def _flush_loop(self) -> None:
         collector = CollectorPolicy()
+        next_progress = time.monotonic() + self.progress_flush_interval
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
-            await self.flush()
+            now = time.monotonic()
+            progress = now >= next_progress
+            if progress:
+                next_progress = now + self.progress_flush_interval
+            await self.flush(progress=progress)
             collector.tick(time.monotonic())
+
+
+def _mere_progress(before: Task, after: Task) -> bool:
+    """Whether a change only counts progress (runs, last run, failures in a row) of a task
+    without an end, so it may wait for the next progress write."""
+    spec = after.spec
+    return (
+        spec.interval is not None
+        and spec.end_after_runs is None
+        and spec.end_at is None
+        and after.status is before.status
+        and after.status_reason == before.status_reason
+        and after.health is before.health
+    )
 
 
 def _log_failure(task_id: uuid.UUID, result: CheckResult) -> None:
@@ -486,7 +544,7 @@ def _log_failure(task_id: uuid.UUID, result: CheckResult) -> None:
 class CollectorPolicy:
     """Keeps the garbage collector's full passes short with 100,000 jobs.
 
-    Every fire replaces a few long-lived objects per job (APScheduler's job-list entries, the
+    Every fire replaces a few long-lived objects per job (the job store's heap entries, the
     task's state); they pile up in the oldest generation, and a full pass then walks them all
     (0.1-0.5 s at 100k jobs: every check due in that time starts late). So every `freeze_every`
     seconds the survivors move to the permanent generation (`gc.freeze()`, cheap), which full

@@ -9,18 +9,34 @@ names an admin connection (default: postgresql://postgres@127.0.0.1:5432/postgre
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import psycopg2
 import pytest
+import uvloop
 from psycopg2 import sql
 
 from checker_common.devstack import Broker, create_topics, free_port, make_certs
 
 from helpers import KafkaTarget
+
+# Test modules whose async tests run twice: on uvloop (the loop the daemons run on) and on
+# asyncio's default loop (the probe is a library too). Transports differ between the two.
+# Every other async test runs on asyncio's default loop only.
+BOTH_LOOPS = frozenset({"test_probe.py", "test_http1.py"})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in BOTH_LOOPS:
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")

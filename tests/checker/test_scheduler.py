@@ -390,6 +390,68 @@ async def test_a_stored_definition_that_no_longer_validates_is_not_scheduled(
     assert c.scheduler.next_fire(good.id) is not None
 
 
+# -- state writes ----------------------------------------------------------------------------------
+
+
+def stored(path: Path, task_id: uuid.UUID) -> Task:
+    """The task as written to the file, read through a connection of its own."""
+    store = SQLiteTaskStore(path)
+    try:
+        task = store.get(task_id)
+    finally:
+        store.close()
+    assert task is not None
+    return task
+
+
+async def test_progress_waits_for_its_own_flush_but_health_and_ends_are_written_promptly(
+    tmp_path: Path, target: Target, make_checker: Any
+) -> None:
+    path = tmp_path / "writes.sqlite3"
+    c = await make_checker(path, progress_flush_interval=3600)
+    steady = await c.service.create(spec(target, "/ok"))  # open-ended, always up
+    ending = await c.service.create(spec(target, "/ok", end_after_runs=1000))
+    flip = await c.service.create(spec(target, "/flip"))  # down until the target flips
+    tasks = c.scheduler.tasks
+    await c.publisher.wait_for(
+        lambda: (
+            tasks[steady.id].runs >= 3
+            and tasks[ending.id].runs >= 3
+            and tasks[flip.id].health is Health.DOWN
+        ),
+        "three runs each",
+    )
+    runs_before_flip = tasks[steady.id].runs
+    ending_runs_before_flip = tasks[ending.id].runs
+    target.status["flip"] = 200
+
+    # The health change is written by the short flush...
+    await wait_until(lambda: stored(path, flip.id).health is Health.UP)
+    # ... which writes every prompt change made before it: the runs of a task with an end,
+    ending_stored = stored(path, ending.id)
+    assert ending_stored.runs >= ending_runs_before_flip
+    # but not the runs of the open-ended task, only its first one (health unknown -> up).
+    steady_stored = stored(path, steady.id)
+    assert steady_stored.health is Health.UP
+    assert steady_stored.runs < runs_before_flip
+
+    await stop(c)
+    final = c.scheduler.tasks[steady.id]
+    steady_stored = stored(path, steady.id)
+    assert steady_stored.runs == final.runs, "stop() writes the progress too"
+    assert steady_stored.last_run_at == final.last_run_at
+
+
+async def test_progress_is_written_every_progress_flush_interval(
+    tmp_path: Path, target: Target, make_checker: Any
+) -> None:
+    path = tmp_path / "progress.sqlite3"
+    c = await make_checker(path, progress_flush_interval=0.5)
+    steady = await c.service.create(spec(target, "/ok"))
+    await c.publisher.wait_for(lambda: c.scheduler.tasks[steady.id].runs >= 3, "three runs")
+    await wait_until(lambda: stored(path, steady.id).runs >= 3)
+
+
 # -- restart ---------------------------------------------------------------------------------------
 
 
