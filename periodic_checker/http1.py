@@ -167,7 +167,7 @@ class Response:
         return found if isinstance(found, ssl.SSLObject) else None
 
     def close(self) -> None:
-        self._exchange.closed = True
+        self._exchange.abandon()
         self._transport.close()
 
     async def aclose(self) -> None:
@@ -177,8 +177,10 @@ class Response:
 class _Exchange(asyncio.Protocol):
     """Parses one response as it arrives; the caller awaits the head, then the body."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, head_request: bool = False) -> None:
         self._loop = loop
+        # httptools cannot be told a response answers HEAD: its head is the whole message.
+        self._head_request = head_request
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._head: asyncio.Future[None] = loop.create_future()
@@ -246,6 +248,8 @@ class _Exchange(asyncio.Protocol):
             self.headers = {}  # an interim response: the real head follows
             return
         self.status = status
+        if self._head_request:
+            self._complete = True
         if not self._head.done():
             self._head.set_result(None)
 
@@ -290,6 +294,13 @@ class _Exchange(asyncio.Protocol):
         if "content-length" in self.headers:
             return False
         return "chunked" not in self.headers.get("transfer-encoding", "").lower()
+
+    def abandon(self) -> None:
+        """The caller is done with the response: a pending or later read ends at once."""
+        if not self._complete and self._error is None:
+            self._error = BrokenBody("the response was closed before its end")
+        self.closed = True
+        self._wake()
 
     def _fail(self, error: ExchangeError) -> None:
         if self.closed:
@@ -346,6 +357,7 @@ async def exchange(
     the response. `head` comes from `request_head()`.
     """
     loop = asyncio.get_running_loop()
+    head_request = method == "HEAD"
     host = url.raw_host or ""
     port = url.port or (443 if tls is not None else 80)
     marks.conn_start = time.monotonic()
@@ -366,12 +378,14 @@ async def exchange(
     # From here the loop owns the socket: create_connection closes it if it fails.
     try:
         if tls is None:
-            transport, protocol = await loop.create_connection(lambda: _Exchange(loop), sock=sock)
+            transport, protocol = await loop.create_connection(
+                lambda: _Exchange(loop, head_request=head_request), sock=sock
+            )
         else:
             marks.tls_start = time.monotonic()
             try:
                 transport, protocol = await loop.create_connection(
-                    lambda: _Exchange(loop),
+                    lambda: _Exchange(loop, head_request=head_request),
                     sock=sock,
                     ssl=tls,
                     server_hostname=host.rstrip("."),
@@ -393,5 +407,5 @@ async def exchange(
         return Response(protocol, transport)
     finally:
         if not response_ready:
-            protocol.closed = True
+            protocol.abandon()
             transport.close()
