@@ -11,8 +11,9 @@ spread over it and keep their phase across restarts. Jobs live in a heap-backed 
 State changes are written in batches, one short transaction each, instead of one per check:
 changes that matter promptly (status, its reason, health, and any change of a task that has an
 end: `end_after_runs`, `end_at` or one-shot) within `flush_interval`; mere progress of an
-open-ended task (runs, last_run_at, failures_in_a_row with health unchanged) at most every
-`progress_flush_interval`, a task's changes in that time making one write. `stop()` writes
+open-ended task (runs, last_run_at, failures_in_a_row with health unchanged) once it has
+waited `progress_flush_interval` since its first change, a task's changes in that time making
+one write (spread over the flushes as the checks are over their intervals). `stop()` writes
 everything. So a SIGKILL may lose up to `progress_flush_interval` of runs/last_run_at progress of
 open-ended tasks, but never a health or status change older than `flush_interval`.
 """
@@ -153,7 +154,7 @@ class CheckScheduler:
         # States to write: `_dirty` within flush_interval, `_progress` (mere progress of
         # open-ended tasks) within progress_flush_interval. A task is in one of them at most.
         self._dirty: dict[uuid.UUID, Task] = {}
-        self._progress: dict[uuid.UUID, Task] = {}
+        self._progress = ProgressWrites()
         self._stopping = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._aps = AsyncIOScheduler(
@@ -260,8 +261,8 @@ class CheckScheduler:
         self.tasks[task.id] = task
         if task.id in self._dirty:
             self._dirty[task.id] = task
-        elif task.id in self._progress:
-            self._progress[task.id] = task
+        else:
+            self._progress.replace(task)
         if task.status is not TaskStatus.ACTIVE:
             self._unschedule(task.id)
         elif (
@@ -275,7 +276,7 @@ class CheckScheduler:
     def remove(self, task_id: uuid.UUID) -> None:
         self.tasks.pop(task_id, None)
         self._dirty.pop(task_id, None)
-        self._progress.pop(task_id, None)
+        self._progress.pop(task_id)
         self._unschedule(task_id)
 
     def next_fire(self, task_id: uuid.UUID) -> datetime | None:
@@ -472,17 +473,15 @@ class CheckScheduler:
         task_id = after.id
         if task_id in self._dirty or not _mere_progress(before, after):
             self._dirty[task_id] = after
-            self._progress.pop(task_id, None)
+            self._progress.pop(task_id)
         else:
-            self._progress[task_id] = after
+            self._progress.put(after, time.monotonic())
 
-    async def flush(self, *, progress: bool = True) -> None:
-        """Write the changed states now, in one transaction; with `progress=False`, only those
-        that matter promptly (the progress of open-ended tasks waits)."""
+    async def flush(self, *, progress_since: float | None = None) -> None:
+        """Write the changed states now, in one transaction: the prompt ones, and the progress
+        first recorded before `progress_since` (a monotonic time; None: all of it)."""
         batch, self._dirty = self._dirty, {}
-        if progress and self._progress:
-            batch.update(self._progress)  # disjoint from the prompt ones
-            self._progress = {}
+        batch.update(self._progress.take(progress_since))  # disjoint from the prompt ones
         if not batch:
             return
         try:
@@ -493,20 +492,63 @@ class CheckScheduler:
             # written as promptly as the failed one was due.
             for task_id, task in batch.items():
                 if task_id in self.tasks and task_id not in self._dirty:
-                    self._dirty[task_id] = self._progress.pop(task_id, task)
+                    self._dirty[task_id] = self._progress.pop(task_id) or task
 
     async def _flush_loop(self) -> None:
         collector = CollectorPolicy()
-        next_progress = time.monotonic() + self.progress_flush_interval
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
-            now = time.monotonic()
-            progress = now >= next_progress
-            if progress:
-                next_progress = now + self.progress_flush_interval
-            await self.flush(progress=progress)
+            # Progress is written once it has waited progress_flush_interval: checks are
+            # spread over their intervals, so each flush writes a steady slice of it rather
+            # than all of it at once (100,000 rows in one go held the loop back for seconds).
+            await self.flush(progress_since=time.monotonic() - self.progress_flush_interval)
             collector.tick(time.monotonic())
+
+
+class ProgressWrites:
+    """Progress states waiting to be written, in the order of their first change since the
+    last write (a later change of the same task replaces the state, not its place)."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[uuid.UUID, Task] = {}
+        self._since: dict[uuid.UUID, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._tasks
+
+    def put(self, task: Task, now: float) -> None:
+        if task.id not in self._tasks:
+            self._since[task.id] = now
+        self._tasks[task.id] = task
+
+    def replace(self, task: Task) -> None:
+        """A newer state of a task already waiting (an edit); nothing if it is not."""
+        if task.id in self._tasks:
+            self._tasks[task.id] = task
+
+    def pop(self, task_id: uuid.UUID) -> Task | None:
+        self._since.pop(task_id, None)
+        return self._tasks.pop(task_id, None)
+
+    def take(self, since: float | None) -> dict[uuid.UUID, Task]:
+        """Remove and return the states first recorded before `since` (all when None)."""
+        if since is None:
+            taken, self._tasks, self._since = self._tasks, {}, {}
+            return taken
+        due = []
+        for task_id, first in self._since.items():  # oldest first
+            if first > since:
+                break
+            due.append(task_id)
+        taken = {}
+        for task_id in due:
+            del self._since[task_id]
+            taken[task_id] = self._tasks.pop(task_id)
+        return taken
 
 
 def _mere_progress(before: Task, after: Task) -> bool:

@@ -27,7 +27,7 @@ from checker_common.contract import CheckResult, ErrorKind, Health
 from periodic_checker.app_service import CheckerService
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
-from periodic_checker.scheduler import CheckScheduler, CollectorPolicy
+from periodic_checker.scheduler import CheckScheduler, CollectorPolicy, ProgressWrites
 from periodic_checker.service import InvalidChange, NameTaken, TaskFilter, TooManyTasks
 from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.tasks import Task, TaskSpec, TaskStatus, start_offset
@@ -586,3 +586,38 @@ async def test_stop_cancels_late_checks_with_one_warning_and_no_errors(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert any("cancelled 3 checks" in r.getMessage() for r in caplog.records)
     c.store.close()
+
+
+def _progress_task(runs: int, task_id: uuid.UUID | None = None) -> Task:
+    now = datetime.now(UTC)
+    spec = TaskSpec(name="progress", url="http://127.0.0.1:9/", interval=60)
+    return Task(id=task_id or uuid.uuid4(), spec=spec, created_at=now, updated_at=now, runs=runs)
+
+
+def test_progress_is_written_in_the_order_of_first_change_once_it_has_waited() -> None:
+    writes = ProgressWrites()
+    first, second, third = _progress_task(1), _progress_task(1), _progress_task(1)
+    writes.put(first, now=10.0)
+    writes.put(second, now=20.0)
+    writes.put(third, now=30.0)
+    writes.put(_progress_task(5, first.id), now=35.0)  # newer state, same place in the queue
+
+    taken = writes.take(since=25.0)
+
+    assert list(taken) == [first.id, second.id]
+    assert taken[first.id].runs == 5
+    assert third.id in writes
+    assert list(writes.take(since=None)) == [third.id]
+    assert len(writes) == 0
+
+
+def test_progress_taken_for_a_prompt_write_leaves_the_queue() -> None:
+    writes = ProgressWrites()
+    task = _progress_task(1)
+    writes.put(task, now=1.0)
+
+    assert writes.pop(task.id) == task
+    writes.put(_progress_task(2, task.id), now=50.0)  # queued again: waits from its new change
+
+    assert writes.take(since=40.0) == {}
+    assert list(writes.take(since=50.0)) == [task.id]
