@@ -671,7 +671,7 @@ def steps(dsn: str, batches: list[list[Record]], tally: Any) -> None:
                 inserted_at = time.monotonic()
                 inserted = cur.fetchall()
                 fetched = time.monotonic()
-                w._update_tasks_and_incidents(cur, inserted)
+                w._update_tasks_and_incidents(cur, w.new_rows(inserted))
                 updated = time.monotonic()
             conn.commit()
             done = time.monotonic()
@@ -700,6 +700,10 @@ def _copy_committed(conn: Any, text: str) -> None:
 
 def breakdown(args: argparse.Namespace) -> int:
     """Where a batch's time goes, in-process with the writer's own functions (no broker)."""
+    if args.revision != WORK_TREE:
+        # In-process: it measures the writer this checkout imports, whatever its state.
+        print("breakdown runs the work tree's writer in-process: only --revision WORKTREE")
+        return 2
     host = machine()
     import orjson
     from pydantic import TypeAdapter
@@ -784,10 +788,10 @@ def main() -> int:
     b.add_argument("--messages", type=int, default=100_000)
     b.add_argument("--batch-size", type=int, default=5000)
     b.add_argument("--runs", type=int, default=3)
-    for mode in (t, lat):
+    for mode in (t, lat, b):
         mode.add_argument(
             "--revision",
-            default="HEAD",
+            default=WORK_TREE if mode is b else "HEAD",
             help=f"git revision of the processor run (HEAD), or {WORK_TREE} for the work tree",
         )
     args = parser.parse_args()

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, Protocol
 
+import msgspec
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -172,16 +174,88 @@ def decode(
     return Decoded(task_id=task_id, result=result, legacy=legacy)
 
 
+# Only the canonical spellings; pydantic accepts more (upper case, no hyphens, other offsets),
+# and those take the model's path. Checked a whole column of a batch at a time: one regex over
+# the column's values, one per line.
+_UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_UTC_ISO_RE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|\+00:00)"
+_UUID_LINES = re.compile(f"(?:{_UUID_RE}\n)*\\Z").match
+_UTC_ISO_LINES = re.compile(f"(?:{_UTC_ISO_RE}\n)*\\Z").match
+# Numbers the fast path takes: larger ones could be read differently by orjson (a float past
+# 2**64) than by msgspec (an exact int); the model decides those.
+_MAX_NUMBER = 2**53
+
+_Seconds = Annotated[float, msgspec.Meta(ge=0, le=_MAX_NUMBER)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_NUMBER)]
+# Literal, not the enums: the values stay plain str (tests prove they are the enums' values).
+PatternValue = Literal["match", "no_match"]
+HealthValue = Literal["unknown", "up", "down"]
+ErrorKindValue = Literal[
+    "dns",
+    "connect",
+    "tls",
+    "timeout",
+    "too_many_redirects",
+    "body_too_large",
+    "invalid_response",
+    "denied_target",
+    "status",
+    "pattern",
+]
+
+
+class PlainError(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
+    kind: ErrorKindValue
+    message: Annotated[str, msgspec.Meta(max_length=2000)]
+
+
+class PlainTimings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
+    dns: _Seconds | None = None
+    connect: _Seconds | None = None
+    tls: _Seconds | None = None
+    ttfb: _Seconds | None = None
+    transfer: _Seconds | None = None
+
+
+_NO_TIMINGS = PlainTimings()
+
+
+class PlainBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
+    """Every CheckResult field as plain values: str UUIDs (lower case, canonical), timestamps
+    as ISO 8601 UTC strings, enums as their values.
+
+    Also the fast path's decoder: only `encode()`'s canonical shape, each field of
+    CheckResult with its constraints or stricter (no unknown fields, no lax spellings, no
+    huge numbers; UUIDs and timestamps are checked after it, a batch at a time); what it
+    refuses goes to the model, which then decides."""
+
+    schema_version: Literal[1]
+    result_id: str
+    name: Annotated[str, msgspec.Meta(max_length=200)]
+    url: Annotated[str, msgspec.Meta(max_length=8192)]
+    timestamp: str
+    load_time: _Seconds
+    ok: bool
+    method: Annotated[str, msgspec.Meta(max_length=10)] = "GET"
+    scheduled_at: str | None = None
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=_MAX_NUMBER)] = 1
+    status: Annotated[int, msgspec.Meta(ge=100, le=999)] | None = None
+    pattern_search: PatternValue | None = None
+    health: HealthValue = "unknown"
+    error: PlainError | None = None
+    timings: PlainTimings = _NO_TIMINGS
+    bytes: _Count = 0
+    final_url: Annotated[str, msgspec.Meta(max_length=8192)] | None = None
+    redirects: _Count = 0
+    cert_expires_at: str | None = None
+
+
 class Plain(NamedTuple):
     """A decoded message as plain values, for writers that only pass them on.
-
-    `body` has every CheckResult field as JSON values: str UUIDs (lower case, canonical),
-    timestamps as ISO 8601 UTC strings, enums as their values, `error` a dict or None,
-    `timings` a dict with all five phases. `checked_at` is the parsed `timestamp`.
-    """
+    `checked_at` is the parsed `body.timestamp`."""
 
     task_id: str
-    body: dict[str, Any]
+    body: PlainBody
     checked_at: datetime
     legacy: bool
 
@@ -195,174 +269,135 @@ def decode_plain(
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> Plain:
     """`decode()` for the ingest path: the same messages accepted, the same errors raised.
+    Raises `ContractError` with decode()'s text. One message of `decode_plain_many`."""
+    (plain,) = decode_plain_many([_Message(value, topic, partition, offset)], max_bytes=max_bytes)
+    if isinstance(plain, ContractError):
+        raise plain
+    return plain
 
-    Messages in the shape `encode()` writes are checked by hand in one pass over orjson's
-    output (several times faster than pydantic on a dict); anything else (the legacy shape,
-    lax spellings pydantic would coerce, every error) goes through `decode()` itself, so the
-    model stays the one definition and every error text comes from it.
+
+class Message(Protocol):
+    """What `decode_plain_many` needs of a message: its value and where it was read (the
+    legacy shape's result id is derived from that)."""
+
+    @property
+    def value(self) -> bytes | None: ...
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+
+class _Message(NamedTuple):
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
+def decode_plain_many(
+    messages: Sequence[Message],
+    *,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> list[Plain | ContractError]:
+    """`decode_plain` for each message: a Plain, or the ContractError that `decode()` raises
+    for it, in the same order.
+
+    Messages in the shape `encode()` writes are decoded by msgspec into PlainBody (several
+    times faster than orjson + pydantic), and their UUIDs and timestamps checked a column at
+    a time; anything else (the legacy shape, unknown fields, lax spellings pydantic would
+    coerce, every error) goes through `decode()` itself, so the model stays the one
+    definition and every error text comes from it.
     """
-    if value is not None and len(value) <= max_bytes:
-        plain = _plain_fast(value)
-        if plain is not None:
-            return plain
-    decoded = decode(value, topic=topic, partition=partition, offset=offset, max_bytes=max_bytes)
+    found: list[Plain | ContractError | None] = []
+    fast: list[tuple[int, str, PlainBody]] = []
+    decode_fast = _fast_decoder.decode
+    for index, message in enumerate(messages):
+        found.append(None)
+        value = message.value
+        if value is None or len(value) > max_bytes:
+            continue
+        try:
+            document = decode_fast(value)
+        except (msgspec.MsgspecError, ValueError):  # UnicodeDecodeError is a ValueError
+            continue
+        if len(document) == 1:
+            ((task_id, body),) = document.items()
+            fast.append((index, task_id, body))
+    for index, task_id, body in _canonical(fast):
+        # The pattern admits 2026-02-30 and 25:00; the model says what is wrong with those.
+        try:
+            checked_at = datetime.fromisoformat(body.timestamp)
+            if body.scheduled_at is not None:
+                datetime.fromisoformat(body.scheduled_at)
+            if body.cert_expires_at is not None:
+                datetime.fromisoformat(body.cert_expires_at)
+        except ValueError:
+            continue
+        found[index] = Plain(task_id, body, checked_at, False)
+    return [
+        _plain_by_model(message, max_bytes) if plain is None else plain
+        for plain, message in zip(found, messages, strict=True)
+    ]
+
+
+def _canonical(fast: list[tuple[int, str, PlainBody]]) -> list[tuple[int, str, PlainBody]]:
+    """The decoded messages whose ids and timestamps are spelled canonically (one regex per
+    column over the whole batch; message by message only when a column fails)."""
+    if not fast or _all_canonical(fast):
+        return fast
+    return [one for one in fast if _all_canonical([one])]
+
+
+def _all_canonical(fast: list[tuple[int, str, PlainBody]]) -> bool:
+    ids = [text for _, task_id, body in fast for text in (task_id, body.result_id)]
+    stamps = [
+        stamp
+        for _, _, body in fast
+        for stamp in (body.timestamp, body.scheduled_at, body.cert_expires_at)
+        if stamp is not None
+    ]
+    return _lines_match(_UUID_LINES, ids) and _lines_match(_UTC_ISO_LINES, stamps)
+
+
+def _lines_match(match: Callable[[str], object], values: list[str]) -> bool:
+    """Each value matches on its own line (a newline inside a value makes one line more)."""
+    text = "\n".join(values) + "\n"
+    return text.count("\n") == len(values) and match(text) is not None
+
+
+def _plain_by_model(message: Message, max_bytes: int) -> Plain | ContractError:
+    try:
+        decoded = decode(
+            message.value,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            max_bytes=max_bytes,
+        )
+    except ContractError as exc:
+        return exc
     result = decoded.result
+    body = result.model_dump(mode="json")
+    error, timings = body.pop("error"), body.pop("timings")
     return Plain(
-        str(decoded.task_id), result.model_dump(mode="json"), result.timestamp, decoded.legacy
+        str(decoded.task_id),
+        PlainBody(
+            **body,
+            error=None if error is None else PlainError(**error),
+            timings=PlainTimings(**timings),
+        ),
+        result.timestamp,
+        decoded.legacy,
     )
 
 
-# Only the canonical spellings; pydantic accepts more (upper case, no hyphens, other offsets),
-# and those take the model's path.
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z").match
-_UTC_ISO = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|\+00:00)\Z"
-).match
-_HEALTH = frozenset(h.value for h in Health)
-_PATTERN = frozenset(p.value for p in PatternResult)
-_KINDS = frozenset(k.value for k in ErrorKind)
-_PHASES = ("dns", "connect", "tls", "ttfb", "transfer")
-_NO_TIMINGS: dict[str, Any] = {}
-# Larger JSON integers could round differently as a float; the model decides those.
-_EXACT_FLOAT_INT = 2**53
-
-
-def _utc(text: Any) -> datetime | None:
-    """A canonical ISO 8601 UTC string as an aware datetime; None when unsure."""
-    if type(text) is not str or not _UTC_ISO(text):
-        return None
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:  # 2026-02-30, 25:00: the model says what is wrong
-        return None
-
-
-def _seconds(value: Any) -> float | None:
-    """A JSON number >= 0 as a float; None when unsure (also for a missing value)."""
-    if type(value) is float:
-        return value if value >= 0 else None
-    if type(value) is int and 0 <= value < _EXACT_FLOAT_INT:
-        return float(value)
-    return None
-
-
-def _plain_fast(value: bytes) -> Plain | None:
-    """The message as Plain if it is in the canonical shape and valid; None otherwise (then
-    `decode()` decides). Mirrors CheckResult's fields and constraints one by one."""
-    try:
-        document = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return None
-    if type(document) is not dict or len(document) != 1:
-        return None
-    ((task_id, body),) = document.items()
-    if not _UUID(task_id) or type(body) is not dict:
-        return None
-    get = body.get
-    version = get("schema_version")
-    if type(version) is not int or version != SCHEMA_VERSION:
-        return None
-    result_id, name, url, method = get("result_id"), get("name"), get("url"), get("method", "GET")
-    if not (
-        type(result_id) is str
-        and _UUID(result_id)
-        and type(name) is str
-        and len(name) <= 200
-        and type(url) is str
-        and len(url) <= 8192
-        and type(method) is str
-        and len(method) <= 10
-    ):
-        return None
-    stamp = get("timestamp")
-    checked_at = _utc(stamp)
-    if checked_at is None:
-        return None
-    scheduled_at = get("scheduled_at")
-    if scheduled_at is not None and _utc(scheduled_at) is None:
-        return None
-    cert_expires_at = get("cert_expires_at")
-    if cert_expires_at is not None and _utc(cert_expires_at) is None:
-        return None
-    attempt, status, bytes_, redirects = (
-        get("attempt", 1),
-        get("status"),
-        get("bytes", 0),
-        get("redirects", 0),
-    )
-    if not (
-        type(attempt) is int
-        and attempt >= 1
-        and (status is None or (type(status) is int and 100 <= status <= 999))
-        and type(bytes_) is int
-        and bytes_ >= 0
-        and type(redirects) is int
-        and redirects >= 0
-    ):
-        return None
-    load_time = _seconds(get("load_time"))
-    if load_time is None:
-        return None
-    pattern, ok, health = get("pattern_search"), get("ok"), get("health", "unknown")
-    if not (
-        (pattern is None or (type(pattern) is str and pattern in _PATTERN))
-        and type(ok) is bool
-        and type(health) is str
-        and health in _HEALTH
-    ):
-        return None
-    error = get("error")
-    if error is not None:
-        if type(error) is not dict or len(error) != 2:
-            return None
-        kind, message = error.get("kind"), error.get("message")
-        if not (
-            type(kind) is str and kind in _KINDS and type(message) is str and len(message) <= 2000
-        ):
-            return None
-        error = {"kind": kind, "message": message}
-    raw_timings = get("timings", _NO_TIMINGS)
-    if type(raw_timings) is not dict:
-        return None
-    timings: dict[str, float | None] = {}
-    for phase in _PHASES:
-        seconds = raw_timings.get(phase)
-        if seconds is not None:
-            seconds = _seconds(seconds)
-            if seconds is None:
-                return None
-        timings[phase] = seconds
-    if len(raw_timings) > len(_PHASES) or not raw_timings.keys() <= timings.keys():
-        return None  # an unknown phase: the model forbids extras
-    final_url = get("final_url")
-    if final_url is not None and (type(final_url) is not str or len(final_url) > 8192):
-        return None
-    return Plain(
-        task_id,
-        {
-            "schema_version": SCHEMA_VERSION,
-            "result_id": result_id,
-            "name": name,
-            "url": url,
-            "method": method,
-            "timestamp": stamp,
-            "scheduled_at": scheduled_at,
-            "attempt": attempt,
-            "status": status,
-            "load_time": load_time,
-            "pattern_search": pattern,
-            "ok": ok,
-            "health": health,
-            "error": error,
-            "timings": timings,
-            "bytes": bytes_,
-            "final_url": final_url,
-            "redirects": redirects,
-            "cert_expires_at": cert_expires_at,
-        },
-        checked_at,
-        False,
-    )
+_fast_decoder = msgspec.json.Decoder(dict[str, PlainBody])
 
 
 def legacy_result_id(topic: str, partition: int, offset: int) -> uuid.UUID:

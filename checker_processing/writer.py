@@ -15,10 +15,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any, NamedTuple
 
 import psycopg2
@@ -26,7 +25,7 @@ import psycopg2.errors
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from checker_common.contract import ContractError, Health, Plain, decode_plain
+from checker_common.contract import ContractError, Health, Plain, decode_plain_many
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +117,13 @@ class Outcome:
         )
 
 
-def parse(records: Iterable[Record], max_bytes: int) -> tuple[list[Row], list[Rejection]]:
+def parse(records: Sequence[Record], max_bytes: int) -> tuple[list[Row], list[Rejection]]:
     """Split records into valid rows and contract rejections (pure)."""
     rows: list[Row] = []
     rejected: list[Rejection] = []
-    for record in records:
-        try:
-            plain = decode_plain(
-                record.value,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                max_bytes=max_bytes,
-            )
-        except ContractError as exc:
-            rejected.append(Rejection(record, str(exc)))
+    for record, plain in zip(records, decode_plain_many(records, max_bytes=max_bytes), strict=True):
+        if isinstance(plain, ContractError):
+            rejected.append(Rejection(record, str(plain)))
         else:
             rows.append(Row(record, plain))
     return rows, rejected
@@ -146,42 +137,55 @@ def copy_text(rows: Iterable[Row]) -> str:
     other the database will not take."""
     lines = []
     tails: dict[tuple[str, int, bool], str] = {}
+    n, bs = _NULL, "\\"
+    v: Any  # each column's value in turn
     for record, plain in rows:
         b = plain.body
-        t = b["timings"]
-        e = b["error"]
+        t = b.timings
+        e = b.error
         tail_key = (record.topic, record.partition, plain.legacy)
         tail = tails.get(tail_key)
         if tail is None:
             tail = tails[tail_key] = (
                 f"{'t' if plain.legacy else 'f'}\t{_text(record.topic)}\t{record.partition}"
             )
+        if (final_url := b.final_url) is None:
+            final_url = n
+        elif not final_url.isprintable() or bs in final_url:
+            final_url = _escape(final_url)
         # Inline None tests, not helper calls: this runs for every column of every row.
-        n = _NULL
         lines.append(
-            f"{b['result_id']}\t{b['timestamp']}\t{plain.task_id}\t{_text(b['name'])}"
-            f"\t{_text(b['url'])}\t{_text(b['method'])}"
-            f"\t{n if (v := b['scheduled_at']) is None else v}"
-            f"\t{b['attempt']}\t{n if (v := b['status']) is None else v}\t{b['load_time']}"
-            f"\t{n if (v := b['pattern_search']) is None else v}"
-            f"\t{'t' if b['ok'] else 'f'}\t{b['health']}"
-            f"\t{e['kind'] if e else n}\t{_text(e['message']) if e else n}"
-            f"\t{n if (v := t['dns']) is None else v}\t{n if (v := t['connect']) is None else v}"
-            f"\t{n if (v := t['tls']) is None else v}\t{n if (v := t['ttfb']) is None else v}"
-            f"\t{n if (v := t['transfer']) is None else v}\t{b['bytes']}"
-            f"\t{n if (v := b['final_url']) is None else _text(v)}\t{b['redirects']}"
-            f"\t{n if (v := b['cert_expires_at']) is None else v}\t{tail}\t{record.offset}\n"
+            f"{b.result_id}\t{b.timestamp}\t{plain.task_id}"
+            f"\t{v if (v := b.name).isprintable() and bs not in v else _escape(v)}"
+            f"\t{v if (v := b.url).isprintable() and bs not in v else _escape(v)}"
+            f"\t{v if (v := b.method).isprintable() and bs not in v else _escape(v)}"
+            f"\t{n if (v := b.scheduled_at) is None else v}"
+            f"\t{b.attempt}\t{n if (v := b.status) is None else v}\t{b.load_time}"
+            f"\t{n if (v := b.pattern_search) is None else v}"
+            f"\t{'t' if b.ok else 'f'}\t{b.health}"
+            f"\t{n if e is None else e.kind}\t{n if e is None else _text(e.message)}"
+            f"\t{n if (v := t.dns) is None else v}\t{n if (v := t.connect) is None else v}"
+            f"\t{n if (v := t.tls) is None else v}\t{n if (v := t.ttfb) is None else v}"
+            f"\t{n if (v := t.transfer) is None else v}\t{b.bytes}"
+            f"\t{final_url}"
+            f"\t{b.redirects}"
+            f"\t{n if (v := b.cert_expires_at) is None else v}\t{tail}\t{record.offset}\n"
         )
     return "".join(lines)
 
 
 _NULL = "\\N"
-_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]").search
 
 
 def _text(value: str) -> str:
-    if _NEEDS_ESCAPE(value) is None:
+    # isprintable() is False for tab, newline and carriage return (and for other text that
+    # needs no escape: _escape leaves that as it is); a backslash is printable.
+    if value.isprintable() and "\\" not in value:
         return value
+    return _escape(value)
+
+
+def _escape(value: str) -> str:
     return (
         value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
     )
@@ -196,16 +200,14 @@ class Prepared:
     rejected: list[Rejection]
     text: str
     days: frozenset[date]
+    if_all_new: NewRows  # what the tasks and incidents need when every row is new
 
 
 def prepare(records: Sequence[Record], max_bytes: int) -> Prepared:
     rows, rejected = parse(records, max_bytes)
-    days = frozenset(utc_day(row.plain.checked_at) for row in rows)
-    return Prepared(records, rows, rejected, copy_text(rows), days)
-
-
-def utc_day(moment: datetime) -> date:
-    return moment.astimezone(UTC).date()
+    # Bodies hold ISO 8601 UTC strings: their first ten characters are the UTC day.
+    days = frozenset(map(date.fromisoformat, {row.plain.body.timestamp[:10] for row in rows}))
+    return Prepared(records, rows, rejected, copy_text(rows), days, new_rows(returning(rows)))
 
 
 class Writer:
@@ -252,7 +254,7 @@ class Writer:
         try:
             self.ensure_partitions(prepared.days)
             try:
-                outcome = self._store(rows, rejected, prepared.text)
+                outcome = self._store(rows, rejected, prepared)
             except PERMANENT_ERRORS as exc:
                 self.conn.rollback()
                 log.warning("batch of %d rows refused (%s); finding the bad rows", len(rows), exc)
@@ -301,15 +303,20 @@ class Writer:
         return self._bisect(rows[:middle]) + self._bisect(rows[middle:])
 
     def _store(
-        self, rows: list[Row], rejected: list[Rejection], text: str | None = None
+        self, rows: list[Row], rejected: list[Rejection], prepared: Prepared | None = None
     ) -> Outcome:
-        """One transaction: results, tasks, incidents and rejections."""
+        """One transaction: results, tasks, incidents and rejections. `prepared` is the
+        batch's own preparation when `rows` are all of its rows."""
         conn = self.conn
-        inserted: list[tuple[Any, ...]] = []
+        stored = 0
         with conn.cursor() as cur:
             if rows:
-                inserted = _insert_new(cur, copy_text(rows) if text is None else text, rows)
-                if inserted:
+                if prepared is None:
+                    inserted = _insert_new(cur, copy_text(rows), rows, None)
+                else:
+                    inserted = _insert_new(cur, prepared.text, rows, prepared.if_all_new)
+                stored = len(inserted.rows)
+                if stored:
                     _update_tasks_and_incidents(cur, inserted)
             stored_rejections = 0
             if rejected:
@@ -343,11 +350,61 @@ class Writer:
                     "offset": r.record.offset,
                 },
             )
-        return Outcome(len(inserted), len(rows) - len(inserted), stored_rejections)
+        return Outcome(stored, len(rows) - stored, stored_rejections)
 
 
-def _insert_new(cur: Any, text: str, rows: list[Row]) -> list[tuple[Any, ...]]:
-    """Store the rows not stored yet; returns them in the shape of _INSERT's RETURNING."""
+@dataclass(frozen=True)
+class NewRows:
+    """Rows stored by a batch, in the shape of _INSERT's RETURNING, with what the tasks and
+    incidents need of them: each task's newest row and the tasks with a 'down' result (the
+    only ones besides open incidents whose incidents can change)."""
+
+    rows: list[tuple[Any, ...]]
+    newest: dict[str, tuple[Any, ...]]
+    with_down: frozenset[str]
+
+
+def new_rows(returned: list[tuple[Any, ...]]) -> NewRows:
+    """One pass over the rows (pure)."""
+    newest: dict[str, tuple[Any, ...]] = {}
+    with_down = set()
+    down = Health.DOWN.value
+    for row in returned:
+        task_id = row[0]
+        best = newest.get(task_id)
+        if best is None or row[2] > best[2] or (row[2] == best[2] and row[1] > best[1]):
+            newest[task_id] = row
+        if row[8] == down:
+            with_down.add(task_id)
+    return NewRows(returned, newest, frozenset(with_down))
+
+
+def returning(rows: list[Row]) -> list[tuple[Any, ...]]:
+    """What _INSERT's RETURNING gives for these rows when all are new, from memory (pure)."""
+    returned = []
+    for _, (task_id, b, checked_at, _) in rows:
+        e = b.error
+        returned.append(
+            (
+                task_id,
+                b.result_id,
+                checked_at,
+                b.name,
+                b.url,
+                b.method,
+                b.status,
+                b.ok,
+                b.health,
+                None if e is None else e.kind,
+                None if e is None else e.message,
+            )
+        )
+    return returned
+
+
+def _insert_new(cur: Any, text: str, rows: list[Row], if_all_new: NewRows | None) -> NewRows:
+    """Store the rows not stored yet and return them; `if_all_new` is what to return when
+    every row is new (made ahead from `rows`)."""
     cur.execute("SAVEPOINT direct_copy")
     # One read of the whole text: psycopg2 takes the GIL back for every chunk it reads, and
     # with a preparing thread beside it each take can wait a whole switch interval.
@@ -361,63 +418,49 @@ def _insert_new(cur: Any, text: str, rows: list[Row]) -> list[tuple[Any, ...]]:
         cur.execute(_STAGING)
         cur.copy_expert(f"COPY staging_results ({_COLS}) FROM STDIN", io.StringIO(text), size)
         cur.execute(_INSERT)
-        return list(cur.fetchall())
+        return new_rows(list(cur.fetchall()))
     cur.execute("RELEASE SAVEPOINT direct_copy")
     # All rows are new: what RETURNING would give, from memory.
-    returned = []
-    for row in rows:
-        b = row.plain.body
-        e = b["error"]
-        returned.append(
-            (
-                row.plain.task_id,
-                b["result_id"],
-                row.plain.checked_at,
-                b["name"],
-                b["url"],
-                b["method"],
-                b["status"],
-                b["ok"],
-                b["health"],
-                e["kind"] if e else None,
-                e["message"] if e else None,
-            )
-        )
-    return returned
+    return new_rows(returning(rows)) if if_all_new is None else if_all_new
 
 
-def _update_tasks_and_incidents(cur: Any, inserted: list[tuple[Any, ...]]) -> None:
+def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
     """Move each task's latest result and its incidents forward from the new rows only.
 
     Set-based: which incidents open and close is worked out here, row by row in time order
     per task, then applied in at most four statements whatever the batch holds."""
-    by_task: dict[str, list[tuple[Any, ...]]] = {}
-    for row in inserted:
-        by_task.setdefault(str(row[0]), []).append(row)
-    task_ids = sorted(by_task)
+    newest = inserted.newest
+    task_ids = sorted(newest)
+    # UUIDs as one array literal: psycopg2 would adapt a list item by item, in Python.
+    task_array = _array(task_ids)
     # Lock in a fixed order so two processors touching the same tasks cannot deadlock.
     cur.execute(
         "SELECT task_id::text, last_checked_at FROM tasks WHERE task_id = ANY(%s::uuid[])"
         " ORDER BY task_id FOR UPDATE",
-        (task_ids,),
+        (task_array,),
     )
     last_seen: dict[str, datetime] = dict(cur.fetchall())
     cur.execute(
         "SELECT task_id::text, incident_id FROM incidents"
         " WHERE ended_at IS NULL AND task_id = ANY(%s::uuid[])",
-        (task_ids,),
+        (task_array,),
     )
     open_incidents: dict[str, int] = dict(cur.fetchall())
 
     closes: list[tuple[Any, ...]] = []  # incidents open in the database that end now
     spans: list[tuple[Any, ...]] = []  # incidents that open and end within this batch
     opens: list[tuple[Any, ...]] = []  # incidents that open now and stay open
-    latest = []
-    for task_id in task_ids:
-        rows = sorted(by_task[task_id], key=lambda r: (r[2], str(r[1])))
+    # Incidents: walk the rows of those tasks in time order, from the last applied result on.
+    walked = inserted.with_down.union(open_incidents)
+    by_task: dict[str, list[tuple[Any, ...]]] = {}
+    if walked:
+        for row in inserted.rows:
+            if row[0] in walked:
+                by_task.setdefault(row[0], []).append(row)
+    for task_id in sorted(by_task):
         previous = last_seen.get(task_id)
         opened: tuple[Any, ...] | None = None  # the row that opened this batch's incident
-        for row in rows:
+        for row in sorted(by_task[task_id], key=lambda r: (r[2], r[1])):
             # A result older than what we already applied arrived late: it is stored, but it
             # must not reopen or close incidents out of order.
             if previous is not None and row[2] < previous:
@@ -433,9 +476,12 @@ def _update_tasks_and_incidents(cur: Any, inserted: list[tuple[Any, ...]]) -> No
                     closes.append((open_incidents.pop(task_id), row[2], row[1]))
         if opened is not None:
             opens.append(_opening(task_id, opened))
-        newest = rows[-1]
-        if previous is None or newest[2] >= previous:
-            latest.append(newest)
+    latest = []
+    for task_id in task_ids:
+        row = newest[task_id]
+        previous = last_seen.get(task_id)
+        if previous is None or row[2] >= previous:
+            latest.append(row)
     if closes:
         execute_values(
             cur,
@@ -472,8 +518,7 @@ def _update_tasks_and_incidents(cur: Any, inserted: list[tuple[Any, ...]]) -> No
     # speculative insert); only tasks new to the table take the upsert.
     known = [row for row in latest if row[0] in last_seen]
     if known:
-        columns = zip(*(r[:9] for r in known), strict=True)
-        cur.execute(_UPDATE_TASKS, [list(column) for column in columns])
+        cur.execute(_UPDATE_TASKS, _task_columns(known))
     new = [row[:9] for row in latest if row[0] not in last_seen]
     if new:
         execute_values(cur, _UPSERT_TASKS, new, page_size=_PAGE)
@@ -488,6 +533,33 @@ FROM unnest(%s::uuid[], %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %
     AS v (task_id, result_id, checked_at, name, url, method, status_code, ok, health)
 WHERE t.task_id = v.task_id AND t.last_checked_at <= v.checked_at
 """
+
+
+def _task_columns(rows: list[tuple[Any, ...]]) -> list[str]:
+    """The nine columns of _UPDATE_TASKS, each as one array literal: psycopg2 would adapt a
+    list item by item in Python, which costs more than the update itself."""
+    return [
+        _array([str(r[0]) for r in rows]),
+        _array([str(r[1]) for r in rows]),
+        _array([r[2].isoformat() for r in rows]),
+        *(_array([_quoted(r[i]) for r in rows]) for i in (3, 4, 5)),
+        _array(["NULL" if r[6] is None else str(r[6]) for r in rows]),
+        _array(["t" if r[7] else "f" for r in rows]),
+        _array([_quoted(r[8]) for r in rows]),
+    ]
+
+
+def _array(items: list[str]) -> str:
+    """A PostgreSQL array literal of items that are safe as they are (UUIDs, numbers, ISO
+    timestamps, NULL, or quoted by _quoted)."""
+    return "{" + ",".join(items) + "}"
+
+
+def _quoted(text: str) -> str:
+    """Any text as an element of an array literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 _UPSERT_TASKS = (
     "INSERT INTO tasks (task_id, last_result_id, last_checked_at, name, url, method,"
     " last_status_code, last_ok, last_health) VALUES %s"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import jsonschema
+import msgspec
 import orjson
 import pytest
 
@@ -20,9 +23,11 @@ from checker_common.contract import (
     ErrorKind,
     Health,
     PatternResult,
+    Plain,
     Timings,
     decode,
     decode_plain,
+    decode_plain_many,
     encode,
     legacy_result_id,
 )
@@ -179,6 +184,13 @@ def changed(base: dict[str, object], **changes: object) -> bytes:
 
 DROP = object()
 
+
+def spliced(base: dict[str, object], raw: bytes) -> bytes:
+    """The message of `base` with raw JSON members added at the end of its body (later
+    members of the same name win in JSON readers that allow duplicates)."""
+    return changed(base)[:-2] + b"," + raw + b"}}"
+
+
 AGREEMENT = {
     # valid, in encode()'s shape
     "canonical": changed(CANONICAL),
@@ -244,6 +256,28 @@ AGREEMENT = {
     "bytes negative": changed(MINIMAL, bytes=-1),
     "redirects negative": changed(MINIMAL, redirects=-1),
     "final_url too long": changed(MINIMAL, final_url="u" * 8193),
+    # where JSON readers could differ: decode() reads with orjson, the fast path does not
+    "huge integer count (a float to orjson)": spliced(MINIMAL, b'"bytes":18446744073709551617'),
+    "huge integer seconds (a float to orjson)": spliced(
+        MINIMAL, b'"load_time":18446744073709551617'
+    ),
+    "integer -0 seconds": spliced(MINIMAL, b'"load_time":-0'),
+    "duplicate field, the last one valid": spliced(MINIMAL, b'"ok":"x","ok":false'),
+    "duplicate field, the last one invalid": spliced(MINIMAL, b'"ok":false,"ok":"x"'),
+    "duplicate task id": b"{" + orjson.dumps({TASK: {}})[1:-1] + b"," + changed(MINIMAL)[1:],
+    "invalid UTF-8 in an unknown field": spliced(MINIMAL, b'"x":"\xff"'),
+    "invalid UTF-8 in a name": spliced(MINIMAL, b'"name":"\xc0\xaf"'),
+    "UTF-16 surrogate in an unknown field": spliced(MINIMAL, b'"x":"\\ud800"'),
+    "UTF-16 surrogate in a name": spliced(MINIMAL, b'"name":"\\ud800x"'),
+    "deeply nested unknown field": spliced(MINIMAL, b'"x":' + b"[" * 1100 + b"]" * 1100),
+    "non-ASCII text": changed(MINIMAL, name="Ünïcödé ✓ 😀", url="https://exämple.test/ä"),
+    "lower-case t in a timestamp": changed(MINIMAL, timestamp="2026-11-27t12:00:00Z"),
+    "timestamp with 7 fraction digits": changed(MINIMAL, timestamp="2026-11-27T12:00:00.1234567Z"),
+    "timestamp hour 24": changed(MINIMAL, timestamp="2026-11-27T24:00:00Z"),
+    "cert_expires_at not a date": changed(MINIMAL, cert_expires_at="2027-02-29T00:00:00Z"),
+    "schema_version 1.0": changed(MINIMAL, schema_version=1.0),
+    "ok as 1": changed(MINIMAL, ok=1),
+    "health upper case": changed(MINIMAL, health="UP"),
 }
 
 
@@ -262,7 +296,13 @@ def plain_view(value: bytes | None) -> tuple[object, ...]:
         plain = decode_plain(value, topic="t", partition=1, offset=7, max_bytes=20_000)
     except ContractError as exc:
         return ("rejected", str(exc))
-    body = plain.body
+    return view(plain)
+
+
+def view(plain: Plain | ContractError) -> tuple[object, ...]:
+    if isinstance(plain, ContractError):
+        return ("rejected", str(plain))
+    body = msgspec.to_builtins(plain.body)
     assert set(body) == set(CheckResult.model_fields)
     # The ISO strings go to PostgreSQL as they are: each must be the model's instant, in UTC.
     for field in ("timestamp", "scheduled_at", "cert_expires_at"):
@@ -279,12 +319,50 @@ def test_decode_plain_accepts_and_rejects_exactly_what_decode_does(value: bytes 
     assert plain_view(value) == reference(value)
 
 
+class Where(NamedTuple):
+    value: bytes | None
+    topic: str = "t"
+    partition: int = 1
+    offset: int = 7
+
+
+def test_a_batch_agrees_message_by_message() -> None:
+    """Ids and timestamps are checked a column at a time: one bad message in a batch must
+    not change what becomes of the others."""
+    values = list(AGREEMENT.values())
+    batch = decode_plain_many([Where(v) for v in values], max_bytes=20_000)
+    assert [view(plain) for plain in batch] == [reference(v) for v in values]
+
+
+def test_a_value_with_a_newline_cannot_pass_for_two_lines_of_a_column() -> None:
+    one, two = str(uuid.uuid4()), str(uuid.uuid4())
+    values = [changed(MINIMAL, result_id=f"{one}\n{two}"), changed(MINIMAL)]
+    batch = decode_plain_many([Where(v) for v in values], max_bytes=20_000)
+    assert [view(plain) for plain in batch] == [reference(v) for v in values]
+    assert [view(plain)[0] for plain in batch] == ["rejected", "accepted"]
+
+
+def test_fast_path_values_are_the_enums_values() -> None:
+    assert set(typing.get_args(contract.HealthValue)) == {h.value for h in Health}
+    assert set(typing.get_args(contract.PatternValue)) == {p.value for p in PatternResult}
+    assert set(typing.get_args(contract.ErrorKindValue)) == {k.value for k in ErrorKind}
+
+
+def test_fast_path_fields_are_the_models_fields() -> None:
+    assert set(contract.PlainBody.__struct_fields__) == set(CheckResult.model_fields)
+    assert set(contract.PlainTimings.__struct_fields__) == set(Timings.model_fields)
+    assert set(contract.PlainError.__struct_fields__) == set(CheckError.model_fields)
+
+
 def test_decode_plain_agrees_on_size_limit() -> None:
     value = changed(MINIMAL, name="n" * 150)
     assert plain_view(value) == reference(value)
     with pytest.raises(ContractError, match="too large") as raised:
         decode_plain(value, max_bytes=len(value) - 1)
     assert str(raised.value) == f"message too large: {len(value)} bytes > {len(value) - 1}"
+
+
+ERROR = CheckError(kind=ErrorKind.TLS, message="certificate\thas expired\n")
 
 
 def test_messages_from_encode_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,3 +375,5 @@ def test_messages_from_encode_take_the_fast_path(monkeypatch: pytest.MonkeyPatch
     assert plain_view(AGREEMENT["minimal"]) == expected["minimal"]
     _, value = encode(uuid.uuid4(), a_result())
     decode_plain(value)
+    batch = [Where(encode(uuid.uuid4(), a_result(error=e))[1]) for e in (None, ERROR) * 50]
+    assert not any(isinstance(p, ContractError) for p in decode_plain_many(batch))

@@ -226,3 +226,58 @@ def test_incidents_open_on_down_and_close_on_up(writer: Writer, migrated: Any) -
         (t0 + timedelta(minutes=6), None, "timeout 6"),
     ]
     assert scalar(migrated, "SELECT last_health FROM tasks") == "down"
+
+
+TRICKY_TEXT = ['a "quoted", {braced} name', "back\\slash", "NULL", "", "tab\tnew\nline", "ünï ✓"]
+
+
+def test_tasks_take_each_tasks_latest_result_whatever_its_text(
+    writer: Writer, migrated: Any
+) -> None:
+    """The tasks table gets the newest result of each task in a batch, wherever it is in the
+    batch, and any text (the update sends its columns as array literals)."""
+    tasks = [uuid.uuid4() for _ in TRICKY_TEXT]
+    t0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
+
+    def minutes(n: int, first: int) -> list[int]:
+        return [first + 1, first, first + 2][: 1 + n % 3]  # the newest first, last or alone
+
+    def batch(first: int) -> list[Any]:
+        records = []
+        for n, (task, text) in enumerate(zip(tasks, TRICKY_TEXT, strict=True)):
+            newest = max(minutes(n, first))
+            for minute in minutes(n, first):
+                result = make_result(
+                    timestamp=t0 + timedelta(minutes=minute),
+                    name=f"{text} {minute}" if minute == newest else "older",
+                    url=text,
+                    method="GET" if minute == newest else "POST",
+                    status=None if n % 2 else 200 + minute,
+                    ok=bool(n % 2),
+                )
+                records.append(record_of(task, result, offset=len(records)))
+        return records
+
+    # The first batch creates the tasks (insert), the second moves them on (update).
+    for first in (0, 10):
+        writer.write(batch(first))
+        expected = []
+        for n, (task, text) in enumerate(zip(tasks, TRICKY_TEXT, strict=True)):
+            newest = max(minutes(n, first))
+            expected.append(
+                (
+                    str(task),
+                    f"{text} {newest}",
+                    text,
+                    "GET",
+                    t0 + timedelta(minutes=newest),
+                    None if n % 2 else 200 + newest,
+                    bool(n % 2),
+                )
+            )
+        got = rows(
+            migrated,
+            "SELECT task_id::text, name, url, method, last_checked_at, last_status_code, last_ok"
+            " FROM tasks",
+        )
+        assert sorted(got) == sorted(expected)
