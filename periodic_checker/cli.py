@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from checker_common import __version__, checks
 from checker_common.cli import Check, CheckFn, env_file_parent, run_checks, settings_or_exit
@@ -39,9 +40,19 @@ def check_config(settings: CheckerSettings) -> int:
         lambda: Check("settings", True, "valid"),
         lambda: checks.broker_tls(settings),
         lambda: checks.kafka_topics(settings, [settings.kafka_topic]),
-        lambda: checks.sqlite_writable(settings.task_storage),
+        lambda: storage_writable(settings.task_storage),
     ]
     return run_checks(steps, settings.secrets(), print)
+
+
+def storage_writable(path: Path) -> Check:
+    """The read-only problem `run` stops on, else a write transaction on the file."""
+    from periodic_checker.store import read_only_problem  # not needed by `probe` and `tasks`
+
+    problem = read_only_problem(path)
+    if problem is not None:
+        return Check(f"task storage {path}", False, f"not writable: {problem}")
+    return checks.sqlite_writable(path)
 
 
 def main(argv: list[str] | None = None) -> int:

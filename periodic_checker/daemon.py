@@ -25,6 +25,7 @@ import uvloop
 from aiohttp import web
 
 from checker_common import logs
+from checker_common.cli import EXIT_SETTINGS
 from checker_common.systemd import Notifier
 from periodic_checker import metrics
 from periodic_checker.app_service import CheckerService
@@ -35,7 +36,7 @@ from periodic_checker.producer import ResultPublisher
 from periodic_checker.scheduler import CheckScheduler
 from periodic_checker.service import TaskService
 from periodic_checker.settings import CheckerSettings
-from periodic_checker.store import SQLiteTaskStore, StoreError
+from periodic_checker.store import SQLiteTaskStore, StoreError, StoreReadOnly
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ WATCHDOG_PERIOD = 5.0
 
 
 def run(settings: CheckerSettings) -> int:
-    """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 when start-up fails."""
+    """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 when start-up fails, 2 (as for a bad
+    setting) when TASK_STORAGE cannot be written."""
     logs.setup(settings.log_level, settings.log_format, settings.secrets())
     try:
         # uvloop: less CPU per check than asyncio's loop (bench/results/probe.md).
@@ -74,6 +76,9 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     try:
         store = SQLiteTaskStore(settings.task_storage, max_tasks=settings.max_tasks)
         tasks = store.load(datetime.now(UTC))
+    except StoreReadOnly as exc:
+        log.error("TASK_STORAGE: %s", exc)
+        return EXIT_SETTINGS
     except StoreError as exc:
         log.error("cannot open the task storage: %s", exc)
         return 1

@@ -1,24 +1,23 @@
 """One check of one task: an HTTP request measured like blackbox_exporter does it.
 
 `Prober.check()` returns a `CheckResult` and never raises (cancellation aside): every failure
-is an `ErrorKind` with a short message. One `Prober` holds two client sessions made at start:
-a fresh-connection one (the connector closes each connection after its response, and DNS is not
-cached, so the load time includes DNS, TCP connect and TLS like a first visit) and a keep-alive
-one for tasks with `keepalive=True`. Keeping them apart means a fresh check never picks up a
-pooled connection by accident.
+is an `ErrorKind` with a short message. A check opens a new connection (`http1.exchange`: DNS
+not cached, so the load time includes DNS, TCP connect and TLS like a first visit), unless its
+task has `keepalive=True`: those go through one aiohttp session that pools connections. Keeping
+them apart means a fresh check never picks up a pooled connection by accident.
 
 How the phases are measured (seconds, summed over redirect hops; null when a phase did not
 happen, e.g. no DNS for an IP literal, no TLS over http, no connection phases on a reused
-connection):
+connection). Fresh checks: `http1.exchange` stamps each phase as it happens. Keep-alive checks:
+aiohttp's trace events, and for TLS (which aiohttp does not trace) a small `SSLContext`
+subclass whose `wrap_bio()` (called once the socket is connected, right before the handshake)
+stamps the time on the running check.
 
-- dns: aiohttp's `dns_resolvehost_start` -> `_end` trace events.
-- connect: TCP connect, from the end of DNS (or `connection_create_start`) to the moment the
-  TLS layer is created. aiohttp does not trace TLS, so the SSL contexts are a small
-  `SSLContext` subclass whose `wrap_bio()` (called by asyncio once the socket is connected,
-  right before the handshake) stamps the time on the running check. Over plain http connect
-  ends at `connection_create_end`.
-- tls: from that stamp to `connection_create_end` (handshake done).
-- ttfb: from `request_headers_sent` to the response headers being parsed.
+- dns: name resolution (none for an IP literal).
+- connect: TCP connect, from the end of DNS (or the start, for an IP literal) to the start of
+  the TLS handshake, or to the connection being ready over plain http.
+- tls: the TLS handshake.
+- ttfb: from the request written to the response headers parsed.
 - transfer: from the response headers to the last body byte read.
 
 Redirects are followed here, hop by hop, so the target policy is applied to every hop (the

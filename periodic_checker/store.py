@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import sqlite3
 import threading
 import uuid
@@ -59,6 +60,10 @@ class StoreError(Exception):
     """The store cannot be opened or used; the message says why."""
 
 
+class StoreReadOnly(StoreError):
+    """The store's file, its -wal or -shm file, or their directory cannot be written."""
+
+
 class TaskExists(Exception):
     """A task with this id is already stored."""
 
@@ -104,6 +109,11 @@ class SQLiteTaskStore:
         self.path = path
         self.max_tasks = max_tasks
         self._lock = threading.Lock()
+        # Checked before SQLite touches anything: it may open a file it cannot write and only
+        # fail at the first write.
+        problem = read_only_problem(path)
+        if problem is not None:
+            raise StoreReadOnly(problem)
         try:
             self._db = sqlite3.connect(
                 path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
@@ -254,6 +264,26 @@ class SQLiteTaskStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def read_only_problem(path: Path) -> str | None:
+    """Why SQLite could not write the store at `path`, or None. It writes the file and the -wal
+    and -shm files it keeps next to it (creating them at open), so the directory counts too."""
+    path = path.absolute()
+    directory = path.parent
+    for one in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), directory):
+        if one.exists() and not os.access(one, os.W_OK):
+            what = "directory" if one == directory else "file"
+            why = "read-only file system" if _on_read_only_fs(one) else "no write permission"
+            return (
+                f"{what} {one} is read-only ({why}); SQLite must write {path.name}"
+                f" and its -wal and -shm files in {directory}"
+            )
+    return None
+
+
+def _on_read_only_fs(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 # -- schema --------------------------------------------------------------------------------------

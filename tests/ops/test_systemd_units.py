@@ -33,6 +33,7 @@ def test_unit_passes_systemd_analyze_verify(unit: Path, tmp_path: Path) -> None:
         "Type=notify",
         "WatchdogSec=",
         "Restart=on-failure",
+        "RestartPreventExitStatus=2",
         "EnvironmentFile=",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
