@@ -59,6 +59,7 @@ from checker_common.contract import (
     Timings,
 )
 from periodic_checker import http1
+from periodic_checker.dns import DNS_THREADS, DaemonThreadPool, PoolResolver
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.tasks import TaskSpec, status_accepted
 
@@ -383,6 +384,7 @@ class Prober:
             "Accept-Encoding": "gzip, deflate",
         }
         self._resolver: PolicyResolver | None = None
+        self._dns: DaemonThreadPool | None = None
         self._keepalive: aiohttp.ClientSession | None = None
         self._verified: ssl.SSLContext | None = None
         self._unverified: ssl.SSLContext | None = None
@@ -393,11 +395,13 @@ class Prober:
             return
         # Loading the trust store takes tens of milliseconds: once, here.
         self._verified, self._unverified = tls_contexts()
-        self._resolver = PolicyResolver(self._policy)
+        # Lookups in threads of their own (see dns.py); both paths share them.
+        self._dns = DaemonThreadPool(DNS_THREADS, name="dns")
+        self._resolver = PolicyResolver(self._policy, PoolResolver(self._dns))
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             limit_per_host=0,
-            resolver=PolicyResolver(self._policy),
+            resolver=PolicyResolver(self._policy, PoolResolver(self._dns)),
         )
         self._keepalive = aiohttp.ClientSession(
             connector=connector,
@@ -419,6 +423,10 @@ class Prober:
             await self._resolver.close()
         self._keepalive = None
         self._resolver = None
+        if self._dns is not None:
+            # Lookups still queued are dropped; one in a thread ends on its own (daemon threads).
+            self._dns.shutdown(wait=False, cancel_futures=True)
+            self._dns = None
 
     async def __aenter__(self) -> Prober:
         await self.start()

@@ -31,7 +31,7 @@ from helpers import KafkaTarget
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka]
 
-EACH = 300 if FULL else 100  # hostile tasks, and as many normal ones
+EACH = 1_000 if FULL else 100  # hostile tasks, and as many normal ones
 RUN_S = 60.0 if FULL else 20.0
 RSS_LIMIT = 600 * 1024 * 1024
 

@@ -281,3 +281,9 @@ def test_tasks_take_each_tasks_latest_result_whatever_its_text(
             " FROM tasks",
         )
         assert sorted(got) == sorted(expected)
+
+
+def test_tasks_pages_keep_room_for_hot_updates(migrated: Any) -> None:
+    options = rows(migrated, "SELECT reloptions FROM pg_class WHERE oid = 'tasks'::regclass")
+
+    assert options == [(["fillfactor=50"],)]
