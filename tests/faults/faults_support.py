@@ -92,9 +92,11 @@ class Daemon:
         return daemon
 
     @classmethod
-    def processor(cls, env: dict[str, str], log: Path) -> Daemon:
+    def processor(cls, env: dict[str, str], log: Path, *, assigned: bool = True) -> Daemon:
+        """Start a processor; with `assigned`, wait until it holds partitions."""
         daemon = cls("checker_processing.cli", env, log)
-        daemon.wait_for_text(": assigned ")
+        if assigned:
+            daemon.wait_for_text(": assigned ")
         return daemon
 
     def text(self) -> str:
@@ -477,10 +479,12 @@ class Pipeline:
         self.checkers.append(Daemon.checker(env, log))
         return self.checkers[-1]
 
-    def start_processor(self, dsn: str | None = None, **extra: str | int | float) -> Daemon:
+    def start_processor(
+        self, dsn: str | None = None, *, assigned: bool = True, **extra: str | int | float
+    ) -> Daemon:
         env = processor_env(self.kafka, self.topic, dsn or self.dsn, self.group, **extra)
         log = self.tmp_path / f"processor-{len(self.processors)}.log"
-        self.processors.append(Daemon.processor(env, log))
+        self.processors.append(Daemon.processor(env, log, assigned=assigned))
         return self.processors[-1]
 
     @property

@@ -4,20 +4,26 @@ themselves. FAULTS_FULL=1 runs the long versions (60 s at 1,000 checks/s, a minu
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faults.faults_support import (
+    DEADLINE_S,
     DRAIN_DEADLINE_S,
     FULL,
+    Pipeline,
     broker_cut,
     now_utc,
+    pg_proxy,
     pipeline,
     recovery_seconds,
 )
 
-from helpers import KafkaTarget
+from helpers import KafkaTarget, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres]
 
@@ -82,6 +88,56 @@ def test_broker_flapping_loses_nothing(
         "broker_flapping",
         tasks=TASKS,
         flaps=flaps,
+        outbox_drained_s=drained,
+        recovery_s=recovery if recovery is not None else -1.0,
+    )
+    assert tally.lost == tally.duplicates == tally.unknown == tally.outbox_left == 0
+    assert tally.rows == tally.produced
+
+
+def _status(line: Pipeline) -> dict[str, Any] | None:
+    """The running checker's GET /status, None while it does not answer."""
+    port = line.checker.env["API_PORT"]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as page:
+            return dict(json.load(page))
+    except OSError:
+        return None
+
+
+def test_broker_and_database_unreachable_at_start_are_caught_up_by_themselves(
+    kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
+) -> None:
+    broker = kafka.require_local()
+    with pipeline(kafka, topic, pg_dsn, tmp_path) as line, pg_proxy(line.dsn) as (database, dsn):
+        line.seed(TASKS)
+        database.stop()
+        with broker_cut(broker):
+            # Not a settings error: both start, say what is missing, and keep what they have.
+            processor = line.start_processor(dsn, assigned=False)
+            checker = line.start_checker(KAFKA_MESSAGE_TIMEOUT_MS=3000)
+            wait_for(
+                lambda: (
+                    (s := _status(line)) is not None
+                    and s["broker_reachable"] is False
+                    and s["outbox_size"] > 0
+                ),
+                "the checker to report the broker unreachable and keep results in its outbox",
+                timeout=DEADLINE_S,
+            )
+            processor.wait_for_text("database unavailable at start")
+            assert checker.alive()
+            assert processor.alive()
+            checker.wait_for_text("kafka: 1/1 brokers are down")
+        database.start()
+        ended = now_utc()
+        drained = line.wait_outbox_empty(DRAIN_DEADLINE_S)
+        line.wait_for_rows(line.rows() + 2 * TASKS, "results after both came")
+        tally = line.finish()
+        recovery = recovery_seconds(line.dsn, ended)
+    tally.report(
+        "unreachable_at_start",
+        tasks=TASKS,
         outbox_drained_s=drained,
         recovery_s=recovery if recovery is not None else -1.0,
     )
