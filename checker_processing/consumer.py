@@ -46,6 +46,7 @@ EXIT_GAVE_UP = 1
 EXIT_TEST_CRASH = 70
 
 TopicPartitionKey = tuple[str, int]
+_new_record = tuple.__new__
 
 
 class BatchWriter(Protocol):
@@ -91,9 +92,10 @@ def backoff(attempt: int, rng: Callable[[], float] = random.random) -> float:
 def next_offsets(records: Sequence[Record]) -> dict[TopicPartitionKey, int]:
     """The offset to commit per partition: one past the highest record (pure)."""
     found: dict[TopicPartitionKey, int] = {}
-    for record in records:
-        key = (record.topic, record.partition)
-        found[key] = max(found.get(key, -1), record.offset + 1)
+    for topic, partition, offset, _, _ in records:
+        key = (topic, partition)
+        if offset + 1 > found.get(key, offset):
+            found[key] = offset + 1
     return found
 
 
@@ -235,14 +237,17 @@ class Processor:
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", error, extra={"code": error.name()})
                 continue
-            # Positional: a keyword call costs twice as much, once per message.
+            # tuple.__new__: Record's own __new__ is Python code, a call per message.
             records.append(
-                Record(
-                    message.topic(),
-                    message.partition(),
-                    message.offset(),
-                    message.key(),
-                    message.value(),
+                _new_record(
+                    Record,
+                    (
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                        message.key(),
+                        message.value(),
+                    ),
                 )
             )
         return records
@@ -317,22 +322,24 @@ class Processor:
         self.stats.batches += 1
         self.stats.total = self.stats.total + outcome
         self.events.batch_written(outcome, len(self.in_hand), elapsed)
-        log.debug(
-            "batch %d: %d stored, %d duplicates, %d rejected in %.3fs",
-            self.stats.batches,
-            outcome.inserted,
-            outcome.duplicates,
-            outcome.rejected,
-            elapsed,
-            extra={
-                "batch": self.stats.batches,
-                "batch_size": len(self.in_hand),
-                "stored": outcome.inserted,
-                "duplicates": outcome.duplicates,
-                "rejected": outcome.rejected,
-                "partitions": _partitions_of(self.in_hand),
-            },
-        )
+        # Only when logged: the partitions take a pass over the batch.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch %d: %d stored, %d duplicates, %d rejected in %.3fs",
+                self.stats.batches,
+                outcome.inserted,
+                outcome.duplicates,
+                outcome.rejected,
+                elapsed,
+                extra={
+                    "batch": self.stats.batches,
+                    "batch_size": len(self.in_hand),
+                    "stored": outcome.inserted,
+                    "duplicates": outcome.duplicates,
+                    "rejected": outcome.rejected,
+                    "partitions": _partitions_of(self.in_hand),
+                },
+            )
         if self.crash_after_batch is not None and self.stats.batches == self.crash_after_batch:
             # Test hook: die between the database commit and the offset commit.
             log.error(

@@ -342,6 +342,41 @@ def test_a_value_with_a_newline_cannot_pass_for_two_lines_of_a_column() -> None:
     assert [view(plain)[0] for plain in batch] == ["rejected", "accepted"]
 
 
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"result_id": "5F0C8A52-2B1E-4C4E-8F57-1C8F3B1D2A10"},
+        {"result_id": "5f0c8a52-2b1e-4c4e-8f57-1c8f3b1d2a1g"},
+        {"result_id": "5f0c8a52-2b1e-4c4e-8f5-71c8f3b1d2a10"},
+        {"timestamp": "2026-11-27T12:00:0aZ"},
+        {"timestamp": "2026-11-27T12:00:00z"},
+        {"timestamp": "2026-11-27 12:00:00Z"},
+        {"timestamp": "2026-11-2712:00:00ZZ"},
+        {"cert_expires_at": "2026-11-27T12:00:00+01:00"},
+        {"cert_expires_at": "2026-11-27T12:00:00+00:00"},
+        {"cert_expires_at": "2026-11-27T12:00:00.25Z"},
+    ],
+)
+def test_one_odd_spelling_among_alike_values_is_found(odd: dict[str, object]) -> None:
+    """A column whose values all look alike is checked by their shape, not by the regex: one
+    value spelled otherwise must still be told apart, in any place of the batch."""
+    alike = [
+        changed(MINIMAL, result_id=str(uuid.uuid4()), cert_expires_at=f"2027-0{n}-01T00:00:00Z")
+        for n in range(1, 6)
+    ]
+    for at in (0, 2, 5):
+        values = [*alike[:at], changed(MINIMAL, **odd), *alike[at:]]
+        batch = decode_plain_many([Where(v) for v in values], max_bytes=20_000)
+        assert [view(plain) for plain in batch] == [reference(v) for v in values]
+
+
+def test_an_offset_other_than_utc_among_alike_ones_is_found() -> None:
+    values = [changed(MINIMAL, timestamp=f"2026-11-27T12:00:0{n}+0{n // 4}:00") for n in range(5)]
+    batch = decode_plain_many([Where(v) for v in values], max_bytes=20_000)
+    assert [view(plain) for plain in batch] == [reference(v) for v in values]
+    assert [isinstance(plain, ContractError) for plain in batch] == [False] * 5
+
+
 def test_fast_path_values_are_the_enums_values() -> None:
     assert set(typing.get_args(contract.HealthValue)) == {h.value for h in Health}
     assert set(typing.get_args(contract.PatternValue)) == {p.value for p in PatternResult}

@@ -8,7 +8,7 @@ import pytest
 
 from checker_processing.consumer import BACKOFF_MAX_S, backoff, next_offsets
 from checker_processing.daemon import consumer_config
-from checker_processing.writer import Record, copy_text, parse
+from checker_processing.writer import COLUMNS, Record, copy_text, parse
 
 
 @pytest.mark.parametrize(
@@ -44,6 +44,57 @@ def test_copy_text_escapes_what_copy_would_misread() -> None:
     assert "a\\tb\\\\c\\nd" in line
     assert line.count("\n") == 1
     assert "\\N" in line  # absent fields are NULL, not empty strings
+
+
+def test_copy_text_writes_each_number_as_read_an_infinite_one_too() -> None:
+    """Numbers are written a batch at a time as JSON, which has no infinity; the first
+    checker's shape can carry one ("inf" as load_time), and it must not turn into NULL."""
+    task = str(uuid.uuid4()).encode()
+    finite = (
+        b'{"%s": {"schema_version": 1, "result_id": "%s", "name": "n", "url": "u",'
+        b' "timestamp": "2026-01-01T00:00:00Z", "load_time": 1e-05, "ok": true,'
+        b' "timings": {"dns": 0.25, "ttfb": 1e16}, "bytes": 12, "status": 200}}'
+        % (task, str(uuid.uuid4()).encode())
+    )
+    infinite = b'{"%s": {"timestamp": "02/15/21 - 16:43:17", "load_time": "inf", "status": 200}}'
+    records = [Record("t", 0, 0, None, finite), Record("t", 0, 1, None, infinite % task)]
+    rows, rejected = parse(records, 4096)
+    assert rejected == []
+    first, second = (
+        dict(zip(COLUMNS, line.split("\t"), strict=True)) for line in copy_text(rows).splitlines()
+    )
+    assert {k: float(v) for k, v in first.items() if k in NUMBERS and v != "\\N"} == {
+        "attempt": 1,
+        "status_code": 200,
+        "load_time": 1e-05,
+        "dns_time": 0.25,
+        "ttfb_time": 1e16,
+        "bytes": 12,
+        "redirects": 0,
+    }
+    assert [first[k] for k in ("connect_time", "tls_time", "transfer_time")] == ["\\N"] * 3
+    assert (second["load_time"], second["status_code"], second["dns_time"]) == ("inf", "200", "\\N")
+    # Without the infinite row the batch takes the JSON way: the same numbers.
+    (alone,) = (
+        dict(zip(COLUMNS, line.split("\t"), strict=True))
+        for line in copy_text(rows[:1]).splitlines()
+    )
+    assert alone.keys() == first.keys()
+    assert all(alone[k] == first[k] or float(alone[k]) == float(first[k]) for k in first)
+
+
+NUMBERS = {
+    "attempt",
+    "status_code",
+    "load_time",
+    "dns_time",
+    "connect_time",
+    "tls_time",
+    "ttfb_time",
+    "transfer_time",
+    "bytes",
+    "redirects",
+}
 
 
 def test_consumer_config_commits_by_hand(kafka: object) -> None:
