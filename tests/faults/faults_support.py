@@ -87,17 +87,23 @@ class Daemon:
 
     @classmethod
     def checker(cls, env: dict[str, str], log: Path) -> Daemon:
-        daemon = cls("periodic_checker.cli", env, log)
-        daemon.wait_for_text("started: ")
-        return daemon
+        return cls("periodic_checker.cli", env, log)._started("started: ")
 
     @classmethod
     def processor(cls, env: dict[str, str], log: Path, *, assigned: bool = True) -> Daemon:
         """Start a processor; with `assigned`, wait until it holds partitions."""
         daemon = cls("checker_processing.cli", env, log)
-        if assigned:
-            daemon.wait_for_text(": assigned ")
-        return daemon
+        return daemon._started(": assigned ") if assigned else daemon
+
+    def _started(self, text: str) -> Daemon:
+        """Wait for `text` in the log; a daemon that never says it is killed, not left behind
+        (nobody else holds it yet)."""
+        try:
+            self.wait_for_text(text)
+        except BaseException:
+            self.kill()
+            raise
+        return self
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
