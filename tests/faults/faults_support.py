@@ -457,6 +457,16 @@ def settle_and_tally(kafka: KafkaTarget, topic: str, dsn: str) -> Tally:
 # --- a whole pipeline --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """How a pipeline came back after a fault: the tally, seconds until the checker's outbox
+    drained, and `recovery_seconds` (-1 when no result from before the fault was stored)."""
+
+    tally: Tally
+    outbox_drained_s: float
+    recovery_s: float
+
+
 class Pipeline:
     """Target, checker and processor(s) of one scenario; `finish()` stops the checker with
     SIGTERM, waits for PostgreSQL to catch up, stops the processors and tallies."""
@@ -501,14 +511,19 @@ class Pipeline:
     def processor(self) -> Daemon:
         return self.processors[-1]
 
-    def outbox_size(self) -> int | None:
-        """Rows in the running checker's outbox (GET /status), None when it does not answer."""
+    def status(self) -> dict[str, Any] | None:
+        """The running checker's GET /status, None when it does not answer."""
         port = self.checker.env["API_PORT"]
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as page:
-                return int(json.load(page)["outbox_size"])
-        except (OSError, ValueError, KeyError):
+                return dict(json.load(page))
+        except (OSError, ValueError):
             return None
+
+    def outbox_size(self) -> int | None:
+        """Rows in the running checker's outbox, None when it does not answer."""
+        status = self.status()
+        return None if status is None else int(status["outbox_size"])
 
     def wait_outbox_empty(self, timeout: float = DEADLINE_S) -> float:
         """Seconds until the checker's outbox is empty (its backlog delivered)."""
@@ -530,6 +545,15 @@ class Pipeline:
 
     def wait_for_rows(self, more_than: int, what: str = "rows") -> int:
         return int(wait_for(lambda: (n := self.rows()) > more_than and n, what))
+
+    def recover(self, fault_ended: datetime, more_rows: int, what: str) -> Recovery:
+        """After a fault: the checker's outbox drains and `more_rows` new results are stored
+        (recovered by itself, checks going on), then `finish()`."""
+        drained = self.wait_outbox_empty(DRAIN_DEADLINE_S)
+        self.wait_for_rows(self.rows() + more_rows, what)
+        tally = self.finish()
+        recovery = recovery_seconds(self.dsn, fault_ended)
+        return Recovery(tally, drained, recovery if recovery is not None else -1.0)
 
     def finish(self, stop_timeout: float = 60) -> Tally:
         """Wait for the checker's outbox to drain, stop it (exit 0), wait for PostgreSQL to
