@@ -18,6 +18,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
+from itertools import repeat
+from operator import attrgetter, is_not, itemgetter
 from typing import Annotated, Any, Literal, NamedTuple, Protocol
 
 import msgspec
@@ -314,7 +317,6 @@ def decode_plain_many(
     coerce, every error) goes through `decode()` itself, so the model stays the one
     definition and every error text comes from it.
     """
-    found: list[Plain | ContractError | None] = [None] * len(messages)
     fast: list[tuple[int, str, PlainBody]] = []
     decode_fast = _fast_decoder.decode
     for index, message in enumerate(messages):
@@ -328,18 +330,39 @@ def decode_plain_many(
         if len(document) == 1:
             ((task_id, body),) = document.items()
             fast.append((index, task_id, body))
+    canonical = _canonical(fast)
+    if len(canonical) == len(messages):
+        # The usual batch: every message took the fast path. Timestamps a column at a time.
+        bodies = list(map(_body_of, canonical))
+        try:
+            checked = list(map(_fromisoformat, map(_timestamp_of, bodies)))
+            _valid_stamps(bodies)
+        except ValueError:
+            pass
+        else:
+            # tuple.__new__: Plain's own __new__ is Python code, a call per message.
+            return list(
+                map(
+                    _new_tuple,
+                    repeat(Plain),
+                    zip(
+                        map(_task_id_of, canonical),
+                        bodies,
+                        checked,
+                        repeat(False, len(bodies)),
+                        strict=True,
+                    ),
+                )
+            )
+    found: list[Plain | ContractError | None] = [None] * len(messages)
     taken = 0
-    for index, task_id, body in _canonical(fast):
+    for index, task_id, body in canonical:
         # The pattern admits 2026-02-30 and 25:00; the model says what is wrong with those.
         try:
             checked_at = datetime.fromisoformat(body.timestamp)
-            if body.scheduled_at is not None:
-                datetime.fromisoformat(body.scheduled_at)
-            if body.cert_expires_at is not None:
-                datetime.fromisoformat(body.cert_expires_at)
+            _valid_stamps([body])
         except ValueError:
             continue
-        # tuple.__new__: Plain's own __new__ is Python code, a call per message.
         found[index] = _new_tuple(Plain, (task_id, body, checked_at, False))
         taken += 1
     if taken == len(found):
@@ -348,6 +371,14 @@ def decode_plain_many(
         _plain_by_model(message, max_bytes) if plain is None else plain
         for plain, message in zip(found, messages, strict=True)
     ]
+
+
+def _valid_stamps(bodies: list[PlainBody]) -> None:
+    """Raises ValueError unless every scheduled_at and cert_expires_at is a real date and
+    time (each distinct value read once: a task's certificate date repeats)."""
+    for stamp in {*map(_scheduled_at_of, bodies), *map(_cert_expires_at_of, bodies)}:
+        if stamp is not None:
+            datetime.fromisoformat(stamp)
 
 
 def _canonical(fast: list[tuple[int, str, PlainBody]]) -> list[tuple[int, str, PlainBody]]:
@@ -359,14 +390,25 @@ def _canonical(fast: list[tuple[int, str, PlainBody]]) -> list[tuple[int, str, P
 
 
 def _all_canonical(fast: list[tuple[int, str, PlainBody]]) -> bool:
-    ids = [text for _, task_id, body in fast for text in (task_id, body.result_id)]
+    # Column by column (map in C): the order of the values does not matter here.
+    bodies = list(map(_body_of, fast))
+    ids = [*map(_task_id_of, fast), *map(_result_id_of, bodies)]
     stamps = [
-        stamp
-        for _, _, body in fast
-        for stamp in (body.timestamp, body.scheduled_at, body.cert_expires_at)
-        if stamp is not None
+        *map(_timestamp_of, bodies),
+        *filter(_is_not_none, map(_scheduled_at_of, bodies)),
+        *filter(_is_not_none, map(_cert_expires_at_of, bodies)),
     ]
     return _lines_match(_UUID_LINES, ids, _HEX) and _lines_match(_UTC_ISO_LINES, stamps, _DIGITS)
+
+
+_task_id_of = itemgetter(1)
+_body_of = itemgetter(2)
+_result_id_of = attrgetter("result_id")
+_timestamp_of = attrgetter("timestamp")
+_scheduled_at_of = attrgetter("scheduled_at")
+_cert_expires_at_of = attrgetter("cert_expires_at")
+_is_not_none = partial(is_not, None)
+_fromisoformat = datetime.fromisoformat
 
 
 _HEX = "0123456789abcdef"

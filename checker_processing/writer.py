@@ -244,7 +244,8 @@ def prepare(records: Sequence[Record], max_bytes: int) -> Prepared:
     rows, rejected = parse(records, max_bytes)
     # Bodies hold ISO 8601 UTC strings: their first ten characters are the UTC day.
     days = frozenset(map(date.fromisoformat, {row.plain.body.timestamp[:10] for row in rows}))
-    return Prepared(records, rows, rejected, copy_text(rows), days, new_rows(returning(rows)))
+    if_all_new = new_rows(returning(rows), with_task_columns=True)
+    return Prepared(records, rows, rejected, copy_text(rows), days, if_all_new)
 
 
 class Writer:
@@ -399,10 +400,14 @@ class NewRows:
     rows: list[tuple[Any, ...]]
     newest: dict[str, tuple[Any, ...]]
     with_down: frozenset[str]
+    # _UPDATE_TASKS's parameters for every task's newest row, in task id order: what the
+    # update sends when every task is known and no row is older than the stored one (the
+    # usual batch), made ahead with the rest of the batch.
+    task_columns: list[str] | None = None
 
 
-def new_rows(returned: list[tuple[Any, ...]]) -> NewRows:
-    """One pass over the rows (pure)."""
+def new_rows(returned: list[tuple[Any, ...]], *, with_task_columns: bool = False) -> NewRows:
+    """One pass over the rows (pure); `with_task_columns` also formats the tasks update."""
     newest: dict[str, tuple[Any, ...]] = {}
     with_down = set()
     down = Health.DOWN.value
@@ -413,7 +418,10 @@ def new_rows(returned: list[tuple[Any, ...]]) -> NewRows:
             newest[task_id] = row
         if row[8] == down:
             with_down.add(task_id)
-    return NewRows(returned, newest, frozenset(with_down))
+    columns = None
+    if with_task_columns and newest:
+        columns = _task_columns([newest[task_id] for task_id in sorted(newest)])
+    return NewRows(returned, newest, frozenset(with_down), columns)
 
 
 def returning(rows: list[Row]) -> list[tuple[Any, ...]]:
@@ -554,7 +562,10 @@ def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
     # Tasks seen before are locked above: a plain UPDATE (cheaper than an upsert's
     # speculative insert); only tasks new to the table take the upsert.
     known = [row for row in latest if row[0] in last_seen]
-    if known:
+    if len(known) == len(task_ids) and inserted.task_columns is not None:
+        # Every task's newest row, in task id order: the columns made ahead are these.
+        cur.execute(_UPDATE_TASKS, inserted.task_columns)
+    elif known:
         cur.execute(_UPDATE_TASKS, _task_columns(known))
     new = [row[:9] for row in latest if row[0] not in last_seen]
     if new:
