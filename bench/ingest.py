@@ -1,7 +1,7 @@
 """Processor ingest: drain rate beside a raw COPY, and end-to-end latency at a steady rate.
 
     .venv/bin/python bench/ingest.py throughput [--messages 1000000] [--runs 3]
-        [--batch 5000:500 --batch 20000:1000 ...]
+        [--batch 20000:500 --batch 5000:500 ...]   (default: the daemon's defaults, 20000:500)
     .venv/bin/python bench/ingest.py latency [--rate 1000] [--seconds 30] [--runs 3]
 
 Both start their own broker (Tansu behind stunnel, mutual TLS, 127.0.0.1) and their own
@@ -55,6 +55,7 @@ from common import (
     kafka,
     machine,
     migrate,
+    peak_rss_mib,
     percentile,
     server_version,
     snapshot,
@@ -264,6 +265,7 @@ class Drain:
     first_rows: int
     from_start_s: float
     cpu_s: float
+    peak_rss_mib: float
 
     def rate(self, count: int) -> float:
         return (count - self.first_rows) / self.from_first_s
@@ -315,9 +317,10 @@ def drain(
                 time.sleep(0.2)
             finished = now
             cpu = cpu_seconds(proc.proc.pid)
+            rss = peak_rss_mib(proc.proc.pid)
     finally:
         watcher.close()
-    return Drain(finished - first_at, first_rows, finished - started, cpu)
+    return Drain(finished - first_at, first_rows, finished - started, cpu, rss)
 
 
 @contextlib.contextmanager
@@ -358,7 +361,7 @@ def profiler(pid: int, out: Path | None) -> Iterator[None]:
 
 def throughput(args: argparse.Namespace) -> int:
     host = machine()
-    batches = [tuple(int(x) for x in b.split(":")) for b in (args.batch or ["5000:500"])]
+    batches = [tuple(int(x) for x in b.split(":")) for b in (args.batch or ["20000:500"])]
     data = Dataset(args.messages)
     figures: dict[str, list[float]] = {"copy": []}
     notes: list[str] = []
@@ -396,6 +399,7 @@ def throughput(args: argparse.Namespace) -> int:
                     figures.setdefault(name + " cpu", []).append(
                         result.cpu_s / data.count * 100_000
                     )
+                    figures.setdefault(name + " rss", []).append(result.peak_rss_mib)
                     print(
                         f"run {run + 1} processor {name}: {result.from_first_s:.1f} s from "
                         f"first commit ({result.first_rows} rows), {result.from_start_s:.1f} s "
@@ -409,10 +413,11 @@ def throughput(args: argparse.Namespace) -> int:
     print(f"(processor as committed at {commit}; produced in {produced_s:.0f} s, not timed)\n")
     print(
         "| contender | BATCH_MAX_MESSAGES:BATCH_MAX_MS | rows/s from first commit "
-        "| rows/s from daemon start | processor CPU s per 100k rows | share of raw COPY |"
+        "| rows/s from daemon start | processor CPU s per 100k rows | processor peak RSS MiB "
+        "| share of raw COPY |"
     )
-    print("|---|---|---|---|---|---|")
-    print(f"| raw COPY, one statement | - | {copy_rate:,.0f} | - | - | 100 % |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| raw COPY, one statement | - | {copy_rate:,.0f} | - | - | - | 100 % |")
     for b in batches:
         name = f"{b[0]}:{b[1]}"
         rate = statistics.median(figures[name])
@@ -421,6 +426,7 @@ def throughput(args: argparse.Namespace) -> int:
             f"| processor daemon | {name} | {rate:,.0f} "
             f"| {statistics.median(figures[name + ' total']):,.0f} "
             f"| {statistics.median(figures[name + ' cpu']):.1f} "
+            f"| {statistics.median(figures[name + ' rss']):.0f} "
             f"| {100 * statistics.median(ratios):.0f} % (runs: "
             f"{', '.join(f'{100 * r:.0f}' for r in ratios)}) |"
         )
@@ -782,7 +788,7 @@ def main() -> int:
     lat.add_argument("--rate", type=int, default=1000)
     lat.add_argument("--seconds", type=int, default=30)
     lat.add_argument("--runs", type=int, default=3)
-    lat.add_argument("--batch-max-messages", type=int, default=5000)
+    lat.add_argument("--batch-max-messages", type=int, default=20000)
     lat.add_argument("--batch-max-ms", type=int, default=500)
     b = sub.add_parser("breakdown")
     b.add_argument("--messages", type=int, default=100_000)
