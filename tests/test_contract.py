@@ -334,6 +334,29 @@ def test_a_batch_agrees_message_by_message() -> None:
     assert [view(plain) for plain in batch] == [reference(v) for v in values]
 
 
+def test_an_impossible_date_in_a_batch_in_the_usual_shape_rejects_only_its_own_message() -> None:
+    """A batch whose every message looks canonical has its timestamps read a column at a
+    time; a date that only looks right (30 February) sends just its own message to the model."""
+    values = [
+        changed(MINIMAL),
+        changed(MINIMAL, timestamp="2026-02-30T00:00:00Z"),
+        changed(MINIMAL),
+        changed(MINIMAL, cert_expires_at="2026-02-30T00:00:00Z"),
+        changed(MINIMAL, scheduled_at="2026-11-27T25:00:00Z"),
+        changed(MINIMAL),
+    ]
+    batch = decode_plain_many([Where(v) for v in values], max_bytes=20_000)
+    assert [view(plain) for plain in batch] == [reference(v) for v in values]
+    assert [view(plain)[0] for plain in batch] == [
+        "accepted",
+        "rejected",
+        "accepted",
+        "rejected",
+        "rejected",
+        "accepted",
+    ]
+
+
 def test_a_value_with_a_newline_cannot_pass_for_two_lines_of_a_column() -> None:
     one, two = str(uuid.uuid4()), str(uuid.uuid4())
     values = [changed(MINIMAL, result_id=f"{one}\n{two}"), changed(MINIMAL)]

@@ -228,6 +228,42 @@ def test_incidents_open_on_down_and_close_on_up(writer: Writer, migrated: Any) -
     assert scalar(migrated, "SELECT last_health FROM tasks") == "down"
 
 
+def test_a_late_result_is_stored_but_moves_neither_its_task_nor_its_incidents(
+    writer: Writer, migrated: Any
+) -> None:
+    """A result older than the one a task already shows (a redelivery after a rebalance, a
+    slow partition) is kept, and the task and incidents stay where the newer one put them;
+    the other tasks of the same batch move on as usual."""
+    late, other = uuid.uuid4(), uuid.uuid4()
+    t0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
+    down = {"health": "down", "ok": False, "error": {"kind": "timeout", "message": "late"}}
+
+    writer.write(
+        [
+            record_of(late, make_result(timestamp=t0 + timedelta(minutes=10)), offset=0),
+            record_of(other, make_result(timestamp=t0 + timedelta(minutes=10)), offset=1),
+        ]
+    )
+    outcome = writer.write(
+        [
+            record_of(late, make_result(timestamp=t0 + timedelta(minutes=5), **down), offset=2),
+            record_of(other, make_result(timestamp=t0 + timedelta(minutes=11)), offset=3),
+        ]
+    )
+
+    assert outcome == Outcome(inserted=2)
+    assert scalar(migrated, "SELECT count(*) FROM check_results") == 4
+    assert sorted(
+        rows(migrated, "SELECT task_id::text, last_checked_at, last_health FROM tasks")
+    ) == sorted(
+        [
+            (str(late), t0 + timedelta(minutes=10), "up"),
+            (str(other), t0 + timedelta(minutes=11), "up"),
+        ]
+    )
+    assert scalar(migrated, "SELECT count(*) FROM incidents") == 0
+
+
 TRICKY_TEXT = ['a "quoted", {braced} name', "back\\slash", "NULL", "", "tab\tnew\nline", "ünï ✓"]
 
 
