@@ -22,6 +22,7 @@ import asyncio
 import base64
 import collections
 import ipaddress
+import re
 import socket
 import ssl
 import time
@@ -133,13 +134,26 @@ def request_head(
 
 
 def content_charset(content_type: str) -> str | None:
-    """The `charset` parameter of a Content-Type value, unquoted; None when absent."""
-    for param in content_type.split(";")[1:]:
-        name, sep, value = param.partition("=")
-        if sep and name.strip().lower() == "charset":
-            value = value.strip().strip('"').strip("'").strip()
-            return value or None
+    """The `charset` parameter of a Content-Type value, unquoted; None when absent.
+
+    Parameters are read as RFC 9110 writes them: a quoted value may hold `;` and `=` (a
+    multipart boundary often does) and backslash escapes."""
+    for match in _PARAMETER.finditer(content_type):
+        name, quoted, token = match.groups()
+        if name.lower() != "charset" or (quoted is None and token is None):
+            continue
+        if quoted is not None:
+            value = _QUOTED_PAIR.sub(r"\1", quoted)
+        else:
+            value = token.strip().strip("'").strip()
+        return value or None
     return None
+
+
+# `; name` or `; name=value`, value a quoted string (its closing quote may be missing) or
+# anything up to the next `;`.
+_PARAMETER: Final = re.compile(r';\s*([^\s;=]+)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"?|([^;]*)))?')
+_QUOTED_PAIR: Final = re.compile(r"\\(.)")
 
 
 class Response:

@@ -380,6 +380,10 @@ def test_the_head_ends_with_one_blank_line() -> None:
         ("text/plain; charset=", None),
         ('text/plain; charset=""', None),
         ("text/plain; charset", None),
+        ('multipart/mixed; boundary="a;charset=x"', None),
+        ('multipart/mixed; boundary="a;charset=x"; charset=utf-8', "utf-8"),
+        ('text/plain; charset="utf\\-8"', "utf-8"),
+        ('text/plain; title="say \\"hi\\"; charset=no"; charset=koi8-r', "koi8-r"),
     ],
     ids=[
         "double-quoted",
@@ -397,6 +401,10 @@ def test_the_head_ends_with_one_blank_line() -> None:
         "empty-value",
         "empty-quoted",
         "no-equals",
+        "semicolon-inside-quotes",
+        "after-a-quoted-semicolon",
+        "escaped-character",
+        "escaped-quote-inside-quotes",
     ],
 )
 def test_content_charset(content_type: str, charset: str | None) -> None:
