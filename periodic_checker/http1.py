@@ -244,12 +244,6 @@ class _Exchange(asyncio.Protocol):
         else:
             self._fail(BrokenBody("connection closed before the end of the body"))
 
-    def pause_writing(self) -> None:
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- httptools callbacks -------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:

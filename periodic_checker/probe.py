@@ -395,13 +395,13 @@ class Prober:
             return
         # Loading the trust store takes tens of milliseconds: once, here.
         self._verified, self._unverified = tls_contexts()
-        # Lookups in threads of their own (see dns.py); both paths share them.
+        # Lookups in threads of their own (see dns.py); both paths share one resolver.
         self._dns = DaemonThreadPool(DNS_THREADS, name="dns")
         self._resolver = PolicyResolver(self._policy, PoolResolver(self._dns))
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             limit_per_host=0,
-            resolver=PolicyResolver(self._policy, PoolResolver(self._dns)),
+            resolver=self._resolver,
         )
         self._keepalive = aiohttp.ClientSession(
             connector=connector,
