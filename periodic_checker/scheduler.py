@@ -511,44 +511,38 @@ class ProgressWrites:
     last write (a later change of the same task replaces the state, not its place)."""
 
     def __init__(self) -> None:
-        self._tasks: dict[uuid.UUID, Task] = {}
-        self._since: dict[uuid.UUID, float] = {}
+        # task id -> (when its first change was recorded, its newest state); a dict keeps the
+        # order of first insertion when a value is replaced.
+        self._waiting: dict[uuid.UUID, tuple[float, Task]] = {}
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._waiting)
 
     def __contains__(self, task_id: object) -> bool:
-        return task_id in self._tasks
+        return task_id in self._waiting
 
     def put(self, task: Task, now: float) -> None:
-        if task.id not in self._tasks:
-            self._since[task.id] = now
-        self._tasks[task.id] = task
+        first = self._waiting.get(task.id)
+        self._waiting[task.id] = (now if first is None else first[0], task)
 
     def replace(self, task: Task) -> None:
         """A newer state of a task already waiting (an edit); nothing if it is not."""
-        if task.id in self._tasks:
-            self._tasks[task.id] = task
+        first = self._waiting.get(task.id)
+        if first is not None:
+            self._waiting[task.id] = (first[0], task)
 
     def pop(self, task_id: uuid.UUID) -> Task | None:
-        self._since.pop(task_id, None)
-        return self._tasks.pop(task_id, None)
+        found = self._waiting.pop(task_id, None)
+        return None if found is None else found[1]
 
     def take(self, since: float | None) -> dict[uuid.UUID, Task]:
         """Remove and return the states first recorded before `since` (all when None)."""
-        if since is None:
-            taken, self._tasks, self._since = self._tasks, {}, {}
-            return taken
         due = []
-        for task_id, first in self._since.items():  # oldest first
-            if first > since:
+        for task_id, (first, _) in self._waiting.items():  # oldest first
+            if since is not None and first > since:
                 break
             due.append(task_id)
-        taken = {}
-        for task_id in due:
-            del self._since[task_id]
-            taken[task_id] = self._tasks.pop(task_id)
-        return taken
+        return {task_id: self._waiting.pop(task_id)[1] for task_id in due}
 
 
 def _mere_progress(before: Task, after: Task) -> bool:
