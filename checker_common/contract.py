@@ -61,11 +61,18 @@ class ErrorKind(StrEnum):
     PATTERN = "pattern"
 
 
+# Text limits of a result, shared by the model and the ingest fast path (PlainBody).
+MAX_NAME = 200
+MAX_URL = 8192
+MAX_METHOD = 10
+MAX_ERROR_MESSAGE = 2000
+
+
 class CheckError(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: ErrorKind
-    message: str = Field(max_length=2000)
+    message: str = Field(max_length=MAX_ERROR_MESSAGE)
 
 
 Seconds = Annotated[float, Field(ge=0)]
@@ -90,9 +97,9 @@ class CheckResult(BaseModel):
 
     schema_version: Literal[1] = 1
     result_id: uuid.UUID
-    name: str = Field(max_length=200)
-    url: str = Field(max_length=8192)
-    method: str = Field("GET", max_length=10)
+    name: str = Field(max_length=MAX_NAME)
+    url: str = Field(max_length=MAX_URL)
+    method: str = Field("GET", max_length=MAX_METHOD)
     timestamp: datetime = Field(description="when the check started, ISO 8601 UTC")
     scheduled_at: datetime | None = Field(None, description="when the check was planned to start")
     attempt: int = Field(1, ge=1, description="1 for the first try, then retries")
@@ -104,7 +111,7 @@ class CheckResult(BaseModel):
     error: CheckError | None = None
     timings: Timings = Field(default_factory=Timings)
     bytes: int = Field(0, ge=0, description="body bytes read (after decompression)")
-    final_url: str | None = Field(None, max_length=8192)
+    final_url: str | None = Field(None, max_length=MAX_URL)
     redirects: int = Field(0, ge=0)
     cert_expires_at: datetime | None = None
 
@@ -209,7 +216,7 @@ ErrorKindValue = Literal[
 
 class PlainError(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     kind: ErrorKindValue
-    message: Annotated[str, msgspec.Meta(max_length=2000)]
+    message: Annotated[str, msgspec.Meta(max_length=MAX_ERROR_MESSAGE)]
 
 
 class PlainTimings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
@@ -234,12 +241,12 @@ class PlainBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
 
     schema_version: Literal[1]
     result_id: str
-    name: Annotated[str, msgspec.Meta(max_length=200)]
-    url: Annotated[str, msgspec.Meta(max_length=8192)]
+    name: Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
+    url: Annotated[str, msgspec.Meta(max_length=MAX_URL)]
     timestamp: str
     load_time: _Seconds
     ok: bool
-    method: Annotated[str, msgspec.Meta(max_length=10)] = "GET"
+    method: Annotated[str, msgspec.Meta(max_length=MAX_METHOD)] = "GET"
     scheduled_at: str | None = None
     attempt: Annotated[int, msgspec.Meta(ge=1, le=_MAX_NUMBER)] = 1
     status: Annotated[int, msgspec.Meta(ge=100, le=999)] | None = None
@@ -248,7 +255,7 @@ class PlainBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
     error: PlainError | None = None
     timings: PlainTimings = _NO_TIMINGS
     bytes: _Count = 0
-    final_url: Annotated[str, msgspec.Meta(max_length=8192)] | None = None
+    final_url: Annotated[str, msgspec.Meta(max_length=MAX_URL)] | None = None
     redirects: _Count = 0
     cert_expires_at: str | None = None
 

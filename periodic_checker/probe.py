@@ -52,6 +52,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from checker_common.contract import (
+    MAX_URL,
     CheckError,
     CheckResult,
     ErrorKind,
@@ -72,7 +73,6 @@ NO_BODY_STATUSES: Final = frozenset({204, 304})
 # the task's credentials.
 SENSITIVE_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
 MAX_MESSAGE: Final = 500
-MAX_URL: Final = 8192
 # codecs.lookup() names whose bytes RE2 can search directly.
 UTF8_COMPATIBLE: Final = frozenset({"utf-8", "ascii"})
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from checker_common.contract import ErrorKind, Health
+from checker_common.contract import MAX_NAME, MAX_URL, ErrorKind, Health
 
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
 STATUS_RANGES = re.compile(r"^\s*\d{3}(\s*-\s*\d{3})?(\s*,\s*\d{3}(\s*-\s*\d{3})?)*\s*$")
@@ -76,8 +76,9 @@ class TaskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
-    name: str = Field(min_length=1, max_length=200)
-    url: str = Field(min_length=1, max_length=8192, description="http:// or https:// URL")
+    # A task's name and URL go into each of its results: the contract's limits.
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    url: str = Field(min_length=1, max_length=MAX_URL, description="http:// or https:// URL")
     method: Method = "GET"
     headers: dict[str, str] = Field(default_factory=dict, max_length=50)
     body: str | None = Field(None, max_length=65_536)
