@@ -686,9 +686,10 @@ def redirect_headers(
     Leaving the origin (scheme, host or port) drops the credentials - Authorization, Cookie,
     Proxy-Authorization (and so the URL's user info, sent as Authorization) and the task's
     `secret_headers` (all in `secret`, lower case) - and a custom Host, which named the old
-    origin. Browsers and Go's client drop the same credentials; curl keeps a custom Host across
-    a port change and sends other custom headers everywhere, as we do. A header once dropped
-    stays dropped, even if a later hop comes back. When the redirect drops the body (303, or
+    origin. Browsers, Go's client and curl (since 7.83.1) drop the same credentials; curl keeps
+    a custom Host across a port change, where we follow Go (docs/api.md says why), and like us
+    sends other custom headers everywhere. A header once dropped stays dropped, even if a later
+    hop comes back. When the redirect drops the body (303, or
     301/302 after POST), the body's headers go with it (`BODY_HEADERS`); 307 and 308 keep both.
     """
     drop: set[str] = set()
