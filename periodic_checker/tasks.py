@@ -245,7 +245,7 @@ def redacted(task: Task) -> Task:
     secret = spec.secret_header_names
     if url == spec.url and not any(name.lower() in secret for name in spec.headers):
         return task
-    shown = spec.model_copy(update={"url": url, "headers": redact_headers(spec.headers, secret)})
+    shown = _replaced(spec, url=url, headers=redact_headers(spec.headers, secret))
     return task.model_copy(update={"spec": shown})
 
 
@@ -291,7 +291,13 @@ def kept_secrets(spec: TaskSpec, stored: TaskSpec | None) -> TaskSpec:
                 raise _refused(f"headers.{name}", f"{MASK} stands for a stored value; none is")
             headers[name] = old[key]
         update["headers"] = headers
-    return spec.model_copy(update=update) if update else spec
+    return _replaced(spec, **update) if update else spec
+
+
+def _replaced(spec: TaskSpec, **update: Any) -> TaskSpec:
+    """`spec` with some fields replaced, without the values cached from the old ones
+    (`model_copy` would carry `secret_values` over). Every value was validated before."""
+    return TaskSpec.model_construct(spec.model_fields_set | set(update), **{**dict(spec), **update})
 
 
 def _userinfo(url: str) -> str | None:

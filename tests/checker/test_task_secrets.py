@@ -71,6 +71,14 @@ def test_what_was_read_written_back_keeps_every_stored_secret() -> None:
     assert kept_secrets(read_back(STORED), STORED) == STORED
 
 
+def test_a_restored_definition_knows_its_secrets_again() -> None:
+    # The probe masks these in error messages: none may be stale from the masked copy.
+    sent = read_back(STORED)
+    assert sent.secret_values == ()
+    assert kept_secrets(sent, STORED).secret_values == STORED.secret_values
+    assert set(STORED.secret_values) == {"s3cret", "k3y", "Bearer t0ken"}
+
+
 def test_a_new_password_or_value_replaces_the_stored_one() -> None:
     sent = read_back(STORED).model_copy(
         update={"url": "https://alice:n3w@shop.example/other", "headers": {"X-Api-Key": "n3w"}}
