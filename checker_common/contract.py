@@ -8,6 +8,14 @@ with the task id as its only top-level key::
 
 `encode()` builds that, `decode()` reads it back (also the first version's shape, which had no
 `result_id`), and `json_schema()` describes it. Nothing else spells these fields.
+
+A result carries no secret of its task. `url` and `final_url` have the password of their user
+info replaced by `***` (`https://user:***@host/`), and a user info without a password (often a
+token) as a whole (`https://***@host/`), by `checker_common.redact.redact_url`; the password
+itself went to the target as basic auth. The values of the task's secret headers
+(Authorization, Cookie, Proxy-Authorization and its `secret_headers`) and its URL password are
+also replaced by `***` wherever a server or an error put them into `final_url` or
+`error.message`. Consumers store what they receive: PostgreSQL never holds these secrets.
 """
 
 from __future__ import annotations
@@ -98,7 +106,7 @@ class CheckResult(BaseModel):
     schema_version: Literal[1] = 1
     result_id: uuid.UUID
     name: str = Field(max_length=MAX_NAME)
-    url: str = Field(max_length=MAX_URL)
+    url: str = Field(max_length=MAX_URL, description="the task's URL, its password as ***")
     method: str = Field("GET", max_length=MAX_METHOD)
     timestamp: datetime = Field(description="when the check started, ISO 8601 UTC")
     scheduled_at: datetime | None = Field(None, description="when the check was planned to start")
@@ -111,7 +119,9 @@ class CheckResult(BaseModel):
     error: CheckError | None = None
     timings: Timings = Field(default_factory=Timings)
     bytes: int = Field(0, ge=0, description="body bytes read (after decompression)")
-    final_url: str | None = Field(None, max_length=MAX_URL)
+    final_url: str | None = Field(
+        None, max_length=MAX_URL, description="the last URL requested, its password as ***"
+    )
     redirects: int = Field(0, ge=0)
     cert_expires_at: datetime | None = None
 

@@ -1,9 +1,9 @@
-"""Keep secrets out of anything we print."""
+"""Keep secrets out of anything we print or publish."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
@@ -48,3 +48,27 @@ def dsn_password(dsn: str) -> str | None:
     if value.startswith("'") and value.endswith("'"):
         value = value[1:-1].replace("\\'", "'").replace("\\\\", "\\")
     return value
+
+
+# scheme://userinfo@ - the userinfo runs to the last "@" before the path, as yarl and urllib
+# read it (a raw "@" in a password included), so what is masked is what would be sent.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may be shown: `user:pass@` becomes `user:***@`, a lone `user@` (often a
+    token, as in `https://TOKEN@host/`) becomes `***@`; a URL without user info is returned as
+    it is. Used for every URL that leaves the checker: result messages, API reads, logs."""
+    if "@" not in url:
+        return url
+    match = _USERINFO.match(url)
+    if match is None:
+        return url
+    user, colon, _ = match.group(2).partition(":")
+    shown = f"{user}:{MASK}" if colon else MASK
+    return f"{match.group(1)}{shown}@{url[match.end() :]}"
+
+
+def redact_headers(headers: Mapping[str, str], secret: Container[str]) -> dict[str, str]:
+    """The headers with the value of each one named in `secret` (lower-case names) masked."""
+    return {name: MASK if name.lower() in secret else value for name, value in headers.items()}

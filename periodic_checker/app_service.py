@@ -26,7 +26,17 @@ from periodic_checker.service import (
     TaskPage,
 )
 from periodic_checker.store import TaskExists, TaskStore
-from periodic_checker.tasks import Task, TaskSpec, TaskStatus, edited, end_reason, paused, resumed
+from periodic_checker.tasks import (
+    Task,
+    TaskSpec,
+    TaskStatus,
+    edited,
+    end_reason,
+    kept_secrets,
+    paused,
+    redacted,
+    resumed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +66,24 @@ class CheckerService:
         self.publisher = publisher
 
     async def create(self, spec: TaskSpec) -> Task:
-        return self._create(uuid.uuid4(), spec)
+        return self._create(uuid.uuid4(), kept_secrets(spec, None))
 
     async def put(self, task_id: uuid.UUID, spec: TaskSpec) -> tuple[Task, bool]:
         existing = self.scheduler.tasks.get(task_id)
         if existing is None:
             try:
-                return self._create(task_id, spec), True
+                return self._create(task_id, kept_secrets(spec, None)), True
             except TaskExists:
                 existing = self._stored(task_id)
-        return self._replace(existing, spec), False
+        return self._replace(existing, kept_secrets(spec, existing.spec)), False
 
     async def update(self, task_id: uuid.UUID, changes: dict[str, Any]) -> Task:
         task = await self.get(task_id)
-        merged = {**task.spec.model_dump(exclude_unset=False), **changes}
+        # Merged with the task as a read shows it: the stored secrets come back as masks, so
+        # a change of origin must give them again (they are never sent where not given).
+        merged = {**redacted(task).spec.model_dump(exclude_unset=False), **changes}
         spec = TaskSpec.model_validate(merged)  # ValidationError names the field (422)
-        return self._replace(task, spec)
+        return self._replace(task, kept_secrets(spec, task.spec))
 
     async def delete(self, task_id: uuid.UUID) -> None:
         if not self.store.delete(task_id):

@@ -118,11 +118,10 @@ def request_head(
         merged[name.lower()] = (name, value)
     if "host" not in merged:
         merged["host"] = ("Host", url.host_port_subcomponent or "")
-    if url.raw_user is not None and "authorization" not in merged:
-        user = url.user or ""
-        password = url.password or ""
-        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-        merged["authorization"] = ("Authorization", f"Basic {token}")
+    if "authorization" not in merged:
+        authorization = basic_authorization(url)
+        if authorization is not None:
+            merged["authorization"] = ("Authorization", authorization)
     if body is not None or method in BODY_METHODS:
         merged["content-length"] = ("Content-Length", str(len(body or b"")))
     merged.pop("transfer-encoding", None)
@@ -131,6 +130,14 @@ def request_head(
     lines.extend(f"{name}: {value}" for name, value in merged.values())
     lines.append("\r\n")
     return "\r\n".join(lines).encode("utf-8")
+
+
+def basic_authorization(url: URL) -> str | None:
+    """`Basic ...` for the URL's user info (percent-decoded, UTF-8), None without user info."""
+    if url.raw_user is None:
+        return None
+    credentials = f"{url.user or ''}:{url.password or ''}"
+    return "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
 
 
 def content_charset(content_type: str) -> str | None:

@@ -22,7 +22,11 @@ stamps the time on the running check.
 
 Redirects are followed here, hop by hop, so the target policy is applied to every hop (the
 literal host before connecting; `PolicyResolver` drops denied addresses after DNS) and hops
-are counted; 303, and 301/302 after a POST, continue as GET. The body is decompressed here
+are counted; 303, and 301/302 after a POST, continue as GET without the body and its headers.
+User info in a URL is sent as basic auth; credentials, `secret_headers` and a custom Host are
+dropped when a redirect leaves the origin (`redirect_headers`). The result's `url` and
+`final_url` have their user info masked, and no error message holds a secret of the task
+(`TaskSpec.secret_values`). The body is decompressed here
 too, in bounded steps, so a gzip bomb costs at most `max_body_bytes` + 1 bytes; a larger body
 fails with `body_too_large`. The pattern is searched with RE2 in the body decoded with its
 charset (UTF-8 when none or unknown); there is no pattern result without a body (HEAD, 204,
@@ -59,6 +63,7 @@ from checker_common.contract import (
     PatternResult,
     Timings,
 )
+from checker_common.redact import redact_text, redact_url
 from periodic_checker import http1
 from periodic_checker.dns import DNS_THREADS, DaemonThreadPool, PoolResolver
 from periodic_checker.policy import TargetPolicy
@@ -69,9 +74,12 @@ log = logging.getLogger(__name__)
 DEFAULT_USER_AGENT: Final = "periodic-checker/0.2"
 REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 NO_BODY_STATUSES: Final = frozenset({204, 304})
-# Dropped when a redirect leaves the origin, as browsers and Go's client do: they may carry
-# the task's credentials.
-SENSITIVE_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+# The Fetch standard's "request-body-header names", dropped with the body when a redirect
+# turns the request into a GET (HTTP-redirect fetch); Content-Length too, which Fetch need not
+# name because a script cannot set it, but a task can.
+BODY_HEADERS: Final = frozenset(
+    {"content-encoding", "content-language", "content-location", "content-type", "content-length"}
+)
 MAX_MESSAGE: Final = 500
 # codecs.lookup() names whose bytes RE2 can search directly.
 UTF8_COMPATIBLE: Final = frozenset({"utf-8", "ascii"})
@@ -461,18 +469,34 @@ class Prober:
         except Exception as exc:
             error = classify_error(exc, redirected=run.redirects > 0)
             if error is None:
-                log.exception("unexpected error in check of task %s (%s)", task_id, spec.url)
                 error = CheckError(
                     kind=ErrorKind.INVALID_RESPONSE, message=_short(f"{type(exc).__name__}: {exc}")
+                )
+                # One line, masked: the exception's text may quote the URL or a header.
+                log.error(
+                    "unexpected error in check of task %s (%s): %s",
+                    task_id,
+                    redact_url(spec.url),
+                    redact_text(error.message, spec.secret_values),
                 )
             run.end_hop(None)
         finally:
             _running.reset(token)
         load_time = time.monotonic() - started
+        # Results leave the checker: user info masked in both URLs, and no secret of the task
+        # in the texts a server or an exception chose (a Location may quote one).
+        final_url = redact_url(run.final_url)[:MAX_URL] if run.final_url else None
+        if spec.secret_values:
+            if final_url is not None:
+                final_url = redact_text(final_url, spec.secret_values)
+            if error is not None:
+                masked = redact_text(error.message, spec.secret_values)
+                if masked != error.message:
+                    error = CheckError(kind=error.kind, message=masked)
         return _result(
             result_id=uuid.uuid4(),
             name=spec.name,
-            url=spec.url,
+            url=redact_url(spec.url),
             method=spec.method,
             timestamp=timestamp,
             scheduled_at=scheduled_at,
@@ -484,7 +508,7 @@ class Prober:
             error=error,
             timings=run.timings(),
             bytes=run.bytes,
-            final_url=run.final_url[:MAX_URL] if run.final_url else None,
+            final_url=final_url,
             redirects=run.redirects,
             cert_expires_at=run.cert_expires_at,
         )
@@ -505,6 +529,8 @@ class Prober:
         seen: set[URL] | None = None  # made at the first redirect: most checks have none
         while True:
             run.final_url = spec.url if seen is None else str(url)
+            if url.raw_user is not None:
+                url, headers = credentials_as_header(url, headers)
             denied = self._policy.check_url(url)
             if denied is not None:
                 return CheckError(kind=ErrorKind.DENIED_TARGET, message=_short(denied))
@@ -541,17 +567,18 @@ class Prober:
             except ValueError:
                 return CheckError(
                     kind=ErrorKind.INVALID_RESPONSE,
-                    message=_short(f"redirect to an invalid URL: {location!r}"),
+                    message=_short(f"redirect to an invalid URL: {redact_url(location)!r}"),
                 )
             if target.scheme not in ("http", "https") or not target.host:
                 return CheckError(
                     kind=ErrorKind.INVALID_RESPONSE,
-                    message=_short(f"redirect to an unsupported URL: {location!r}"),
+                    message=_short(f"redirect to an unsupported URL: {redact_url(location)!r}"),
                 )
             if run.redirects >= spec.max_redirects:
+                next_url = redact_url(str(target))
                 return CheckError(
                     kind=ErrorKind.TOO_MANY_REDIRECTS,
-                    message=_short(f"more than {spec.max_redirects} redirects (next: {target})"),
+                    message=_short(f"more than {spec.max_redirects} redirects (next: {next_url})"),
                 )
             if seen is None:
                 seen = {url.with_fragment(None)}
@@ -559,14 +586,18 @@ class Prober:
             if key in seen:
                 return CheckError(
                     kind=ErrorKind.TOO_MANY_REDIRECTS,
-                    message=_short(f"redirect loop back to {key}"),
+                    message=_short(f"redirect loop back to {redact_url(str(key))}"),
                 )
             seen.add(key)
             run.redirects += 1
-            method, data = redirected_method(response.status, method, data)
-            if target.origin() != url.origin():
-                headers = {k: v for k, v in headers.items() if k.lower() not in SENSITIVE_HEADERS}
-            url = target
+            new_method, new_data = redirected_method(response.status, method, data)
+            headers = redirect_headers(
+                headers,
+                same_origin=target.origin() == url.origin(),
+                body_dropped=new_method != method or (data is not None and new_data is None),
+                secret=spec.secret_header_names,
+            )
+            method, data, url = new_method, new_data, target
 
     def _policy_resolver(self) -> PolicyResolver:
         if self._resolver is None:
@@ -634,6 +665,42 @@ def judge(
     if pattern is PatternResult.MATCH and spec.pattern_fails_when == "present":
         return CheckError(kind=ErrorKind.PATTERN, message="pattern found in the body")
     return None
+
+
+def credentials_as_header(url: URL, headers: dict[str, str]) -> tuple[URL, dict[str, str]]:
+    """The URL without its user info, which becomes basic auth unless the task gives its own
+    Authorization. Both engines then send the same header, and it follows the redirect rules
+    of every other credential (`redirect_headers`) instead of the URL's."""
+    authorization = http1.basic_authorization(url)
+    headers = dict(headers)
+    if authorization is not None and not any(k.lower() == "authorization" for k in headers):
+        headers["Authorization"] = authorization
+    return url.with_user(None), headers
+
+
+def redirect_headers(
+    headers: Mapping[str, str], *, same_origin: bool, body_dropped: bool, secret: frozenset[str]
+) -> dict[str, str]:
+    """The headers sent to the next hop of a redirect.
+
+    Leaving the origin (scheme, host or port) drops the credentials - Authorization, Cookie,
+    Proxy-Authorization (and so the URL's user info, sent as Authorization) and the task's
+    `secret_headers` (all in `secret`, lower case) - and a custom Host, which named the old
+    origin. Browsers, Go's client and curl (since 7.83.1) drop the same credentials; curl keeps
+    a custom Host across a port change, where we follow Go (docs/api.md says why), and like us
+    sends other custom headers everywhere. A header once dropped stays dropped, even if a later
+    hop comes back. When the redirect drops the body (303, or
+    301/302 after POST), the body's headers go with it (`BODY_HEADERS`); 307 and 308 keep both.
+    """
+    drop: set[str] = set()
+    if not same_origin:
+        drop |= secret
+        drop.add("host")
+    if body_dropped:
+        drop |= BODY_HEADERS
+    if not drop:
+        return dict(headers)
+    return {name: value for name, value in headers.items() if name.lower() not in drop}
 
 
 def redirected_method(status: int, method: str, data: bytes | None) -> tuple[str, bytes | None]:

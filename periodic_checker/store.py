@@ -25,6 +25,7 @@ import orjson
 from pydantic import ValidationError
 
 from checker_common.contract import Health
+from checker_common.redact import redact_url
 from periodic_checker.service import NameTaken, TaskFilter, TaskPage, TooManyTasks
 from periodic_checker.tasks import Task, TaskSpec, TaskStatus
 
@@ -119,6 +120,9 @@ class SQLiteTaskStore:
                 path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # The text search sees URLs as the API shows them: matching the hidden password
+            # would let anyone guess it a character at a time.
+            self._db.create_function("redact_url", 1, redact_url, deterministic=True)
             mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             # WAL with synchronous=NORMAL: commits do not fsync; a power cut can lose the last
             # transactions but never corrupts the file.
@@ -177,7 +181,10 @@ class SQLiteTaskStore:
             args.append(str(query.health))
         if query.text:
             pattern = "%" + _escape_like(query.text) + "%"
-            where.append("(name LIKE ? ESCAPE '\\' OR url LIKE ? ESCAPE '\\')")
+            where.append(
+                "(name LIKE ? ESCAPE '\\' OR (CASE WHEN instr(url, '@') = 0 THEN url"
+                " ELSE redact_url(url) END) LIKE ? ESCAPE '\\')"
+            )
             args += [pattern, pattern]
         if query.cursor:
             created, last_id = decode_cursor(query.cursor)

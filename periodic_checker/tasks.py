@@ -2,6 +2,12 @@
 
 `TaskSpec` is the definition a user gives (validated here, once: the API, the store and the
 probe all use it); `Task` adds identity and the state the checker keeps (status, health, runs).
+
+Secrets in a definition - the password in the URL's user info (or a lone user name, often a
+token) and the values of the credential headers (`CREDENTIAL_HEADERS`) and of the headers
+named in `secret_headers` - are stored as given, because the probe sends them, and leave the
+checker only masked (`redacted`). A masked value sent back (`***`) means "keep the stored one"
+(`kept_secrets`), so a client can read a task and write it back unchanged.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import re2
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from checker_common.contract import MAX_NAME, MAX_URL, ErrorKind, Health
+from checker_common.redact import MASK, redact_headers, redact_url
 
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
 STATUS_RANGES = re.compile(r"^\s*\d{3}(\s*-\s*\d{3})?(\s*,\s*\d{3}(\s*-\s*\d{3})?)*\s*$")
@@ -28,6 +36,9 @@ MAX_INTERVAL = 7 * 24 * 3600.0
 MIN_INTERVAL = 1.0
 MAX_TIMEOUT = 300.0
 DEFAULT_MAX_BODY = 1_048_576
+# Headers whose values are always secret (masked when shown, dropped when a redirect leaves
+# the origin), whether or not the task names them in `secret_headers`.
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 
 def compile_pattern(pattern: str) -> Any:
@@ -81,6 +92,12 @@ class TaskSpec(BaseModel):
     url: str = Field(min_length=1, max_length=MAX_URL, description="http:// or https:// URL")
     method: Method = "GET"
     headers: dict[str, str] = Field(default_factory=dict, max_length=50)
+    secret_headers: list[str] = Field(
+        default_factory=list,
+        max_length=50,
+        description="names of headers (in `headers`) whose values are secret: never shown,"
+        " dropped when a redirect leaves the origin",
+    )
     body: str | None = Field(None, max_length=65_536)
     interval: float | None = Field(
         60.0,
@@ -132,6 +149,19 @@ class TaskSpec(BaseModel):
                 raise ValueError(f"header {name!r} value is longer than 8192 characters")
         return value
 
+    @field_validator("secret_headers")
+    @classmethod
+    def _secret_headers(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        headers = info.data.get("headers")
+        names = {name.lower() for name in headers} if headers is not None else None
+        for name in value:
+            if not HEADER_NAME.match(name):
+                raise ValueError(f"header name {name[:40]!r} is not a valid token")
+            # A misspelt name would leave the real header unprotected: refuse it.
+            if names is not None and name.lower() not in names:
+                raise ValueError(f"{name!r} is not one of the task's headers")
+        return value
+
     @field_validator("pattern")
     @classmethod
     def _pattern_compiles(cls, value: str | None) -> str | None:
@@ -172,6 +202,21 @@ class TaskSpec(BaseModel):
     def host(self) -> str:
         return (urlsplit(self.url).hostname or "").lower()
 
+    @cached_property
+    def secret_header_names(self) -> frozenset[str]:
+        """Lower-case names of the headers whose values are secret."""
+        return CREDENTIAL_HEADERS | {name.lower() for name in self.secret_headers}
+
+    @cached_property
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret this definition holds, to mask wherever one might appear in text."""
+        found = [v for k, v in self.headers.items() if k.lower() in self.secret_header_names]
+        userinfo = _userinfo(self.url)
+        if userinfo:
+            user, colon, password = userinfo.partition(":")
+            found += [password, unquote(password)] if colon else [user, unquote(user)]
+        return tuple(sorted({v for v in found if v and v != MASK}, key=len, reverse=True))
+
 
 class Task(BaseModel):
     """A stored task: its definition plus the checker's state."""
@@ -188,6 +233,95 @@ class Task(BaseModel):
     created_at: datetime
     updated_at: datetime
     last_run_at: datetime | None = None
+
+
+# --- Secrets: masked when shown, kept when the mask comes back (pure) -----------------------
+
+
+def redacted(task: Task) -> Task:
+    """The task as the API shows it: URL user info and secret header values masked."""
+    spec = task.spec
+    url = redact_url(spec.url)
+    secret = spec.secret_header_names
+    if url == spec.url and not any(name.lower() in secret for name in spec.headers):
+        return task
+    shown = _replaced(spec, url=url, headers=redact_headers(spec.headers, secret))
+    return task.model_copy(update={"spec": shown})
+
+
+def kept_secrets(spec: TaskSpec, stored: TaskSpec | None) -> TaskSpec:
+    """`spec` with each mask (`***`) in a secret place replaced by the stored secret.
+
+    A client that read a task (masked) and writes it back must not store the mask. The stored
+    secret is kept only where it would go to the same place: the URL's user info when the
+    scheme, user, host and port are the ones shown; a secret header's value when the header is
+    still secret and the URL's origin is unchanged. Anywhere else a mask is refused (the field
+    is named), so a secret is never sent to a host it was not given for.
+    """
+    update: dict[str, Any] = {}
+    # A URL with user info that masking leaves unchanged carries the mask itself.
+    if _userinfo(spec.url) is not None and redact_url(spec.url) == spec.url:
+        if stored is None or _authority(redact_url(stored.url)) != _authority(spec.url):
+            raise _refused(
+                "url",
+                f"{MASK} stands for the stored password, which is kept only with the same"
+                " scheme, user, host and port; give the password",
+            )
+        update["url"] = _authority(stored.url) + spec.url[len(_authority(spec.url)) :]
+    was_secret = stored.secret_header_names if stored is not None else frozenset()
+    masked = [
+        name
+        for name, value in spec.headers.items()
+        if value == MASK
+        and (name.lower() in spec.secret_header_names or name.lower() in was_secret)
+    ]
+    if masked:
+        old = {k.lower(): v for k, v in stored.headers.items()} if stored is not None else {}
+        same_origin = stored is not None and _origin(stored.url) == _origin(spec.url)
+        headers = dict(spec.headers)
+        for name in masked:
+            key = name.lower()
+            if not (same_origin and key in was_secret and key in spec.secret_header_names):
+                raise _refused(
+                    f"headers.{name}",
+                    "the stored value of a secret header is kept only while the header stays"
+                    " secret and the URL keeps its origin; send the value again",
+                )
+            if key not in old:
+                raise _refused(f"headers.{name}", f"{MASK} stands for a stored value; none is")
+            headers[name] = old[key]
+        update["headers"] = headers
+    return _replaced(spec, **update) if update else spec
+
+
+def _replaced(spec: TaskSpec, **update: Any) -> TaskSpec:
+    """`spec` with some fields replaced, without the values cached from the old ones
+    (`model_copy` would carry `secret_values` over). Every value was validated before."""
+    return TaskSpec.model_construct(spec.model_fields_set | set(update), **{**dict(spec), **update})
+
+
+def _userinfo(url: str) -> str | None:
+    netloc = urlsplit(url).netloc
+    return netloc.rpartition("@")[0] if "@" in netloc else None
+
+
+def _authority(url: str) -> str:
+    """`scheme://userinfo@host:port`, scheme in lower case, as the URL spells the rest."""
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc}"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+def _refused(field: str, message: str) -> ValidationError:
+    """A validation error naming `field`, as the API reports any invalid definition."""
+    loc = tuple(field.split(".", 1))
+    error = InitErrorDetails(type=PydanticCustomError("secret_mask", message), loc=loc, input=MASK)
+    return ValidationError.from_exception_data("TaskSpec", [error])
 
 
 # --- Scheduling math (pure: the clock is an argument) -------------------------------------------

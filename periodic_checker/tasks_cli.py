@@ -129,6 +129,17 @@ def _spec_flags(parser: argparse.ArgumentParser, skip: Sequence[str]) -> None:
                 metavar="'NAME: VALUE'",
                 help="request header (repeat; on edit, replaces all headers)",
             )
+        elif name == "secret_headers":
+            group.add_argument(
+                "--secret-header",
+                dest="spec_secret_headers",
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar="NAME",
+                help="a header (given with --header) whose value is secret: never shown,"
+                " not sent on after a redirect to another origin (repeat; on edit, replaces"
+                " the list; a value of *** keeps the stored one)",
+            )
         elif _is_bool(info.annotation):
             group.add_argument(
                 flag,

@@ -86,7 +86,10 @@ def build_openapi(version: str) -> dict[str, Any]:
             "version": version,
             "description": (
                 "Manage the checker's tasks and read its state. Routes that change something "
-                "need `Authorization: Bearer <API_TOKEN>` when API_TOKEN is set."
+                "need `Authorization: Bearer <API_TOKEN>` when API_TOKEN is set. Secrets are "
+                "write-only: every answer, with the token or without, shows the password in a "
+                "URL's user info and the values of Authorization, Cookie, Proxy-Authorization "
+                "and the `secret_headers` as `***`; `***` sent back keeps the stored value."
             ),
         },
         "paths": _paths(),

@@ -27,7 +27,7 @@ from periodic_checker.api.models import (
     patch_changes,
 )
 from periodic_checker.service import ServiceError, TaskFilter, TaskService
-from periodic_checker.tasks import Task, TaskSpec
+from periodic_checker.tasks import Task, TaskSpec, redacted
 
 SERVICE = web.AppKey("service", TaskService)
 OPENAPI = web.AppKey("openapi", bytes)
@@ -55,9 +55,11 @@ def json_response(body: BaseModel, status: int = 200, **headers: str) -> web.Res
 
 
 def task_response(task: Task, status: int = 200) -> web.Response:
+    """A task as every route shows it: secrets masked, token or not (see docs/api.md)."""
+    shown = redacted(task)
     if status == 201:
-        return json_response(task, status, Location=f"/tasks/{task.id}")
-    return json_response(task, status)
+        return json_response(shown, status, Location=f"/tasks/{task.id}")
+    return json_response(shown, status)
 
 
 def task_id(request: web.Request) -> uuid.UUID:
@@ -181,7 +183,8 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise from_service(exc) from None
     except ValueError as exc:  # the service could not read the opaque cursor
         raise invalid("cursor", str(exc) or "not a cursor from this API") from None
-    return json_response(TaskPageResponse(tasks=page.tasks, next_cursor=page.next_cursor))
+    shown = [redacted(task) for task in page.tasks]
+    return json_response(TaskPageResponse(tasks=shown, next_cursor=page.next_cursor))
 
 
 async def pause_task(request: web.Request) -> web.Response:

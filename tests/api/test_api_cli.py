@@ -174,6 +174,23 @@ async def test_task_flags_reach_the_definition(cli: Cli) -> None:
     assert spec["accepted_statuses"] == "200,204"
 
 
+async def test_secrets_are_marked_with_flags_and_never_printed(cli: Cli) -> None:
+    url = "https://alice:hunter2@127.0.0.1:9/"
+    added = await cli.ok(
+        "add", "secret", url, "--header", "X-Api-Key: k3y", "--secret-header", "X-Api-Key",
+        "--json",
+    )  # fmt: skip
+    edited = await cli.ok("edit", "secret", "--header", "X-Api-Key: ***", "--json")
+    shown = [await cli.ok(*args) for args in (["list"], ["show", "secret"], ["list", "--json"])]
+
+    assert added.json()["spec"]["secret_headers"] == ["X-Api-Key"]
+    assert edited.json()["spec"]["headers"] == {"X-Api-Key": "***"}
+    assert "https://alice:***@127.0.0.1:9/" in shown[0].out
+    for outcome in [added, edited, *shown]:
+        assert "hunter2" not in outcome.out
+        assert "k3y" not in outcome.out
+
+
 async def test_list_all_follows_the_cursor(cli: Cli) -> None:
     for i in range(3):
         await cli.ok("add", f"site-{i}", f"http://127.0.0.1:9/{i}")
