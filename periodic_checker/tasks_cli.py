@@ -484,7 +484,8 @@ def render_task(task: Mapping[str, Any]) -> str:
         f"status:    {task['status']}"
         + (f" ({task['status_reason']})" if task.get("status_reason") else ""),
         f"health:    {task['health']}",
-        f"runs:      {task['runs']} (failures in a row: {task['failures_in_a_row']})",
+        f"runs:      {task['runs']} on schedule, {task['manual_runs']} by hand"
+        f" (failures in a row: {task['failures_in_a_row']})",
         f"last run:  {task.get('last_run_at') or '-'}",
     ]
     if spec.get("pattern"):

@@ -237,6 +237,21 @@ async def test_run_exits_0_when_the_check_passed_and_1_when_it_failed(
     assert failed_json.json()["result"]["ok"] is False
 
 
+async def test_show_after_a_run_by_hand_and_a_pause_counts_what_ran(
+    cli: Cli, target: TestServer
+) -> None:
+    await cli.ok("add", "shop", str(target.make_url("/status/503")), "--interval", "3600")
+    assert (await cli("run", "shop")).code == 1
+    await cli.ok("pause", "shop")
+
+    shown = (await cli.ok("show", "shop")).out
+    assert "runs:      0 on schedule, 1 by hand (failures in a row: 1)" in shown
+    assert "last run:  -" not in shown
+    task = (await cli.ok("show", "shop", "--json")).json()
+    assert (task["runs"], task["manual_runs"], task["failures_in_a_row"]) == (0, 1, 1)
+    assert task["status"] == "paused"
+
+
 async def test_bad_arguments_exit_2(cli: Cli) -> None:
     missing = await cli("run")
     assert missing.code == 2
