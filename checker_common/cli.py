@@ -18,13 +18,13 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1  # a check ran and failed: probe, tasks run, check-config
 EXIT_USAGE = 2  # bad arguments or settings, or a request the checker's API refuses (4xx)
 EXIT_UNAVAILABLE = 3  # the checker's API or the database could not be reached, or failed
-S = TypeVar("S", bound=CommonSettings)
-
 EXIT_EPILOG = (
     "exit status: 0 success (probe, tasks run, check-config: the checks passed); 1 a check"
     " failed; 2 bad arguments or settings, or a request the API refused; 3 the API or the"
     " database could not be reached, or failed"
 )
+
+S = TypeVar("S", bound=CommonSettings)
 
 
 def env_file_parent() -> argparse.ArgumentParser:
