@@ -9,10 +9,10 @@ from pathlib import Path
 
 from checker_common.cli import Check
 from checker_common.kafka import bootstrap_addresses, client_config, tls_handshake
-from checker_common.settings import CommonSettings
+from checker_common.settings import KafkaSettings
 
 
-def broker_tls(settings: CommonSettings) -> list[Check]:
+def broker_tls(settings: KafkaSettings) -> list[Check]:
     checks = []
     for host, port in bootstrap_addresses(settings):
         name = f"broker {host}:{port}"
@@ -26,7 +26,7 @@ def broker_tls(settings: CommonSettings) -> list[Check]:
     return checks
 
 
-def kafka_topics(settings: CommonSettings, topics: list[str], timeout: float = 10.0) -> Check:
+def kafka_topics(settings: KafkaSettings, topics: list[str], timeout: float = 10.0) -> Check:
     from confluent_kafka.admin import AdminClient
 
     config = client_config(settings, client_id="check-config")

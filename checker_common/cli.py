@@ -1,5 +1,5 @@
-"""What both command lines share: --env-file, settings errors as one line and exit 2,
-and the one-line-per-check output of `check-config`."""
+"""What both command lines share: the exit statuses, --env-file, settings errors as one line
+and exit 2, and the one-line-per-check output of `check-config`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,18 @@ from typing import NoReturn, TypeVar
 from checker_common.redact import redact_text
 from checker_common.settings import CommonSettings, SettingsError, load_settings
 
-EXIT_SETTINGS = 2
+# Every command of both command lines exits with one of these (README, "Exit status"). A script
+# can tell "the site is down" (1) from "fix the command" (2) and "ask again later" (3).
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1  # a check ran and failed: probe, tasks run, check-config
+EXIT_USAGE = 2  # bad arguments or settings, or a request the checker's API refuses (4xx)
+EXIT_UNAVAILABLE = 3  # the checker's API or the database could not be reached, or failed
+EXIT_EPILOG = (
+    "exit status: 0 success (probe, tasks run, check-config: the checks passed); 1 a check"
+    " failed; 2 bad arguments or settings, or a request the API refused; 3 the API or the"
+    " database could not be reached, or failed"
+)
+
 S = TypeVar("S", bound=CommonSettings)
 
 
@@ -28,7 +39,7 @@ def env_file_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def fail(prog: str, message: str, code: int = EXIT_SETTINGS) -> NoReturn:
+def fail(prog: str, message: str, code: int = EXIT_USAGE) -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -68,4 +79,4 @@ def run_checks(
             status = "ok  " if result.ok else "FAIL"
             line = f"{status} {result.name}: {result.detail}".replace("\n", " ")
             out(redact_text(line, secrets))
-    return 1 if failed else 0
+    return EXIT_CHECK_FAILED if failed else EXIT_OK

@@ -7,7 +7,7 @@ import socket
 import ssl
 from typing import Any
 
-from checker_common.settings import CommonSettings
+from checker_common.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def librdkafka_logger() -> logging.Logger:
     return logger
 
 
-def client_config(settings: CommonSettings, *, client_id: str) -> dict[str, Any]:
+def client_config(settings: KafkaSettings, *, client_id: str) -> dict[str, Any]:
     """librdkafka options shared by producers, consumers and admin clients."""
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_connection,
@@ -51,7 +51,7 @@ def client_config(settings: CommonSettings, *, client_id: str) -> dict[str, Any]
     return config
 
 
-def bootstrap_addresses(settings: CommonSettings) -> list[tuple[str, int]]:
+def bootstrap_addresses(settings: KafkaSettings) -> list[tuple[str, int]]:
     result = []
     for server in settings.kafka_connection.split(","):
         host, _, port = server.rpartition(":")
@@ -59,7 +59,7 @@ def bootstrap_addresses(settings: CommonSettings) -> list[tuple[str, int]]:
     return result
 
 
-def tls_handshake(settings: CommonSettings, host: str, port: int, timeout: float = 5.0) -> str:
+def tls_handshake(settings: KafkaSettings, host: str, port: int, timeout: float = 5.0) -> str:
     """Open a TLS connection to one broker with the client certificate; return the version.
 
     Raises OSError or ssl.SSLError when the broker is unreachable or refuses us.

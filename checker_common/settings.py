@@ -3,6 +3,11 @@
 Settings are read once at start from the environment and a dotenv file (the environment wins)
 and passed down; nothing reads the environment at import. Every problem becomes a
 `SettingsError` whose message is one line naming the variable.
+
+Each group of variables is defined once, in one class (`LoggingSettings`, `KafkaSettings`
+here; the database, the API and the daemons' own in their packages), and a command loads the
+class made of the groups it uses: `checker-processing report` reads only the database, so a
+machine without the Kafka files can run it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class LogFormat(StrEnum):
 
 
 class CommonSettings(BaseSettings):
-    """What both daemons need: logging and the Kafka connection over mutual TLS."""
+    """What every settings class shares: where values come from and how secrets are named."""
 
     model_config = SettingsConfigDict(
         env_file=None,
@@ -46,10 +51,26 @@ class CommonSettings(BaseSettings):
         validate_default=True,
     )
 
+    def secrets(self) -> list[str]:
+        """Secret values that must never appear in output (used by the log filter).
+
+        Each group adds its own to `super().secrets()`, so a class made of several groups
+        names all of them."""
+        return []
+
+
+class LoggingSettings(CommonSettings):
+    """How a daemon logs."""
+
     log_level: LogLevel = Field(LogLevel.INFO, description="DEBUG, INFO, WARNING or ERROR")
     log_format: LogFormat = Field(
         LogFormat.TEXT, description="text for people, json for log shippers"
     )
+
+
+class KafkaSettings(CommonSettings):
+    """The Kafka connection over mutual TLS."""
+
     kafka_connection: str = Field(
         description="Kafka bootstrap servers, host:port[,host:port...]",
     )
@@ -93,9 +114,10 @@ class CommonSettings(BaseSettings):
         return self
 
     def secrets(self) -> list[str]:
-        """Secret values that must never appear in output (used by the log filter)."""
-        found = [self.kafka_cert_pass.get_secret_value()] if self.kafka_cert_pass else []
-        return [s for s in found if s]
+        found = super().secrets()
+        if self.kafka_cert_pass and self.kafka_cert_pass.get_secret_value():
+            found.append(self.kafka_cert_pass.get_secret_value())
+        return found
 
 
 def readable_file(value: Path) -> Path:
@@ -115,7 +137,7 @@ class _FieldError(ValueError):
         self.field = field
 
 
-def check_tls_material(settings: CommonSettings) -> None:
+def check_tls_material(settings: KafkaSettings) -> None:
     """Load CA, certificate and key the way the TLS client will, so mistakes show at start."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     try:

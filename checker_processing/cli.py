@@ -9,6 +9,9 @@ from datetime import timedelta
 
 from checker_common import __version__, checks
 from checker_common.cli import (
+    EXIT_EPILOG,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
     Check,
     CheckFn,
     env_file_parent,
@@ -16,7 +19,7 @@ from checker_common.cli import (
     run_checks,
     settings_or_exit,
 )
-from checker_processing.settings import ProcessorSettings
+from checker_processing.settings import DatabaseSettings, ProcessorSettings
 
 PROG = "checker-processing"
 
@@ -27,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Stores check results from Kafka in PostgreSQL, exactly once.",
         parents=[common],
+        epilog=EXIT_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -35,14 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         parents=[common],
         help="validate settings and try the broker and the database",
+        epilog=EXIT_EPILOG,
     )
-    sub.add_parser("migrate", parents=[common], help="apply database migrations (idempotent)")
+    sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="apply database migrations (idempotent; reads only POSTGRESQL_CONNECTION)",
+        epilog=EXIT_EPILOG,
+    )
     report = sub.add_parser(
-        "report", parents=[common], help="print availability per task over a recent window"
+        "report",
+        parents=[common],
+        help="print availability per task over a recent window (reads only POSTGRESQL_CONNECTION)",
+        epilog=EXIT_EPILOG,
     )
     # Validated by hand (not `choices=`), so a bad value is one line and exit 2.
     report.add_argument("--since", default="30d", help="window: 30d, 24h, 90m, 2w (default 30d)")
-    report.add_argument("--task", default=None, metavar="ID", help="only this task id")
+    report.add_argument(
+        "--task", default=None, metavar="ID|NAME", help="only this task: its id or exact name"
+    )
     report.add_argument("--format", default="table", help="table, json or csv (default table)")
     return parser
 
@@ -76,7 +91,7 @@ def check_config(settings: ProcessorSettings) -> int:
     return run_checks(steps, settings.secrets(), print)
 
 
-def migrate_command(settings: ProcessorSettings) -> int:
+def migrate_command(settings: DatabaseSettings) -> int:
     import psycopg2
 
     from checker_processing import db, migrate
@@ -88,16 +103,16 @@ def migrate_command(settings: ProcessorSettings) -> int:
         finally:
             conn.close()
     except psycopg2.Error as exc:
-        fail(PROG, f"migrate: {_first_line(exc, settings)}", code=1)
+        fail(PROG, f"migrate: {_first_line(exc, settings)}", code=EXIT_UNAVAILABLE)
     for migration in applied:
         print(f"applied {migration.version:04d}_{migration.name}")
     if not applied:
         print("schema is up to date")
-    return 0
+    return EXIT_OK
 
 
 def report_command(
-    settings: ProcessorSettings, since: timedelta, task: uuid.UUID | None, fmt: str
+    settings: DatabaseSettings, since: timedelta, task: uuid.UUID | str | None, fmt: str
 ) -> int:
     import psycopg2
 
@@ -106,16 +121,18 @@ def report_command(
     try:
         conn = db.connect(settings.postgresql_connection)
         try:
-            rows = report.availability(conn, since, task)
+            rows = report.availability(conn, since, report.resolve_task(conn, task))
         finally:
             conn.close()
     except psycopg2.Error as exc:
-        fail(PROG, f"report: {_first_line(exc, settings)}", code=1)
+        fail(PROG, f"report: {_first_line(exc, settings)}", code=EXIT_UNAVAILABLE)
+    except report.ReportArgumentError as exc:
+        fail(PROG, str(exc))
     print(report.render(rows, fmt))
-    return 0
+    return EXIT_OK
 
 
-def _first_line(exc: BaseException, settings: ProcessorSettings) -> str:
+def _first_line(exc: BaseException, settings: DatabaseSettings) -> str:
     from checker_common.redact import redact_text
 
     text = str(exc).strip()
@@ -134,13 +151,15 @@ def main(argv: list[str] | None = None) -> int:
             fmt = report.parse_format(args.format)
         except report.ReportArgumentError as exc:
             fail(PROG, str(exc))
+    # `migrate` and `report` read only the database's settings: they run where the Kafka
+    # files are not (a laptop with a read-only database user, a cron job).
+    if args.command == "migrate":
+        return migrate_command(settings_or_exit(PROG, DatabaseSettings, args))
+    if args.command == "report":
+        return report_command(settings_or_exit(PROG, DatabaseSettings, args), since, task, fmt)
     settings = settings_or_exit(PROG, ProcessorSettings, args)
     if args.command == "check-config":
         return check_config(settings)
-    if args.command == "migrate":
-        return migrate_command(settings)
-    if args.command == "report":
-        return report_command(settings, since, task, fmt)
     from checker_processing.daemon import run
 
     return run(settings)

@@ -19,7 +19,8 @@ _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class ReportArgumentError(ValueError):
-    """A bad --since, --task or --format; the message names the option."""
+    """A bad --since, --task or --format (also a --task name that names no task, or several);
+    the message names the option."""
 
 
 def parse_since(text: str) -> timedelta:
@@ -32,13 +33,45 @@ def parse_since(text: str) -> timedelta:
     return timedelta(**{_UNITS[match[2]]: int(match[1])})
 
 
-def parse_task(text: str | None) -> uuid.UUID | None:
+def parse_task(text: str | None) -> uuid.UUID | str | None:
+    """--task: a task id, else a task name that `resolve_task` looks up (pure)."""
     if text is None:
         return None
+    if not text.strip():
+        raise ReportArgumentError("--task: expected a task id or name, got an empty value")
     try:
         return uuid.UUID(text)
     except ValueError:
-        raise ReportArgumentError(f"--task: not a task id (UUID): {text!r}") from None
+        return text
+
+
+# An ambiguous name lists this many of its ids; enough to pick one, short enough for one line.
+AMBIGUOUS_IDS_SHOWN = 3
+
+
+def resolve_task(conn: Connection, ref: uuid.UUID | str | None) -> uuid.UUID | None:
+    """The id `--task` names: an id as given, or the one task whose name (its latest, as the
+    processor stored it) is exactly `ref`. No task or several by that name: ReportArgumentError.
+    """
+    if ref is None or isinstance(ref, uuid.UUID):
+        return ref
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT task_id::text FROM tasks WHERE name = %s ORDER BY last_checked_at DESC", (ref,)
+        )
+        ids = [row[0] for row in cur.fetchall()]
+    conn.rollback()
+    if not ids:
+        raise ReportArgumentError(f"--task: no task has the id or name {ref!r}")
+    if len(ids) > 1:
+        shown = ", ".join(ids[:AMBIGUOUS_IDS_SHOWN])
+        more = (
+            f" and {len(ids) - AMBIGUOUS_IDS_SHOWN} more" if len(ids) > AMBIGUOUS_IDS_SHOWN else ""
+        )
+        raise ReportArgumentError(
+            f"--task: {len(ids)} tasks are named {ref!r} ({shown}{more}); give the id"
+        )
+    return uuid.UUID(ids[0])
 
 
 def parse_format(text: str) -> str:

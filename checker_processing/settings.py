@@ -1,19 +1,44 @@
-"""Settings of the processor daemon."""
+"""Settings of the processor: the results database (all that `migrate` and `report` read), and
+what the daemon adds to it."""
 
 from __future__ import annotations
 
 from pydantic import Field, field_validator
 
 from checker_common.redact import dsn_password
-from checker_common.settings import CommonSettings
+from checker_common.settings import CommonSettings, KafkaSettings, LoggingSettings
 
 
-class ProcessorSettings(CommonSettings):
-    """Everything `checker-processing run` reads at start."""
+class DatabaseSettings(CommonSettings):
+    """The results database: all that `migrate` and `report` need."""
 
     postgresql_connection: str = Field(
         description="libpq URL or key=value DSN of the results database",
     )
+
+    @field_validator("postgresql_connection")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("is empty")
+        if "://" in value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("URL must start with postgresql://")
+        if "://" not in value and "=" not in value:
+            raise ValueError("not a libpq URL or key=value DSN")
+        return value
+
+    def secrets(self) -> list[str]:
+        found = super().secrets()
+        password = dsn_password(self.postgresql_connection)
+        if password:
+            found.append(password)
+        return found
+
+
+class ProcessorSettings(DatabaseSettings, KafkaSettings, LoggingSettings):
+    """Everything `checker-processing run` reads at start."""
+
     kafka_consumer_group: str = Field(
         "checker-processing", min_length=1, description="consumer group id"
     )
@@ -45,18 +70,6 @@ class ProcessorSettings(CommonSettings):
         1_048_576, ge=1_024, description="larger messages go to rejected_messages"
     )
 
-    @field_validator("postgresql_connection")
-    @classmethod
-    def _dsn(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("is empty")
-        if "://" in value and not value.startswith(("postgresql://", "postgres://")):
-            raise ValueError("URL must start with postgresql://")
-        if "://" not in value and "=" not in value:
-            raise ValueError("not a libpq URL or key=value DSN")
-        return value
-
     @field_validator("kafka_group_instance_id")
     @classmethod
     def _instance_id(cls, value: str | None) -> str | None:
@@ -75,10 +88,3 @@ class ProcessorSettings(CommonSettings):
     @property
     def topics(self) -> list[str]:
         return self.kafka_consumer_topics.split(",")
-
-    def secrets(self) -> list[str]:
-        found = super().secrets()
-        password = dsn_password(self.postgresql_connection)
-        if password:
-            found.append(password)
-        return found

@@ -202,6 +202,18 @@ class CheckerService:
                 raise TargetDenied(reason)
 
 
+# The publisher's counters (`producer.PublisherStats`) -> their names in /status, the same as
+# their metrics (docs/metrics.md). Each says what the checker itself saw: the broker confirmed
+# a result, or the result went into its own outbox; whether the processor stored it is only
+# known in PostgreSQL.
+PUBLISHER_COUNTERS = {
+    "delivered": "deliveries",
+    "failed": "delivery_failures",
+    "stored": "outbox_writes",
+    "dropped": "results_dropped",
+}
+
+
 def _publisher_status(status: ServiceStatus, stats: Any) -> None:
     """Copy what the publisher reports (`producer.PublisherStats`) into the status."""
     status.producer_queue = int(getattr(stats, "queue_length", 0) or 0)
@@ -209,9 +221,9 @@ def _publisher_status(status: ServiceStatus, stats: Any) -> None:
     status.broker_reachable = bool(getattr(stats, "broker_reachable", False))
     last = getattr(stats, "last_delivered_at", None)
     status.last_delivered_at = last.isoformat() if isinstance(last, datetime) else None
-    for name in ("delivered", "failed", "stored", "dropped"):
+    for name, shown_as in PUBLISHER_COUNTERS.items():
         if hasattr(stats, name):
-            status.extra[f"results_{name}"] = getattr(stats, name)
+            status.extra[shown_as] = getattr(stats, name)
 
 
 def _now() -> datetime:

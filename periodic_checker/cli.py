@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 from checker_common import __version__, checks
-from checker_common.cli import Check, CheckFn, env_file_parent, run_checks, settings_or_exit
+from checker_common.cli import (
+    EXIT_EPILOG,
+    Check,
+    CheckFn,
+    env_file_parent,
+    run_checks,
+    settings_or_exit,
+)
 from periodic_checker.probe_cli import add_probe_parser, run_probe
 from periodic_checker.settings import CheckerSettings
 from periodic_checker.tasks_cli import add_tasks_parser, run_tasks
@@ -21,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Runs website checks and publishes results to Kafka.",
         parents=[common],
+        epilog=EXIT_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -29,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         parents=[common],
         help="validate settings and try the broker and the task storage",
+        epilog=EXIT_EPILOG,
     )
     add_probe_parser(sub, parents=[common])
     add_tasks_parser(sub, [common])
@@ -57,7 +66,8 @@ def storage_writable(path: Path) -> Check:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # These two need no daemon settings: a probe runs on its own, tasks talk to the API.
+    # Each command reads only the settings it uses: a probe none (its options say everything),
+    # `tasks` the API's address and token (ApiSettings), `run` and `check-config` all of them.
     if args.command == "probe":
         return run_probe(args)
     if args.command == "tasks":

@@ -25,7 +25,7 @@ import uvloop
 from aiohttp import web
 
 from checker_common import logs
-from checker_common.cli import EXIT_SETTINGS
+from checker_common.cli import EXIT_USAGE
 from checker_common.systemd import Notifier
 from periodic_checker import metrics
 from periodic_checker.app_service import CheckerService
@@ -78,7 +78,7 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         tasks = store.load(datetime.now(UTC))
     except StoreReadOnly as exc:
         log.error("TASK_STORAGE: %s", exc)
-        return EXIT_SETTINGS
+        return EXIT_USAGE
     except StoreError as exc:
         log.error("cannot open the task storage: %s", exc)
         return 1

@@ -3,8 +3,8 @@
 No daemon, no broker, no settings: the options build a `TaskSpec` (validated like the API
 does, so an error names the option) and the target policy (the daemon's defaults unless
 --deny-networks / --allow-networks say otherwise). The output is the message value the
-daemon would publish, as one line of JSON. Exit 0 when the check passed, 1 when it failed,
-2 on bad arguments.
+daemon would publish, as one line of JSON. The exit status follows the rule of both command
+lines (`checker_common.cli`): 0 when the check passed, 1 when it failed, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import uvloop
 from pydantic import ValidationError
 
-from checker_common.cli import fail
+from checker_common.cli import EXIT_CHECK_FAILED, EXIT_EPILOG, EXIT_OK, fail
 from checker_common.contract import CheckResult, encode
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
@@ -29,9 +29,7 @@ from periodic_checker.tasks import TaskSpec
 PROG = "periodic-checker probe"
 DESCRIPTION = (
     "Check one URL now and print the result message as JSON (no daemon, broker or settings)."
-    " Exit 0 when the check passed, 1 when it failed, 2 on bad arguments."
 )
-EXIT_OK, EXIT_FAILED = 0, 1
 # TaskSpec field -> the option that sets it, for error messages.
 OPTIONS = {
     "url": "URL",
@@ -108,6 +106,7 @@ def add_probe_parser(
         parents=list(parents),
         help="check one URL now and print the result message (no daemon, no settings)",
         description=DESCRIPTION,
+        epilog=EXIT_EPILOG,
     )
     add_probe_arguments(parser)
     return parser
@@ -188,11 +187,11 @@ def run_probe(args: argparse.Namespace) -> int:
     result = uvloop.run(probe_once(spec, policy, task))
     _, value = encode(task, result)
     sys.stdout.write(value.decode() + "\n")
-    return EXIT_OK if result.ok else EXIT_FAILED
+    return EXIT_OK if result.ok else EXIT_CHECK_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EXIT_EPILOG)
     add_probe_arguments(parser)
     return run_probe(parser.parse_args(argv))
 

@@ -447,8 +447,9 @@ class CheckScheduler:
         return outcome.retry_after
 
     async def run_now(self, task_id: uuid.UUID) -> CheckResult:
-        """One check at once, outside the cadence: health moves, runs and status do not.
-        Waits for the task's running check first, so a task never overlaps itself."""
+        """One check at once, outside the cadence: health moves and it counts in `manual_runs`;
+        `runs` and the task's end do not move. Waits for the task's running check first, so a
+        task never overlaps itself."""
         while (running := self._running.get(task_id)) is not None:
             await asyncio.wait([running])
         task = self.tasks.get(task_id)

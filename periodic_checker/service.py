@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from pydantic import Field
 
 from checker_common.contract import CheckResult, Health
 from periodic_checker.tasks import Task, TaskSpec, TaskStatus
@@ -65,7 +67,15 @@ class ServiceStatus:
     broker_reachable: bool = False
     last_delivered_at: str | None = None
     version: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Annotated[
+        dict[str, Any],
+        Field(
+            description="more numbers: schedule_lag_p50, schedule_lag_max, checks, retries,"
+            " skipped_overlap and, from the publisher, deliveries (results the broker"
+            " confirmed), delivery_failures, outbox_writes (results written to the checker's"
+            " outbox) and results_dropped; see docs/api.md"
+        ),
+    ] = field(default_factory=dict)
 
 
 class TaskService(Protocol):

@@ -1,4 +1,5 @@
-"""Settings of the checker daemon."""
+"""Settings of the checker: where its HTTP API is (all that `periodic-checker tasks` reads), and
+what the daemon adds to it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from checker_common.settings import CommonSettings
+from checker_common.settings import CommonSettings, KafkaSettings, LoggingSettings
 
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -23,16 +24,36 @@ def parse_networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Net
     return networks
 
 
-class CheckerSettings(CommonSettings):
-    """Everything `periodic-checker run` reads at start."""
+class ApiSettings(CommonSettings):
+    """The HTTP API: where the daemon serves it, and where `periodic-checker tasks` finds it."""
 
-    task_storage: Path = Field(Path("tasks.sqlite3"), description="SQLite file holding the tasks")
-    kafka_topic: str = Field("checker-results", description="topic the checker writes results to")
     api_host: str = Field("127.0.0.1", min_length=1, description="address the HTTP API listens on")
     api_port: int = Field(8080, ge=1, le=65535, description="port of the HTTP API and /metrics")
     api_token: SecretStr | None = Field(
         None, description="bearer token for changes over the API; required off loopback"
     )
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and 0 < len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        if value is not None and not value.get_secret_value():
+            return None
+        return value
+
+    def secrets(self) -> list[str]:
+        found = super().secrets()
+        if self.api_token is not None:
+            found.append(self.api_token.get_secret_value())
+        return found
+
+
+class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
+    """Everything `periodic-checker run` reads at start."""
+
+    task_storage: Path = Field(Path("tasks.sqlite3"), description="SQLite file holding the tasks")
+    kafka_topic: str = Field("checker-results", description="topic the checker writes results to")
     max_tasks: int = Field(100_000, ge=1, description="most tasks the store accepts")
     max_in_flight: int = Field(500, ge=1, le=100_000, description="checks running at once")
     per_host_in_flight: int = Field(
@@ -78,15 +99,6 @@ class CheckerSettings(CommonSettings):
             raise ValueError(f"not a list of networks: {exc}") from None
         return value
 
-    @field_validator("api_token")
-    @classmethod
-    def _token_strength(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and 0 < len(value.get_secret_value()) < 16:
-            raise ValueError("must be at least 16 characters")
-        if value is not None and not value.get_secret_value():
-            return None
-        return value
-
     @model_validator(mode="after")
     def _token_off_loopback(self) -> Self:
         if self.api_token is None and not is_loopback(self.api_host):
@@ -94,12 +106,6 @@ class CheckerSettings(CommonSettings):
                 f"API_TOKEN is required when API_HOST ({self.api_host}) is not a loopback address"
             )
         return self
-
-    def secrets(self) -> list[str]:
-        found = super().secrets()
-        if self.api_token is not None:
-            found.append(self.api_token.get_secret_value())
-        return found
 
 
 def is_loopback(host: str) -> bool:

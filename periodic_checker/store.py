@@ -51,6 +51,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS tasks_order ON tasks (created_at, id)",
         "CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status)",
     ),
+    # Runs started by hand, counted apart from the scheduled runs that `end_after_runs` counts.
+    ("ALTER TABLE tasks ADD COLUMN manual_runs INTEGER NOT NULL DEFAULT 0",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
@@ -254,6 +256,7 @@ class SQLiteTaskStore:
                 t.status_reason,
                 str(t.health),
                 t.runs,
+                t.manual_runs,
                 t.failures_in_a_row,
                 _time(t.updated_at),
                 _time(t.last_run_at),
@@ -264,7 +267,8 @@ class SQLiteTaskStore:
         with _transaction(self._db):
             self._db.executemany(
                 "UPDATE tasks SET status = ?, status_reason = ?, health = ?, runs = ?,"
-                " failures_in_a_row = ?, updated_at = ?, last_run_at = ? WHERE id = ?",
+                " manual_runs = ?, failures_in_a_row = ?, updated_at = ?, last_run_at = ?"
+                " WHERE id = ?",
                 rows,
             )
 
@@ -341,6 +345,7 @@ _COLUMN_NAMES = (
     "created_at",
     "updated_at",
     "last_run_at",
+    "manual_runs",
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 _NCOLUMNS = len(_COLUMN_NAMES)
@@ -362,6 +367,7 @@ def _task_to_row(task: Task) -> tuple[Any, ...]:
         _time(task.created_at),
         _time(task.updated_at),
         _time(task.last_run_at),
+        task.manual_runs,
     )
 
 
@@ -387,6 +393,7 @@ def _row_to_task(row: Sequence[Any]) -> tuple[Task, str | None]:
         created_at=_parse_time(row[9]),
         updated_at=_parse_time(row[10]),
         last_run_at=_parse_time(row[11]) if row[11] else None,
+        manual_runs=row[12],
     )
     return task, problem
 

@@ -228,11 +228,20 @@ class Task(BaseModel):
     status: TaskStatus = TaskStatus.ACTIVE
     status_reason: str | None = None
     health: Health = Health.UNKNOWN
-    runs: int = 0
-    failures_in_a_row: int = 0
+    runs: int = Field(
+        0, description="scheduled runs that ended (retries spent); `end_after_runs` counts these"
+    )
+    manual_runs: int = Field(
+        0, description="runs started by hand (POST /tasks/{id}/run); they never end the task"
+    )
+    failures_in_a_row: int = Field(
+        0, description="runs of either kind in a row, up to the latest, whose result failed"
+    )
     created_at: datetime
     updated_at: datetime
-    last_run_at: datetime | None = None
+    last_run_at: datetime | None = Field(
+        None, description="when the latest run of either kind ended; null before the first"
+    )
 
 
 # --- Secrets: masked when shown, kept when the mask comes back (pure) -----------------------
@@ -406,8 +415,12 @@ def after_attempt(
     - a failure with retries left: retry after `retry_interval`, health and runs unchanged;
     - otherwise the attempt is final: health becomes up or down, the run is counted, and the
       task becomes `done` when its end is reached (one-shot, end_after_runs, end_at).
-    `counts_as_run=False` (a run started by hand) moves health but leaves runs and status.
+    Every final attempt counts once, in `runs` when scheduled, in `manual_runs` when started by
+    hand (`counts_as_run=False`: one attempt, and it never ends the task), so the counters
+    always account for `last_run_at` and `failures_in_a_row`.
     """
+    counter = "runs" if counts_as_run else "manual_runs"
+    counted = getattr(task, counter) + 1
     if error_kind is ErrorKind.DENIED_TARGET:
         reason = f"target refused by policy: {error_message}"[:500]
         return CheckOutcome(
@@ -417,6 +430,7 @@ def after_attempt(
                     "status_reason": reason,
                     "updated_at": now,
                     "last_run_at": now,
+                    counter: counted,
                 }
             ),
             retry_after=None,
@@ -428,11 +442,10 @@ def after_attempt(
         "health": Health.UP if ok else Health.DOWN,
         "failures_in_a_row": 0 if ok else task.failures_in_a_row + 1,
         "last_run_at": now,
+        counter: counted,
     }
     if counts_as_run:
-        runs = task.runs + 1
-        update["runs"] = runs
-        ended = end_reason(task.spec, runs, now)
+        ended = end_reason(task.spec, counted, now)
         if ended is not None and task.status is TaskStatus.ACTIVE:
             update.update(status=TaskStatus.DONE, status_reason=ended, updated_at=now)
     return CheckOutcome(task.model_copy(update=update), retry_after=None, changed=True)

@@ -1,8 +1,11 @@
 """`periodic-checker tasks add|list|show|edit|pause|resume|run|remove`: a client of the HTTP API.
 
-It needs only the API's address and token, never the Kafka settings: `--api URL` and `--token`,
-else API_HOST / API_PORT / API_TOKEN from the environment, else from the env file. Tables for
-people, `--json` for scripts; an error is one line on stderr and a non-zero exit.
+It needs only the API's address and token (`ApiSettings`), never the Kafka settings: `--api URL`
+and `--token`, else API_HOST / API_PORT / API_TOKEN from the environment, else from the env
+file. Tables for people, `--json` for scripts; an error is one line on stderr. Exit statuses
+are the ones of both command lines (`checker_common.cli`): `run` exits 1 when the check failed,
+2 for a request the API refuses (4xx, an unknown task) or bad arguments and settings, 3 when the
+API cannot be reached or fails.
 
 The task flags are generated from `TaskSpec`'s fields, so a new field gets its flag for free.
 """
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import types
@@ -22,26 +24,40 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from dotenv import dotenv_values
-
-from checker_common.settings import DEFAULT_ENV_FILE
+from checker_common.cli import (
+    EXIT_CHECK_FAILED,
+    EXIT_EPILOG,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
+from checker_common.settings import SettingsError, load_settings
+from periodic_checker.settings import ApiSettings
 from periodic_checker.tasks import TaskSpec
 
 PROG = "periodic-checker tasks"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = "8080"
 DEFAULT_TIMEOUT = 30.0
-EXIT_API = 1
 POSITIONAL = ("name", "url")
 # Listening on every address still means the API is reachable on loopback.
-WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1", "": DEFAULT_HOST}  # noqa: S104
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}  # noqa: S104
 
 
 class CliError(Exception):
-    """One line for stderr."""
+    """One line for stderr, and the exit status it stands for."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a command prints, and its exit status."""
+
+    text: str
+    code: int = EXIT_OK
 
 
 # --- the parser ---
@@ -57,11 +73,12 @@ def add_tasks_parser(
         parents=list(parents),
         help="manage tasks through the running checker's HTTP API",
         description="Manage tasks through the running checker's HTTP API.",
+        epilog=EXIT_EPILOG,
     )
     conn = _connection_parent(parents)
     sub = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
 
-    add = sub.add_parser("add", parents=[conn], help="create a task")
+    add = sub.add_parser("add", parents=[conn], help="create a task", epilog=EXIT_EPILOG)
     add.add_argument("name", help="unique name of the task")
     add.add_argument("url", help="http:// or https:// URL to check")
     add.add_argument(
@@ -71,7 +88,7 @@ def add_tasks_parser(
     )
     _spec_flags(add, skip=POSITIONAL)
 
-    lst = sub.add_parser("list", parents=[conn], help="list tasks")
+    lst = sub.add_parser("list", parents=[conn], help="list tasks", epilog=EXIT_EPILOG)
     lst.add_argument("--status", choices=["active", "paused", "done", "error"])
     lst.add_argument("--health", choices=["unknown", "up", "down"])
     lst.add_argument("-q", "--query", dest="q", help="text in the name or URL")
@@ -79,20 +96,22 @@ def add_tasks_parser(
     lst.add_argument("--cursor", help="next_cursor of a previous page")
     lst.add_argument("--all", action="store_true", help="follow next_cursor to the end")
 
-    show = sub.add_parser("show", parents=[conn], help="show one task")
+    show = sub.add_parser("show", parents=[conn], help="show one task", epilog=EXIT_EPILOG)
     show.add_argument("task", help="task id or exact name")
 
-    edit = sub.add_parser("edit", parents=[conn], help="change some fields of a task")
+    edit = sub.add_parser(
+        "edit", parents=[conn], help="change some fields of a task", epilog=EXIT_EPILOG
+    )
     edit.add_argument("task", help="task id or exact name")
     _spec_flags(edit, skip=())
 
     for action, text in (
         ("pause", "stop running a task until resumed"),
         ("resume", "run a paused task again"),
-        ("run", "run a check now and print its result"),
+        ("run", "run a check now and print its result; exit 1 when it failed"),
         ("remove", "delete a task (stored results stay)"),
     ):
-        cmd = sub.add_parser(action, parents=[conn], help=text)
+        cmd = sub.add_parser(action, parents=[conn], help=text, epilog=EXIT_EPILOG)
         cmd.add_argument("task", help="task id or exact name")
     return tasks
 
@@ -239,39 +258,20 @@ class Endpoint:
     timeout: float
 
 
-def endpoint(args: argparse.Namespace, environ: Mapping[str, str]) -> Endpoint:
-    """Flags first, then the environment, then the env file; like the daemon reads them."""
-    values = _env_file_values(getattr(args, "env_file", None))
-    values.update({k.upper(): v for k, v in environ.items() if k.upper().startswith("API_")})
+def endpoint(args: argparse.Namespace, settings: ApiSettings) -> Endpoint:
+    """The flags first, then the settings (the environment, then the env file)."""
     base = args.api
     if not base:
-        host = values.get("API_HOST") or DEFAULT_HOST
-        host = WILDCARDS.get(host, host)
+        host = WILDCARDS.get(settings.api_host, settings.api_host)
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        base = f"http://{host}:{values.get('API_PORT') or DEFAULT_PORT}"
+        base = f"http://{host}:{settings.api_port}"
     parts = urllib.parse.urlsplit(base)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise CliError(f"--api {base!r}: expected a URL like http://127.0.0.1:8080")
-    token = args.token or values.get("API_TOKEN") or None
+    token = args.token or (settings.api_token.get_secret_value() if settings.api_token else None)
     timeout = args.api_timeout or DEFAULT_TIMEOUT
     return Endpoint(base.rstrip("/"), token, timeout)
-
-
-def _env_file_values(env_file: str | None) -> dict[str, str]:
-    if env_file is None:
-        path = Path(DEFAULT_ENV_FILE)
-        if not path.is_file():
-            return {}
-    else:
-        path = Path(env_file)
-        if not path.is_file():
-            raise CliError(f"--env-file: file not found: {path}")
-    return {
-        k.upper(): v
-        for k, v in dotenv_values(path).items()
-        if v is not None and k.upper().startswith("API_")
-    }
 
 
 # --- talking to it ---
@@ -305,12 +305,16 @@ class Api:
             with urllib.request.urlopen(request, timeout=timeout or self.where.timeout) as answer:  # noqa: S310
                 raw = answer.read()
         except urllib.error.HTTPError as exc:
-            raise CliError(describe_error(exc.code, exc.read())) from None
+            # 4xx: the request is wrong (unknown task, invalid field); 5xx: the API failed.
+            code = EXIT_USAGE if exc.code < 500 else EXIT_UNAVAILABLE
+            raise CliError(describe_error(exc.code, exc.read()), code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, socket.timeout | TimeoutError):
                 reason = "timed out"
-            raise CliError(f"cannot reach the API at {self.where.base}: {reason}") from None
+            raise CliError(
+                f"cannot reach the API at {self.where.base}: {reason}", EXIT_UNAVAILABLE
+            ) from None
         return json.loads(raw) if raw else None
 
     def task_path(self, ref: str) -> str:
@@ -347,29 +351,32 @@ def describe_error(status: int, raw: bytes) -> str:
 # --- the commands ---
 
 
-def run_tasks(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
-    """Run one `tasks` command; 0 on success, 1 with one line on stderr when it fails."""
-    environ = os.environ if environ is None else environ
+def run_tasks(args: argparse.Namespace) -> int:
+    """Run one `tasks` command; its exit status, with one line on stderr when it fails."""
     try:
-        api = Api(endpoint(args, environ))
+        settings = load_settings(ApiSettings, getattr(args, "env_file", None))
+        api = Api(endpoint(args, settings))
         output = COMMANDS[args.tasks_command](api, args)
+    except SettingsError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_API
-    print(output)
-    return 0
+        return exc.code
+    print(output.text)
+    return output.code
 
 
-def _add(api: Api, args: argparse.Namespace) -> str:
+def _add(api: Api, args: argparse.Namespace) -> Output:
     fields = spec_fields(args)
     if args.id:
         task = api.call("PUT", f"/tasks/{args.id}", fields)
     else:
         task = api.call("POST", "/tasks", fields)
-    return _dump(task) if args.json else render_task(task)
+    return Output(_dump(task) if args.json else render_task(task))
 
 
-def _list(api: Api, args: argparse.Namespace) -> str:
+def _list(api: Api, args: argparse.Namespace) -> Output:
     query = {
         "status": args.status,
         "health": args.health,
@@ -384,52 +391,54 @@ def _list(api: Api, args: argparse.Namespace) -> str:
         tasks += page["tasks"]
     next_cursor = page.get("next_cursor")
     if args.json:
-        return _dump({"tasks": tasks, "next_cursor": next_cursor})
+        return Output(_dump({"tasks": tasks, "next_cursor": next_cursor}))
     table = render_table(tasks)
     if next_cursor:
         table += f"\n(more: --cursor {next_cursor} or --all)"
-    return table
+    return Output(table)
 
 
-def _show(api: Api, args: argparse.Namespace) -> str:
+def _show(api: Api, args: argparse.Namespace) -> Output:
     task = api.call("GET", api.task_path(args.task))
-    return _dump(task) if args.json else render_task(task)
+    return Output(_dump(task) if args.json else render_task(task))
 
 
-def _edit(api: Api, args: argparse.Namespace) -> str:
+def _edit(api: Api, args: argparse.Namespace) -> Output:
     fields = spec_fields(args)
     if not fields:
         raise CliError("nothing to change: give at least one field flag (see --help)")
     task = api.call("PATCH", api.task_path(args.task), fields)
-    return _dump(task) if args.json else render_task(task)
+    return Output(_dump(task) if args.json else render_task(task))
 
 
-def _action(verb: str) -> Callable[[Api, argparse.Namespace], str]:
-    def act(api: Api, args: argparse.Namespace) -> str:
+def _action(verb: str) -> Callable[[Api, argparse.Namespace], Output]:
+    def act(api: Api, args: argparse.Namespace) -> Output:
         task = api.call("POST", f"{api.task_path(args.task)}/{verb}")
-        return _dump(task) if args.json else render_task(task)
+        return Output(_dump(task) if args.json else render_task(task))
 
     return act
 
 
-def _run(api: Api, args: argparse.Namespace) -> str:
+def _run(api: Api, args: argparse.Namespace) -> Output:
     path = api.task_path(args.task)
     task = api.call("GET", path)
     # The check may take its whole time-out, for every retry; wait for that plus a margin.
     spec = task["spec"]
     needed = spec["timeout"] * (spec["retries"] + 1) + spec["retry_interval"] * spec["retries"]
     answer = api.call("POST", f"{path}/run", timeout=max(api.where.timeout, needed + 10))
-    return _dump(answer) if args.json else render_result(answer)
+    # Like `probe`: a failed check is still printed, and its exit status says it failed.
+    code = EXIT_OK if answer["result"]["ok"] else EXIT_CHECK_FAILED
+    return Output(_dump(answer) if args.json else render_result(answer), code)
 
 
-def _remove(api: Api, args: argparse.Namespace) -> str:
+def _remove(api: Api, args: argparse.Namespace) -> Output:
     path = api.task_path(args.task)
     api.call("DELETE", path)
     task_id = path.rsplit("/", 1)[1]
-    return _dump({"id": task_id, "removed": True}) if args.json else f"removed {task_id}"
+    return Output(_dump({"id": task_id, "removed": True}) if args.json else f"removed {task_id}")
 
 
-COMMANDS: dict[str, Callable[[Api, argparse.Namespace], str]] = {
+COMMANDS: dict[str, Callable[[Api, argparse.Namespace], Output]] = {
     "add": _add,
     "list": _list,
     "show": _show,
@@ -486,7 +495,8 @@ def render_task(task: Mapping[str, Any]) -> str:
         f"status:    {task['status']}"
         + (f" ({task['status_reason']})" if task.get("status_reason") else ""),
         f"health:    {task['health']}",
-        f"runs:      {task['runs']} (failures in a row: {task['failures_in_a_row']})",
+        f"runs:      {task['runs']} on schedule, {task['manual_runs']} by hand"
+        f" (failures in a row: {task['failures_in_a_row']})",
         f"last run:  {task.get('last_run_at') or '-'}",
     ]
     if spec.get("pattern"):
@@ -520,9 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_tasks(args, environ)
+    return run_tasks(args)
 
 
 if __name__ == "__main__":

@@ -194,3 +194,42 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
         for name in field_env_names(cls):
             expected[name] = default_text(cls, name)
     assert example == expected
+
+
+# `migrate` and `report` read only POSTGRESQL_CONNECTION: no Kafka or logging variable is
+# needed, and a bad one is not even looked at. (command, POSTGRESQL_CONNECTION or None: unset)
+DATABASE_COMMANDS = ["migrate", "report"]
+BAD_DATABASE_SETTINGS = [
+    (None, "is required but not set"),
+    ("", "is empty"),
+    ("mysql://x@y/z", "URL must start with postgresql://"),
+    ("just words", "not a libpq URL or key=value DSN"),
+]
+
+
+@pytest.mark.parametrize(("value", "words"), BAD_DATABASE_SETTINGS)
+@pytest.mark.parametrize("command", DATABASE_COMMANDS)
+def test_database_commands_refuse_a_bad_postgresql_connection_with_one_line(
+    command: str, value: str | None, words: str, tmp_path: Path
+) -> None:
+    env = {} if value is None else {"POSTGRESQL_CONNECTION": value}
+    result = run_cli(PROCESSOR, command, env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"checker-processing: error: POSTGRESQL_CONNECTION: {words}\n"
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "others", [{}, {"KAFKA_CA_PATH": "/nonexistent/ca.pem", "LOG_LEVEL": "LOUD"}]
+)
+@pytest.mark.parametrize("command", DATABASE_COMMANDS)
+def test_database_commands_need_no_kafka_settings(
+    command: str, others: dict[str, str], tmp_path: Path
+) -> None:
+    dsn = "postgresql://reporter:hunter2-db-secret@127.0.0.1:1/none"
+    result = run_cli(PROCESSOR, command, env={"POSTGRESQL_CONNECTION": dsn, **others}, cwd=tmp_path)
+    # Past the settings, at the database, which does not answer there: exit 3, not 2.
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith(f"checker-processing: error: {command}: ")
+    assert len(result.stderr.splitlines()) == 1
+    assert "hunter2-db-secret" not in result.stderr

@@ -31,6 +31,9 @@ AIOHTTP_ERRORS = {
     415: "unsupported_media_type",
 }
 
+# A message names this many problems in full; `detail` always has every one.
+SUMMARY_FIELDS = 3
+
 
 class ApiError(Exception):
     """A refusal with its HTTP status, a short error word, a sentence and field details."""
@@ -70,8 +73,16 @@ def field_errors(exc: ValidationError, prefix: Sequence[str | int] = ()) -> list
 
 def validation_error(exc: ValidationError, prefix: Sequence[str | int] = ()) -> ApiError:
     detail = field_errors(exc, prefix)
-    summary = "; ".join(f"{d.field}: {d.message}" for d in detail[:3])
-    return ApiError(422, "validation", f"invalid input: {summary}", detail)
+    return ApiError(422, "validation", f"invalid input: {summarise(detail)}", detail)
+
+
+def summarise(detail: Sequence[FieldError], shown: int = SUMMARY_FIELDS) -> str:
+    """The problems as one line: the first `shown` in full, then how many more `detail` has,
+    so the message never reads as if it were all of them."""
+    parts = [f"{d.field}: {d.message}" for d in detail[:shown]]
+    if len(detail) > shown:
+        parts.append(f"and {len(detail) - shown} more (see detail)")
+    return "; ".join(parts)
 
 
 def invalid(field: str, message: str) -> ApiError:

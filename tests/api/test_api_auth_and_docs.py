@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 
 import pytest
 from api.support import TOKEN, Client
@@ -12,6 +13,7 @@ from prometheus_client import REGISTRY, Counter
 from periodic_checker.api.openapi import build_openapi
 from periodic_checker.api.routes import ROUTES
 from periodic_checker.app_service import CheckerService
+from periodic_checker.producer import PublisherStats
 
 TASK = {"name": "site", "url": "http://127.0.0.1:9/"}
 
@@ -90,6 +92,33 @@ async def test_status_reports_the_services_numbers(client: Client) -> None:
         "version",
     ]:
         assert key in body
+
+
+@dataclass
+class PublisherFigures:
+    """What the Kafka publisher reports, as a source of `stats()` for the service."""
+
+    figures: PublisherStats
+
+    def stats(self) -> PublisherStats:
+        return self.figures
+
+
+async def test_status_names_the_publisher_counters_for_what_the_checker_saw(
+    client: Client, service: CheckerService
+) -> None:
+    service.publisher = PublisherFigures(
+        PublisherStats(
+            queue_length=2, outbox_size=3, broker_reachable=True, last_delivered_at=None,
+            delivered=11, failed=5, in_flight=2, max_in_flight=100, stored=7, dropped=1,
+        )
+    )  # fmt: skip
+    body = await (await client.get("/status")).json()
+    assert (body["producer_queue"], body["outbox_size"], body["broker_reachable"]) == (2, 3, True)
+    expected = {"deliveries": 11, "delivery_failures": 5, "outbox_writes": 7, "results_dropped": 1}
+    assert {key: body["extra"].get(key) for key in expected} == expected
+    # A result written to the checker's outbox is not a result the processor stored.
+    assert "results_stored" not in body["extra"]
 
 
 async def test_metrics_are_the_default_registry_in_prometheus_text(client: Client) -> None:

@@ -74,15 +74,24 @@ async def live_with_token(tmp_path: Path, dev_certs: Path) -> AsyncIterator[Live
 
 
 class Cli:
-    """Runs `tasks` commands in a worker thread (the API keeps serving on the loop)."""
+    """Runs `tasks` commands in a worker thread (the API keeps serving on the loop), with the
+    API's address in the environment and no token."""
 
-    def __init__(self, api: LiveApi, capsys: pytest.CaptureFixture[str]) -> None:
-        self.environ = {"API_HOST": api.host, "API_PORT": str(api.port)}
+    def __init__(
+        self, api: LiveApi, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for name in [n for n in os.environ if n.upper().startswith("API_")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("API_HOST", api.host)
+        monkeypatch.setenv("API_PORT", str(api.port))
         self.capsys = capsys
 
     async def __call__(self, *argv: str) -> Outcome:
         self.capsys.readouterr()
-        code = await asyncio.to_thread(main, ["tasks", *argv], self.environ)
+        try:
+            code = await asyncio.to_thread(main, ["tasks", *argv])
+        except SystemExit as exited:  # argparse refusing the arguments
+            code = int(exited.code or 0)
         captured = self.capsys.readouterr()
         return Outcome(code, captured.out, captured.err)
 
@@ -94,8 +103,8 @@ class Cli:
 
 
 @pytest.fixture
-def cli(live: LiveApi, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(live, capsys)
+def cli(live: LiveApi, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    return Cli(live, capsys, monkeypatch)
 
 
 async def test_add_list_show_edit_pause_resume_remove(cli: Cli) -> None:
@@ -209,13 +218,17 @@ async def test_list_all_follows_the_cursor(cli: Cli) -> None:
         (["add", "x", "http://169.254.169.254/"], "HTTP 422: url: address 169.254.169.254"),
         (["show", str(uuid.UUID(int=1))], "HTTP 404: no task 00000000-0000-0000-0000-000000000001"),
         (["show", "nobody"], "no task with id or name 'nobody'"),
+        (["run", "nobody"], "no task with id or name 'nobody'"),
         (["edit", "nobody"], "nothing to change"),
         (["add", "x", "http://e/", "--header", "no colon"], "expected 'Name: value'"),
+        (["list", "--api", "localhost:8080"], "--api 'localhost:8080': expected a URL"),
     ],
 )
-async def test_errors_exit_non_zero_with_one_line(cli: Cli, argv: list[str], message: str) -> None:
+async def test_a_refused_request_exits_2_with_one_line(
+    cli: Cli, argv: list[str], message: str
+) -> None:
     outcome = await cli(*argv)
-    assert outcome.code == 1
+    assert outcome.code == 2
     assert outcome.out == ""
     lines = outcome.err.splitlines()
     assert len(lines) == 1
@@ -223,20 +236,93 @@ async def test_errors_exit_non_zero_with_one_line(cli: Cli, argv: list[str], mes
     assert message in lines[0]
 
 
+async def test_run_exits_0_when_the_check_passed_and_1_when_it_failed(
+    cli: Cli, target: TestServer
+) -> None:
+    await cli.ok("add", "passing", str(target.make_url("/")))
+    await cli.ok("add", "failing", str(target.make_url("/status/503")))
+
+    passed = await cli("run", "passing")
+    assert (passed.code, passed.err) == (0, "")
+    assert passed.out.startswith("ok status=200 ")
+
+    failed = await cli("run", "failing")
+    assert (failed.code, failed.err) == (1, "")
+    assert failed.out.startswith("FAILED status=503 ")
+    failed_json = await cli("run", "failing", "--json")
+    assert failed_json.code == 1
+    assert failed_json.json()["result"]["ok"] is False
+
+
+async def test_show_after_a_run_by_hand_and_a_pause_counts_what_ran(
+    cli: Cli, target: TestServer
+) -> None:
+    await cli.ok("add", "shop", str(target.make_url("/status/503")), "--interval", "3600")
+    assert (await cli("run", "shop")).code == 1
+    await cli.ok("pause", "shop")
+
+    shown = (await cli.ok("show", "shop")).out
+    assert "runs:      0 on schedule, 1 by hand (failures in a row: 1)" in shown
+    assert "last run:  -" not in shown
+    task = (await cli.ok("show", "shop", "--json")).json()
+    assert (task["runs"], task["manual_runs"], task["failures_in_a_row"]) == (0, 1, 1)
+    assert task["status"] == "paused"
+
+
+async def test_bad_arguments_exit_2(cli: Cli) -> None:
+    missing = await cli("run")
+    assert missing.code == 2
+    assert "the following arguments are required: task" in missing.err
+    unknown = await cli("run", "x", "--colour", "red")
+    assert unknown.code == 2
+
+
 async def test_a_name_in_use_is_reported(cli: Cli) -> None:
     await cli.ok("add", "dup", "http://127.0.0.1:9/")
     outcome = await cli("add", "dup", "http://127.0.0.1:9/")
-    assert outcome.code == 1
+    assert outcome.code == 2
     assert "HTTP 409: a task named 'dup' already exists" in outcome.err
 
 
-async def test_an_unreachable_api_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("argv", [["list"], ["run", "shop"], ["run", str(uuid.UUID(int=1))]])
+async def test_an_unreachable_api_is_one_line_and_exit_3(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
     dead = LiveApi("127.0.0.1", free_port())
-    outcome = await Cli(dead, capsys)("list")
-    assert outcome.code == 1
+    outcome = await Cli(dead, capsys, monkeypatch)(*argv)
+    assert outcome.code == 3
     assert outcome.err.startswith(
         f"periodic-checker tasks: error: cannot reach the API at {dead.url}"
     )
+    assert len(outcome.err.splitlines()) == 1
+
+
+async def test_an_api_that_fails_is_exit_3(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(request: web.Request) -> web.Response:
+        body = {"error": "internal", "message": "internal error", "detail": []}
+        return web.json_response(body, status=500)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", broken)
+    runner, where = await serve(app)
+    try:
+        outcome = await Cli(where, capsys, monkeypatch)("list")
+    finally:
+        await runner.cleanup()
+    assert outcome.code == 3
+    assert outcome.err == "periodic-checker tasks: error: HTTP 500: internal error\n"
+
+
+async def test_a_bad_api_setting_is_named_with_exit_2(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("API_PORT", "http")
+    outcome = await cli("list")
+    assert outcome.code == 2
+    assert outcome.err.startswith("periodic-checker tasks: error: API_PORT: ")
+    assert len(outcome.err.splitlines()) == 1
 
 
 async def run_subprocess(*argv: str, env: dict[str, str]) -> Outcome:
@@ -257,7 +343,7 @@ async def test_the_command_needs_no_kafka_settings_and_reads_the_token_from_env(
 ) -> None:
     where = {"API_HOST": live_with_token.host, "API_PORT": str(live_with_token.port)}
     refused = await run_subprocess("tasks", "add", "a", "http://127.0.0.1:9/", env=where)
-    assert refused.code == 1
+    assert refused.code == 2
     assert "HTTP 401: this route needs Authorization: Bearer" in refused.err
 
     allowed = await run_subprocess(

@@ -194,3 +194,20 @@ async def test_an_unexpected_error_is_a_logged_500_json(
     assert any(
         "unexpected error on GET /tasks/" in r.getMessage() and r.exc_info for r in caplog.records
     )
+
+
+async def test_the_message_accounts_for_every_problem_in_detail(client: Client) -> None:
+    three = {"name": "", "url": "ftp://example.com/", "retries": -1}
+    four = {**three, "colour": "red"}
+
+    answer = await (await client.post("/tasks", json=three)).json()
+    assert len(answer["detail"]) == 3
+    for problem in answer["detail"]:
+        assert f"{problem['field']}: {problem['message']}" in answer["message"]
+    assert "more" not in answer["message"]
+
+    answer = await (await client.post("/tasks", json=four)).json()
+    assert len(answer["detail"]) == 4
+    named = [d for d in answer["detail"] if f"{d['field']}: {d['message']}" in answer["message"]]
+    assert len(named) == 3
+    assert answer["message"].endswith("; and 1 more (see detail)")

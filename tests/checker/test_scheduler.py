@@ -261,7 +261,9 @@ async def test_run_now_checks_publishes_and_returns_the_result(
     assert result.status == 200
     assert result.health is Health.UP
     assert c.publisher.of(task.id) == [result]
-    assert (await c.service.get(task.id)).runs == 0, "a run by hand is not one of its runs"
+    after = await c.service.get(task.id)
+    assert after.runs == 0, "a run by hand is not one of its scheduled runs"
+    assert after.manual_runs == 1
     status = c.service.status()
     assert status.tasks_by_status == {"active": 1}
     assert status.tasks_by_health == {"up": 1}

@@ -14,6 +14,7 @@ import pytest
 from checker_common.contract import Health
 from periodic_checker.service import NameTaken, TaskFilter, TooManyTasks
 from periodic_checker.store import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     SQLiteTaskStore,
     StoreError,
@@ -66,6 +67,7 @@ def test_tasks_and_their_state_survive_reopening(path: Path) -> None:
             "status": TaskStatus.PAUSED,
             "health": Health.DOWN,
             "runs": 42,
+            "manual_runs": 5,
             "failures_in_a_row": 3,
             "updated_at": later,
             "last_run_at": later,
@@ -77,6 +79,28 @@ def test_tasks_and_their_state_survive_reopening(path: Path) -> None:
     assert reopened.load(NOW) == [changed]
     assert reopened.get(task.id) == changed
     reopened.close()
+
+
+def test_a_file_of_the_first_schema_gains_the_manual_run_counter(path: Path) -> None:
+    task = make_task()
+    with sqlite3.connect(path) as db:
+        for statement in MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute(
+            "INSERT INTO tasks (id, name, url, spec, status, health, runs, failures_in_a_row,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, 'active', 'down', 7, 2, ?, ?)",
+            (str(task.id), "site", "http://site.test/", task.spec.model_dump_json(),
+             NOW.isoformat(), NOW.isoformat()),
+        )  # fmt: skip
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    store = SQLiteTaskStore(path)
+    assert store.schema_version == SCHEMA_VERSION == 2
+    (loaded,) = store.load(NOW)
+    assert (loaded.runs, loaded.manual_runs, loaded.failures_in_a_row) == (7, 0, 2)
+    store.save_states([loaded.model_copy(update={"manual_runs": 1})])
+    assert store.get(task.id) == loaded.model_copy(update={"manual_runs": 1})
+    store.close()
 
 
 def test_names_are_unique(path: Path) -> None:

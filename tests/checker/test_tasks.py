@@ -200,13 +200,28 @@ def test_denied_target_becomes_error_with_the_reason_and_no_retry() -> None:
     assert outcome.task.status is TaskStatus.ERROR
     assert outcome.task.status_reason == "target refused by policy: refused"
     assert outcome.task.health is Health.UNKNOWN
+    assert (outcome.task.runs, outcome.task.last_run_at) == (1, NOW), "it ran, and was refused"
 
 
-def test_run_by_hand_moves_health_but_not_runs_or_status() -> None:
+def test_run_by_hand_moves_health_and_counts_apart_from_the_scheduled_runs() -> None:
     outcome = attempt(make_task(interval=None, timeout=5), ok=True, counts_as_run=False)
     assert outcome.task.health is Health.UP
-    assert outcome.task.runs == 0
-    assert outcome.task.status is TaskStatus.ACTIVE
+    assert (outcome.task.runs, outcome.task.manual_runs) == (0, 1)
+    assert outcome.task.status is TaskStatus.ACTIVE, "a one-shot task run by hand still runs"
+
+
+@pytest.mark.parametrize("by_hand", [False, True])
+@pytest.mark.parametrize("kind", [ErrorKind.CONNECT, ErrorKind.DENIED_TARGET, None])
+def test_every_final_run_is_counted_once_so_the_counters_agree_with_the_last_run(
+    by_hand: bool, kind: ErrorKind | None
+) -> None:
+    task = make_task()
+    for n in range(1, 4):
+        task = attempt(task, ok=kind is None, kind=kind, counts_as_run=not by_hand).task
+        assert task.runs + task.manual_runs == n
+        assert task.failures_in_a_row <= task.runs + task.manual_runs
+        assert task.last_run_at == NOW
+    assert (task.manual_runs if by_hand else task.runs) == 3
 
 
 def test_pause_and_resume() -> None:
