@@ -1,9 +1,11 @@
 """Bring the whole pipeline up on this machine, or stop everything it started.
 
-    scripts/stack.sh up      certificates, broker behind mutual TLS, topics, database,
-                             .env.prod, both daemons, an example page and a check of it
-    scripts/stack.sh down    stop every process it started, by PID
-    scripts/stack.sh status  which of them run
+    scripts/stack.sh up            certificates, broker behind mutual TLS, topics, database,
+                                   .env.prod, both daemons, an example page and a check of it
+    scripts/stack.sh down          stop every process it started, by PID; keep the data
+    scripts/stack.sh down --purge  stop them, then remove what `up` made but the certificates:
+                                   .env.prod, .run/ and the database
+    scripts/stack.sh status        which of them run
 
 Run state (PID files, logs, the task SQLite file) lives in `.run/`, which git ignores.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,10 +36,9 @@ from checker_common.devstack import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-# STACK_RUN_DIR moves all run state (and the .env.prod it writes) elsewhere, for tests.
-RUN = Path(os.environ.get("STACK_RUN_DIR", ROOT / ".run"))
+RUN = ROOT / ".run"
 CERTS = ROOT / "certs" / "dev"
-ENV_FILE = RUN / ".env.prod" if "STACK_RUN_DIR" in os.environ else ROOT / ".env.prod"
+ENV_FILE = ROOT / ".env.prod"
 BIN = Path(sys.executable).parent
 TOPIC = "checker-results"
 DATABASE = os.environ.get("STACK_DATABASE", "periodic_checker")
@@ -108,6 +110,11 @@ def start_daemon(name: str, *args: str) -> None:
         say(f"{name} already runs")
         return
     start_process([str(BIN / name), *args], RUN / f"{name}.log", RUN / f"{name}.pid")
+
+
+def activate_line() -> str:
+    """The shell line that puts `periodic-checker` and `checker-processing` on the PATH."""
+    return f". {BIN / 'activate'}"
 
 
 def api(method: str, path: str, body: dict[str, object] | None = None) -> object:
@@ -215,23 +222,51 @@ def up() -> None:
     print(
         f"""
   API (and /docs, /metrics):  http://127.0.0.1:{API_PORT}/
-  add a check:                .venv/bin/periodic-checker tasks add site \\
-                                  https://example.org/ --interval 60
   results:                    psql {dsn} -c 'SELECT * FROM latest_results'
   processor metrics:          http://127.0.0.1:{METRICS_PORT}/metrics
   logs:                       {RUN}/*.log
   settings:                   {ENV_FILE}
-  stop everything:            scripts/stack.sh down
+  stop everything:            scripts/stack.sh down          (keeps the tasks, results, settings)
+  remove what up made:        scripts/stack.sh down --purge
+
+  periodic-checker and checker-processing are in .venv, not on your PATH. In your shell, run
+
+    {activate_line()}
+
+  then, in {ROOT} (the commands read the .env.prod there):
+
+    periodic-checker tasks list
+    periodic-checker tasks add site https://example.org/ --interval 60
 """
     )
 
 
-def down() -> None:
+def down(purge: bool) -> None:
     for name in ORDER:
         pid_file = RUN / f"{name}.pid"
         if pid_file.exists():
             stop_pid_file(pid_file)
             say(f"stopped {name}")
+    made = f".env.prod, .run/ (tasks, logs) and the database {DATABASE}"
+    if not purge:
+        say(f"kept {made}; `scripts/stack.sh down --purge` removes them")
+        return
+    say(f"removing {made}; certs/dev/ stays (the next `up` uses it again)")
+    ENV_FILE.unlink(missing_ok=True)
+    if RUN.exists():
+        shutil.rmtree(RUN)
+    drop_database()
+    say(f"removed {made}")
+
+
+def drop_database() -> None:
+    admin = psycopg2.connect(ADMIN_DSN, connect_timeout=5)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE))
+        )
+    admin.close()
 
 
 def status() -> int:
@@ -241,16 +276,16 @@ def status() -> int:
 
 
 def main(argv: list[str]) -> int:
-    command = argv[0] if argv else "up"
+    command = argv or ["up"]
     try:
-        if command == "up":
+        if command == ["up"]:
             up()
-        elif command == "down":
-            down()
-        elif command == "status":
+        elif command in (["down"], ["down", "--purge"]):
+            down(purge="--purge" in command)
+        elif command == ["status"]:
             return status()
         else:
-            print("usage: scripts/stack.sh up|down|status", file=sys.stderr)
+            print("usage: scripts/stack.sh up | down [--purge] | status", file=sys.stderr)
             return 2
     except (StackError, subprocess.CalledProcessError, psycopg2.Error) as exc:
         print(f"stack: error: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ from psycopg2 import sql
 
 from checker_common.devstack import Broker, create_topics, free_port, make_certs
 
-from helpers import KafkaTarget
+from helpers import KafkaTarget, _is_setting
 
 # Test modules whose async tests run twice: on uvloop (the loop the daemons run on) and on
 # asyncio's default loop (the probe is a library too). Transports differ between the two.
@@ -42,20 +42,38 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def clean_room(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test, and every daemon or command it starts, runs in an empty directory with no
+    settings in its environment: the developer's own `.env.prod` (which `scripts/stack.sh up`
+    writes into the clone, where pytest runs) and exported settings are never read. A test
+    that wants a settings file gives its path or its own working directory."""
+    room = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if _is_setting(name)]:
+            patch.delenv(name)
+        patch.chdir(room)
+        yield room
+
+
 @pytest.fixture(scope="session")
 def dev_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="session")
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaTarget]:
+def kafka(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[KafkaTarget]:
     external = os.environ.get("TEST_KAFKA_BOOTSTRAP")
     if external:
+        # Relative paths mean where pytest was started, not the clean room.
+        here = pytestconfig.invocation_params.dir
         yield KafkaTarget(
             bootstrap=external,
-            ca=Path(os.environ["TEST_KAFKA_CA_PATH"]),
-            cert=Path(os.environ["TEST_KAFKA_CERT_PATH"]),
-            key=Path(os.environ["TEST_KAFKA_KEY_FILE"]),
+            ca=here / os.environ["TEST_KAFKA_CA_PATH"],
+            cert=here / os.environ["TEST_KAFKA_CERT_PATH"],
+            key=here / os.environ["TEST_KAFKA_KEY_FILE"],
             password=os.environ.get("TEST_KAFKA_CERT_PASS"),
             certs_dir=None,
             local=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,11 @@ from typing import Any
 import pytest
 
 from checker_common.devstack import Broker
+from checker_common.settings import field_env_names
+from checker_processing.settings import ProcessorSettings
+from periodic_checker.settings import CheckerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(
@@ -36,22 +42,62 @@ def run_cli(
     )
 
 
+SETTINGS = frozenset(field_env_names(CheckerSettings)) | frozenset(
+    field_env_names(ProcessorSettings)
+)
+# systemd's hand-over: a daemon a test starts must not notify the test runner's own manager.
+SERVICE_MANAGER = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
+
+
 def _is_setting(name: str) -> bool:
-    prefixes = (
-        "KAFKA_",
-        "API_",
-        "LOG_",
-        "POSTGRESQL_",
-        "TASK_",
-        "METRICS_",
-        "RESULTS_",
-        "BATCH_",
-        "MAX_",
-        "PER_HOST_",
-        "SHUTDOWN_",
-        "TARGET_",
+    """Whether a daemon reads this environment variable (names are case-insensitive)."""
+    return name.upper() in SETTINGS | SERVICE_MANAGER
+
+
+def copy_of_the_repository(into: Path) -> Path:
+    """The repository as a fresh clone holds it, with uncommitted edits: tracked and untracked
+    files, nothing git ignores (no `.venv`, `.run/`, `.env.prod` or `certs/dev/`)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():  # a file deleted but not yet committed is still listed
+            target = into / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return into
+
+
+def run_the_settings_cases(clone: Path, basetemp: Path, env: dict[str, str]) -> str:
+    """Run the clone's `tests/test_settings.py` with pytest from the clone's root, as
+    `scripts/test.sh` runs the suite, with `env` added to the environment; fail with pytest's
+    output unless every case passes. Returns that output."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/test_settings.py",
+            "-x",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={basetemp}",
+            "-k",
+            "not ignore_the_developers",  # itself
+        ],
+        cwd=clone,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    return name.startswith(prefixes)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    return done.stdout
 
 
 @dataclass

@@ -10,7 +10,7 @@ from checker_common.settings import CommonSettings, field_env_names
 from checker_processing.settings import ProcessorSettings
 from periodic_checker.settings import CheckerSettings
 
-from helpers import run_cli
+from helpers import copy_of_the_repository, run_cli, run_the_settings_cases
 
 CHECKER = "periodic_checker.cli"
 PROCESSOR = "checker_processing.cli"
@@ -161,6 +161,22 @@ def test_dot_env_prod_in_working_directory_is_read(
     result = run_cli(CHECKER, "run", env={}, cwd=tmp_path)
     assert result.returncode == 2
     assert "API_PORT" in result.stderr
+
+
+def test_the_settings_cases_ignore_the_developers_own_settings(
+    good_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`scripts/stack.sh up` leaves a full `.env.prod` in the clone, and a developer may have
+    settings exported: the cases above must pass all the same, so no daemon they start may
+    read either (a 'missing' setting found there turns an exit 2 into a daemon that runs)."""
+    clone = copy_of_the_repository(tmp_path / "clone")
+    full = {**good_env, "KAFKA_TOPIC": "checker-results", "API_PORT": "8080"}
+    text = "".join(f"{k}={v}\n" for k, v in full.items())
+    (clone / ".env.prod").write_text(text)
+
+    run_the_settings_cases(clone, tmp_path / "pytest", env=full)
+
+    assert (clone / ".env.prod").read_text() == text  # it was there all along, untouched
 
 
 def test_missing_env_file_is_an_error(tmp_path: Path) -> None:

@@ -253,6 +253,18 @@ def _paths() -> dict[str, Any]:
                 }
             ),
         },
+        "/": {
+            "get": {
+                "operationId": "index",
+                "summary": "A page with links to the docs, the tasks, the status and the metrics",
+                "responses": {
+                    "200": {
+                        "description": "The page",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/health": {
             "get": {
                 "operationId": "health",

@@ -216,6 +216,30 @@ async def run_task(request: web.Request) -> web.Response:
 
 # --- the checker ---
 
+# Where someone who opens the API's address in a browser goes next (links relative, so they
+# still work behind a proxy that serves the API under a prefix).
+INDEX_LINKS = [
+    ("docs/", "Swagger UI: every route, and a form to try each one"),
+    ("openapi.json", "the OpenAPI 3.1 document"),
+    ("tasks", "the tasks"),
+    ("status", "the checker's state: tasks by status and health, lag, queues, broker"),
+    ("health", "liveness"),
+    ("metrics", "Prometheus metrics"),
+]
+INDEX_PAGE = "\n".join(
+    [
+        '<!DOCTYPE html>\n<html lang="en">',
+        '<head><meta charset="UTF-8"><title>periodic-checker API</title></head>',
+        "<body>\n<h1>periodic-checker API</h1>\n<ul>",
+        *(f'<li><a href="{href}">/{href}</a>: {what}</li>' for href, what in INDEX_LINKS),
+        "</ul>\n</body>\n</html>\n",
+    ]
+)
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text=INDEX_PAGE, content_type="text/html")
+
 
 async def health(request: web.Request) -> web.Response:
     """Liveness: answering at all means the event loop turns."""
@@ -258,6 +282,7 @@ async def docs_asset(request: web.Request) -> web.Response:
 
 
 ROUTES = [
+    web.get("/", index),
     web.get("/health", health),
     web.get("/status", status),
     web.get("/metrics", metrics),

@@ -62,7 +62,8 @@ async def test_with_the_token_mutating_routes_work(authed: Client) -> None:
 async def test_with_a_token_set_reads_stay_open(authed: Client) -> None:
     created = await authed.post("/tasks", json=TASK, headers=bearer(TOKEN))
     task_id = (await created.json())["id"]
-    for path in ["/tasks", f"/tasks/{task_id}", "/health", "/status", "/metrics", "/openapi.json"]:
+    reads = ["/", "/tasks", f"/tasks/{task_id}", "/health", "/status", "/metrics", "/openapi.json"]
+    for path in reads:
         assert (await authed.get(path)).status == 200, path
 
 
@@ -165,6 +166,16 @@ async def test_openapi_is_3_1_and_describes_every_api_route(client: Client) -> N
     task_spec = document["components"]["schemas"]["TaskSpec"]
     assert task_spec["additionalProperties"] is False
     assert document == build_openapi(document["info"]["version"])
+
+
+async def test_the_address_up_prints_is_a_page_whose_links_all_answer(client: Client) -> None:
+    page = await client.get("/")
+    assert page.status == 200
+    assert page.content_type == "text/html"
+    links = re.findall(r'href="([^"]+)"', await page.text())
+    assert {"docs/", "openapi.json", "tasks", "status", "health", "metrics"} <= set(links)
+    for link in links:
+        assert (await client.get(f"/{link}")).status == 200, link
 
 
 async def test_swagger_ui_is_served_from_the_package_without_a_cdn(client: Client) -> None:

@@ -21,8 +21,6 @@ from checker_common.devstack import free_port
 from periodic_checker.api.app import create_app
 from periodic_checker.tasks_cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @dataclass
 class LiveApi:
@@ -330,7 +328,7 @@ async def run_subprocess(*argv: str, env: dict[str, str]) -> Outcome:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "KAFKA_"))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "periodic_checker.tasks_cli", *argv,
-        env={**base, **env}, cwd=ROOT,
+        env={**base, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
