@@ -24,8 +24,9 @@ Redirects are followed here, hop by hop, so the target policy is applied to ever
 literal host before connecting; `PolicyResolver` drops denied addresses after DNS) and hops
 are counted; 303, and 301/302 after a POST, continue as GET. The body is decoded here too
 (every Content-Encoding value, in order: gzip, deflate, br, zstd; see decoding.py), in bounded
-steps, and read up to `max_body_bytes`: a compression bomb costs at most that + 1 bytes. A
-longer body is cut there and the result says `body_truncated`; it fails (`body_too_large`)
+steps, and read up to `max_body_bytes`: a compression bomb costs at most that + 1 bytes (and
+an encoded body at most twice that on the wire, `wire_limit`). A longer body is cut there and
+the result says `body_truncated`; it fails (`body_too_large`)
 only when the task sets `fail_if_body_larger`. The pattern is searched with RE2 in what was
 read, decoded with its charset (UTF-8 when none or unknown), in a thread (search.py): never on
 the event loop, and inside the check's time-out (`pattern_timeout` when it runs out there).
@@ -709,7 +710,12 @@ class Body:
 
 
 async def read_body(response: HopResponse, cap: int, *, keep: bool) -> Body:
-    """Read at most `cap` bytes of the decoded body (+1 to know it is longer), then stop."""
+    """Read at most `cap` bytes of the decoded body (+1 to know it is longer), then stop.
+
+    An encoded body is also read no further than `wire_limit(cap)` bytes from the network,
+    even when they decode to less: a stream of empty gzip members (or empty deflate blocks)
+    decodes to nothing, and would otherwise cost decoding until the time-out. Stopping there
+    counts as truncated too: the body was not read to its end."""
     encoding = response.content_encoding
     try:
         decoder = BodyDecoder.for_header(encoding)
@@ -717,16 +723,23 @@ async def read_body(response: HopResponse, cap: int, *, keep: bool) -> Body:
         return Body(b"", 0, False, str(exc))
     chunks: list[bytes] = []
     size = 0
-    try:
+    if decoder is None:
         while size <= cap:
             raw = await response.readany()
-            if decoder is None:
-                if not raw:
-                    break
-                size += len(raw)
-                if keep:
-                    chunks.append(raw)
-                continue
+            if not raw:
+                break
+            size += len(raw)
+            if keep:
+                chunks.append(raw)
+        return _cut(chunks, size, cap, truncated=size > cap)
+    wire = 0
+    limit = wire_limit(cap)
+    try:
+        while size <= cap:
+            if wire > limit:
+                return _cut(chunks, size, cap, truncated=True)
+            raw = await response.readany()
+            wire += len(raw)
             # At the end, what the decoder still holds; at most the room left either way.
             pieces = decoder.feed(raw, cap + 1 - size) if raw else decoder.finish(cap + 1 - size)
             for piece in pieces:
@@ -737,12 +750,23 @@ async def read_body(response: HopResponse, cap: int, *, keep: bool) -> Body:
                 break
     except DecodeError as exc:
         return Body(b"", size, False, f"cannot decode the {encoding[:40]} body: {exc}")
+    return _cut(chunks, size, cap, truncated=size > cap)
+
+
+def wire_limit(cap: int) -> int:
+    """The most bytes of an encoded body read from the network: more than any real encoding
+    of `cap` bytes needs (incompressible data grows by a fraction of a per cent)."""
+    return 2 * cap + 65_536
+
+
+def _cut(chunks: list[bytes], size: int, cap: int, *, truncated: bool) -> Body:
+    """The body from its pieces, without what went past the cap."""
     if size > cap:
-        if keep:  # the last piece read went past the cap
+        if chunks:  # the last piece read went past the cap
             last = chunks[-1]
             chunks[-1] = last[: len(last) - (size - cap)]
-        return Body(b"".join(chunks) if keep else b"", cap, True, None)
-    return Body(b"".join(chunks) if keep else b"", size, False, None)
+        size = cap
+    return Body(b"".join(chunks), size, truncated, None)
 
 
 def body_charset(charset: str | None) -> str:

@@ -22,6 +22,7 @@ Routes (GET and HEAD unless noted):
                              members=2: gzip and zstd in two members (frames), cut in the
                              middle of the page: "checker</h1>" only in the second
     /bomb?codings=C1,C2&mb=N N MiB of zeros encoded with C1, then C2
+    /empty-gzip-members      gzip members of nothing, without end (until the client leaves)
     /charset/{codec}         "café Привет" encoded with codec (latin-1 keeps only "café"),
                              declared in Content-Type
     /bytes?size=N&tail=T     N bytes of "a", then T (default none)
@@ -231,6 +232,16 @@ async def encoded_bomb(request: web.Request) -> web.Response:
     return _encoded_response(zeros(int(request.query.get("mb", "64"))), request)
 
 
+async def empty_gzip_members(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Encoding": "gzip"})
+    await response.prepare(request)
+    chunk = gzip.compress(b"") * 4096  # 80 KiB on the wire, nothing decoded
+    with contextlib.suppress(ConnectionError):  # the client hangs up: the expected end
+        while True:
+            await response.write(chunk)
+    return response
+
+
 @functools.lru_cache(maxsize=4)
 def a_and_b(size: int) -> bytes:
     return bytes(random.Random(size).choices(b"ab", k=size))
@@ -284,6 +295,7 @@ def make_app() -> web.Application:
             web.get("/deflate-raw", raw_deflate_page),
             web.get("/encoded", encoded_page),
             web.get("/bomb", encoded_bomb),
+            web.get("/empty-gzip-members", empty_gzip_members),
             web.get("/ab", ab),
             web.get("/charset/{codec}", charset),
             web.get("/bytes", sized),

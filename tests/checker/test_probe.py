@@ -370,6 +370,17 @@ async def test_body_read_stops_at_the_cap_and_says_so(
 
 
 @pytest.mark.parametrize("keepalive", [False, True], ids=["fresh", "keepalive"])
+async def test_an_encoded_body_that_decodes_to_nothing_is_not_read_forever(
+    targets: Targets, prober: Prober, keepalive: bool
+) -> None:
+    url = f"{targets.http}/empty-gzip-members"
+    result = await prober.check(TASK, spec(url, timeout=30, keepalive=keepalive))
+
+    # Read no further than twice the cap on the wire, then stopped: not to the time-out.
+    assert (result.ok, result.bytes, result.body_truncated) == (True, 0, True), result.error
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["fresh", "keepalive"])
 async def test_an_unknown_coding_is_named(
     targets: Targets, prober: Prober, keepalive: bool
 ) -> None:
