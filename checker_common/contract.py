@@ -67,6 +67,9 @@ class ErrorKind(StrEnum):
     DENIED_TARGET = "denied_target"
     STATUS = "status"
     PATTERN = "pattern"
+    # The check's time-out ran out while the pattern was being searched (or waited for a
+    # search thread): the response itself was fine.
+    PATTERN_TIMEOUT = "pattern_timeout"
 
 
 # Text limits of a result, shared by the model and the ingest fast path (PlainBody).
@@ -119,6 +122,11 @@ class CheckResult(BaseModel):
     error: CheckError | None = None
     timings: Timings = Field(default_factory=Timings)
     bytes: int = Field(0, ge=0, description="body bytes read (after decompression)")
+    body_truncated: bool = Field(
+        False,
+        description="the body was longer than the task's max_body_bytes: only that many bytes"
+        " were read and searched",
+    )
     final_url: str | None = Field(
         None, max_length=MAX_URL, description="the last URL requested, its password as ***"
     )
@@ -221,6 +229,7 @@ ErrorKindValue = Literal[
     "denied_target",
     "status",
     "pattern",
+    "pattern_timeout",
 ]
 
 
@@ -265,6 +274,7 @@ class PlainBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
     error: PlainError | None = None
     timings: PlainTimings = _NO_TIMINGS
     bytes: _Count = 0
+    body_truncated: bool = False
     final_url: Annotated[str, msgspec.Meta(max_length=MAX_URL)] | None = None
     redirects: _Count = 0
     cert_expires_at: str | None = None

@@ -44,6 +44,7 @@ COLUMNS = (
     "scheduled_at",
     "pattern_result",
     "ok",
+    "body_truncated",
     "health",
     "error_kind",
     "error_message",
@@ -166,7 +167,7 @@ def copy_text(rows: Sequence[Row]) -> str:
             f"\t{v if (v := b.method).isprintable() and bs not in v else _escape(v)}"
             f"\t{n if (v := b.scheduled_at) is None else v}"
             f"\t{n if (v := b.pattern_search) is None else v}"
-            f"\t{'t' if b.ok else 'f'}\t{b.health}"
+            f"\t{'t' if b.ok else 'f'}\t{'t' if b.body_truncated else 'f'}\t{b.health}"
             f"\t{n if e is None else e.kind}\t{n if e is None else _text(e.message)}"
             f"\t{final_url}\t{n if (v := b.cert_expires_at) is None else v}"
             f"\t{numbers}\t{tail}\t{record.offset}\n"

@@ -172,7 +172,8 @@ class Response:
         self._exchange = exchange
         self._transport = transport
         self.status = exchange.status
-        # Lower-case names; the first value of a repeated header.
+        # Lower-case names; the first value of a repeated header (Content-Encoding: all, in
+        # order, joined with ", ").
         self.headers: dict[str, str] = exchange.headers
 
     async def readany(self) -> bytes:
@@ -182,6 +183,10 @@ class Response:
     @property
     def charset(self) -> str | None:
         return content_charset(self.headers.get("content-type", ""))
+
+    @property
+    def content_encoding(self) -> str:
+        return self.headers.get("content-encoding", "")
 
     def ssl_object(self) -> ssl.SSLObject | None:
         found = self._transport.get_extra_info("ssl_object")
@@ -255,7 +260,11 @@ class _Exchange(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head.done():  # later ones are trailers
-            self.headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+            key = name.decode("latin-1").lower()
+            if key not in self.headers:
+                self.headers[key] = value.decode("latin-1")
+            elif key == "content-encoding":  # a list: every line counts, in order
+                self.headers[key] += ", " + value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()

@@ -26,11 +26,16 @@ are counted; 303, and 301/302 after a POST, continue as GET without the body and
 User info in a URL is sent as basic auth; credentials, `secret_headers` and a custom Host are
 dropped when a redirect leaves the origin (`redirect_headers`). The result's `url` and
 `final_url` have their user info masked, and no error message holds a secret of the task
-(`TaskSpec.secret_values`). The body is decompressed here
-too, in bounded steps, so a gzip bomb costs at most `max_body_bytes` + 1 bytes; a larger body
-fails with `body_too_large`. The pattern is searched with RE2 in the body decoded with its
-charset (UTF-8 when none or unknown); there is no pattern result without a body (HEAD, 204,
-304, empty). The verdict, in order: transport errors, status, body size, pattern.
+(`TaskSpec.secret_values`). The body is decoded here too
+(every Content-Encoding value, in order: gzip, deflate, br, zstd; see decoding.py), in bounded
+steps, and read up to `max_body_bytes`: a compression bomb costs at most that + 1 bytes (and
+an encoded body at most twice that on the wire, `wire_limit`). A longer body is cut there and
+the result says `body_truncated`; it fails (`body_too_large`)
+only when the task sets `fail_if_body_larger`. The pattern is searched with RE2 in what was
+read, decoded with its charset (UTF-8 when none or unknown), in a thread (search.py): never on
+the event loop, and inside the check's time-out (`pattern_timeout` when it runs out there).
+There is no pattern result without a body (HEAD, 204, 304, empty). The verdict, in order:
+transport errors, status, body size (when asked), pattern.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ import socket
 import ssl
 import time
 import uuid
-import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -65,8 +69,10 @@ from checker_common.contract import (
 )
 from checker_common.redact import redact_text, redact_url
 from periodic_checker import http1
+from periodic_checker.decoding import ACCEPT_ENCODING, BodyDecoder, DecodeError
 from periodic_checker.dns import DNS_THREADS, DaemonThreadPool, PoolResolver
 from periodic_checker.policy import TargetPolicy
+from periodic_checker.search import PatternSearcher
 from periodic_checker.tasks import TaskSpec, status_accepted
 
 log = logging.getLogger(__name__)
@@ -81,8 +87,6 @@ BODY_HEADERS: Final = frozenset(
     {"content-encoding", "content-language", "content-location", "content-type", "content-length"}
 )
 MAX_MESSAGE: Final = 500
-# codecs.lookup() names whose bytes RE2 can search directly.
-UTF8_COMPATIBLE: Final = frozenset({"utf-8", "ascii"})
 
 _running: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
     "periodic_checker_probe_run", default=None
@@ -111,12 +115,15 @@ class _Run:
         "hop_start",
         "pattern",
         "redirects",
+        "search_started",
+        "searching",
         "sent",
         "status",
         "tls",
         "tls_object",
         "tls_start",
         "transfer",
+        "truncated",
         "ttfb",
     )
 
@@ -126,6 +133,9 @@ class _Run:
         self.redirects = 0
         self.final_url: str | None = None
         self.pattern: PatternResult | None = None
+        self.truncated = False
+        self.searching = False
+        self.search_started: float | None = None  # set by the search thread
         self.cert_expires_at: datetime | None = None
         self.dns: float | None = None
         self.connect: float | None = None
@@ -319,6 +329,11 @@ class HopResponse(Protocol):
     @property
     def charset(self) -> str | None: ...
 
+    @property
+    def content_encoding(self) -> str:
+        """Every Content-Encoding value in order, header lines joined with ", "."""
+        ...
+
     async def readany(self) -> bytes: ...
 
     def ssl_object(self) -> ssl.SSLObject | None: ...
@@ -346,6 +361,10 @@ class PooledResponse:
     @property
     def charset(self) -> str | None:
         return self._response.charset
+
+    @property
+    def content_encoding(self) -> str:
+        return ", ".join(self._response.headers.getall("Content-Encoding", ()))
 
     async def readany(self) -> bytes:
         return await self._response.content.readany()
@@ -389,13 +408,14 @@ class Prober:
         self._defaults = {
             "User-Agent": user_agent,
             "Accept": "*/*",
-            "Accept-Encoding": "gzip, deflate",
+            "Accept-Encoding": ACCEPT_ENCODING,
         }
         self._resolver: PolicyResolver | None = None
         self._dns: DaemonThreadPool | None = None
         self._keepalive: aiohttp.ClientSession | None = None
         self._verified: ssl.SSLContext | None = None
         self._unverified: ssl.SSLContext | None = None
+        self._searcher: PatternSearcher | None = None
 
     async def start(self) -> None:
         """Open the keep-alive session (inside the running loop); call once before `check()`."""
@@ -406,6 +426,7 @@ class Prober:
         # Lookups in threads of their own (see dns.py); both paths share one resolver.
         self._dns = DaemonThreadPool(DNS_THREADS, name="dns")
         self._resolver = PolicyResolver(self._policy, PoolResolver(self._dns))
+        self._searcher = PatternSearcher()
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             limit_per_host=0,
@@ -435,6 +456,9 @@ class Prober:
             # Lookups still queued are dropped; one in a thread ends on its own (daemon threads).
             self._dns.shutdown(wait=False, cancel_futures=True)
             self._dns = None
+        if self._searcher is not None:
+            self._searcher.close()
+            self._searcher = None
 
     async def __aenter__(self) -> Prober:
         await self.start()
@@ -461,10 +485,13 @@ class Prober:
             async with asyncio.timeout(spec.timeout):
                 error = await self._fetch(spec, run)
         except TimeoutError:
-            error = CheckError(
-                kind=ErrorKind.TIMEOUT,
-                message=f"no complete answer within {spec.timeout:g} s ({run.phase()})",
-            )
+            if run.searching:
+                error = _pattern_timeout(spec, run)
+            else:
+                error = CheckError(
+                    kind=ErrorKind.TIMEOUT,
+                    message=f"no complete answer within {spec.timeout:g} s ({run.phase()})",
+                )
             run.end_hop(None)
         except Exception as exc:
             error = classify_error(exc, redirected=run.redirects > 0)
@@ -508,6 +535,7 @@ class Prober:
             error=error,
             timings=run.timings(),
             bytes=run.bytes,
+            body_truncated=run.truncated,
             final_url=final_url,
             redirects=run.redirects,
             cert_expires_at=run.cert_expires_at,
@@ -630,38 +658,61 @@ class Prober:
     async def _finish(
         self, spec: TaskSpec, method: str, response: HopResponse, run: _Run
     ) -> CheckError | None:
-        """Read the final response's body, then judge status, size and pattern."""
+        """Read the final response's body, search it, then judge status, size and pattern."""
         pattern = spec.compiled_pattern
         if method == "HEAD" or response.status in NO_BODY_STATUSES or response.status < 200:
             run.end_hop(time.monotonic())
-            return judge(spec, response.status, too_large=False, pattern=None)
+            return judge(spec, response.status, truncated=False, pattern=None)
         body = await read_body(response, spec.max_body_bytes, keep=pattern is not None)
         run.end_hop(time.monotonic())
         run.bytes = body.size
+        run.truncated = body.truncated
         if body.error is not None:
             return CheckError(kind=ErrorKind.INVALID_RESPONSE, message=_short(body.error))
-        if pattern is not None and body.data and not body.too_large:
-            found = search_body(pattern, body.data, body_charset(response.charset))
+        if pattern is not None and body.data:
+            if self._searcher is None:
+                raise RuntimeError("Prober.start() was not called")
+            run.searching = True
+            charset = body_charset(response.charset)
+            found = await self._searcher.search(pattern, body.data, charset, run)
+            run.searching = False
             run.pattern = PatternResult.MATCH if found else PatternResult.NO_MATCH
-        return judge(spec, response.status, too_large=body.too_large, pattern=run.pattern)
+        return judge(spec, response.status, truncated=body.truncated, pattern=run.pattern)
+
+
+def _pattern_timeout(spec: TaskSpec, run: _Run) -> CheckError:
+    """The check ran out of time while its pattern search waited for a thread or ran."""
+    where = (
+        "while it waited for a search thread (all busy)"
+        if run.search_started is None
+        else f"after searching for {time.monotonic() - run.search_started:.1f} s"
+    )
+    return CheckError(
+        kind=ErrorKind.PATTERN_TIMEOUT,
+        message=_short(
+            f"pattern search of {run.bytes} bytes not finished within {spec.timeout:g} s {where}"
+        ),
+    )
 
 
 def judge(
-    spec: TaskSpec, status: int, *, too_large: bool, pattern: PatternResult | None
+    spec: TaskSpec, status: int, *, truncated: bool, pattern: PatternResult | None
 ) -> CheckError | None:
-    """The check's verdict once a response was read: status, then size, then pattern."""
+    """The check's verdict once a response was read: status, then size (when the task asks),
+    then pattern."""
     if not status_accepted(status, spec.status_ranges):
         return CheckError(
             kind=ErrorKind.STATUS,
             message=f"HTTP status {status} is not in the accepted {spec.accepted_statuses}",
         )
-    if too_large:
+    if truncated and spec.fail_if_body_larger:
         return CheckError(
             kind=ErrorKind.BODY_TOO_LARGE,
             message=f"body larger than {spec.max_body_bytes} bytes (read stopped there)",
         )
     if pattern is PatternResult.NO_MATCH and spec.pattern_fails_when == "absent":
-        return CheckError(kind=ErrorKind.PATTERN, message="pattern not found in the body")
+        where = f"the first {spec.max_body_bytes} bytes of the body" if truncated else "the body"
+        return CheckError(kind=ErrorKind.PATTERN, message=f"pattern not found in {where}")
     if pattern is PatternResult.MATCH and spec.pattern_fails_when == "present":
         return CheckError(kind=ErrorKind.PATTERN, message="pattern found in the body")
     return None
@@ -713,105 +764,76 @@ def redirected_method(status: int, method: str, data: bytes | None) -> tuple[str
 
 
 class Body:
-    """What was read of a body: the bytes (only when kept), how many, and why it stopped."""
+    """What was read of a body: the bytes (only when kept), how many, whether it was cut at
+    the cap, and why it could not be read."""
 
-    __slots__ = ("data", "error", "size", "too_large")
+    __slots__ = ("data", "error", "size", "truncated")
 
-    def __init__(self, data: bytes, size: int, too_large: bool, error: str | None) -> None:
+    def __init__(self, data: bytes, size: int, truncated: bool, error: str | None) -> None:
         self.data = data
         self.size = size
-        self.too_large = too_large
+        self.truncated = truncated
         self.error = error
 
 
 async def read_body(response: HopResponse, cap: int, *, keep: bool) -> Body:
-    """Read at most `cap` bytes of the decoded body (+1 to know it is larger), then stop."""
-    encoding = response.headers.get("content-encoding", "").strip().lower()
-    inflater = Inflater.for_encoding(encoding)
-    if inflater is None and encoding not in ("", "identity"):
-        return Body(b"", 0, False, f"unsupported content-encoding {encoding[:40]!r}")
+    """Read at most `cap` bytes of the decoded body (+1 to know it is longer), then stop.
+
+    An encoded body is also read no further than `wire_limit(cap)` bytes from the network,
+    even when they decode to less: a stream of empty gzip members (or empty deflate blocks)
+    decodes to nothing, and would otherwise cost decoding until the time-out. Stopping there
+    counts as truncated too: the body was not read to its end."""
+    encoding = response.content_encoding
+    try:
+        decoder = BodyDecoder.for_header(encoding)
+    except DecodeError as exc:
+        return Body(b"", 0, False, str(exc))
     chunks: list[bytes] = []
     size = 0
-    try:
+    if decoder is None:
         while size <= cap:
             raw = await response.readany()
             if not raw:
-                if inflater is not None:
-                    tail = inflater.finish()
-                    size += len(tail)
-                    if keep:
-                        chunks.append(tail)
                 break
-            if inflater is None:
-                size += len(raw)
-                if keep:
-                    chunks.append(raw)
-                continue
-            for piece in inflater.feed(raw, cap + 1 - size):
+            size += len(raw)
+            if keep:
+                chunks.append(raw)
+        return _cut(chunks, size, cap, truncated=size > cap)
+    wire = 0
+    limit = wire_limit(cap)
+    try:
+        while size <= cap:
+            if wire > limit:
+                return _cut(chunks, size, cap, truncated=True)
+            raw = await response.readany()
+            wire += len(raw)
+            # At the end, what the decoder still holds; at most the room left either way.
+            pieces = decoder.feed(raw, cap + 1 - size) if raw else decoder.finish(cap + 1 - size)
+            for piece in pieces:
                 size += len(piece)
                 if keep:
                     chunks.append(piece)
-    except zlib.error as exc:
-        return Body(b"", size, False, f"cannot decompress the {encoding} body: {exc}")
-    too_large = size > cap
-    if too_large:
-        return Body(b"", cap, True, None)
-    return Body(b"".join(chunks) if keep else b"", size, False, None)
-
-
-class Inflater:
-    """gzip / deflate decompression whose output per call never exceeds what the cap leaves."""
-
-    __slots__ = ("_raw_tried", "_z")
-
-    def __init__(self, wbits: int) -> None:
-        self._z = zlib.decompressobj(wbits)
-        # "deflate" is zlib-wrapped by the standard, raw deflate by some servers: try both.
-        self._raw_tried = wbits != zlib.MAX_WBITS
-
-    @classmethod
-    def for_encoding(cls, encoding: str) -> Inflater | None:
-        if encoding in ("gzip", "x-gzip"):
-            return cls(16 + zlib.MAX_WBITS)
-        if encoding == "deflate":
-            return cls(zlib.MAX_WBITS)
-        return None
-
-    def feed(self, data: bytes, room: int) -> list[bytes]:
-        """Decompress `data`, returning at most `room` bytes (room >= 1); stops there."""
-        out: list[bytes] = []
-        while data and room > 0:
-            try:
-                piece = self._z.decompress(data, room)
-            except zlib.error:
-                if self._raw_tried:
-                    raise
-                self._raw_tried = True
-                self._z = zlib.decompressobj(-zlib.MAX_WBITS)
-                continue
-            self._raw_tried = True
-            out.append(piece)
-            room -= len(piece)
-            data = self._z.unconsumed_tail
-            if self._z.eof:
+            if not raw:
                 break
-        return out
-
-    def finish(self) -> bytes:
-        # Left in the window at most one match (258 bytes): a bomb cannot hide here.
-        return self._z.flush()
+    except DecodeError as exc:
+        return Body(b"", size, False, f"cannot decode the {encoding[:40]} body: {exc}")
+    return _cut(chunks, size, cap, truncated=size > cap)
 
 
-def search_body(pattern: Any, body: bytes, charset: str) -> bool:
-    """Does the RE2 `pattern` occur in the body decoded with `charset`?
+def wire_limit(cap: int) -> int:
+    """The most bytes of an encoded body read from the network: more than any real encoding
+    of `cap` bytes needs (incompressible data grows by a fraction of a per cent)."""
+    return 2 * cap + 65_536
 
-    RE2 works on UTF-8: a UTF-8 (or ASCII) body is searched as it is, any other is decoded
-    and re-encoded. Handing RE2 bytes rather than `str` matters: for a `str` the binding
-    maps every match position back to characters, which is ~70x slower on a 100 KB page.
-    """
-    if charset not in UTF8_COMPATIBLE:
-        body = body.decode(charset, errors="replace").encode("utf-8")
-    return pattern.search(body) is not None
+
+def _cut(chunks: list[bytes], size: int, cap: int, *, truncated: bool) -> Body:
+    """The body from its pieces, without what went past the cap."""
+    if size > cap:
+        if chunks:  # the last piece read went past the cap
+            last = chunks[-1]
+            chunks[-1] = last[: len(last) - (size - cap)]
+        size = cap
+    return Body(b"".join(chunks), size, truncated, None)
 
 
 def body_charset(charset: str | None) -> str:

@@ -78,7 +78,15 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
     parser.add_argument(
-        "--max-body-bytes", default="1048576", metavar="N", help="most body bytes read"
+        "--max-body-bytes",
+        default="1048576",
+        metavar="N",
+        help="most body bytes read and searched; a longer body is cut there",
+    )
+    parser.add_argument(
+        "--fail-if-body-larger",
+        action="store_true",
+        help="fail (body_too_large) when the body is longer than --max-body-bytes",
     )
     parser.add_argument(
         "--task-id", metavar="UUID", help="task id for the message key (default: a new one)"
@@ -135,6 +143,7 @@ def build_spec(args: argparse.Namespace) -> TaskSpec:
         "max_redirects": args.max_redirects,
         "verify_tls": not args.insecure,
         "max_body_bytes": args.max_body_bytes,
+        "fail_if_body_larger": args.fail_if_body_larger,
     }
     try:
         return TaskSpec.model_validate(fields)

@@ -41,17 +41,36 @@ DEFAULT_MAX_BODY = 1_048_576
 CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 
+# How large a compiled pattern may be, in RE2 instructions (`programsize`). RE2 is linear in
+# the body, but where its DFA gives up (it does on hostile patterns) each body byte costs up to
+# about 7 ns per instruction (measured; docs/api.md). Everyday patterns compile to 6-100
+# instructions (a ten-word case-insensitive alternation: 99); 1,000 leaves ten times that.
+MAX_PATTERN_PROGRAM = 1000
+# Instructions x max_body_bytes: the most work one search may take, about 30 s of one core at
+# 7 ns. It bounds what a search the check gave up on still costs, as its thread cannot be
+# stopped. Up to a 4 MiB cap any allowed pattern fits; a 64 MiB cap allows 64 instructions.
+MAX_SEARCH_WORK = 2**32
+
+
 def compile_pattern(pattern: str) -> Any:
-    """Compile with RE2 (linear time: no catastrophic backtracking); ValueError if invalid."""
+    """Compile with RE2 (linear time: no catastrophic backtracking); ValueError if invalid or
+    larger than MAX_PATTERN_PROGRAM instructions."""
     options = re2.Options()
     options.log_errors = False
     try:
-        return re2.compile(pattern, options)
+        compiled = re2.compile(pattern, options)
     except re2.error as exc:
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, bytes):
             reason = reason.decode(errors="replace")
         raise ValueError(f"not a valid RE2 regular expression: {reason}") from None
+    size = compiled.programsize
+    if size > MAX_PATTERN_PROGRAM:
+        raise ValueError(
+            f"compiles to {size} RE2 instructions; at most {MAX_PATTERN_PROGRAM} are allowed"
+            " (a search costs up to the body size times the instructions)"
+        )
+    return compiled
 
 
 class TaskStatus(StrEnum):
@@ -114,7 +133,16 @@ class TaskSpec(BaseModel):
     follow_redirects: bool = True
     max_redirects: int = Field(10, ge=0, le=30)
     verify_tls: bool = True
-    max_body_bytes: int = Field(DEFAULT_MAX_BODY, ge=0, le=64 * 1_048_576)
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY,
+        ge=0,
+        le=64 * 1_048_576,
+        description="the most body bytes read and searched; a longer body is cut there",
+    )
+    fail_if_body_larger: bool = Field(
+        False,
+        description="fail with body_too_large when the body is longer than max_body_bytes",
+    )
     keepalive: bool = Field(False, description="reuse connections instead of a new one per check")
     retries: int = Field(0, ge=0, le=10, description="failed tries before a failure counts")
     retry_interval: float = Field(5.0, gt=0, le=3600)
@@ -167,6 +195,21 @@ class TaskSpec(BaseModel):
     def _pattern_compiles(cls, value: str | None) -> str | None:
         if value is not None:
             compile_pattern(value)
+        return value
+
+    @field_validator("max_body_bytes")
+    @classmethod
+    def _search_work(cls, value: int, info: ValidationInfo) -> int:
+        pattern = info.data.get("pattern")
+        # Below this cap every pattern compile_pattern allows fits: no need to compile again.
+        if pattern is None or value <= MAX_SEARCH_WORK // MAX_PATTERN_PROGRAM:
+            return value
+        size = compile_pattern(pattern).programsize
+        if size * value > MAX_SEARCH_WORK:
+            raise ValueError(
+                f"at most {MAX_SEARCH_WORK // size} bytes with this pattern ({size} RE2"
+                f" instructions): instructions x max_body_bytes may be at most {MAX_SEARCH_WORK}"
+            )
         return value
 
     @field_validator("accepted_statuses")

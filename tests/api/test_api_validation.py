@@ -15,6 +15,8 @@ from periodic_checker.api.models import MAX_BODY_BYTES
 from periodic_checker.app_service import CheckerService
 
 OK = {"name": "site", "url": "http://127.0.0.1:9/"}
+HOSTILE = r"\w{1000}\w{1000}\w{1000}\w{1000}Z"  # 12005 RE2 instructions
+BIG_SEARCH = {**OK, "pattern": "x" * 100, "max_body_bytes": 64 * 1_048_576}  # 104 x 64 MiB
 
 # (case, JSON body for POST /tasks, status, field named in detail, words in its message)
 BODY_CASES: list[tuple[str, Any, int, str, str]] = [
@@ -31,6 +33,8 @@ BODY_CASES: list[tuple[str, Any, int, str, str]] = [
     ("timeout not below interval", {**OK, "interval": 5, "timeout": 5}, 422, "timeout", "below"),
     ("pattern RE2 refuses", {**OK, "pattern": "(a"}, 422, "pattern", "RE2"),
     ("pattern backreference", {**OK, "pattern": r"(a)\1"}, 422, "pattern", "RE2"),
+    ("pattern program too large", {**OK, "pattern": HOSTILE}, 422, "pattern", "at most 1000"),
+    ("pattern and body cap too large", BIG_SEARCH, 422, "max_body_bytes", "at most 41297762"),
     ("header value with CRLF", {**OK, "headers": {"X-A": "1\r\nX-B: 2"}}, 422, "headers", "CR"),
     ("header name with LF", {**OK, "headers": {"X-\nA": "1"}}, 422, "headers", "token"),
     ("header value not text", {**OK, "headers": {"X-A": 1}}, 422, "headers.X-A", "string"),

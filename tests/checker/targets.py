@@ -15,9 +15,19 @@ Routes (GET and HEAD unless noted):
     /trickle?interval=S&count=N   headers at once, then one byte every S seconds
     /gzip-bomb?mb=N          N MiB of zeros, gzip-encoded (about 1 KiB on the wire per MiB)
     /gzip, /deflate, /deflate-raw   a small compressed page containing "hello periodic checker"
+    /encoded?codings=C1,C2&lines=1&members=2
+                             the page encoded with C1, then C2 (gzip, deflate, br, zstd; any
+                             other name is sent as it is, the page not encoded), declared as
+                             `Content-Encoding: C1, C2`, or one header line each with lines=1;
+                             members=2: gzip and zstd in two members (frames), cut in the
+                             middle of the page: "checker</h1>" only in the second
+    /bomb?codings=C1,C2&mb=N N MiB of zeros encoded with C1, then C2
+    /empty-gzip-members      gzip members of nothing, without end (until the client leaves)
     /charset/{codec}         "café Привет" encoded with codec (latin-1 keeps only "café"),
                              declared in Content-Type
-    /bytes?size=N            N bytes of "a"
+    /bytes?size=N&tail=T     N bytes of "a", then T (default none)
+    /ab?size=N               N bytes of a and b (random, the same every time): the body on
+                             which HOSTILE_PATTERN makes RE2 work hardest
     /empty                   200 with an empty body
     /no-content              204
     /echo                    JSON of the request (method, headers, body); also POST
@@ -31,19 +41,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gzip
 import json
+import random
 import ssl
+import sys
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import brotli
+import re2
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
 from yarl import URL
+
+from periodic_checker.tasks import MAX_PATTERN_PROGRAM
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 SEEN: web.AppKey[list[Seen]] = web.AppKey("seen", list)
 PAGE = "<html><body><h1>hello periodic checker</h1></body></html>"
 CHARSET_TEXT = "café Привет"
+
+
+def _hostile_pattern() -> str:
+    """`[ab]*a[ab]{N}Z` with the largest N the pattern limit allows. RE2's DFA gives up on it
+    over a body of a and b (2**N states), so every byte costs the NFA about N steps: the
+    costliest search a task may ask for."""
+    n = MAX_PATTERN_PROGRAM
+    while re2.compile(f"[ab]*a[ab]{{{n}}}Z").programsize > MAX_PATTERN_PROGRAM:
+        n -= 1
+    return f"[ab]*a[ab]{{{n}}}Z"
+
+
+HOSTILE_PATTERN = _hostile_pattern()
 
 
 @dataclass(frozen=True)
@@ -153,6 +189,68 @@ async def raw_deflate_page(_request: web.Request) -> web.Response:
     return _compressed(-zlib.MAX_WBITS, "deflate")
 
 
+def encoded(data: bytes, coding: str, *, members: int = 1) -> bytes:
+    """`data` encoded with one content coding; gzip and zstd in `members` parts."""
+    if members > 1 and coding in ("gzip", "zstd"):
+        cut = len(data) // 2
+        return encoded(data[:cut], coding) + encoded(data[cut:], coding, members=members - 1)
+    if coding == "gzip":
+        return gzip.compress(data)
+    if coding == "deflate":
+        return zlib.compress(data)
+    if coding == "br":
+        return bytes(brotli.compress(data, quality=5))
+    if coding == "zstd":
+        return zstd.compress(data)
+    return data  # a coding nobody knows: sent as it is
+
+
+def _encoded_response(data: bytes, request: web.Request) -> web.Response:
+    codings = request.query["codings"].split(",")
+    members = int(request.query.get("members", "1"))
+    for coding in codings:
+        data = encoded(data, coding, members=members)
+    headers = CIMultiDict({"Content-Type": "text/html; charset=utf-8"})
+    if request.query.get("lines") == "1":
+        for coding in codings:
+            headers.add("Content-Encoding", coding)
+    else:
+        headers["Content-Encoding"] = ", ".join(codings)
+    return web.Response(body=data, headers=headers)
+
+
+async def encoded_page(request: web.Request) -> web.Response:
+    return _encoded_response(PAGE.encode(), request)
+
+
+@functools.lru_cache(maxsize=8)
+def zeros(mebibytes: int) -> bytes:
+    return bytes(mebibytes << 20)
+
+
+async def encoded_bomb(request: web.Request) -> web.Response:
+    return _encoded_response(zeros(int(request.query.get("mb", "64"))), request)
+
+
+async def empty_gzip_members(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Encoding": "gzip"})
+    await response.prepare(request)
+    chunk = gzip.compress(b"") * 4096  # 80 KiB on the wire, nothing decoded
+    with contextlib.suppress(ConnectionError):  # the client hangs up: the expected end
+        while True:
+            await response.write(chunk)
+    return response
+
+
+@functools.lru_cache(maxsize=4)
+def a_and_b(size: int) -> bytes:
+    return bytes(random.Random(size).choices(b"ab", k=size))
+
+
+async def ab(request: web.Request) -> web.Response:
+    return web.Response(body=a_and_b(int(request.query["size"])), content_type="text/plain")
+
+
 async def charset(request: web.Request) -> web.Response:
     codec = request.match_info["codec"]
     body = CHARSET_TEXT.encode(codec, errors="ignore")
@@ -160,7 +258,8 @@ async def charset(request: web.Request) -> web.Response:
 
 
 async def sized(request: web.Request) -> web.Response:
-    return web.Response(body=b"a" * int(request.query["size"]), content_type="text/plain")
+    body = b"a" * int(request.query["size"]) + request.query.get("tail", "").encode()
+    return web.Response(body=body, content_type="text/plain")
 
 
 async def empty(_request: web.Request) -> web.Response:
@@ -194,6 +293,10 @@ def make_app() -> web.Application:
             web.get("/gzip", gzip_page),
             web.get("/deflate", deflate_page),
             web.get("/deflate-raw", raw_deflate_page),
+            web.get("/encoded", encoded_page),
+            web.get("/bomb", encoded_bomb),
+            web.get("/empty-gzip-members", empty_gzip_members),
+            web.get("/ab", ab),
             web.get("/charset/{codec}", charset),
             web.get("/bytes", sized),
             web.get("/empty", empty),

@@ -19,7 +19,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from checker.targets import SEEN, make_app, serve, silent_server
+from checker.targets import HOSTILE_PATTERN, SEEN, make_app, serve, silent_server
 from yarl import URL
 
 from checker_common.contract import ErrorKind, PatternResult, decode, encode
@@ -163,6 +163,34 @@ class Row:
 
 HELLO = {"pattern": "hello periodic"}
 FAST = {"timeout": 0.6}
+A_4096 = {"pattern": "a", "max_body_bytes": 4096}
+CAP = {"pattern": "x", "max_body_bytes": 1_048_576}
+SECOND_HALF = {"pattern": "checker</h1>"}  # of the page: in the second of two members only
+# Content codings, each on both engines: a fresh connection (http1) and a pooled one (aiohttp).
+ENCODED = [
+    ("brotli", "/encoded?codings=br", None, MATCH, HELLO),
+    ("zstd", "/encoded?codings=zstd", None, MATCH, HELLO),
+    ("gzip-then-br", "/encoded?codings=gzip,br", None, MATCH, HELLO),
+    ("br-then-zstd-then-deflate", "/encoded?codings=br,zstd,deflate", None, MATCH, HELLO),
+    ("codings-on-two-header-lines", "/encoded?codings=gzip,br&lines=1", None, MATCH, HELLO),
+    ("identity-among-codings", "/encoded?codings=identity,gzip", None, MATCH, HELLO),
+    ("gzip-two-members", "/encoded?codings=gzip&members=2", None, MATCH, SECOND_HALF),
+    ("zstd-two-frames", "/encoded?codings=zstd&members=2", None, MATCH, SECOND_HALF),
+    ("unknown-coding", "/encoded?codings=compress", ErrorKind.INVALID_RESPONSE, None, HELLO),
+    ("unknown-after-gzip", "/encoded?codings=gzip,compress", ErrorKind.INVALID_RESPONSE, None,
+     HELLO),
+    ("brotli-bomb", "/bomb?codings=br", ErrorKind.PATTERN, NO_MATCH, CAP),
+    ("zstd-bomb", "/bomb?codings=zstd", ErrorKind.PATTERN, NO_MATCH, CAP),
+    ("gzip-bomb-inside-br", "/bomb?codings=gzip,br", ErrorKind.PATTERN, NO_MATCH, CAP),
+    ("brotli-bomb-fails-when-asked", "/bomb?codings=br", ErrorKind.BODY_TOO_LARGE, NO_MATCH,
+     {**CAP, "fail_if_body_larger": True}),
+]  # fmt: skip
+ENCODED_ROWS = [
+    Row(f"{name}-{engine}", "http", path, 200, error, pattern,
+        {**fields, "keepalive": engine == "keepalive"})
+    for name, path, error, pattern, fields in ENCODED
+    for engine in ("fresh", "keepalive")
+]  # fmt: skip
 ROWS = [
     Row("200", "http", "/ok", 200, None, MATCH, HELLO),
     Row("404", "http", "/status/404", 404, ErrorKind.STATUS, None),
@@ -193,18 +221,29 @@ ROWS = [
     Row("cert-for-another-host", "wrong-host", "/ok", None, ErrorKind.TLS, None, HELLO),
     Row("tls-unverified", "self-signed", "/ok", 200, None, MATCH, {**HELLO, "verify_tls": False}),
     Row("https", "https", "/ok", 200, None, MATCH, HELLO),
+    # A bomb is read up to the cap and searched there; it fails for its size only when asked.
     Row(
         "gzip-bomb",
         "http",
         "/gzip-bomb?mb=64",
         200,
-        ErrorKind.BODY_TOO_LARGE,
-        None,
+        ErrorKind.PATTERN,
+        NO_MATCH,
         {"pattern": "x", "max_body_bytes": 1_048_576},
+    ),
+    Row(
+        "gzip-bomb-fails-when-asked",
+        "http",
+        "/gzip-bomb?mb=64",
+        200,
+        ErrorKind.BODY_TOO_LARGE,
+        NO_MATCH,
+        {"pattern": "x", "fail_if_body_larger": True},
     ),
     Row("gzip", "http", "/gzip", 200, None, MATCH, HELLO),
     Row("deflate", "http", "/deflate", 200, None, MATCH, HELLO),
     Row("raw-deflate", "http", "/deflate-raw", 200, None, MATCH, HELLO),
+    *ENCODED_ROWS,
     Row("windows-1251", "http", "/charset/windows-1251", 200, None, MATCH, {"pattern": "Привет"}),
     Row("latin-1", "http", "/charset/latin-1", 200, None, MATCH, {"pattern": "^café $"}),
     Row("pattern-absent", "http", "/ok", 200, ErrorKind.PATTERN, NO_MATCH, {"pattern": "bye"}),
@@ -229,14 +268,34 @@ ROWS = [
     Row("head", "http", "/ok", 200, None, None, {**HELLO, "method": "HEAD"}),
     Row("no-content", "http", "/no-content", 204, None, None, HELLO),
     Row("empty-body", "http", "/empty", 200, None, None, HELLO),
+    # A longer body is searched up to the cap; it fails for its size only when asked.
+    Row("body-over-cap", "http", "/bytes?size=5000", 200, None, MATCH, {**A_4096}),
     Row(
-        "body-over-cap",
+        "body-over-cap-fails-when-asked",
         "http",
         "/bytes?size=5000",
         200,
         ErrorKind.BODY_TOO_LARGE,
+        MATCH,
+        {**A_4096, "fail_if_body_larger": True},
+    ),
+    Row(
+        "pattern-past-the-cap",
+        "http",
+        "/bytes?size=5000&tail=needle",
+        200,
+        ErrorKind.PATTERN,
+        NO_MATCH,
+        {"pattern": "needle", "max_body_bytes": 4096},
+    ),
+    Row(
+        "pattern-at-the-cap",
+        "http",
+        "/bytes?size=4090&tail=needle",
+        200,
         None,
-        {"pattern": "a", "max_body_bytes": 4096},
+        MATCH,
+        {"pattern": "needle", "max_body_bytes": 4096},
     ),
     Row(
         "body-at-cap",
@@ -289,14 +348,72 @@ async def test_a_loop_stops_before_repeating_a_hop(targets: Targets, prober: Pro
     assert [seen.path for seen in targets.apps["http"][SEEN]] == ["/loop/a", "/loop/b"]
 
 
-async def test_body_read_stops_at_the_cap(targets: Targets, prober: Prober) -> None:
-    cap = 1_048_576
-    bomb = await prober.check(TASK, spec(f"{targets.http}/gzip-bomb?mb=64", max_body_bytes=cap))
-    big = await prober.check(TASK, spec(f"{targets.http}/bytes?size=5000", max_body_bytes=4096))
-    fits = await prober.check(TASK, spec(f"{targets.http}/bytes?size=4096", max_body_bytes=4096))
+BOMBS = ["/gzip-bomb?mb=64", "/bomb?codings=br", "/bomb?codings=zstd", "/bomb?codings=gzip,br"]
 
-    assert (bomb.bytes, big.bytes, fits.bytes) == (cap, 4096, 4096)
-    assert fits.ok
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["fresh", "keepalive"])
+async def test_body_read_stops_at_the_cap_and_says_so(
+    targets: Targets, prober: Prober, keepalive: bool
+) -> None:
+    cap = 1_048_576
+    bombs = [
+        await prober.check(TASK, spec(f"{targets.http}{path}", keepalive=keepalive))
+        for path in BOMBS
+    ]
+    small = {"max_body_bytes": 4096, "keepalive": keepalive}
+    big = await prober.check(TASK, spec(f"{targets.http}/bytes?size=5000", **small))
+    fits = await prober.check(TASK, spec(f"{targets.http}/bytes?size=4096", **small))
+
+    assert [(bomb.ok, bomb.bytes, bomb.body_truncated) for bomb in bombs] == [(True, cap, True)] * 4
+    assert (big.ok, big.bytes, big.body_truncated) == (True, 4096, True)
+    assert (fits.ok, fits.bytes, fits.body_truncated) == (True, 4096, False)
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["fresh", "keepalive"])
+async def test_an_encoded_body_that_decodes_to_nothing_is_not_read_forever(
+    targets: Targets, prober: Prober, keepalive: bool
+) -> None:
+    url = f"{targets.http}/empty-gzip-members"
+    result = await prober.check(TASK, spec(url, timeout=30, keepalive=keepalive))
+
+    # Read no further than twice the cap on the wire, then stopped: not to the time-out.
+    assert (result.ok, result.bytes, result.body_truncated) == (True, 0, True), result.error
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["fresh", "keepalive"])
+async def test_an_unknown_coding_is_named(
+    targets: Targets, prober: Prober, keepalive: bool
+) -> None:
+    url = f"{targets.http}/encoded?codings=gzip,compress"
+    result = await prober.check(TASK, spec(url, keepalive=keepalive))
+
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.INVALID_RESPONSE
+    assert "unsupported content-encoding 'compress'" in result.error.message
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["fresh", "keepalive"])
+async def test_accept_encoding_offers_what_the_probe_decodes(
+    targets: Targets, prober: Prober, keepalive: bool
+) -> None:
+    result = await prober.check(TASK, spec(f"{targets.http}/echo", keepalive=keepalive))
+
+    assert result.ok
+    (seen,) = targets.apps["http"][SEEN]
+    assert seen.headers["Accept-Encoding"] == "gzip, deflate, br, zstd"
+
+
+async def test_a_search_that_outlives_the_time_out_fails_as_pattern_timeout(
+    targets: Targets, prober: Prober
+) -> None:
+    # About 3.5 s of RE2's NFA (7 ns x 1,000 instructions x 512 KiB), on the loop or not.
+    url = f"{targets.http}/ab?size=524288"
+    result = await prober.check(TASK, spec(url, pattern=HOSTILE_PATTERN, timeout=1.0))
+
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.PATTERN_TIMEOUT, result.error
+    assert "pattern search of 524288 bytes not finished within 1 s" in result.error.message
+    assert (result.status, result.bytes, result.pattern_search) == (200, 524288, None)
 
 
 async def test_https_measures_every_phase_and_the_certificate_expiry(

@@ -148,6 +148,15 @@ def test_replace_and_delete(path: Path) -> None:
     [
         ({"timeout": 90.0}, "timeout: must be below the interval"),
         ({"pattern": "(unclosed"}, "pattern: not a valid RE2"),
+        # Valid before patterns had a size limit (the one the limit was made for).
+        (
+            {"pattern": r"\w{1000}\w{1000}\w{1000}\w{1000}Z"},
+            "pattern: compiles to 12005 RE2 instructions; at most 1000",
+        ),
+        (
+            {"pattern": "x" * 100, "max_body_bytes": 64 * 1_048_576},
+            "max_body_bytes: at most 41297762 bytes with this pattern (104 RE2 instructions)",
+        ),
         ({"retired_field": True}, "retired_field: Extra inputs are not permitted"),
     ],
 )

@@ -52,10 +52,12 @@ def test_hostile_targets_do_not_delay_normal_ones_or_grow_memory(
             target.url("/bytes?size=8000000"),
             "http://no-such-host.invalid/",
         ]
+        # A body over the cap fails only when the task asks (else it is read to the cap).
         hostile = [
-            spec(hostile_urls[i % len(hostile_urls)], interval=3.0, timeout=2.0)
+            spec(hostile_urls[i % len(hostile_urls)], interval=3.0, timeout=2.0,
+                 fail_if_body_larger=True)
             for i in range(EACH)
-        ]
+        ]  # fmt: skip
         normal = [spec(fine.url("/ok"), interval=1.0, timeout=0.9) for _ in range(EACH)]
         normal_ids = set(seed_tasks(storage, normal))
         seed_tasks(storage, hostile)

@@ -46,6 +46,25 @@ def test_copy_text_escapes_what_copy_would_misread() -> None:
     assert "\\N" in line  # absent fields are NULL, not empty strings
 
 
+def test_copy_text_writes_whether_the_body_was_truncated() -> None:
+    task = str(uuid.uuid4()).encode()
+    message = (
+        b'{"%s": {"schema_version": 1, "result_id": "%s", "name": "n", "url": "u",'
+        b' "timestamp": "2026-01-01T00:00:00Z", "load_time": 1, "ok": true%s}}'
+    )
+    records = [
+        Record("t", 0, offset, None, message % (task, str(uuid.uuid4()).encode(), extra))
+        for offset, extra in enumerate([b', "body_truncated": true', b""])
+    ]
+    rows, rejected = parse(records, 4096)
+    assert rejected == []
+    lines = [
+        dict(zip(COLUMNS, line.split("\t"), strict=True)) for line in copy_text(rows).splitlines()
+    ]
+    # A message without the field (a checker before it) read its whole body.
+    assert [line["body_truncated"] for line in lines] == ["t", "f"]
+
+
 def test_copy_text_writes_each_number_as_read_an_infinite_one_too() -> None:
     """Numbers are written a batch at a time as JSON, which has no infinity; the first
     checker's shape can carry one ("inf" as load_time), and it must not turn into NULL."""

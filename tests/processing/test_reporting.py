@@ -180,7 +180,7 @@ def test_report_and_migrate_commands(schema_dsn: str) -> None:
     assert (first.returncode, first.stdout) == (
         0,
         "applied 0001_initial\napplied 0002_latest_results_lateral\n"
-        "applied 0003_tasks_fillfactor\n",
+        "applied 0003_tasks_fillfactor\napplied 0006_body_truncated\n",
     ), first.stderr
     again = run_cli("checker_processing.cli", "migrate", env=env)
     assert (again.returncode, again.stdout) == (0, "schema is up to date\n"), again.stderr
