@@ -72,9 +72,10 @@ async def test_hostile_patterns_and_bodies_stall_nothing_else(
         ]
         classes: dict[uuid.UUID, str] = dict.fromkeys(seed_tasks(storage, normal), "normal")
         for name, path in BODIES.items():
-            # "x" is in none of them: the search runs over the whole cap.
+            # "x" is in none of them: the search runs over the whole cap. Time-outs leave room
+            # to read 1 MiB from one local server on a busy 2-core machine.
             bodies = [
-                spec(target.url(path), interval=3, timeout=2, pattern="x") for _ in range(EACH)
+                spec(target.url(path), interval=6, timeout=5, pattern="x") for _ in range(EACH)
             ]
             classes.update(dict.fromkeys(seed_tasks(storage, bodies), name))
         env = checker_env(kafka, topic, storage)
@@ -156,8 +157,8 @@ async def add_task(
         "name": f"hostile-{uuid.uuid4().hex[:8]}",
         "url": target.url(f"/ab?size={CAP}"),
         "pattern": pattern,
-        "interval": 3,
-        "timeout": 2,
+        "interval": 6,
+        "timeout": 5,
     }
     async with http.post(f"{api}/tasks", json=body) as response:
         answer: dict[str, Any] = await response.json()
