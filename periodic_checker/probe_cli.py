@@ -138,7 +138,8 @@ def build_spec(args: argparse.Namespace) -> TaskSpec:
         "max_body_bytes": args.max_body_bytes,
     }
     try:
-        return TaskSpec.model_validate(fields)
+        # Options are text: read numbers from it here (the API is strict, a command line cannot be).
+        return TaskSpec.model_validate(fields, strict=False)
     except ValidationError as exc:
         fail(PROG, describe(exc))
 

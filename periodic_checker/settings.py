@@ -12,6 +12,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from checker_common.settings import CommonSettings
 
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,[::1]"
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - names, not a bind
+_HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")
 
 
 def parse_networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -32,6 +35,13 @@ class CheckerSettings(CommonSettings):
     api_port: int = Field(8080, ge=1, le=65535, description="port of the HTTP API and /metrics")
     api_token: SecretStr | None = Field(
         None, description="bearer token for changes over the API; required off loopback"
+    )
+    api_allowed_hosts: str = Field(
+        DEFAULT_ALLOWED_HOSTS,
+        description=(
+            "host names the API answers to in the Host header (any port), comma separated;"
+            " API_HOST is added unless it is a wildcard; * answers any"
+        ),
     )
     max_tasks: int = Field(100_000, ge=1, description="most tasks the store accepts")
     max_in_flight: int = Field(500, ge=1, le=100_000, description="checks running at once")
@@ -78,6 +88,33 @@ class CheckerSettings(CommonSettings):
             raise ValueError(f"not a list of networks: {exc}") from None
         return value
 
+    @field_validator("api_allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: str) -> str:
+        entries = [part.strip() for part in value.split(",") if part.strip()]
+        if not entries:
+            raise ValueError("must name at least one host (or * for any)")
+        for entry in entries:
+            if entry != "*" and normal_host(entry) is None:
+                raise ValueError(
+                    f"not a host name or address: {entry[:60]!r} (no port, IPv6 in brackets)"
+                )
+        return value
+
+    def allowed_hosts(self) -> frozenset[str] | None:
+        """The Host header values (port removed, lower case) the API answers; None: any."""
+        entries = [part.strip() for part in self.api_allowed_hosts.split(",") if part.strip()]
+        if "*" in entries:
+            return None
+        found = {host for host in map(normal_host, entries) if host is not None}
+        own = self.api_host.strip()
+        if own not in WILDCARD_HOSTS:
+            spelled = f"[{own}]" if ":" in own and not own.startswith("[") else own
+            host = normal_host(spelled)
+            if host is not None:
+                found.add(host)
+        return frozenset(found)
+
     @field_validator("api_token")
     @classmethod
     def _token_strength(cls, value: SecretStr | None) -> SecretStr | None:
@@ -100,6 +137,40 @@ class CheckerSettings(CommonSettings):
         if self.api_token is not None:
             found.append(self.api_token.get_secret_value())
         return found
+
+
+def normal_host(text: str) -> str | None:
+    """A host as the Host header's host part compares: lower case, no trailing dot, IPv6 in
+    brackets and compressed; None when `text` is not a host name or an IP address."""
+    host = text.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1])}]"
+        except ValueError:
+            return None
+    if not _HOST_NAME.match(host):
+        return None
+    return host.removesuffix(".") or None
+
+
+def host_header_host(value: str) -> str | None:
+    """The host of a Host header value (`name:port`, `[v6]:port`), normalised like
+    `normal_host()`; None when it is not one."""
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        rest = text[end + 1 :]
+        if end < 0 or (rest and not (rest[0] == ":" and _is_port(rest[1:]))):
+            return None
+        return normal_host(text[: end + 1])
+    name, colon, port = text.rpartition(":")
+    if colon and not _is_port(port):
+        return None
+    return normal_host(name if colon else text)
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) <= 65535
 
 
 def is_loopback(host: str) -> bool:

@@ -51,9 +51,9 @@ async def test_with_the_token_mutating_routes_work(authed: Client) -> None:
     created = await authed.post("/tasks", json=TASK, headers=bearer(TOKEN))
     assert created.status == 201
     task_id = (await created.json())["id"]
-    paused = await authed.post(f"/tasks/{task_id}/pause", headers=bearer(TOKEN))
+    paused = await authed.post(f"/tasks/{task_id}/pause", json={}, headers=bearer(TOKEN))
     assert paused.status == 200
-    deleted = await authed.delete(f"/tasks/{task_id}", headers=bearer(TOKEN))
+    deleted = await authed.delete(f"/tasks/{task_id}", json={}, headers=bearer(TOKEN))
     assert deleted.status == 204
 
 
