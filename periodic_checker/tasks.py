@@ -29,8 +29,9 @@ from periodic_checker.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, pars
 #
 # Text that goes into results and logs holds none of: ASCII and C1 controls (NUL makes
 # PostgreSQL refuse the result, ESC writes ANSI escapes into a terminal), line and paragraph
-# separators, bidirectional embeddings, overrides and isolates, surrogates.
-_UNSAFE_TEXT = r"\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+# separators, bidirectional embeddings, overrides and isolates. (A lone surrogate cannot come
+# through JSON; naming surrogates here would make the pattern invalid for ECMAScript engines.)
+_UNSAFE_TEXT = r"\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
 NAME_PATTERN = rf"^[^\x00-\x1f{_UNSAFE_TEXT}]*$"
 # A header value may also hold a horizontal tab (RFC 9110 field-value).
 HEADER_VALUE_PATTERN = rf"^[^\x00-\x08\x0a-\x1f{_UNSAFE_TEXT}]*$"
@@ -39,6 +40,8 @@ _CODE = "[1-5][0-9][0-9]"
 _RANGE = f"{_CODE}(?: *- *{_CODE})?"
 STATUS_RANGES_PATTERN = rf"^ *{_RANGE}(?: *, *{_RANGE})* *$"
 MAX_HEADER_VALUE = 8192
+# The integer fields of TaskSpec (a test keeps this in step with the model).
+INTEGER_FIELDS = ("max_redirects", "max_body_bytes", "retries", "end_after_runs")
 
 NAME_TEXT = re.compile(NAME_PATTERN)
 HEADER_NAME = re.compile(HEADER_NAME_PATTERN)
@@ -166,6 +169,17 @@ class TaskSpec(BaseModel):
     retry_interval: float = Field(5.0, gt=0, le=3600)
     end_after_runs: int | None = Field(None, ge=1)
     end_at: datetime | None = None
+
+    @field_validator(*INTEGER_FIELDS, mode="before")
+    @classmethod
+    def _integral_numbers_are_integers(cls, value: Any) -> Any:
+        # JSON Schema's `integer` (the document's word) is any number without a fraction, 7.0
+        # too; strict mode alone would refuse 7.0. A string or a boolean stays refused. (Only
+        # on integer fields: a before-validator makes the rest of a field's validation read
+        # Python values, where strict mode refuses a time written as text.)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     @field_validator("name")
     @classmethod

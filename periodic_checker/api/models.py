@@ -92,7 +92,8 @@ class TaskListQuery(BaseModel):
 class TaskPageResponse(BaseModel):
     tasks: list[Task]
     next_cursor: str | None = Field(
-        description="pass as `cursor` for the next page; null at the end"
+        description="pass as `cursor` for the next page; null at the end",
+        json_schema_extra={"pattern": CURSOR_PATTERN},
     )
 
 

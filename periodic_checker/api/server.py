@@ -9,8 +9,10 @@
 - Deadlines: a request head must arrive within `HEAD_TIMEOUT` seconds of the connection (or
   of the previous response, on a kept-alive connection), else the connection is closed
   (aiohttp's keep-alive timer closes a connection still waiting for a whole head); a body
-  within `BODY_READ_TIMEOUT` seconds of the handler asking for it, else `408` and the
-  connection is closed (`routes.read_body`).
+  within `BODY_READ_TIMEOUT` seconds of the handler asking for it, else `408`
+  (`routes.read_body`); the connection is then closed once the rest of the body has come or
+  `LINGER` seconds have passed (aiohttp reads and drops it meanwhile, so that the client
+  reads the answer instead of a reset).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT: Final = 15.0
 BODY_READ_TIMEOUT: Final = 15.0
+LINGER: Final = 10.0
 MAX_LINE: Final = 8190  # aiohttp's limit for the request line and each header field
 MAX_HEADERS: Final = 128  # aiohttp's limit for the number of header fields
 
@@ -87,13 +90,18 @@ class ApiServer(web.Server):
 
 
 class ApiRunner(web.AppRunner):
-    """`web.AppRunner` serving with `ApiServer`, and `head_timeout` for request heads (and
-    idle kept-alive connections)."""
+    """`web.AppRunner` serving with `ApiServer`, `head_timeout` for request heads (and idle
+    kept-alive connections) and `linger` for the rest of a body nobody reads."""
 
     def __init__(
-        self, app: web.Application, *, head_timeout: float = HEAD_TIMEOUT, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        head_timeout: float = HEAD_TIMEOUT,
+        linger: float = LINGER,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(app, keepalive_timeout=head_timeout, **kwargs)
+        super().__init__(app, keepalive_timeout=head_timeout, lingering_time=linger, **kwargs)
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()

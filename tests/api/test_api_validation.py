@@ -91,6 +91,7 @@ BODY_CASES: list[tuple[str, Any, int, str, str]] = [
 # Near misses of the rules above that are valid, so the rules are not too wide.
 ACCEPTED_CASES: list[tuple[str, dict[str, Any]]] = [
     ("a JSON integer is a number", {**OK, "interval": 30, "timeout": 5}),
+    ("a number without a fraction is an integer", {**OK, "retries": 2.0, "max_redirects": 3.0}),
     ("timeout left out, interval 11", {**OK, "interval": 11}),
     ("timeout left out, run once", {**OK, "interval": None}),
     ("emoji with joiners in name", {**OK, "name": "\U0001f468\u200d\U0001f469\u200d\U0001f467"}),
@@ -202,6 +203,8 @@ async def test_a_malformed_id_is_422_naming_id(client: Client, path: str) -> Non
         ({"status": "sleeping"}, "status"),
         ({"health": "meh"}, "health"),
         ({"sort": "name"}, "sort"),
+        ({"cursor": "0"}, "cursor"),
+        ({"cursor": "WyIyMDI2LTExLTI3IiwgIngiXQ"}, "cursor"),  # the old base64 cursors
     ],
 )
 async def test_bad_list_queries_name_the_parameter(
@@ -244,3 +247,23 @@ async def test_an_unexpected_error_is_a_logged_500_json(
     assert any(
         "unexpected error on GET /tasks/" in r.getMessage() and r.exc_info for r in caplog.records
     )
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "00000000T000000000000-00000000000000000000000000000000",
+        "99999999T999999999999-ffffffffffffffffffffffffffffffff",
+        "20261399T256199000000-0123456789abcdef0123456789abcdef",  # no such time: still a place
+    ],
+)
+async def test_any_cursor_of_the_documented_shape_is_a_place_in_the_list(
+    client: Client, cursor: str
+) -> None:
+    await client.post("/tasks", json=OK)
+
+    response = await client.get("/tasks", params={"cursor": cursor})
+
+    assert response.status == 200
+    page = await response.json()
+    assert len(page["tasks"]) == (1 if cursor.startswith("0") else 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 
 from checker_common.contract import ErrorKind, Health
 from periodic_checker.tasks import (
+    INTEGER_FIELDS,
     ONE_SHOT_SPREAD,
     Task,
     TaskSpec,
@@ -319,7 +321,7 @@ def test_stored_definitions_keep_loading_under_strict_validation() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("interval", "10"), ("interval", True), ("timeout", "5"), ("verify_tls", "yes"),
-     ("follow_redirects", 1), ("retries", "1"), ("max_body_bytes", 1024.0)],
+     ("follow_redirects", 1), ("retries", "1"), ("max_body_bytes", 1024.5)],
 )  # fmt: skip
 def test_a_json_string_is_not_a_number_and_not_a_boolean(field: str, value: Any) -> None:
     document = orjson.dumps({"name": "site", "url": "http://example.test/", field: value})
@@ -328,3 +330,17 @@ def test_a_json_string_is_not_a_number_and_not_a_boolean(field: str, value: Any)
         TaskSpec.model_validate_json(document)
 
     assert [error["loc"] for error in refused.value.errors()] == [(field,)]
+
+
+def test_every_integer_field_takes_a_number_without_a_fraction() -> None:
+    integers = {
+        name
+        for name, info in TaskSpec.model_fields.items()
+        if int in (info.annotation, *typing.get_args(info.annotation))
+    }
+    assert set(INTEGER_FIELDS) == integers  # JSON Schema's `integer`: 3.0 is one
+    document = {"name": "site", "url": "http://example.test/", **dict.fromkeys(integers, 3.0)}
+
+    spec = TaskSpec.model_validate_json(orjson.dumps(document))
+
+    assert all(getattr(spec, name) == 3 for name in integers)
