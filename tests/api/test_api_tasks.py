@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 from api.support import Client, ClientFactory, checker_service, make_settings, published
 
@@ -213,8 +214,16 @@ async def assert_limit_refused(client: Client) -> None:
     assert "maximum of 2" in body["message"]
 
 
-async def test_a_denied_target_is_422_naming_url(client: Client) -> None:
-    response = await client.post("/tasks", json=spec(url="http://169.254.169.254/latest/"))
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/",
+        "http://[::ffff:0:a9fe:a9fe]/",  # SIIT
+        "http://[64:ff9b:1::a9fe:a9fe]/",  # local-use NAT64
+    ],
+)
+async def test_a_denied_target_is_422_naming_url(client: Client, url: str) -> None:
+    response = await client.post("/tasks", json=spec(url=url))
     assert response.status == 422
     body = await response.json()
     assert body["error"] == "target_denied"
