@@ -98,7 +98,7 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     service = CheckerService(store, scheduler, policy=policy, publisher=publisher)
     collector = metrics.register(scheduler, publisher)
     await scheduler.start(tasks)
-    runner = web.AppRunner(build_app(service, settings), access_log=None)
+    runner = api_runner(build_app(service, settings))
     await runner.setup()
     started = False
     try:
@@ -154,6 +154,16 @@ async def _feed_watchdog(
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), period)
+
+
+def api_runner(app: web.Application) -> web.AppRunner:
+    """The API's runner (JSON for requests aiohttp's parser refuses, a deadline for request
+    heads) when the API is installed, else aiohttp's own."""
+    try:
+        from periodic_checker.api.server import ApiRunner
+    except ImportError:
+        return web.AppRunner(app, access_log=None)
+    return ApiRunner(app, access_log=None)
 
 
 def build_app(service: TaskService, settings: CheckerSettings) -> web.Application:

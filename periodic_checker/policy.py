@@ -11,8 +11,12 @@ before anything is resolved; the probe repeats it on every redirect hop), and
 drops denied addresses). An IP literal may be spelled in many ways that the C resolver still
 maps onto an address (`2852039166`, `0xA9FEA9FE`, `0251.0376.0251.0376`, `169.254.43518`,
 `[::ffff:169.254.169.254]`); `parse_host_address()` reads them all the way `inet_aton` does, and
-IPv6 forms that carry an IPv4 address (mapped, compatible, NAT64, 6to4) are judged by that
-IPv4 address too.
+IPv6 forms that carry an IPv4 address (mapped, compatible, SIIT-translated, NAT64 with the
+well-known and the local-use prefix, 6to4, Teredo) are judged by that IPv4 address too.
+
+A URL's host is read by `periodic_checker.urls.parse_url()`, the parser the probe fetches with:
+a URL it cannot read is refused here too, so no URL passes the policy that the probe would
+read differently.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 import yarl
 
 from periodic_checker.settings import CheckerSettings, parse_networks
+from periodic_checker.urls import InvalidURL, parse_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -35,6 +40,12 @@ DEFAULT_DENY: tuple[IPNetwork, ...] = (
 )
 # RFC 6052 well-known prefix: on an IPv6-only network a NAT64 gateway turns these into IPv4.
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# RFC 8215 local-use prefix: an operator's NAT64 may use any RFC 6052 layout of /48 or longer
+# inside it, so each of those layouts is read.
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+NAT64_LOCAL_LAYOUTS = (48, 56, 64, 96)
+# RFC 2765 / 6145 SIIT "IPv4-translated" addresses, ::ffff:0:a.b.c.d.
+SIIT = ipaddress.ip_network("::ffff:0:0:0/96")
 MAX_REMEMBERED = 10_000
 
 
@@ -78,18 +89,22 @@ class TargetPolicy:
         return self._verdict(address, resolved=True)
 
     def check_url(self, url: str | yarl.URL) -> str | None:
-        """Why the URL's literal host is denied, or None (also for names and unparsable URLs).
+        """Why the URL's literal host is denied, or None (also for names, judged after DNS).
 
-        The host is read the way the HTTP client will read it (yarl normalises full-width
-        digits and ideographic full stops into ASCII, which then spell an IPv4 literal).
+        A string is read by `parse_url()`, as the probe reads it (yarl normalises full-width
+        digits and ideographic full stops into ASCII, which then spell an IPv4 literal); one it
+        cannot read is refused. A `yarl.URL` is taken as already read that way.
         """
-        try:
-            parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
-            host = parsed.host
-        except (ValueError, TypeError):
-            return None
+        if isinstance(url, yarl.URL):
+            parsed = url
+        else:
+            try:
+                parsed = parse_url(url)
+            except InvalidURL as exc:
+                return f"not a URL the checker can fetch: {exc}"
+        host = parsed.raw_host
         if not host:
-            return None
+            return "the URL names no host"
         return self.check_host(host)
 
     def _verdict(self, host: str, *, resolved: bool) -> str | None:
@@ -128,7 +143,8 @@ def denied_reason(
 
 
 def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses an IPv6 address stands for: mapped, compatible, NAT64, 6to4, Teredo."""
+    """IPv4 addresses an IPv6 address stands for: mapped, compatible, SIIT, NAT64 (well-known
+    and local-use prefixes), 6to4, Teredo."""
     if not isinstance(address, ipaddress.IPv6Address):
         return []
     found: list[ipaddress.IPv4Address] = []
@@ -138,13 +154,28 @@ def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
     # IPv4-compatible (::a.b.c.d, deprecated); :: and ::1 are not IPv4 addresses.
     if value >> 32 == 0 and value > 1:
         found.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
-    if address in NAT64:
+    if address in NAT64 or address in SIIT:
         found.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+    if address in NAT64_LOCAL:
+        for prefix_length in NAT64_LOCAL_LAYOUTS:
+            candidate = rfc6052_ipv4(address, prefix_length)
+            if candidate not in found:
+                found.append(candidate)
     if address.sixtofour is not None:
         found.append(address.sixtofour)
     if address.teredo is not None:
         found.append(address.teredo[1])
     return found
+
+
+def rfc6052_ipv4(address: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
+    """The IPv4 address inside an RFC 6052 address with a prefix of `prefix_length` bits
+    (32, 40, 48, 56, 64 or 96); bits 64-71 are the reserved `u` octet and never hold it."""
+    packed = address.packed
+    if prefix_length == 96:
+        return ipaddress.IPv4Address(packed[12:16])
+    # The octets fill the bytes after the prefix up to byte 7, skip byte 8, then go on.
+    return ipaddress.IPv4Address((packed[prefix_length // 8 : 8] + packed[9:])[:4])
 
 
 def parse_host_address(host: str) -> IPAddress | None:

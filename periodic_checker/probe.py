@@ -74,6 +74,7 @@ from periodic_checker.dns import DNS_THREADS, DaemonThreadPool, PoolResolver
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.search import PatternSearcher
 from periodic_checker.tasks import TaskSpec, status_accepted
+from periodic_checker.urls import InvalidURL, redirect_target
 
 log = logging.getLogger(__name__)
 
@@ -548,8 +549,8 @@ class Prober:
         if tls is None:
             raise RuntimeError("Prober.start() was not called")
         try:
-            url = URL(spec.url)
-        except ValueError as exc:  # e.g. a host that is not valid IDNA
+            url = spec.fetch_url  # parse_url(): the parser the API and the policy read it with
+        except InvalidURL as exc:  # a stored definition from before a rule was tightened
             return CheckError(kind=ErrorKind.CONNECT, message=_short(f"invalid URL: {exc}"))
         method: str = spec.method
         data = spec.body.encode() if spec.body is not None else None
@@ -591,16 +592,14 @@ class Prober:
                 await response.aclose()
             run.end_hop(None)
             try:
-                target = url.join(URL(location))
-            except ValueError:
+                # Read by the rules a task's own URL is read by.
+                target = redirect_target(url, location)
+            except InvalidURL as exc:
                 return CheckError(
                     kind=ErrorKind.INVALID_RESPONSE,
-                    message=_short(f"redirect to an invalid URL: {redact_url(location)!r}"),
-                )
-            if target.scheme not in ("http", "https") or not target.host:
-                return CheckError(
-                    kind=ErrorKind.INVALID_RESPONSE,
-                    message=_short(f"redirect to an unsupported URL: {redact_url(location)!r}"),
+                    message=_short(
+                        f"redirect to an unsupported URL: {redact_url(location)!r}: {exc}"
+                    ),
                 )
             if run.redirects >= spec.max_redirects:
                 next_url = redact_url(str(target))

@@ -146,7 +146,8 @@ def build_spec(args: argparse.Namespace) -> TaskSpec:
         "fail_if_body_larger": args.fail_if_body_larger,
     }
     try:
-        return TaskSpec.model_validate(fields)
+        # Options are text: read numbers from it here (the API is strict, a command line cannot be).
+        return TaskSpec.model_validate(fields, strict=False)
     except ValidationError as exc:
         fail(PROG, describe(exc))
 

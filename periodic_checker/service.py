@@ -41,6 +41,12 @@ class InvalidChange(ServiceError):
     """A change that is well-formed but not allowed now (for example resuming a done task)."""
 
 
+# Every string of this shape is a position in the list (after a creation time and an id, in
+# digits and hex), so the OpenAPI document states the whole rule as a pattern and a cursor
+# that matches it is never refused. The store makes and reads them.
+CURSOR_PATTERN = r"^[0-9]{8}T[0-9]{12}-[0-9a-f]{32}$"
+
+
 @dataclass(frozen=True)
 class TaskPage:
     tasks: list[Task]

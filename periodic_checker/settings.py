@@ -13,6 +13,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from checker_common.settings import CommonSettings, KafkaSettings, LoggingSettings
 
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,[::1]"
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - names, not a bind
+_HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")
 
 
 def parse_networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -54,6 +57,13 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
 
     task_storage: Path = Field(Path("tasks.sqlite3"), description="SQLite file holding the tasks")
     kafka_topic: str = Field("checker-results", description="topic the checker writes results to")
+    api_allowed_hosts: str = Field(
+        DEFAULT_ALLOWED_HOSTS,
+        description=(
+            "host names the API answers to in the Host header (any port), comma separated;"
+            " API_HOST is added unless it is a wildcard; * answers any"
+        ),
+    )
     max_tasks: int = Field(100_000, ge=1, description="most tasks the store accepts")
     max_in_flight: int = Field(500, ge=1, le=100_000, description="checks running at once")
     per_host_in_flight: int = Field(
@@ -99,6 +109,33 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
             raise ValueError(f"not a list of networks: {exc}") from None
         return value
 
+    @field_validator("api_allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: str) -> str:
+        entries = [part.strip() for part in value.split(",") if part.strip()]
+        if not entries:
+            raise ValueError("must name at least one host (or * for any)")
+        for entry in entries:
+            if entry != "*" and normal_host(entry) is None:
+                raise ValueError(
+                    f"not a host name or address: {entry[:60]!r} (no port, IPv6 in brackets)"
+                )
+        return value
+
+    def allowed_hosts(self) -> frozenset[str] | None:
+        """The Host header values (port removed, lower case) the API answers; None: any."""
+        entries = [part.strip() for part in self.api_allowed_hosts.split(",") if part.strip()]
+        if "*" in entries:
+            return None
+        found = {host for host in map(normal_host, entries) if host is not None}
+        own = self.api_host.strip()
+        if own not in WILDCARD_HOSTS:
+            spelled = f"[{own}]" if ":" in own and not own.startswith("[") else own
+            host = normal_host(spelled)
+            if host is not None:
+                found.add(host)
+        return frozenset(found)
+
     @model_validator(mode="after")
     def _token_off_loopback(self) -> Self:
         if self.api_token is None and not is_loopback(self.api_host):
@@ -106,6 +143,40 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
                 f"API_TOKEN is required when API_HOST ({self.api_host}) is not a loopback address"
             )
         return self
+
+
+def normal_host(text: str) -> str | None:
+    """A host as the Host header's host part compares: lower case, no trailing dot, IPv6 in
+    brackets and compressed; None when `text` is not a host name or an IP address."""
+    host = text.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1])}]"
+        except ValueError:
+            return None
+    if not _HOST_NAME.match(host):
+        return None
+    return host.removesuffix(".") or None
+
+
+def host_header_host(value: str) -> str | None:
+    """The host of a Host header value (`name:port`, `[v6]:port`), normalised like
+    `normal_host()`; None when it is not one."""
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        rest = text[end + 1 :]
+        if end < 0 or (rest and not (rest[0] == ":" and _is_port(rest[1:]))):
+            return None
+        return normal_host(text[: end + 1])
+    name, colon, port = text.rpartition(":")
+    if colon and not _is_port(port):
+        return None
+    return normal_host(name if colon else text)
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) <= 65535
 
 
 def is_loopback(host: str) -> bool:

@@ -9,10 +9,9 @@ several checkers) implements the same Protocol.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
+import re
 import sqlite3
 import threading
 import uuid
@@ -26,7 +25,13 @@ from pydantic import ValidationError
 
 from checker_common.contract import Health
 from checker_common.redact import redact_url
-from periodic_checker.service import NameTaken, TaskFilter, TaskPage, TooManyTasks
+from periodic_checker.service import (
+    CURSOR_PATTERN,
+    NameTaken,
+    TaskFilter,
+    TaskPage,
+    TooManyTasks,
+)
 from periodic_checker.tasks import Task, TaskSpec, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -441,18 +446,22 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+# A cursor is the position after (created_at, id) in digits and hex (CURSOR_PATTERN):
+# `20261127T200555239275-3f1c8a526a8e4c399a445d2b1f0e7c11`. Rows are ordered by comparing the
+# stored strings, so any string of this shape is a position, even one no row has.
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def encode_cursor(created_at: str, task_id: str) -> str:
     """An opaque position in the list: after (created_at, id)."""
-    return base64.urlsafe_b64encode(orjson.dumps([created_at, task_id])).decode().rstrip("=")
+    digits = "".join(c for c in created_at.removesuffix("+00:00") if c.isdigit())
+    return f"{digits[:8]}T{digits[8:]}-{uuid.UUID(task_id).hex}"
 
 
 def decode_cursor(cursor: str) -> tuple[str, str]:
-    """Raises ValueError for a cursor this store did not make."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, task_id = orjson.loads(raw)
-        datetime.fromisoformat(created)
-        uuid.UUID(task_id)
-    except (binascii.Error, orjson.JSONDecodeError, ValueError, TypeError):
-        raise ValueError("not a valid cursor") from None
-    return str(created), str(task_id)
+    """(created_at, id) as stored; ValueError for a string that is not of a cursor's shape."""
+    if not _CURSOR.match(cursor):
+        raise ValueError("not a valid cursor")
+    d, t, h = cursor[:8], cursor[9:21], cursor[22:]
+    created = f"{d[:4]}-{d[4:6]}-{d[6:]}T{t[:2]}:{t[2:4]}:{t[4:6]}.{t[6:]}+00:00"
+    return created, f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

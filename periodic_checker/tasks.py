@@ -24,14 +24,38 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import re2
+import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from checker_common.contract import MAX_NAME, MAX_URL, ErrorKind, Health
 from checker_common.redact import MASK, redact_headers, redact_url
+from periodic_checker.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, parse_url
 
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
-STATUS_RANGES = re.compile(r"^\s*\d{3}(\s*-\s*\d{3})?(\s*,\s*\d{3}(\s*-\s*\d{3})?)*\s*$")
+# Each rule below is one regular expression, used by the validator and shown as the field's
+# `pattern` in the OpenAPI document; the syntax is the subset Python, ECMAScript and the
+# fuzzer read alike (no `\s`, `\d` or `\p`).
+#
+# Text that goes into results and logs holds none of: ASCII and C1 controls (NUL makes
+# PostgreSQL refuse the result, ESC writes ANSI escapes into a terminal), line and paragraph
+# separators, bidirectional embeddings, overrides and isolates. (A lone surrogate cannot come
+# through JSON; naming surrogates here would make the pattern invalid for ECMAScript engines.)
+_UNSAFE_TEXT = r"\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+NAME_PATTERN = rf"^[^\x00-\x1f{_UNSAFE_TEXT}]*$"
+# A header value may also hold a horizontal tab (RFC 9110 field-value).
+HEADER_VALUE_PATTERN = rf"^[^\x00-\x08\x0a-\x1f{_UNSAFE_TEXT}]*$"
+HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$"
+_CODE = "[1-5][0-9][0-9]"
+_RANGE = f"{_CODE}(?: *- *{_CODE})?"
+STATUS_RANGES_PATTERN = rf"^ *{_RANGE}(?: *, *{_RANGE})* *$"
+MAX_HEADER_VALUE = 8192
+# The integer fields of TaskSpec (a test keeps this in step with the model).
+INTEGER_FIELDS = ("max_redirects", "max_body_bytes", "retries", "end_after_runs")
+
+NAME_TEXT = re.compile(NAME_PATTERN)
+HEADER_NAME = re.compile(HEADER_NAME_PATTERN)
+HEADER_VALUE = re.compile(HEADER_VALUE_PATTERN)
+STATUS_RANGES = re.compile(STATUS_RANGES_PATTERN)
 MAX_INTERVAL = 7 * 24 * 3600.0
 MIN_INTERVAL = 1.0
 MAX_TIMEOUT = 300.0
@@ -84,15 +108,18 @@ Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
 
 def parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
-    """'200-399,418' -> ((200, 399), (418, 418)); raises ValueError when malformed."""
+    """'200-399,418' -> ((200, 399), (418, 418)); raises ValueError when malformed.
+
+    Codes are 100-599; a range may be written either way round ('399-200' is '200-399'), so
+    the pattern alone is the whole rule."""
     if not STATUS_RANGES.match(text):
-        raise ValueError("expected ranges like '200-399' or '200,204,301-302'")
+        raise ValueError(
+            "expected ranges of status codes 100-599 like '200-399' or '200,204,301-302'"
+        )
     ranges = []
     for part in text.split(","):
         low, _, high = part.strip().partition("-")
-        lo, hi = int(low), int(high or low)
-        if not 100 <= lo <= hi <= 599:
-            raise ValueError(f"'{part.strip()}' is not a range of HTTP status codes (100-599)")
+        lo, hi = sorted((int(low), int(high or low)))
         ranges.append((lo, hi))
     return tuple(ranges)
 
@@ -101,16 +128,51 @@ def status_accepted(status: int, ranges: tuple[tuple[int, int], ...]) -> bool:
     return any(lo <= status <= hi for lo, hi in ranges)
 
 
-class TaskSpec(BaseModel):
-    """What a user defines. Unknown fields are refused; every error names its field."""
+def _headers_schema(schema: dict[str, Any]) -> None:
+    schema["propertyNames"] = {"pattern": HEADER_NAME_PATTERN}
+    schema["additionalProperties"] = {
+        "type": "string",
+        "pattern": HEADER_VALUE_PATTERN,
+        "maxLength": MAX_HEADER_VALUE,
+    }
 
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+class TaskSpec(BaseModel):
+    """What a user defines. Unknown fields are refused; every error names its field.
+
+    Strict: a JSON string is not a number and not a boolean (a JSON integer is a number).
+    Defaults are validated like given values, so a rule between fields (timeout below the
+    interval) holds for a field left out too.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        str_strip_whitespace=True,
+        strict=True,
+        validate_default=True,
+    )
 
     # A task's name and URL go into each of its results: the contract's limits.
-    name: str = Field(min_length=1, max_length=MAX_NAME)
-    url: str = Field(min_length=1, max_length=MAX_URL, description="http:// or https:// URL")
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_NAME,
+        description="unique; no control characters",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
+    url: str = Field(
+        min_length=1,
+        max_length=MAX_URL,
+        description=URL_DESCRIPTION,
+        json_schema_extra={"pattern": URL_PATTERN},
+    )
     method: Method = "GET"
-    headers: dict[str, str] = Field(default_factory=dict, max_length=50)
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=50,
+        description="request headers: token names, values without control characters",
+        json_schema_extra=_headers_schema,
+    )
     secret_headers: list[str] = Field(
         default_factory=list,
         max_length=50,
@@ -129,7 +191,12 @@ class TaskSpec(BaseModel):
         None, min_length=1, max_length=4096, description="RE2 regular expression"
     )
     pattern_fails_when: Literal["absent", "present"] = "absent"
-    accepted_statuses: str = Field("200-399", max_length=200)
+    accepted_statuses: str = Field(
+        "200-399",
+        max_length=200,
+        description="status codes that count as up, e.g. 200-399 or 200,204,301-302",
+        json_schema_extra={"pattern": STATUS_RANGES_PATTERN},
+    )
     follow_redirects: bool = True
     max_redirects: int = Field(10, ge=0, le=30)
     verify_tls: bool = True
@@ -149,20 +216,31 @@ class TaskSpec(BaseModel):
     end_after_runs: int | None = Field(None, ge=1)
     end_at: datetime | None = None
 
+    @field_validator(*INTEGER_FIELDS, mode="before")
+    @classmethod
+    def _integral_numbers_are_integers(cls, value: Any) -> Any:
+        # JSON Schema's `integer` (the document's word) is any number without a fraction, 7.0
+        # too; strict mode alone would refuse 7.0. A string or a boolean stays refused. (Only
+        # on integer fields: a before-validator makes the rest of a field's validation read
+        # Python values, where strict mode refuses a time written as text.)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, value: str) -> str:
+        if not NAME_TEXT.match(value):
+            raise ValueError(f"must not contain control characters ({_first_unsafe(value)})")
+        return value
+
     @field_validator("url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if any(c in value for c in "\r\n\t ") or not value.isprintable():
-            raise ValueError("must not contain spaces or control characters")
-        parts = urlsplit(value)
-        if parts.scheme.lower() not in {"http", "https"}:
-            raise ValueError("scheme must be http or https")
-        if not parts.hostname:
-            raise ValueError("must name a host")
+    def _fetchable_url(cls, value: str) -> str:
         try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError("port must be a number from 1 to 65535") from None
+            parse_url(value)
+        except InvalidURL as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("headers")
@@ -171,10 +249,15 @@ class TaskSpec(BaseModel):
         for name, header in value.items():
             if not HEADER_NAME.match(name):
                 raise ValueError(f"header name {name[:40]!r} is not a valid token")
-            if any(c in header for c in "\r\n\x00"):
-                raise ValueError(f"header {name!r} value must not contain CR, LF or NUL")
-            if len(header) > 8192:
-                raise ValueError(f"header {name!r} value is longer than 8192 characters")
+            if not HEADER_VALUE.match(header):
+                raise ValueError(
+                    f"header {name!r} value must not contain CR, LF, NUL or other control"
+                    f" characters ({_first_unsafe(header, tab=True)})"
+                )
+            if len(header) > MAX_HEADER_VALUE:
+                raise ValueError(
+                    f"header {name!r} value is longer than {MAX_HEADER_VALUE} characters"
+                )
         return value
 
     @field_validator("secret_headers")
@@ -228,9 +311,13 @@ class TaskSpec(BaseModel):
     @field_validator("timeout")
     @classmethod
     def _timeout_below_interval(cls, value: float, info: ValidationInfo) -> float:
+        # Runs for the default too (validate_default): interval 5 without a timeout is refused
+        # here, not stored and then turned to `error` at the next start.
         interval = info.data.get("interval")
         if interval is not None and value >= interval:
-            raise ValueError(f"must be below the interval ({value:g} s >= {interval:g} s)")
+            default = cls.model_fields["timeout"].default
+            hint = f"; the default timeout is {default:g} s" if value == default else ""
+            raise ValueError(f"must be below the interval ({value:g} s >= {interval:g} s{hint})")
         return value
 
     @cached_property
@@ -241,9 +328,19 @@ class TaskSpec(BaseModel):
     def status_ranges(self) -> tuple[tuple[int, int], ...]:
         return parse_status_ranges(self.accepted_statuses)
 
+    @cached_property
+    def fetch_url(self) -> yarl.URL:
+        """The URL the probe fetches; InvalidURL for a stored definition that no longer
+        validates (built without validation)."""
+        return parse_url(self.url)
+
     @property
     def host(self) -> str:
-        return (urlsplit(self.url).hostname or "").lower()
+        """The URL's host as the probe connects to it (IDNA, lower case); '' if unreadable."""
+        try:
+            return self.fetch_url.raw_host or ""
+        except InvalidURL:
+            return ""
 
     @cached_property
     def secret_header_names(self) -> frozenset[str]:
@@ -259,6 +356,15 @@ class TaskSpec(BaseModel):
             user, colon, password = userinfo.partition(":")
             found += [password, unquote(password)] if colon else [user, unquote(user)]
         return tuple(sorted({v for v in found if v and v != MASK}, key=len, reverse=True))
+
+
+def _first_unsafe(text: str, *, tab: bool = False) -> str:
+    """Where the first refused character is, spelled so that it can be read: 'U+0000 at 3'."""
+    for position, char in enumerate(text):
+        if (tab and char == "\t") or NAME_TEXT.match(char):
+            continue
+        return f"U+{ord(char):04X} at {position}"
+    return "none"
 
 
 class Task(BaseModel):

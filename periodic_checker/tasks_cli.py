@@ -41,6 +41,7 @@ PROG = "periodic-checker tasks"
 DEFAULT_TIMEOUT = 30.0
 POSITIONAL = ("name", "url")
 # Listening on every address still means the API is reachable on loopback.
+CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}  # noqa: S104
 
 
@@ -295,6 +296,8 @@ class Api:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Accept": "application/json"}
         data = None
+        if body is None and method in CHANGES:
+            body = {}  # the API takes a change only as JSON, even one with nothing to send
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"

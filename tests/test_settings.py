@@ -47,6 +47,9 @@ BAD_SETTINGS = [
     (CHECKER, "API_PORT", "http", "API_PORT"),
     (CHECKER, "API_PORT", "70000", "API_PORT"),
     (CHECKER, "API_TOKEN", "short", "API_TOKEN"),
+    (CHECKER, "API_ALLOWED_HOSTS", "localhost:8080", "API_ALLOWED_HOSTS"),
+    (CHECKER, "API_ALLOWED_HOSTS", "::1", "API_ALLOWED_HOSTS"),
+    (CHECKER, "API_ALLOWED_HOSTS", " , ", "API_ALLOWED_HOSTS"),
     (CHECKER, "MAX_TASKS", "0", "MAX_TASKS"),
     (CHECKER, "MAX_IN_FLIGHT", "-1", "MAX_IN_FLIGHT"),
     (CHECKER, "PER_HOST_IN_FLIGHT", "many", "PER_HOST_IN_FLIGHT"),
@@ -249,3 +252,28 @@ def test_database_commands_need_no_kafka_settings(
     assert result.stderr.startswith(f"checker-processing: error: {command}: ")
     assert len(result.stderr.splitlines()) == 1
     assert "hunter2-db-secret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("api_host", "allowed", "expected"),
+    [
+        ("127.0.0.1", None, {"localhost", "127.0.0.1", "[::1]"}),
+        ("0.0.0.0", None, {"localhost", "127.0.0.1", "[::1]"}),
+        ("::", None, {"localhost", "127.0.0.1", "[::1]"}),
+        ("10.0.0.5", None, {"localhost", "127.0.0.1", "[::1]", "10.0.0.5"}),
+        ("::1", "checker.internal", {"checker.internal", "[::1]"}),
+        ("127.0.0.1", "Checker.Internal., [0:0::1]", {"checker.internal", "[::1]", "127.0.0.1"}),
+        ("10.0.0.5", "*", None),
+    ],
+)
+def test_the_api_answers_to_loopback_names_and_its_own_address(
+    good_env: dict[str, str], api_host: str, allowed: str | None, expected: set[str] | None
+) -> None:
+    extra = {"api_host": api_host, "api_token": "t" * 16}
+    if allowed is not None:
+        extra["api_allowed_hosts"] = allowed
+    settings = CheckerSettings(**{k.lower(): v for k, v in good_env.items()}, **extra)
+
+    found = settings.allowed_hosts()
+
+    assert (set(found) if found is not None else None) == expected

@@ -1,8 +1,12 @@
 """`create_app(service, settings)`: the checker's HTTP API as an aiohttp application.
 
-The daemon builds the task service, passes it here and serves the app on API_HOST:API_PORT.
-Two middlewares wrap every route: errors become JSON (an unexpected one is logged and becomes
-a 500), and a bearer token guards every route that changes something when API_TOKEN is set.
+The daemon builds the task service, passes it here and serves the app on API_HOST:API_PORT
+with `periodic_checker.api.server.ApiRunner`. Middlewares wrap every route, outermost first:
+errors become JSON (an unexpected one is logged and becomes a 500); the Host header must name
+this API (API_ALLOWED_HOSTS), so a web page that rebinds its own DNS name to 127.0.0.1 gets
+nothing; a bearer token guards every change when API_TOKEN is set; and every change must say
+`Content-Type: application/json`, which a cross-site form cannot send without the browser
+asking first (a CORS preflight this API never grants).
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from checker_common import __version__
 from periodic_checker.api.errors import ApiError, from_http_exception, internal_error
 from periodic_checker.api.models import MAX_BODY_BYTES
 from periodic_checker.api.openapi import build_openapi
-from periodic_checker.api.routes import OPENAPI, ROUTES, SERVICE
+from periodic_checker.api.routes import BODY_TIMEOUT, OPENAPI, ROUTES, SERVICE
+from periodic_checker.api.server import BODY_READ_TIMEOUT
 from periodic_checker.service import TaskService
-from periodic_checker.settings import CheckerSettings
+from periodic_checker.settings import CheckerSettings, host_header_host
 
 log = logging.getLogger(__name__)
 
 READ_ONLY = frozenset({"GET", "HEAD", "OPTIONS"})
+JSON = "application/json"
 # Labelled by the route's pattern (/tasks/{id}), never the raw path, to keep the series few.
 REQUESTS = Counter(
     "periodic_checker_api_requests",
@@ -35,16 +41,25 @@ REQUESTS = Counter(
 )
 
 
-def create_app(service: TaskService, settings: CheckerSettings) -> web.Application:
-    """The API over `service`; `settings.api_token` (if set) guards the mutating routes."""
+def create_app(
+    service: TaskService, settings: CheckerSettings, *, body_timeout: float = BODY_READ_TIMEOUT
+) -> web.Application:
+    """The API over `service`; `settings.api_token` (if set) guards the mutating routes and
+    `settings.allowed_hosts()` lists the Host header values it answers. A request body must
+    arrive within `body_timeout` seconds."""
     token = settings.api_token.get_secret_value() if settings.api_token else None
     middlewares: list[Middleware] = [count_requests, errors_as_json]
+    allowed = settings.allowed_hosts()
+    if allowed is not None:
+        middlewares.append(host_guard(allowed))
     if token:
         middlewares.append(bearer_guard(token))
+    middlewares.append(changes_are_json)
     # client_max_size bounds bodies read without a Content-Length (chunked) too.
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SERVICE] = service
     app[OPENAPI] = orjson.dumps(build_openapi(__version__))
+    app[BODY_TIMEOUT] = body_timeout
     app.add_routes(ROUTES)
     return app
 
@@ -81,7 +96,43 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         log.exception("unexpected error on %s %s", request.method, request.path)
         response = internal_error().response()
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if response.status == 408:  # the rest of the body may still come: no next request
+        response.force_close()
     return response
+
+
+def host_guard(allowed: frozenset[str]) -> Middleware:
+    """421 unless the Host header names this API (a rebound DNS name does not)."""
+    shown = ", ".join(sorted(allowed))
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get("Host")
+        if given is None or host_header_host(given) not in allowed:
+            raise ApiError(
+                421,
+                "host_not_allowed",
+                f"the Host header {given[:100] if given is not None else '(none)'!r} is not"
+                f" one this API answers to ({shown}; see API_ALLOWED_HOSTS)",
+            )
+        return await handler(request)
+
+    return guard
+
+
+@web.middleware
+async def changes_are_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """415 for a change without `Content-Type: application/json` (even one with no body)."""
+    unrouted = request.match_info.http_exception is not None
+    if request.method in READ_ONLY or unrouted or request.content_type == JSON:
+        return await handler(request)
+    given = request.headers.get("Content-Type")
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type must be application/json, not {given[:100] if given else 'none'}"
+        " (every change sends it, with {} or no body where there is nothing to send)",
+    )
 
 
 def bearer_guard(token: str) -> Middleware:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from pydantic.fields import FieldInfo
 
 from checker_common.contract import CheckResult, Health
-from periodic_checker.service import ServiceStatus
+from periodic_checker.service import CURSOR_PATTERN, ServiceStatus
 from periodic_checker.tasks import Task, TaskSpec, TaskStatus
 
 MAX_BODY_BYTES = 64 * 1024
@@ -35,18 +35,25 @@ class ErrorBody(BaseModel):
 
 
 def _optional_copy(info: FieldInfo) -> FieldInfo:
-    """The same field (type, limits, description) but not required and without a default."""
+    """The same field (type, limits, description, pattern) but not required and without a
+    default; the `None` that marks "not given" is not validated."""
     copied = copy.copy(info)
     copied.default = None
     copied.default_factory = None
+    copied.validate_default = False
+    extra = info.json_schema_extra
+
     # The default only marks "not given" (see exclude_unset); it must not appear in the schema,
     # where `null` would read as a valid value for fields such as `name`.
-    copied.json_schema_extra = _drop_default
+    def schema_without_default(schema: dict[str, Any]) -> None:
+        if callable(extra):
+            extra(schema)
+        elif extra:
+            schema.update(extra)
+        schema.pop("default", None)
+
+    copied.json_schema_extra = schema_without_default
     return copied
-
-
-def _drop_default(schema: dict[str, Any]) -> None:
-    schema.pop("default", None)
 
 
 # PATCH /tasks/{id}: any subset of the spec's fields, with the spec's own validators. Fields
@@ -63,8 +70,9 @@ TaskPatch: type[TaskSpec] = create_model(
 
 
 def patch_changes(patch: TaskSpec) -> dict[str, Any]:
-    """Only the fields the client sent, as plain JSON values for `TaskService.update`."""
-    return patch.model_dump(mode="json", exclude_unset=True)
+    """Only the fields the client sent, as validated values for `TaskService.update` (which
+    validates the merged definition again, strictly: a time stays a datetime)."""
+    return patch.model_dump(exclude_unset=True)
 
 
 class TaskListQuery(BaseModel):
@@ -77,14 +85,15 @@ class TaskListQuery(BaseModel):
     q: str | None = Field(None, min_length=1, max_length=200, description="text in the name or URL")
     limit: int = Field(100, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(
-        None, min_length=1, max_length=500, description="next_cursor of the previous page"
+        None, pattern=CURSOR_PATTERN, description="next_cursor of the previous page"
     )
 
 
 class TaskPageResponse(BaseModel):
     tasks: list[Task]
     next_cursor: str | None = Field(
-        description="pass as `cursor` for the next page; null at the end"
+        description="pass as `cursor` for the next page; null at the end",
+        json_schema_extra={"pattern": CURSOR_PATTERN},
     )
 
 
@@ -99,10 +108,16 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class NoBody(BaseModel):
+    """Body of a change that carries no data (DELETE, pause, resume, run): `{}`, or none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class RemoveTaskRequest(BaseModel):
     """Body of the first version's POST /remove_task (deprecated alias of DELETE /tasks/{id})."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: uuid.UUID
 

@@ -1,7 +1,11 @@
 """OpenAPI 3.1 description of the API, generated from the same pydantic models the handlers use.
 
 Only the operations are spelled here (paths, status codes, which model goes where); every
-schema comes from `model_json_schema`, so the document cannot drift from validation.
+schema comes from `model_json_schema`, so the document cannot drift from validation: each
+rule a pattern can state (URL shape, name and header characters, status ranges, the list
+cursor) is one regular expression that the validators use and the schemas show. What a
+schema cannot state is in the field's description (a timeout below the interval, a pattern
+RE2 compiles, a host the checker can reach).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from periodic_checker.api.models import (
     MAX_BODY_BYTES,
     ErrorBody,
     HealthResponse,
+    NoBody,
     RemoveTaskRequest,
     RunResponse,
     StatusAdapter,
@@ -30,6 +35,7 @@ MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (TaskSpec, "validation"),
     (TaskPatch, "validation"),
     (RemoveTaskRequest, "validation"),
+    (NoBody, "validation"),
     (Task, "serialization"),
     (TaskPageResponse, "serialization"),
     (RunResponse, "serialization"),
@@ -40,13 +46,17 @@ ERRORS = {
     400: "Malformed JSON",
     401: "Missing or wrong bearer token (only when API_TOKEN is set)",
     404: "No task with this id",
+    408: "The request body did not arrive in time",
     409: "Conflict: name already used, too many tasks, or a change not allowed now",
     413: f"Request body over {MAX_BODY_BYTES} bytes",
-    415: "Content-Type is not application/json",
+    415: "Content-Type is not application/json (every change must send it)",
+    421: "The Host header is not one this API answers to (API_ALLOWED_HOSTS)",
     422: "Invalid input; `detail` names each field and its problem",
 }
-BODY_ERRORS = (400, 401, 413, 415, 422)
-URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]+"
+# Every operation can meet a wrong Host; every change a missing JSON Content-Type.
+ANY_ERRORS = (421,)
+CHANGE_ERRORS = (401, 415)
+BODY_ERRORS = (400, 408, 413, 422)
 EXAMPLE_TASK = {
     "name": "example home page",
     "url": "https://example.com/",
@@ -74,10 +84,6 @@ def build_openapi(version: str) -> dict[str, Any]:
     """The whole document, ready for JSON (built once; treat it as read-only)."""
     _, defs = models_json_schema(MODELS, ref_template=REF)
     schemas: dict[str, Any] = dict(defs["$defs"])
-    for name in ("TaskSpec", "TaskPatch"):
-        # The URL validator's first rule, spelled for clients and fuzzers (the validator
-        # stays the authority: it also checks the port and control characters).
-        schemas[name]["properties"]["url"]["pattern"] = URL_PATTERN
     schemas["ServiceStatus"] = StatusAdapter.json_schema(ref_template=REF, mode="serialization")
     return {
         "openapi": "3.1.0",
@@ -86,7 +92,9 @@ def build_openapi(version: str) -> dict[str, Any]:
             "version": version,
             "description": (
                 "Manage the checker's tasks and read its state. Routes that change something "
-                "need `Authorization: Bearer <API_TOKEN>` when API_TOKEN is set. Secrets are "
+                "need `Content-Type: application/json` (with `{}` where there is no data), and "
+                "`Authorization: Bearer <API_TOKEN>` when API_TOKEN is set. The Host header "
+                "must be one of API_ALLOWED_HOSTS (421 otherwise). Secrets are "
                 "write-only: every answer, with the token or without, shows the password in a "
                 "URL's user info and the values of Authorization, Cookie, Proxy-Authorization "
                 "and the `secret_headers` as `***`; `***` sent back keeps the stored value."
@@ -113,14 +121,28 @@ def _json(name: str, description: str, **extra: Any) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    return {str(code): _json("ErrorBody", ERRORS[code]) for code in sorted(set(codes))}
+    every = {*codes, *ANY_ERRORS}
+    return {str(code): _json("ErrorBody", ERRORS[code]) for code in sorted(every)}
 
 
 def _body(name: str, example: dict[str, Any] | None = None) -> dict[str, Any]:
     media: dict[str, Any] = {"schema": _ref(name)}
     if example is not None:
         media["example"] = example
-    return {"required": True, "content": {"application/json": media}}
+    return {
+        "required": True,
+        "description": f"JSON, at most {MAX_BODY_BYTES} bytes",
+        "content": {"application/json": media},
+    }
+
+
+# DELETE and the actions carry no data, but like every change they say they are JSON: `{}`
+# (an empty body with the Content-Type is accepted too).
+NO_BODY = {
+    "required": True,
+    "description": "`{}`: a change carries Content-Type: application/json even with no data",
+    "content": {"application/json": {"schema": {"$ref": REF.format(model="NoBody")}}},
+}
 
 
 def _task(description: str, *, created: bool = False) -> dict[str, Any]:
@@ -184,7 +206,7 @@ def _paths() -> dict[str, Any]:
                     "requestBody": _body("TaskSpec", EXAMPLE_TASK),
                     "responses": {
                         "201": _task("Created", created=True),
-                        **_errors(*BODY_ERRORS, 409),
+                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 409),
                     },
                 }
             ),
@@ -204,7 +226,7 @@ def _paths() -> dict[str, Any]:
                     "responses": {
                         "200": _task("Replaced"),
                         "201": _task("Created", created=True),
-                        **_errors(*BODY_ERRORS, 409),
+                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 409),
                     },
                 }
             ),
@@ -213,14 +235,21 @@ def _paths() -> dict[str, Any]:
                     "operationId": "updateTask",
                     "summary": "Change some fields of a task",
                     "requestBody": _body("TaskPatch", {"interval": 120, "timeout": 20}),
-                    "responses": {"200": task, **_errors(*BODY_ERRORS, 404, 409)},
+                    "responses": {
+                        "200": task,
+                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 404, 409),
+                    },
                 }
             ),
             "delete": _mutating(
                 {
                     "operationId": "deleteTask",
                     "summary": "Delete a task (results already stored stay in PostgreSQL)",
-                    "responses": {"204": {"description": "Deleted"}, **_errors(401, 404, 422)},
+                    "requestBody": NO_BODY,
+                    "responses": {
+                        "204": {"description": "Deleted"},
+                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 404),
+                    },
                 }
             ),
         },
@@ -232,9 +261,10 @@ def _paths() -> dict[str, Any]:
                 {
                     "operationId": "runTask",
                     "summary": "Run the check now, publish its result and return it",
+                    "requestBody": NO_BODY,
                     "responses": {
                         "200": _json("RunResponse", "The result message"),
-                        **_errors(401, 404, 409, 422),
+                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 404, 409),
                     },
                 }
             ),
@@ -248,7 +278,7 @@ def _paths() -> dict[str, Any]:
                     "requestBody": _body("RemoveTaskRequest"),
                     "responses": {
                         "204": {"description": "Deleted"},
-                        **_errors(*BODY_ERRORS, 404),
+                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 404),
                     },
                 }
             ),
@@ -269,14 +299,14 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "operationId": "health",
                 "summary": "Liveness: the event loop answers",
-                "responses": {"200": _json("HealthResponse", "Alive")},
+                "responses": {"200": _json("HealthResponse", "Alive"), **_errors()},
             }
         },
         "/status": {
             "get": {
                 "operationId": "status",
                 "summary": "Tasks by status and health, checks in flight, lag, queues, broker",
-                "responses": {"200": _json("ServiceStatus", "The checker's state")},
+                "responses": {"200": _json("ServiceStatus", "The checker's state"), **_errors()},
             }
         },
         "/metrics": {
@@ -287,7 +317,8 @@ def _paths() -> dict[str, Any]:
                     "200": {
                         "description": "Metrics",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    **_errors(),
                 },
             }
         },
@@ -301,7 +332,11 @@ def _action(operation_id: str, summary: str) -> dict[str, Any]:
             {
                 "operationId": operation_id,
                 "summary": summary,
-                "responses": {"200": _json("Task", "The task"), **_errors(401, 404, 409, 422)},
+                "requestBody": NO_BODY,
+                "responses": {
+                    "200": _json("Task", "The task"),
+                    **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 404, 409),
+                },
             }
         ),
     }

@@ -5,6 +5,7 @@ Every route is listed once in `ROUTES`; `openapi.py` describes the same list.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from importlib import resources
 from typing import TypeVar
@@ -18,6 +19,7 @@ from periodic_checker.api.errors import ApiError, from_service, invalid, validat
 from periodic_checker.api.models import (
     MAX_BODY_BYTES,
     HealthResponse,
+    NoBody,
     RemoveTaskRequest,
     RunResponse,
     StatusAdapter,
@@ -31,6 +33,7 @@ from periodic_checker.tasks import Task, TaskSpec, redacted
 
 SERVICE = web.AppKey("service", TaskService)
 OPENAPI = web.AppKey("openapi", bytes)
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
 STATIC = resources.files("periodic_checker.api") / "static"
 STATIC_TYPES = {
     ".html": "text/html",
@@ -70,8 +73,9 @@ def task_id(request: web.Request) -> uuid.UUID:
         raise invalid("id", "must be a UUID") from None
 
 
-async def read_json(request: web.Request) -> object:
-    """The body as JSON: 415 unless it says it is JSON, 413 past the limit, 400 if malformed."""
+async def read_body(request: web.Request) -> bytes:
+    """The raw body: 415 unless it says it is JSON, 413 past the limit, 408 when it does not
+    arrive in time (a client that declares a body and sends part of it holds nothing open)."""
     if request.content_type != "application/json":
         raise ApiError(
             415,
@@ -80,21 +84,37 @@ async def read_json(request: web.Request) -> object:
         )
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, "too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
-    raw = await request.read()  # the app's client_max_size bounds bodies sent without a length
+    deadline = request.app[BODY_TIMEOUT]
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+        async with asyncio.timeout(deadline):
+            # the app's client_max_size bounds bodies sent without a length
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408, "body_timeout", f"the request body did not arrive within {deadline:g} s"
+        ) from None
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:
-    document = await read_json(request)
+    """The body validated as `model` from its JSON text: strictly, so a JSON string is not a
+    number, while a JSON string is a time or an id where the model says so."""
+    raw = await read_body(request)
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise invalid("body", "must be a JSON object")
     try:
-        return model.model_validate(document)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+async def read_nothing(request: web.Request) -> None:
+    """A change that carries no data: no body, or `{}`."""
+    if request.body_exists and await read_body(request):
+        await read_model(request, NoBody)
 
 
 def service_errors(exc: Exception) -> ApiError:
@@ -148,6 +168,7 @@ async def patch_task(request: web.Request) -> web.Response:
 
 async def delete_task(request: web.Request) -> web.Response:
     ident = task_id(request)
+    await read_nothing(request)
     try:
         await service_of(request).delete(ident)
     except ServiceError as exc:
@@ -189,6 +210,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def pause_task(request: web.Request) -> web.Response:
     ident = task_id(request)
+    await read_nothing(request)
     try:
         task = await service_of(request).pause(ident)
     except ServiceError as exc:
@@ -198,6 +220,7 @@ async def pause_task(request: web.Request) -> web.Response:
 
 async def resume_task(request: web.Request) -> web.Response:
     ident = task_id(request)
+    await read_nothing(request)
     try:
         task = await service_of(request).resume(ident)
     except ServiceError as exc:
@@ -207,6 +230,7 @@ async def resume_task(request: web.Request) -> web.Response:
 
 async def run_task(request: web.Request) -> web.Response:
     ident = task_id(request)
+    await read_nothing(request)
     try:
         result = await service_of(request).run_now(ident)
     except ServiceError as exc:

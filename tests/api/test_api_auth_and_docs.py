@@ -14,6 +14,14 @@ from periodic_checker.api.openapi import build_openapi
 from periodic_checker.api.routes import ROUTES
 from periodic_checker.app_service import CheckerService
 from periodic_checker.producer import PublisherStats
+from periodic_checker.service import CURSOR_PATTERN
+from periodic_checker.tasks import (
+    HEADER_NAME_PATTERN,
+    HEADER_VALUE_PATTERN,
+    NAME_PATTERN,
+    STATUS_RANGES_PATTERN,
+)
+from periodic_checker.urls import URL_PATTERN
 
 TASK = {"name": "site", "url": "http://127.0.0.1:9/"}
 
@@ -53,9 +61,9 @@ async def test_with_the_token_mutating_routes_work(authed: Client) -> None:
     created = await authed.post("/tasks", json=TASK, headers=bearer(TOKEN))
     assert created.status == 201
     task_id = (await created.json())["id"]
-    paused = await authed.post(f"/tasks/{task_id}/pause", headers=bearer(TOKEN))
+    paused = await authed.post(f"/tasks/{task_id}/pause", json={}, headers=bearer(TOKEN))
     assert paused.status == 200
-    deleted = await authed.delete(f"/tasks/{task_id}", headers=bearer(TOKEN))
+    deleted = await authed.delete(f"/tasks/{task_id}", json={}, headers=bearer(TOKEN))
     assert deleted.status == 204
 
 
@@ -197,3 +205,30 @@ async def test_swagger_ui_is_served_from_the_package_without_a_cdn(client: Clien
 async def test_docs_do_not_serve_other_files(client: Client) -> None:
     for name in ["..%2Fapp.py", "SWAGGER-UI-LICENSE", ".hidden.js", "missing.js"]:
         assert (await client.get(f"/docs/{name}")).status == 404, name
+
+
+def patterns_in(node: object) -> list[str]:
+    """The `pattern` of every schema in a document (not of example payloads)."""
+    if isinstance(node, dict):
+        found = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+        inner = [v for k, v in node.items() if k not in ("example", "examples")]
+        return found + [p for value in inner for p in patterns_in(value)]
+    if isinstance(node, list):
+        return [p for value in node for p in patterns_in(value)]
+    return []
+
+
+def test_every_pattern_in_the_document_is_one_the_validators_use() -> None:
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")  # schemathesis's validator (ECMA 262)
+    document = build_openapi("test")
+    patterns = set(patterns_in(document))
+    assert patterns == {
+        NAME_PATTERN,
+        URL_PATTERN,
+        HEADER_NAME_PATTERN,
+        HEADER_VALUE_PATTERN,
+        STATUS_RANGES_PATTERN,
+        CURSOR_PATTERN,
+    }
+    for pattern in patterns:  # a pattern a JSON Schema validator cannot read is ignored by it
+        jsonschema_rs.validator_for({"type": "string", "pattern": pattern})

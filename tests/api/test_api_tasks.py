@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 from api.support import Client, ClientFactory, checker_service, make_settings, published
 
@@ -85,11 +86,11 @@ async def test_patch_validates_the_merged_definition(client: Client) -> None:
 
 async def test_delete_answers_204_and_the_task_is_gone(client: Client) -> None:
     created = await create(client)
-    response = await client.delete(f"/tasks/{created['id']}")
+    response = await client.delete(f"/tasks/{created['id']}", json={})
     assert response.status == 204
     assert await response.read() == b""
     assert (await client.get(f"/tasks/{created['id']}")).status == 404
-    assert (await client.delete(f"/tasks/{created['id']}")).status == 404
+    assert (await client.delete(f"/tasks/{created['id']}", json={})).status == 404
 
 
 async def test_remove_task_is_the_first_versions_delete(client: Client) -> None:
@@ -102,10 +103,10 @@ async def test_remove_task_is_the_first_versions_delete(client: Client) -> None:
 
 async def test_pause_and_resume(client: Client) -> None:
     created = await create(client)
-    paused = await client.post(f"/tasks/{created['id']}/pause")
+    paused = await client.post(f"/tasks/{created['id']}/pause", json={})
     assert paused.status == 200
     assert (await paused.json())["status"] == "paused"
-    resumed = await client.post(f"/tasks/{created['id']}/resume")
+    resumed = await client.post(f"/tasks/{created['id']}/resume", json={})
     assert resumed.status == 200
     assert (await resumed.json())["status"] == "active"
 
@@ -114,7 +115,7 @@ async def test_resume_of_a_done_task_is_a_conflict(client: Client) -> None:
     past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     created = await create(client, end_at=past)
     assert created["status"] == "done"
-    response = await client.post(f"/tasks/{created['id']}/resume")
+    response = await client.post(f"/tasks/{created['id']}/resume", json={})
     assert response.status == 409
     assert (await response.json())["error"] == "invalid_change"
 
@@ -123,7 +124,7 @@ async def test_run_returns_the_result_of_a_check_of_the_real_target(
     client: Client, target: TestServer, service: CheckerService
 ) -> None:
     created = await create(client, url=str(target.make_url("/")), pattern="systems? nominal")
-    response = await client.post(f"/tasks/{created['id']}/run")
+    response = await client.post(f"/tasks/{created['id']}/run", json={})
     assert response.status == 200
     body = await response.json()
     assert body["task_id"] == created["id"]
@@ -140,7 +141,7 @@ async def test_run_returns_the_result_of_a_check_of_the_real_target(
 
 async def test_run_reports_a_failing_target_as_data(client: Client, target: TestServer) -> None:
     created = await create(client, url=str(target.make_url("/status/503")))
-    response = await client.post(f"/tasks/{created['id']}/run")
+    response = await client.post(f"/tasks/{created['id']}/run", json={})
     assert response.status == 200
     result = (await response.json())["result"]
     assert result["ok"] is False
@@ -170,7 +171,7 @@ async def test_list_pages_with_a_cursor_until_the_end(client: Client) -> None:
 async def test_list_filters_by_status_and_text(client: Client) -> None:
     await create(client, name="shop front", url="http://shop.example/")
     blog = await create(client, name="blog", url="http://blog.example/")
-    await client.post(f"/tasks/{blog['id']}/pause")
+    await client.post(f"/tasks/{blog['id']}/pause", json={})
 
     paused = await (await client.get("/tasks", params={"status": "paused"})).json()
     assert [t["spec"]["name"] for t in paused["tasks"]] == ["blog"]
@@ -213,8 +214,16 @@ async def assert_limit_refused(client: Client) -> None:
     assert "maximum of 2" in body["message"]
 
 
-async def test_a_denied_target_is_422_naming_url(client: Client) -> None:
-    response = await client.post("/tasks", json=spec(url="http://169.254.169.254/latest/"))
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/",
+        "http://[::ffff:0:a9fe:a9fe]/",  # SIIT
+        "http://[64:ff9b:1::a9fe:a9fe]/",  # local-use NAT64
+    ],
+)
+async def test_a_denied_target_is_422_naming_url(client: Client, url: str) -> None:
+    response = await client.post("/tasks", json=spec(url=url))
     assert response.status == 422
     body = await response.json()
     assert body["error"] == "target_denied"
@@ -227,10 +236,10 @@ async def test_unknown_id_is_404_on_every_task_route(client: Client) -> None:
     for method, suffix, body in [
         ("GET", "", None),
         ("PATCH", "", {"timeout": 1}),
-        ("DELETE", "", None),
-        ("POST", "/pause", None),
-        ("POST", "/resume", None),
-        ("POST", "/run", None),
+        ("DELETE", "", {}),
+        ("POST", "/pause", {}),
+        ("POST", "/resume", {}),
+        ("POST", "/run", {}),
     ]:
         response = await client.request(method, path + suffix, json=body)
         assert response.status == 404, (method, suffix)

@@ -17,6 +17,9 @@ from periodic_checker.app_service import CheckerService
 OK = {"name": "site", "url": "http://127.0.0.1:9/"}
 HOSTILE = r"\w{1000}\w{1000}\w{1000}\w{1000}Z"  # 12005 RE2 instructions
 BIG_SEARCH = {**OK, "pattern": "x" * 100, "max_body_bytes": 64 * 1_048_576}  # 104 x 64 MiB
+STATUSES = "accepted_statuses"
+# One parser reads 169.254.169.254 as the host, the probe's refuses the URL.
+BACKSLASH = "http://127.0.0.1:9\\@169.254.169.254/"
 
 # (case, JSON body for POST /tasks, status, field named in detail, words in its message)
 BODY_CASES: list[tuple[str, Any, int, str, str]] = [
@@ -69,7 +72,66 @@ BODY_CASES: list[tuple[str, Any, int, str, str]] = [
     ("interval a string", {**OK, "interval": "often"}, 422, "interval", "number"),
     ("body is a list", [OK], 422, "body", "JSON object"),
     ("body is a string", "task", 422, "body", "JSON object"),
-]
+    # A default is validated like a given value: 10 s is not below 5 s.
+    ("timeout left out, interval 5", {**OK, "interval": 5}, 422, "timeout", "default"),
+    ("timeout left out, interval 10", {**OK, "interval": 10}, 422, "timeout", "below"),
+    # The URL is read by the parser the probe fetches with.
+    ("port 0", {**OK, "url": "http://example.com:0/"}, 422, "url", "port"),
+    ("empty label", {**OK, "url": "http://a..b/"}, 422, "url", "empty label"),
+    ("64-character label", {**OK, "url": f"http://{'a' * 64}.example/"}, 422, "url", "63"),
+    ("host over 253", {**OK, "url": f"http://{'a.' * 127}ab/"}, 422, "url", "253"),
+    ("invalid punycode", {**OK, "url": "http://xn--a.example/"}, 422, "url", "IDNA"),
+    ("symbol in host", {**OK, "url": "http://a!b.example/"}, 422, "url", "DNS name"),
+    ("backslash in authority", {**OK, "url": BACKSLASH}, 422, "url", "backslash"),
+    ("percent-encoded host", {**OK, "url": "http://%31%36%39.254.169.254/"}, 422, "url", "percent"),
+    ("zone id", {**OK, "url": "http://[fe80::1%25eth0]/"}, 422, "url", "zone"),
+    ("brackets, not IPv6", {**OK, "url": "http://[1:2]/"}, 422, "url", "IPv6"),
+    ("tab in url", {**OK, "url": "http://example.com/a\tb"}, 422, "url", "control"),
+    ("bidi override in url", {**OK, "url": "http://example.com/\u202e"}, 422, "url", "control"),
+    # Strict: a JSON string is not a number and not a boolean.
+    ("interval a numeric string", {**OK, "interval": "10"}, 422, "interval", "number"),
+    ("interval true", {**OK, "interval": True}, 422, "interval", "number"),
+    ("timeout a numeric string", {**OK, "timeout": "5"}, 422, "timeout", "number"),
+    ("verify_tls yes", {**OK, "verify_tls": "yes"}, 422, "verify_tls", "boolean"),
+    ("keepalive 1", {**OK, "keepalive": 1}, 422, "keepalive", "boolean"),
+    ("retries a numeric string", {**OK, "retries": "1"}, 422, "retries", "integer"),
+    ("max_redirects a fraction", {**OK, "max_redirects": 1.5}, 422, "max_redirects", "integer"),
+    ("end_at a number", {**OK, "end_at": 1_800_000_000}, 422, "end_at", "datetime"),
+    # Text that reaches results and logs holds no control characters.
+    ("NUL in name", {**OK, "name": "a\u0000b"}, 422, "name", "U+0000"),
+    ("ANSI escape in name", {**OK, "name": "\u001b[31mred"}, 422, "name", "control"),
+    ("DEL in name", {**OK, "name": "a\u007f"}, 422, "name", "control"),
+    ("C1 control in name", {**OK, "name": "a\u009b31m"}, 422, "name", "control"),
+    ("line separator in name", {**OK, "name": "a\u2028b"}, 422, "name", "control"),
+    ("bidi override in name", {**OK, "name": "abc\u202egpj.exe"}, 422, "name", "control"),
+    ("header value SOH", {**OK, "headers": {"X-A": "a\u0001"}}, 422, "headers", "U+0001"),
+    ("header value DEL", {**OK, "headers": {"X-A": "a\u007f"}}, 422, "headers", "control"),
+    ("header value VT", {**OK, "headers": {"X-A": "a\u000bb"}}, 422, "headers", "control"),
+    ("header value NUL", {**OK, "headers": {"X-A": "a\u0000"}}, 422, "headers", "NUL"),
+    # The status ranges are what the pattern in the document says.
+    ("status code 600", {**OK, "accepted_statuses": "200-600"}, 422, STATUSES, "100-599"),
+    ("status code 000", {**OK, "accepted_statuses": "000"}, 422, STATUSES, "100-599"),
+    ("status range with tab", {**OK, "accepted_statuses": "200,\t204"}, 422, STATUSES, "ranges"),
+]  # fmt: skip
+
+# Near misses of the rules above that are valid, so the rules are not too wide.
+ACCEPTED_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("a JSON integer is a number", {**OK, "interval": 30, "timeout": 5}),
+    ("a number without a fraction is an integer", {**OK, "retries": 2.0, "max_redirects": 3.0}),
+    ("timeout left out, interval 11", {**OK, "interval": 11}),
+    ("timeout left out, run once", {**OK, "interval": None}),
+    ("emoji with joiners in name", {**OK, "name": "\U0001f468\u200d\U0001f469\u200d\U0001f467"}),
+    ("tab inside a header value", {**OK, "headers": {"X-A": "a\tb"}}),
+    ("non-ASCII header value", {**OK, "headers": {"X-A": "caf\u00e9"}}),
+    ("IDN host", {**OK, "url": "http://b\u00fccher.example/"}),
+    ("63-character label", {**OK, "url": f"http://{'a' * 63}.example/"}),
+    ("underscore in host", {**OK, "url": "http://my_service.internal:8080/"}),
+    ("trailing dot", {**OK, "url": "http://example.com./"}),
+    ("IPv6 literal", {**OK, "url": "http://[::1]:9/"}),
+    ("port 65535", {**OK, "url": "http://example.com:65535/"}),
+    ("status range written high to low", {**OK, "accepted_statuses": "399-200, 418"}),
+    ("end_at as text", {**OK, "end_at": "2099-01-01T00:00:00Z"}),
+]  # fmt: skip
 
 
 async def test_invalid_tasks_are_refused_naming_the_field(
@@ -87,6 +149,15 @@ async def test_invalid_tasks_are_refused_naming_the_field(
                 assert words.lower() in fields[field].lower(), answer
     listed = await (await client.get("/tasks")).json()
     assert listed["tasks"] == []
+
+
+async def test_near_misses_of_the_rules_are_accepted(
+    client: Client, subtests: pytest.Subtests
+) -> None:
+    for number, (case, body) in enumerate(ACCEPTED_CASES):
+        with subtests.test(case):
+            response = await client.post("/tasks", json={**body, "name": f"{number} {case}"})
+            assert response.status == 201, await response.text()
 
 
 # (case, method, path, raw body, content type, status, error word)
@@ -143,7 +214,9 @@ async def test_a_chunked_body_over_64_kib_is_413(client: Client) -> None:
 
 @pytest.mark.parametrize("path", ["/tasks/not-a-uuid", "/tasks/not-a-uuid/pause"])
 async def test_a_malformed_id_is_422_naming_id(client: Client, path: str) -> None:
-    response = await client.post(path) if path.endswith("pause") else await client.get(path)
+    response = (
+        await client.post(path, json={}) if path.endswith("pause") else await client.get(path)
+    )
     assert response.status == 422
     assert (await response.json())["detail"] == [{"field": "id", "message": "must be a UUID"}]
 
@@ -156,6 +229,8 @@ async def test_a_malformed_id_is_422_naming_id(client: Client, path: str) -> Non
         ({"status": "sleeping"}, "status"),
         ({"health": "meh"}, "health"),
         ({"sort": "name"}, "sort"),
+        ({"cursor": "0"}, "cursor"),
+        ({"cursor": "WyIyMDI2LTExLTI3IiwgIngiXQ"}, "cursor"),  # the old base64 cursors
     ],
 )
 async def test_bad_list_queries_name_the_parameter(
@@ -215,3 +290,23 @@ async def test_the_message_accounts_for_every_problem_in_detail(client: Client) 
     named = [d for d in answer["detail"] if f"{d['field']}: {d['message']}" in answer["message"]]
     assert len(named) == 3
     assert answer["message"].endswith("; and 1 more (see detail)")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "00000000T000000000000-00000000000000000000000000000000",
+        "99999999T999999999999-ffffffffffffffffffffffffffffffff",
+        "20261399T256199000000-0123456789abcdef0123456789abcdef",  # no such time: still a place
+    ],
+)
+async def test_any_cursor_of_the_documented_shape_is_a_place_in_the_list(
+    client: Client, cursor: str
+) -> None:
+    await client.post("/tasks", json=OK)
+
+    response = await client.get("/tasks", params={"cursor": cursor})
+
+    assert response.status == 200
+    page = await response.json()
+    assert len(page["tasks"]) == (1 if cursor.startswith("0") else 0)

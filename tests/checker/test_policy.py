@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from checker.targets import SEEN, make_app, serve
+from pydantic import ValidationError
 from yarl import URL
 
 from checker_common.contract import ErrorKind
@@ -21,6 +22,7 @@ from periodic_checker.policy import (
     embedded_ipv4,
     parse_host_address,
     parse_ipv4_loose,
+    rfc6052_ipv4,
 )
 from periodic_checker.probe import DeniedAddress, PolicyResolver, Prober
 from periodic_checker.settings import CheckerSettings
@@ -43,13 +45,28 @@ METADATA_SPELLINGS = [
     "http://[::ffff:a9fe:a9fe]/",
     "http://[::169.254.169.254]/",
     "http://[64:ff9b::a9fe:a9fe]/",
+    "http://[::ffff:0:a9fe:a9fe]/",  # SIIT (IPv4-translated)
+    "http://[::ffff:0:169.254.169.254]/",
+    "http://[64:ff9b:1::a9fe:a9fe]/",  # local-use NAT64, /96 layout
+    "http://[64:ff9b:1:a9fe:a9:fe00::]/",  # local-use NAT64, /48 layout
+    "http://[64:ff9b:1:0:a9:fea9:fe00:0]/",  # local-use NAT64, /64 layout
     "http://[2002:a9fe:a9fe::1]/",
     "http://１６９.２５４.１６９.２５４/",  # full-width digits, normalised by yarl  # noqa: RUF001
     "http://169。254。169。254/",  # ideographic full stops
     "http://user:pw@169.254.169.254:8080/latest/meta-data/",
     "https://169.254.1.1/",
     "http://[fe80::1]/",
-    "http://[fe80::1%25eth0]/",
+]
+
+# URLs no single reading of which the probe can fetch: refused by the task's validation, by the
+# policy and, as redirect targets, by the probe; all three read a URL with one parser.
+UNFETCHABLE = [
+    "http://127.0.0.1:9\\@169.254.169.254/",  # urllib reads 169.254.169.254, yarl refuses
+    "http://%31%36%39.254.169.254/",  # percent-encoded host: would go to DNS as it is
+    "http://169.254.169%2e254/",
+    "http://[fe80::1%25eth0]/",  # a zone id
+    "http://[1:2]/",  # brackets around something that is not IPv6
+    "http://169.254.169.254:0/",
 ]
 
 ALLOWED_BY_DEFAULT = [
@@ -72,6 +89,16 @@ def test_every_spelling_of_a_denied_literal_is_denied(url: str) -> None:
 
     assert reason is not None
     assert "denied network" in reason
+
+
+@pytest.mark.parametrize("url", UNFETCHABLE)
+def test_a_url_the_probe_cannot_fetch_is_refused_everywhere(url: str) -> None:
+    reason = TargetPolicy().check_url(url)
+    assert reason is not None
+    assert "not a URL the checker can fetch" in reason
+    with pytest.raises(ValidationError) as refused:
+        TaskSpec(name="t", url=url)
+    assert [error["loc"] for error in refused.value.errors()] == [("url",)]
 
 
 @pytest.mark.parametrize("url", ALLOWED_BY_DEFAULT)
@@ -138,6 +165,8 @@ def test_host_literals(host: str, expected: str | None) -> None:
         ("::ffff:169.254.169.254", ["169.254.169.254"]),
         ("::169.254.169.254", ["169.254.169.254"]),
         ("64:ff9b::a9fe:a9fe", ["169.254.169.254"]),
+        ("::ffff:0:a9fe:a9fe", ["169.254.169.254"]),
+        ("::ffff:0:10.0.0.1", ["10.0.0.1"]),
         ("2002:a9fe:a9fe::1", ["169.254.169.254"]),
         ("::1", []),
         ("::", []),
@@ -147,6 +176,38 @@ def test_host_literals(host: str, expected: str | None) -> None:
 )
 def test_ipv4_inside_ipv6(address: str, embedded: list[str]) -> None:
     assert [str(a) for a in embedded_ipv4(ipaddress.ip_address(address))] == embedded
+
+
+@pytest.mark.parametrize(
+    ("address", "layout"),
+    [
+        ("64:ff9b:1::a9fe:a9fe", 96),
+        ("64:ff9b:1:0:a9:fea9:fe00:0", 64),
+        ("64:ff9b:1:a9:fe:a9fe::", 56),
+        ("64:ff9b:1:a9fe:a9:fe00::", 48),
+    ],
+)
+def test_a_local_use_nat64_address_is_read_in_each_layout(address: str, layout: int) -> None:
+    metadata = ipaddress.IPv4Address("169.254.169.254")
+
+    assert rfc6052_ipv4(ipaddress.IPv6Address(address), layout) == metadata
+    assert metadata in embedded_ipv4(ipaddress.IPv6Address(address))
+
+
+# RFC 6052 section 2.4: 192.0.2.33 under 2001:db8::/32 ... /96.
+@pytest.mark.parametrize(
+    ("address", "prefix_length"),
+    [
+        ("2001:db8:c000:221::", 32),
+        ("2001:db8:1c0:2:21::", 40),
+        ("2001:db8:122:c000:2:2100::", 48),
+        ("2001:db8:122:3c0:0:221::", 56),
+        ("2001:db8:122:344:c0:2:2100:0", 64),
+        ("2001:db8:122:344::192.0.2.33", 96),
+    ],
+)
+def test_rfc6052_layouts(address: str, prefix_length: int) -> None:
+    assert str(rfc6052_ipv4(ipaddress.IPv6Address(address), prefix_length)) == "192.0.2.33"
 
 
 def test_the_allow_list_overrides_the_deny_list() -> None:
@@ -274,6 +335,21 @@ async def test_a_redirect_into_a_denied_network_is_refused(
     assert result.error is not None
     assert result.error.kind is ErrorKind.DENIED_TARGET
     assert result.redirects == 1
+    assert result.status == 302
+    assert len(app[SEEN]) == 1
+
+
+@pytest.mark.parametrize("target", UNFETCHABLE)
+async def test_a_redirect_to_a_url_the_probe_cannot_fetch_ends_the_check(
+    local: tuple[URL, Any], target: str
+) -> None:
+    base, app = local
+    async with Prober() as prober:
+        result = await prober.check(TASK, spec(str(base.with_path("/to").with_query(url=target))))
+
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.INVALID_RESPONSE
+    assert "redirect to an unsupported URL" in result.error.message
     assert result.status == 302
     assert len(app[SEEN]) == 1
 

@@ -103,8 +103,6 @@ class Targets:
             return f"http://127.0.0.1:{self.closed_port}/"
         if where == "dns":
             return "http://no-such-host.invalid/"
-        if where == "bad-name":
-            return "http://empty..label/"
         base: URL = getattr(self, where.replace("-", "_"))
         return f"{base}{path}"
 
@@ -216,7 +214,6 @@ ROWS = [
     Row("stalled-tls", "silent-https", "", None, ErrorKind.TIMEOUT, None, FAST),
     Row("closed-port", "closed", "", None, ErrorKind.CONNECT, None),
     Row("dns-does-not-resolve", "dns", "", None, ErrorKind.DNS, None),
-    Row("dns-name-not-encodable", "bad-name", "", None, ErrorKind.DNS, None),
     Row("self-signed-cert", "self-signed", "/ok", None, ErrorKind.TLS, None, HELLO),
     Row("cert-for-another-host", "wrong-host", "/ok", None, ErrorKind.TLS, None, HELLO),
     Row("tls-unverified", "self-signed", "/ok", 200, None, MATCH, {**HELLO, "verify_tls": False}),

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+import typing
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
+from pydantic import ValidationError
 
 from checker_common.contract import ErrorKind, Health
 from periodic_checker.tasks import (
+    INTEGER_FIELDS,
     ONE_SHOT_SPREAD,
     Task,
     TaskSpec,
@@ -275,3 +279,83 @@ def test_an_edit_sets_the_status_from_the_new_end(
     task = make_task(before, end_after_runs=5).model_copy(update={"runs": 3})
     spec = TaskSpec(**{**task.spec.model_dump(), **changes})
     assert edited(task, spec, NOW).status is after
+
+
+# -- definitions: what validation accepts is what storage loads back -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"interval": 5}, "timeout", "default timeout is 10 s"),
+        ({"interval": 10}, "timeout", "below the interval"),
+        ({"interval": 8, "timeout": 8}, "timeout", "below the interval"),
+    ],
+)
+def test_a_default_is_validated_like_a_given_value(
+    fields: dict[str, Any], field: str, words: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        TaskSpec(name="site", url="http://example.test/", **fields)
+
+    [error] = refused.value.errors()
+    assert error["loc"] == (field,)
+    assert words in error["msg"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"interval": 11},
+        {"interval": 5, "timeout": 4},
+        {"interval": None},
+        {"interval": 1, "timeout": 0.5, "retries": 3, "retry_interval": 60},
+        {"end_at": NOW, "accepted_statuses": "399-200,418", "headers": {"X-A": "a\tb"}},
+        {"url": "http://B\u00fccher.example:8080/p?q#f", "name": "caf\u00e9 \U0001f600"},
+    ],
+)
+def test_a_definition_that_validates_loads_back_from_storage(fields: dict[str, Any]) -> None:
+    spec = TaskSpec(**{"name": "site", "url": "http://example.test/", **fields})
+
+    assert TaskSpec.model_validate_json(spec.model_dump_json()) == spec
+    assert TaskSpec.model_validate(spec.model_dump()) == spec
+
+
+def test_stored_definitions_keep_loading_under_strict_validation() -> None:
+    # Definitions stored before the API was strict: JSON integers for numbers load as before.
+    stored = '{"name": "site", "url": "http://example.test/", "interval": 60, "timeout": 10,'
+    stored += ' "retry_interval": 5, "end_at": "2099-01-01T00:00:00Z"}'
+
+    spec = TaskSpec.model_validate_json(stored)
+
+    assert (spec.interval, spec.timeout, spec.retry_interval) == (60.0, 10.0, 5.0)
+    assert spec.end_at == datetime(2099, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("interval", "10"), ("interval", True), ("timeout", "5"), ("verify_tls", "yes"),
+     ("follow_redirects", 1), ("retries", "1"), ("max_body_bytes", 1024.5)],
+)  # fmt: skip
+def test_a_json_string_is_not_a_number_and_not_a_boolean(field: str, value: Any) -> None:
+    document = orjson.dumps({"name": "site", "url": "http://example.test/", field: value})
+
+    with pytest.raises(ValidationError) as refused:
+        TaskSpec.model_validate_json(document)
+
+    assert [error["loc"] for error in refused.value.errors()] == [(field,)]
+
+
+def test_every_integer_field_takes_a_number_without_a_fraction() -> None:
+    integers = {
+        name
+        for name, info in TaskSpec.model_fields.items()
+        if int in (info.annotation, *typing.get_args(info.annotation))
+    }
+    assert set(INTEGER_FIELDS) == integers  # JSON Schema's `integer`: 3.0 is one
+    document = {"name": "site", "url": "http://example.test/", **dict.fromkeys(integers, 3.0)}
+
+    spec = TaskSpec.model_validate_json(orjson.dumps(document))
+
+    assert all(getattr(spec, name) == 3 for name in integers)

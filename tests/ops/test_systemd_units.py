@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from checker_common.systemd import Notifier
+from periodic_checker.settings import CheckerSettings, parse_networks
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
@@ -42,6 +44,22 @@ def test_unit_passes_systemd_analyze_verify(unit: Path, tmp_path: Path) -> None:
         "User=periodic-checker",
     ):
         assert required in text
+
+
+def test_the_checker_unit_denies_the_default_target_networks_in_the_kernel() -> None:
+    unit = (ROOT / "deploy" / "systemd" / "periodic-checker.service").read_text()
+    denied = [
+        network
+        for line in unit.splitlines()
+        if line.startswith("IPAddressDeny=")
+        for network in line.removeprefix("IPAddressDeny=").split()
+    ]
+    default = CheckerSettings.model_fields["target_deny_networks"].default
+
+    assert {ipaddress.ip_network(n) for n in denied} == set(parse_networks(default))
+    assert not [line for line in unit.splitlines() if line.startswith("IPAddressAllow=")]
+    for reachable in ("127.0.0.1", "::1"):  # the unit's own API, a local broker
+        assert not any(ipaddress.ip_address(reachable) in ipaddress.ip_network(n) for n in denied)
 
 
 def test_units_exist_for_both_daemons() -> None:

@@ -1,0 +1,124 @@
+"""A task's URL read once, the way the probe fetches it.
+
+Two parsers that disagree are a hole: `http://127.0.0.1:9\\@169.254.169.254/` is a URL whose
+host is 169.254.169.254 for `urllib.parse` and no URL at all for yarl. So every reader of a
+task URL goes through `parse_url()`: the task's validation (the API answers 422 with its
+sentence), the target policy (which judges the host it returns) and the probe (which fetches
+the `yarl.URL` it returns, and reads every redirect target with `redirect_target()`). What it
+accepts, the probe can fetch; what it refuses never reaches a socket.
+
+Refused, beyond what yarl itself refuses: a scheme other than http/https, no host, port 0, a
+percent-encoded host (`%31%36%39.254.169.254` would go to DNS as it is, and a zone id such as
+`[fe80::1%25eth0]` is not something the probe can connect to), a bracketed host that is not an
+IPv6 address, and host names that can never resolve: an empty label (`a..b`), a label over 63
+characters, a name over 253 characters, characters a DNS name cannot hold, and labels IDNA
+refuses (invalid punycode). `URL_PATTERN` is the first gate, and the OpenAPI document shows it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Final
+
+import yarl
+
+# Characters never allowed anywhere in a task URL: ASCII and C1 controls, every kind of space
+# (the URL ends at whitespace in logs and in people's heads), bidirectional controls (they
+# make a URL read as another one) and the byte-order mark. Spelled without `\s`, which means
+# different things to Python, ECMAScript and the fuzzer.
+URL_EXCLUDED: Final = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff"
+URL_PATTERN: Final = rf"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#{URL_EXCLUDED}]+(?:[/?#][^{URL_EXCLUDED}]*)?$"
+URL_DESCRIPTION: Final = (
+    "http:// or https:// URL the checker can fetch: a host name (IDNA; labels of 1-63 letters,"
+    " digits, '-' or '_'; at most 253 characters), an IPv4 address or a bracketed IPv6"
+    " address, not percent-encoded; port 1-65535"
+)
+MAX_HOST: Final = 253
+MAX_LABEL: Final = 63
+
+_SHAPE: Final = re.compile(URL_PATTERN)
+_EXCLUDED: Final = re.compile(f"[{URL_EXCLUDED}]")
+_HTTP: Final = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://")
+_LABEL: Final = re.compile(r"^[a-z0-9_-]+$")
+
+
+class InvalidURL(ValueError):
+    """A task URL the probe could not fetch; the message is a sentence for people."""
+
+
+def parse_url(text: str) -> yarl.URL:
+    """The URL the probe will fetch for `text`; InvalidURL says why there is none."""
+    if _EXCLUDED.search(text):
+        raise InvalidURL("must not contain spaces or control characters")
+    if not _SHAPE.match(text):
+        if not _HTTP.match(text):
+            raise InvalidURL("scheme must be http or https")
+        raise InvalidURL("must name a host")
+    try:
+        url = yarl.URL(text)
+    except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError (IDNA)
+        reason = str(exc)
+        if "port" in reason.lower():
+            raise InvalidURL("port must be a number from 1 to 65535") from None
+        raise InvalidURL(f"cannot be read as a URL: {reason[:200]}") from None
+    return checked_url(url)
+
+
+def checked_url(url: yarl.URL) -> yarl.URL:
+    """`url` itself when the probe can fetch it (a redirect target, say); else InvalidURL."""
+    if url.scheme not in ("http", "https"):
+        raise InvalidURL("scheme must be http or https")
+    host = url.raw_host
+    if not url.absolute or not host:
+        raise InvalidURL("must name a host")
+    if url.explicit_port == 0:
+        raise InvalidURL("port must be a number from 1 to 65535")
+    problem = host_problem(host)
+    if problem is not None:
+        raise InvalidURL(problem)
+    if "xn--" in host:
+        try:
+            _ = url.host  # decodes the IDNA labels
+        except UnicodeError:
+            raise InvalidURL(f"the host name {host[:80]!r} is not valid IDNA") from None
+    return url
+
+
+def redirect_target(base: yarl.URL, location: str) -> yarl.URL:
+    """Where a `Location` header sends the probe from `base`; InvalidURL when nowhere it can
+    fetch. The location's own host is judged before joining: yarl's join re-spells an
+    invalid bracketed host (`[1:2]`) as a host and a port."""
+    try:
+        relative = yarl.URL(location)
+        target = base.join(relative)
+    except (ValueError, TypeError) as exc:
+        raise InvalidURL(f"cannot be read as a URL: {str(exc)[:200]}") from None
+    if relative.raw_host is not None:
+        problem = host_problem(relative.raw_host)
+        if problem is not None:
+            raise InvalidURL(problem)
+    return checked_url(target)
+
+
+def host_problem(host: str) -> str | None:
+    """Why the probe could never reach `host` (yarl's raw, IDNA-encoded host), or None."""
+    if "%" in host:
+        return "the host must not be percent-encoded or carry a zone id"
+    if ":" in host:  # yarl took it from between brackets
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"[{host[:60]}] is not an IPv6 address"
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > MAX_HOST:
+        return f"the host name is longer than {MAX_HOST} characters"
+    for label in name.split("."):
+        if not label:
+            return f"the host name {host[:80]!r} has an empty label"
+        if len(label) > MAX_LABEL:
+            return f"the host name has a label longer than {MAX_LABEL} characters"
+        if not _LABEL.match(label):
+            return f"the host name {host[:80]!r} holds characters a DNS name cannot"
+    return None
