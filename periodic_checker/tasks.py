@@ -188,7 +188,11 @@ class TaskSpec(BaseModel):
     )
     timeout: float = Field(10.0, gt=0, le=MAX_TIMEOUT, description="seconds; below the interval")
     pattern: str | None = Field(
-        None, min_length=1, max_length=4096, description="RE2 regular expression"
+        None,
+        min_length=1,
+        max_length=4096,
+        description="RE2 regular expression that compiles to at most 1000 RE2 instructions;"
+        " instructions x max_body_bytes at most 2^32",
     )
     pattern_fails_when: Literal["absent", "present"] = "absent"
     accepted_statuses: str = Field(

@@ -18,6 +18,10 @@ import schemathesis
 import yarl
 
 DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_BODY = 1_048_576
+MAX_PROGRAM = 1000  # "compiles to at most 1000 RE2 instructions"
+MAX_SEARCH_WORK = 2**32  # "instructions x max_body_bytes at most 2^32"
+MASK = "***"
 SPEC_OPERATIONS = {("POST", "/tasks"), ("PUT", "/tasks/{id}")}
 DENIED = [ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10")]
 
@@ -50,20 +54,38 @@ def _spec_keeps_its_rules(body: dict[str, Any], *, partial: bool = False) -> boo
     if numbers and timeout >= interval:  # "timeout: seconds; below the interval"
         return False
     pattern = body.get("pattern")
-    if isinstance(pattern, str) and not _re2_compiles(pattern):  # "RE2 regular expression"
+    if isinstance(pattern, str):
+        size = _re2_program_size(pattern)  # "RE2 regular expression"
+        if size is None or size > MAX_PROGRAM:
+            return False
+        cap = body.get("max_body_bytes", None if partial else DEFAULT_MAX_BODY)
+        if isinstance(cap, int) and size * cap > MAX_SEARCH_WORK:
+            return False
+    headers = body.get("headers")
+    secret = body.get("secret_headers")
+    if isinstance(secret, list):
+        # "names of headers (in `headers`)": a patch cannot see the stored headers.
+        if partial and "headers" not in body:
+            return False
+        names = {str(name).lower() for name in headers} if isinstance(headers, dict) else set()
+        if any(str(name).lower() not in names for name in secret):
+            return False
+    if isinstance(headers, dict) and MASK in headers.values():
+        return False  # "***" keeps a stored secret: there is none in a new definition
+    if isinstance(body.get("url"), str) and MASK in body["url"].split("@")[0]:
         return False
     url = body.get("url")
     return not isinstance(url, str) or _url_is_fetchable(url)
 
 
-def _re2_compiles(pattern: str) -> bool:
+def _re2_program_size(pattern: str) -> int | None:
+    """How many instructions RE2 compiles the pattern to; None when it does not compile."""
     options = re2.Options()
     options.log_errors = False
     try:
-        re2.compile(pattern.strip(), options)
+        return int(re2.compile(pattern.strip(), options).programsize)
     except re2.error:
-        return False
-    return True
+        return None
 
 
 def _url_is_fetchable(url: str) -> bool:
