@@ -95,13 +95,13 @@ async def test_no_read_route_shows_a_secret_with_or_without_the_token(
         f"/tasks/{uuid.uuid4()}", json=with_secrets(echo, name="other"), headers=auth
     )
     answers["PUT (created)"] = await put_new.json()
-    answers["pause"] = await (await client.post(f"{path}/pause", headers=auth)).json()
-    answers["resume"] = await (await client.post(f"{path}/resume", headers=auth)).json()
+    answers["pause"] = await (await client.post(f"{path}/pause", json={}, headers=auth)).json()
+    answers["resume"] = await (await client.post(f"{path}/resume", json={}, headers=auth)).json()
 
     for route, task in answers.items():
         with subtests.test(route):
             assert_masked(task, echo)
-    run = await (await client.post(f"{path}/run", headers=auth)).json()
+    run = await (await client.post(f"{path}/run", json={}, headers=auth)).json()
     assert run["result"]["ok"] is True
     assert run["result"]["url"] == shown_url(echo)
     assert run["result"]["final_url"] == shown_url(echo)
@@ -140,7 +140,7 @@ async def test_a_task_read_and_written_back_keeps_its_secrets(
     assert stored.headers == with_secrets(echo)["headers"]
     assert stored.timeout == 5
     # ... and the check still sends the real ones.
-    await client.post(f"{path}/run")
+    await client.post(f"{path}/run", json={})
     seen = echo.app[SEEN][-1]
     assert seen["X-Api-Key"] == KEY
     assert seen["Authorization"] == f"Bearer {BEARER}"
@@ -149,7 +149,7 @@ async def test_a_task_read_and_written_back_keeps_its_secrets(
 async def test_user_info_alone_is_basic_auth(client: Client, echo: TestServer) -> None:
     url = str(echo.make_url("/").with_user("alice").with_password(PASSWORD))
     created = await (await client.post("/tasks", json={"name": "basic", "url": url})).json()
-    await client.post(f"/tasks/{created['id']}/run")
+    await client.post(f"/tasks/{created['id']}/run", json={})
 
     credentials = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
     assert echo.app[SEEN][-1]["Authorization"] == f"Basic {credentials}"
@@ -194,7 +194,7 @@ async def test_no_log_line_and_no_result_holds_a_secret(
     created = await (await client.post("/tasks", json=with_secrets(echo, "/loop"))).json()
     path = f"/tasks/{created['id']}"
     await client.patch(path, json={"interval": 30})
-    run = await (await client.post(f"{path}/run")).json()
+    run = await (await client.post(f"{path}/run", json={})).json()
 
     assert run["result"]["error"]["kind"] == "too_many_redirects"
     assert "key=***" in run["result"]["error"]["message"]
