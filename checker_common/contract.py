@@ -59,6 +59,13 @@ class ErrorKind(StrEnum):
     DENIED_TARGET = "denied_target"
     STATUS = "status"
     PATTERN = "pattern"
+    # Not a verdict on the target: the checker itself held the check up past its time-out
+    # (a stalled event loop, a full DNS pool). Such a result moves no health and no incident.
+    CHECKER_OVERLOADED = "checker_overloaded"
+
+
+# Kinds that say nothing about the target: stored, but they move neither health nor incidents.
+NOT_JUDGED: frozenset[ErrorKind] = frozenset({ErrorKind.CHECKER_OVERLOADED})
 
 
 # Text limits of a result, shared by the model and the ingest fast path (PlainBody).
@@ -211,6 +218,7 @@ ErrorKindValue = Literal[
     "denied_target",
     "status",
     "pattern",
+    "checker_overloaded",
 ]
 
 

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from checker_common.contract import CheckResult, ErrorKind, Health
+from checker_common.contract import NOT_JUDGED, CheckResult, ErrorKind, Health
 from periodic_checker.tasks import Task, TaskStatus
 
 # From a fast local page to a slow site near its time-out (at most 60 s, tasks.py).
@@ -33,7 +33,8 @@ NO_ERROR = "none"
 
 CHECKS = Counter(
     "periodic_checker_checks",
-    "Checks run, by outcome (ok, failed) and error kind (none when ok)",
+    "Checks run, by outcome (ok, failed, not_judged: the checker held it up) and error kind"
+    " (none when ok)",
     ["outcome", "error_kind"],
 )
 CHECK_SECONDS = Histogram(
@@ -49,7 +50,10 @@ SCHEDULE_LAG = Histogram(
 
 # Children resolved once: `.labels()` per check would build a tuple and take a lock each time.
 _OK = CHECKS.labels("ok", NO_ERROR)
-_FAILED: dict[ErrorKind | None, Any] = {kind: CHECKS.labels("failed", kind) for kind in ErrorKind}
+_FAILED: dict[ErrorKind | None, Any] = {
+    kind: CHECKS.labels("not_judged" if kind in NOT_JUDGED else "failed", kind)
+    for kind in ErrorKind
+}
 _FAILED[None] = CHECKS.labels("failed", NO_ERROR)
 
 

@@ -31,7 +31,6 @@ charset (UTF-8 when none or unknown); there is no pattern result without a body 
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import contextvars
 import functools
@@ -60,7 +59,8 @@ from checker_common.contract import (
     Timings,
 )
 from periodic_checker import http1
-from periodic_checker.dns import DNS_THREADS, DaemonThreadPool, PoolResolver
+from periodic_checker.dns import DNS_THREADS, DaemonThreadPool, Lookup, PoolResolver
+from periodic_checker.overload import LoopStalls, TargetDeadline
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.tasks import TaskSpec, status_accepted
 
@@ -375,9 +375,15 @@ class Prober:
         policy: TargetPolicy | None = None,
         max_connections: int = 0,
         user_agent: str = DEFAULT_USER_AGENT,
+        dns_threads: int = DNS_THREADS,
+        dns_lookup: Lookup = socket.getaddrinfo,
     ) -> None:
         self._policy = policy if policy is not None else TargetPolicy()
         self._max_connections = max_connections
+        self._dns_threads = dns_threads
+        self._dns_lookup = dns_lookup
+        # Stalls of the event loop are the checker's time, not the target's (overload.py).
+        self.stalls = LoopStalls()
         self._defaults = {
             "User-Agent": user_agent,
             "Accept": "*/*",
@@ -395,9 +401,12 @@ class Prober:
             return
         # Loading the trust store takes tens of milliseconds: once, here.
         self._verified, self._unverified = tls_contexts()
+        self.stalls.start()
         # Lookups in threads of their own (see dns.py); both paths share one resolver.
-        self._dns = DaemonThreadPool(DNS_THREADS, name="dns")
-        self._resolver = PolicyResolver(self._policy, PoolResolver(self._dns))
+        self._dns = DaemonThreadPool(self._dns_threads, name="dns")
+        self._resolver = PolicyResolver(
+            self._policy, PoolResolver(self._dns, lookup=self._dns_lookup)
+        )
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             limit_per_host=0,
@@ -427,6 +436,7 @@ class Prober:
             # Lookups still queued are dropped; one in a thread ends on its own (daemon threads).
             self._dns.shutdown(wait=False, cancel_futures=True)
             self._dns = None
+        await self.stalls.stop()
 
     async def __aenter__(self) -> Prober:
         await self.start()
@@ -449,14 +459,13 @@ class Prober:
         run = _Run()
         token = _running.set(run)
         error: CheckError | None
+        # The time-out is the target's time: what the checker held the check up is not counted.
+        deadline = TargetDeadline(spec.timeout, self.stalls)
         try:
-            async with asyncio.timeout(spec.timeout):
+            async with deadline:
                 error = await self._fetch(spec, run)
         except TimeoutError:
-            error = CheckError(
-                kind=ErrorKind.TIMEOUT,
-                message=f"no complete answer within {spec.timeout:g} s ({run.phase()})",
-            )
+            error = _timed_out(spec, run, deadline)
             run.end_hop(None)
         except Exception as exc:
             error = classify_error(exc, redirected=run.redirects > 0)
@@ -613,6 +622,23 @@ class Prober:
             found = search_body(pattern, body.data, body_charset(response.charset))
             run.pattern = PatternResult.MATCH if found else PatternResult.NO_MATCH
         return judge(spec, response.status, too_large=body.too_large, pattern=run.pattern)
+
+
+def _timed_out(spec: TaskSpec, run: _Run, deadline: TargetDeadline) -> CheckError:
+    """A real time-out when the target had its time, else not judged (checker_overloaded)."""
+    if not (deadline.expired() and deadline.overloaded()):
+        return CheckError(
+            kind=ErrorKind.TIMEOUT,
+            message=f"no complete answer within {spec.timeout:g} s ({run.phase()})",
+        )
+    return CheckError(
+        kind=ErrorKind.CHECKER_OVERLOADED,
+        message=(
+            f"not judged: the checker held the check up for {deadline.checker_time():.2f} s"
+            f" (event loop stalled or DNS pool full); the target had"
+            f" {deadline.target_time():.2f} s of its {spec.timeout:g} s time-out ({run.phase()})"
+        ),
+    )
 
 
 def judge(
