@@ -145,6 +145,8 @@ class _SchedulerStats(Protocol):
     @property
     def skipped_overlap(self) -> int: ...
     @property
+    def skipped_late(self) -> int: ...
+    @property
     def in_flight(self) -> int: ...
 
 
@@ -163,12 +165,31 @@ class PublisherView(Protocol):
     def stats(self) -> Any: ...
 
 
+class StallsView(Protocol):
+    """What the collector reads from `overload.LoopStalls`."""
+
+    @property
+    def total(self) -> float: ...
+
+    def longest(self, window: float, now: float | None = None) -> float: ...
+
+
+# The window of the "longest recent stall" gauge and /status figure.
+STALL_WINDOW = 60.0
+
+
 class CheckerCollector(Collector):
     """The figures the scheduler and the publisher keep anyway, read at scrape time."""
 
-    def __init__(self, scheduler: SchedulerView, publisher: PublisherView | None) -> None:
+    def __init__(
+        self,
+        scheduler: SchedulerView,
+        publisher: PublisherView | None,
+        stalls: StallsView | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.publisher = publisher
+        self.stalls = stalls
 
     def describe(self) -> Iterator[Metric]:
         # Names only: registering must not walk 100,000 tasks.
@@ -204,6 +225,23 @@ class CheckerCollector(Collector):
             "Fires skipped because the task's previous check was still running",
             stats.skipped_overlap,
         )
+        yield _counter(
+            "periodic_checker_slots_skipped",
+            "Slots not run because they could only start later than MAX_START_LAG (or half"
+            " the task's interval): the checker is shedding load",
+            stats.skipped_late,
+        )
+        if self.stalls is not None:
+            yield _counter(
+                "periodic_checker_loop_stall_seconds",
+                "Seconds the event loop was stalled (not counted against checks' time-outs)",
+                self.stalls.total,
+            )
+            yield _gauge(
+                "periodic_checker_loop_stall_longest_seconds",
+                f"Longest stall of the event loop in the last {STALL_WINDOW:.0f} s",
+                self.stalls.longest(STALL_WINDOW) if sampled else None,
+            )
         if self.publisher is None:
             return
         published = self.publisher.stats() if sampled else None
@@ -264,10 +302,12 @@ def _counter(name: str, documentation: str, value: float | None) -> CounterMetri
 def register(
     scheduler: SchedulerView,
     publisher: PublisherView | None,
+    stalls: StallsView | None = None,
     registry: CollectorRegistry = REGISTRY,
 ) -> CheckerCollector:
-    """Serve the scheduler's and publisher's figures; `unregister()` the result at stop."""
-    collector = CheckerCollector(scheduler, publisher)
+    """Serve the scheduler's, publisher's and loop's figures; `unregister()` the result at
+    stop."""
+    collector = CheckerCollector(scheduler, publisher, stalls)
     registry.register(collector)
     return collector
 
