@@ -211,6 +211,8 @@ def _publisher_status(status: ServiceStatus, stats: Any) -> None:
     for name in ("delivered", "failed", "stored", "dropped"):
         if hasattr(stats, name):
             status.extra[f"results_{name}"] = getattr(stats, name)
+    # Results the broker will never take, moved out of their task's way (producer.py).
+    status.extra["outbox_set_aside"] = int(getattr(stats, "set_aside_size", 0) or 0)
 
 
 def _now() -> datetime:

@@ -279,6 +279,17 @@ class CheckerCollector(Collector):
             value("stored"),
         )
         yield _counter(
+            "periodic_checker_results_set_aside",
+            "Results set aside because the broker or the client refuses them for good (too"
+            " large, invalid): each is logged and kept in the outbox_set_aside table",
+            value("set_aside"),
+        )
+        yield _gauge(
+            "periodic_checker_outbox_set_aside",
+            "Results in the outbox_set_aside table of the SQLite file",
+            value("set_aside_size"),
+        )
+        yield _counter(
             "periodic_checker_results_dropped",
             "Results that could not be encoded (a bug: each is logged)",
             value("dropped"),
