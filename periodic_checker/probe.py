@@ -627,9 +627,12 @@ class Prober:
 def _timed_out(spec: TaskSpec, run: _Run, deadline: TargetDeadline) -> CheckError:
     """A real time-out when the target had its time, else not judged (checker_overloaded)."""
     if not (deadline.expired() and deadline.overloaded()):
+        held = deadline.checker_time()
+        # The checker's own delay, when there was some, said for whoever reads the time-out.
+        extra = f"; the checker held it up {held:.2f} s more" if held >= 0.01 else ""
         return CheckError(
             kind=ErrorKind.TIMEOUT,
-            message=f"no complete answer within {spec.timeout:g} s ({run.phase()})",
+            message=f"no complete answer within {spec.timeout:g} s ({run.phase()}{extra})",
         )
     return CheckError(
         kind=ErrorKind.CHECKER_OVERLOADED,

@@ -120,7 +120,7 @@ async def test_a_dead_site_still_gets_its_whole_time_out_after_a_stall(prober: P
     assert result.error is not None
     assert result.error.kind is ErrorKind.TIMEOUT
     # 1 s for the site on top of the 0.5 s the checker was stuck (less what the stall watcher,
-    # waking every 50 ms, cannot see of it).
+    # waking every 10 ms, cannot see of it).
     assert result.load_time > 1.0 + 0.5 - 0.1
 
 
