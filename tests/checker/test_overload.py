@@ -115,13 +115,14 @@ async def test_a_healthy_site_is_not_timed_out_by_a_stalled_checker(
 async def test_a_dead_site_still_gets_its_whole_time_out_after_a_stall(prober: Prober) -> None:
     async with silent_server() as port:
         stall_loop(0.1, 0.5)
-        result = await prober.check(TASK, spec(f"http://127.0.0.1:{port}/", 1.0))
+        result = await prober.check(TASK, spec(f"http://127.0.0.1:{port}/", 2.0))
 
     assert result.error is not None
     assert result.error.kind is ErrorKind.TIMEOUT
-    # 1 s for the site on top of the 0.5 s the checker was stuck (less what the stall watcher,
+    assert "the checker held it up" in result.error.message
+    # 2 s for the site on top of the 0.5 s the checker was stuck (less what the stall watcher,
     # waking every 10 ms, cannot see of it).
-    assert result.load_time > 1.0 + 0.5 - 0.1
+    assert result.load_time > 2.0 + 0.5 - 0.1
 
 
 async def test_a_check_held_up_past_twice_its_time_out_is_not_judged(prober: Prober) -> None:
