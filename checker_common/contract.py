@@ -70,6 +70,13 @@ class ErrorKind(StrEnum):
     # The check's time-out ran out while the pattern was being searched (or waited for a
     # search thread): the response itself was fine.
     PATTERN_TIMEOUT = "pattern_timeout"
+    # Not a verdict on the target: the checker itself held the check up past its time-out
+    # (a stalled event loop, a full DNS pool). Such a result moves no health and no incident.
+    CHECKER_OVERLOADED = "checker_overloaded"
+
+
+# Kinds that say nothing about the target: stored, but they move neither health nor incidents.
+NOT_JUDGED: frozenset[ErrorKind] = frozenset({ErrorKind.CHECKER_OVERLOADED})
 
 
 # Text limits of a result, shared by the model and the ingest fast path (PlainBody).
@@ -230,6 +237,7 @@ ErrorKindValue = Literal[
     "status",
     "pattern",
     "pattern_timeout",
+    "checker_overloaded",
 ]
 
 

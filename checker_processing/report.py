@@ -96,16 +96,24 @@ class TaskAvailability:
 
 
 # The window is filtered on checked_at itself (partition pruning, index range scan); the
-# percentiles are exact (percentile_cont over the window's rows).
+# percentiles are exact (percentile_cont over the window's rows). Results not judged
+# (checker_overloaded: the checker held the check up) say nothing about the site: they are
+# left out, and a task with nothing else in the window is not listed.
 _QUERY = """
 WITH r AS (
     SELECT task_id,
-           count(*) AS checks,
+           count(*) FILTER (WHERE judged) AS checks,
            count(*) FILTER (WHERE ok) AS successes,
-           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY load_time) AS p
-    FROM check_results
-    WHERE checked_at >= %(since)s {task_filter}
+           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY load_time)
+               FILTER (WHERE judged) AS p
+    FROM (
+        SELECT task_id, ok, load_time,
+               error_kind IS DISTINCT FROM 'checker_overloaded' AS judged
+        FROM check_results
+        WHERE checked_at >= %(since)s {task_filter}
+    ) AS c
     GROUP BY task_id
+    HAVING count(*) FILTER (WHERE judged) > 0
 )
 SELECT r.task_id::text, coalesce(t.name, ''), coalesce(t.url, ''), r.checks, r.successes,
        round(100.0 * r.successes / r.checks, 3)::float8, r.p[1], r.p[2], r.p[3],

@@ -5,9 +5,11 @@ only new results, and then every row is new. If any result is already stored (a 
 the primary key refuses the COPY; the batch then goes back to the savepoint and through a
 per-connection staging table and one INSERT ... ON CONFLICT DO NOTHING RETURNING. Either way
 only the rows that were really new update the tasks table and the incidents, so a redelivered
-batch changes nothing. Records that break the contract, and rows the database refuses, go to
-rejected_messages with their raw bytes. Connection trouble is raised to the caller (who keeps
-the batch and retries).
+batch changes nothing. A result that is not judged (`checker_overloaded`: the checker held the
+check up, the site was not judged) is stored but moves neither its task nor its incidents, like
+a result that arrives after a newer one of its task. Records that break the contract, and rows
+the database refuses, go to rejected_messages with their raw bytes. Connection trouble is raised
+to the caller (who keeps the batch and retries).
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ import psycopg2.errors
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from checker_common.contract import ContractError, Health, Plain, decode_plain_many
+from checker_common.contract import NOT_JUDGED, ContractError, Health, Plain, decode_plain_many
 
 log = logging.getLogger(__name__)
+
+# error_kind values of results that say nothing about the site.
+_NOT_JUDGED = frozenset(kind.value for kind in NOT_JUDGED)
 
 # Errors that will fail again on every retry: the database refuses this data.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (psycopg2.DataError, psycopg2.IntegrityError)
@@ -355,7 +360,7 @@ class Writer:
                 else:
                     inserted = _insert_new(cur, prepared.text, rows, prepared.if_all_new)
                 stored = len(inserted.rows)
-                if stored:
+                if inserted.newest:  # empty when every new row is not judged
                     _update_tasks_and_incidents(cur, inserted)
             stored_rejections = 0
             if rejected:
@@ -395,8 +400,8 @@ class Writer:
 @dataclass(frozen=True)
 class NewRows:
     """Rows stored by a batch, in the shape of _INSERT's RETURNING, with what the tasks and
-    incidents need of them: each task's newest row and the tasks with a 'down' result (the
-    only ones besides open incidents whose incidents can change)."""
+    incidents need of them: each task's newest judged row and the tasks with a judged 'down'
+    result (the only ones besides open incidents whose incidents can change)."""
 
     rows: list[tuple[Any, ...]]
     newest: dict[str, tuple[Any, ...]]
@@ -413,6 +418,8 @@ def new_rows(returned: list[tuple[Any, ...]], *, with_task_columns: bool = False
     with_down = set()
     down = Health.DOWN.value
     for row in returned:
+        if row[9] in _NOT_JUDGED:
+            continue  # stored, but it moves neither its task nor its incidents
         task_id = row[0]
         best = newest.get(task_id)
         if best is None or row[2] > best[2] or (row[2] == best[2] and row[1] > best[1]):
@@ -501,7 +508,7 @@ def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
     by_task: dict[str, list[tuple[Any, ...]]] = {}
     if walked:
         for row in inserted.rows:
-            if row[0] in walked:
+            if row[0] in walked and row[9] not in _NOT_JUDGED:
                 by_task.setdefault(row[0], []).append(row)
     for task_id in sorted(by_task):
         previous = last_seen.get(task_id)

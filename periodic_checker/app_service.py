@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from checker_common import __version__
 from checker_common.contract import CheckResult
-from periodic_checker.metrics import count_tasks
+from periodic_checker.metrics import STALL_WINDOW, StallsView, count_tasks
 from periodic_checker.scheduler import CheckScheduler
 from periodic_checker.service import (
     InvalidChange,
@@ -59,11 +59,13 @@ class CheckerService:
         *,
         policy: HostPolicy | None = None,
         publisher: StatsSource | None = None,
+        stalls: StallsView | None = None,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
         self.policy = policy
         self.publisher = publisher
+        self.stalls = stalls
 
     async def create(self, spec: TaskSpec) -> Task:
         return self._create(uuid.uuid4(), kept_secrets(spec, None))
@@ -150,7 +152,16 @@ class CheckerService:
             checks=stats.checks,
             retries=stats.retries,
             skipped_overlap=stats.skipped_overlap,
+            # The load signals (README, "Reading the load signals").
+            slots_skipped=stats.skipped_late,
+            slots_skipped_by_task={
+                str(task_id): n for task_id, n in self.scheduler.skipped_slots.most_common(10)
+            },
+            max_start_lag=self.scheduler.max_start_lag,
+            checks_not_judged=stats.not_judged,
         )
+        if self.stalls is not None:
+            status.extra["loop_stall_longest_1m"] = self.stalls.longest(STALL_WINDOW)
         if self.publisher is not None:
             _publisher_status(status, self.publisher.stats())
         return status
@@ -224,6 +235,8 @@ def _publisher_status(status: ServiceStatus, stats: Any) -> None:
     for name, shown_as in PUBLISHER_COUNTERS.items():
         if hasattr(stats, name):
             status.extra[shown_as] = getattr(stats, name)
+    # Results the broker will never take, moved out of their task's way (producer.py).
+    status.extra["outbox_set_aside"] = int(getattr(stats, "set_aside_size", 0) or 0)
 
 
 def _now() -> datetime:

@@ -94,9 +94,12 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         publisher,
         max_in_flight=settings.max_in_flight,
         per_host_in_flight=settings.per_host_in_flight,
+        max_start_lag=settings.max_start_lag,
     )
-    service = CheckerService(store, scheduler, policy=policy, publisher=publisher)
-    collector = metrics.register(scheduler, publisher)
+    service = CheckerService(
+        store, scheduler, policy=policy, publisher=publisher, stalls=prober.stalls
+    )
+    collector = metrics.register(scheduler, publisher, prober.stalls)
     await scheduler.start(tasks)
     runner = api_runner(build_app(service, settings))
     await runner.setup()

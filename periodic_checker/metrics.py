@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from checker_common.contract import CheckResult, ErrorKind, Health
+from checker_common.contract import NOT_JUDGED, CheckResult, ErrorKind, Health
 from periodic_checker.tasks import Task, TaskStatus
 
 # From a fast local page to a slow site near its time-out (at most 60 s, tasks.py).
@@ -33,7 +33,8 @@ NO_ERROR = "none"
 
 CHECKS = Counter(
     "periodic_checker_checks",
-    "Checks run, by outcome (ok, failed) and error kind (none when ok)",
+    "Checks run, by outcome (ok, failed, not_judged: the checker held it up) and error kind"
+    " (none when ok)",
     ["outcome", "error_kind"],
 )
 CHECK_SECONDS = Histogram(
@@ -49,7 +50,10 @@ SCHEDULE_LAG = Histogram(
 
 # Children resolved once: `.labels()` per check would build a tuple and take a lock each time.
 _OK = CHECKS.labels("ok", NO_ERROR)
-_FAILED: dict[ErrorKind | None, Any] = {kind: CHECKS.labels("failed", kind) for kind in ErrorKind}
+_FAILED: dict[ErrorKind | None, Any] = {
+    kind: CHECKS.labels("not_judged" if kind in NOT_JUDGED else "failed", kind)
+    for kind in ErrorKind
+}
 _FAILED[None] = CHECKS.labels("failed", NO_ERROR)
 
 
@@ -141,6 +145,8 @@ class _SchedulerStats(Protocol):
     @property
     def skipped_overlap(self) -> int: ...
     @property
+    def skipped_late(self) -> int: ...
+    @property
     def in_flight(self) -> int: ...
 
 
@@ -159,12 +165,31 @@ class PublisherView(Protocol):
     def stats(self) -> Any: ...
 
 
+class StallsView(Protocol):
+    """What the collector reads from `overload.LoopStalls`."""
+
+    @property
+    def total(self) -> float: ...
+
+    def longest(self, window: float, now: float | None = None) -> float: ...
+
+
+# The window of the "longest recent stall" gauge and /status figure.
+STALL_WINDOW = 60.0
+
+
 class CheckerCollector(Collector):
     """The figures the scheduler and the publisher keep anyway, read at scrape time."""
 
-    def __init__(self, scheduler: SchedulerView, publisher: PublisherView | None) -> None:
+    def __init__(
+        self,
+        scheduler: SchedulerView,
+        publisher: PublisherView | None,
+        stalls: StallsView | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.publisher = publisher
+        self.stalls = stalls
 
     def describe(self) -> Iterator[Metric]:
         # Names only: registering must not walk 100,000 tasks.
@@ -200,6 +225,23 @@ class CheckerCollector(Collector):
             "Fires skipped because the task's previous check was still running",
             stats.skipped_overlap,
         )
+        yield _counter(
+            "periodic_checker_slots_skipped",
+            "Slots not run because they could only start later than MAX_START_LAG (or half"
+            " the task's interval): the checker is shedding load",
+            stats.skipped_late,
+        )
+        if self.stalls is not None:
+            yield _counter(
+                "periodic_checker_loop_stall_seconds",
+                "Seconds the event loop was stalled (not counted against checks' time-outs)",
+                self.stalls.total,
+            )
+            yield _gauge(
+                "periodic_checker_loop_stall_longest_seconds",
+                f"Longest stall of the event loop in the last {STALL_WINDOW:.0f} s",
+                self.stalls.longest(STALL_WINDOW) if sampled else None,
+            )
         if self.publisher is None:
             return
         published = self.publisher.stats() if sampled else None
@@ -237,6 +279,17 @@ class CheckerCollector(Collector):
             value("stored"),
         )
         yield _counter(
+            "periodic_checker_results_set_aside",
+            "Results set aside because the broker or the client refuses them for good (too"
+            " large, invalid): each is logged and kept in the outbox_set_aside table",
+            value("set_aside"),
+        )
+        yield _gauge(
+            "periodic_checker_outbox_set_aside",
+            "Results in the outbox_set_aside table of the SQLite file",
+            value("set_aside_size"),
+        )
+        yield _counter(
             "periodic_checker_results_dropped",
             "Results that could not be encoded (a bug: each is logged)",
             value("dropped"),
@@ -260,10 +313,12 @@ def _counter(name: str, documentation: str, value: float | None) -> CounterMetri
 def register(
     scheduler: SchedulerView,
     publisher: PublisherView | None,
+    stalls: StallsView | None = None,
     registry: CollectorRegistry = REGISTRY,
 ) -> CheckerCollector:
-    """Serve the scheduler's and publisher's figures; `unregister()` the result at stop."""
-    collector = CheckerCollector(scheduler, publisher)
+    """Serve the scheduler's, publisher's and loop's figures; `unregister()` the result at
+    stop."""
+    collector = CheckerCollector(scheduler, publisher, stalls)
     registry.register(collector)
     return collector
 

@@ -6,7 +6,14 @@ overtakes an earlier one of the same task. Sequence numbers come from `reserve()
 publisher takes one for every result when it is published, so a result that fails after later
 ones of its task were stored still goes back in front of them.
 
-Rows are deleted only after the broker confirmed their delivery.
+Rows are deleted only after the broker confirmed their delivery, or when they are set aside:
+a message the broker or the client refuses for good (too large, invalid) would otherwise stay at
+the head of its task's queue and hold back every later result of that task. `set_aside()` moves
+such rows, with the reason, to the table `outbox_set_aside` in the same file, in one
+transaction; they stay there for a person to look at (nothing reads them back):
+
+    sqlite3 tasks.sqlite3 "SELECT id, task_id, reason, datetime(set_aside_at, 'unixepoch')
+                           FROM outbox_set_aside ORDER BY id"
 """
 
 from __future__ import annotations
@@ -34,6 +41,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     added_at REAL    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_task_seq ON outbox (task_id, seq);
+CREATE TABLE IF NOT EXISTS outbox_set_aside (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq          INTEGER NOT NULL,
+    task_id      TEXT    NOT NULL,
+    key          BLOB    NOT NULL,
+    value        BLOB    NOT NULL,
+    reason       TEXT    NOT NULL,
+    set_aside_at REAL    NOT NULL
+);
 """
 
 
@@ -45,6 +61,14 @@ class OutboxRow:
     task_id: uuid.UUID
     key: bytes
     value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """A message that cannot be delivered, and why."""
+
+    row: OutboxRow
+    reason: str
 
 
 class Outbox:
@@ -67,10 +91,12 @@ class Outbox:
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.executescript(SCHEMA)
             (count, last) = self._db.execute("SELECT COUNT(*), MAX(seq) FROM outbox").fetchone()
+            (aside,) = self._db.execute("SELECT COUNT(*) FROM outbox_set_aside").fetchone()
         except sqlite3.Error:
             self._db.close()
             raise
         self._count: int = count
+        self._aside: int = aside
         self._next_seq: int = (last or 0) + 1
 
     def reserve(self) -> int:
@@ -160,6 +186,50 @@ class Outbox:
                     self._db.execute("ROLLBACK")
                 raise
             self._count -= removed
+
+    def set_aside(self, items: Sequence[SetAside]) -> None:
+        """Move messages that cannot be delivered out of the outbox (where they may or may not
+        be) into `outbox_set_aside`, in one transaction."""
+        if not items:
+            return
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._db.total_changes
+                self._db.execute(
+                    "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))",
+                    (_json_list(item.row.seq for item in items),),
+                )
+                removed = self._db.total_changes - before
+                self._db.executemany(
+                    "INSERT INTO outbox_set_aside (seq, task_id, key, value, reason, set_aside_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (i.row.seq, str(i.row.task_id), i.row.key, i.row.value, i.reason, now)
+                        for i in items
+                    ],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._count -= removed
+            self._aside += len(items)
+
+    def set_aside_rows(self, limit: int = 100) -> list[tuple[int, uuid.UUID, str, bytes]]:
+        """The messages set aside, oldest first: (seq, task_id, reason, value)."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT seq, task_id, reason, value FROM outbox_set_aside ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(seq, uuid.UUID(task), reason, value) for seq, task, reason, value in found]
+
+    def set_aside_size(self) -> int:
+        """Messages in `outbox_set_aside` (kept in memory like `size()`)."""
+        return self._aside
 
     def backlog(self) -> Counter[uuid.UUID]:
         """How many rows each task has waiting."""

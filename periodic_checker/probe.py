@@ -40,7 +40,6 @@ transport errors, status, body size (when asked), pattern.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import contextvars
 import functools
@@ -70,7 +69,8 @@ from checker_common.contract import (
 from checker_common.redact import redact_text, redact_url
 from periodic_checker import http1
 from periodic_checker.decoding import ACCEPT_ENCODING, BodyDecoder, DecodeError
-from periodic_checker.dns import DNS_THREADS, DaemonThreadPool, PoolResolver
+from periodic_checker.dns import DNS_THREADS, DaemonThreadPool, Lookup, PoolResolver
+from periodic_checker.overload import LoopStalls, TargetDeadline
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.search import PatternSearcher
 from periodic_checker.tasks import TaskSpec, status_accepted
@@ -403,9 +403,15 @@ class Prober:
         policy: TargetPolicy | None = None,
         max_connections: int = 0,
         user_agent: str = DEFAULT_USER_AGENT,
+        dns_threads: int = DNS_THREADS,
+        dns_lookup: Lookup = socket.getaddrinfo,
     ) -> None:
         self._policy = policy if policy is not None else TargetPolicy()
         self._max_connections = max_connections
+        self._dns_threads = dns_threads
+        self._dns_lookup = dns_lookup
+        # Stalls of the event loop are the checker's time, not the target's (overload.py).
+        self.stalls = LoopStalls()
         self._defaults = {
             "User-Agent": user_agent,
             "Accept": "*/*",
@@ -424,9 +430,12 @@ class Prober:
             return
         # Loading the trust store takes tens of milliseconds: once, here.
         self._verified, self._unverified = tls_contexts()
+        self.stalls.start()
         # Lookups in threads of their own (see dns.py); both paths share one resolver.
-        self._dns = DaemonThreadPool(DNS_THREADS, name="dns")
-        self._resolver = PolicyResolver(self._policy, PoolResolver(self._dns))
+        self._dns = DaemonThreadPool(self._dns_threads, name="dns")
+        self._resolver = PolicyResolver(
+            self._policy, PoolResolver(self._dns, lookup=self._dns_lookup)
+        )
         self._searcher = PatternSearcher()
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
@@ -460,6 +469,7 @@ class Prober:
         if self._searcher is not None:
             self._searcher.close()
             self._searcher = None
+        await self.stalls.stop()
 
     async def __aenter__(self) -> Prober:
         await self.start()
@@ -482,17 +492,16 @@ class Prober:
         run = _Run()
         token = _running.set(run)
         error: CheckError | None
+        # The time-out is the target's time: what the checker held the check up is not counted.
+        deadline = TargetDeadline(spec.timeout, self.stalls)
         try:
-            async with asyncio.timeout(spec.timeout):
+            async with deadline:
                 error = await self._fetch(spec, run)
         except TimeoutError:
             if run.searching:
                 error = _pattern_timeout(spec, run)
             else:
-                error = CheckError(
-                    kind=ErrorKind.TIMEOUT,
-                    message=f"no complete answer within {spec.timeout:g} s ({run.phase()})",
-                )
+                error = _timed_out(spec, run, deadline)
             run.end_hop(None)
         except Exception as exc:
             error = classify_error(exc, redirected=run.redirects > 0)
@@ -690,6 +699,26 @@ def _pattern_timeout(spec: TaskSpec, run: _Run) -> CheckError:
         kind=ErrorKind.PATTERN_TIMEOUT,
         message=_short(
             f"pattern search of {run.bytes} bytes not finished within {spec.timeout:g} s {where}"
+        ),
+    )
+
+
+def _timed_out(spec: TaskSpec, run: _Run, deadline: TargetDeadline) -> CheckError:
+    """A real time-out when the target had its time, else not judged (checker_overloaded)."""
+    if not (deadline.expired() and deadline.overloaded()):
+        held = deadline.checker_time()
+        # The checker's own delay, when there was some, said for whoever reads the time-out.
+        extra = f"; the checker held it up {held:.2f} s more" if held >= 0.01 else ""
+        return CheckError(
+            kind=ErrorKind.TIMEOUT,
+            message=f"no complete answer within {spec.timeout:g} s ({run.phase()}{extra})",
+        )
+    return CheckError(
+        kind=ErrorKind.CHECKER_OVERLOADED,
+        message=(
+            f"not judged: the checker held the check up for {deadline.checker_time():.2f} s"
+            f" (event loop stalled or DNS pool full); the target had"
+            f" {deadline.target_time():.2f} s of its {spec.timeout:g} s time-out ({run.phase()})"
         ),
     )
 

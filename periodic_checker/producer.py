@@ -26,6 +26,12 @@ How a result travels:
 - `close()` flushes for the time-out given, purges what is left, and stores exactly the
   messages whose reports say they were not delivered (plus any without a report). A result
   published after that is written to the outbox at once.
+- A message that can never be delivered is set aside instead of blocking its task: at once
+  when librdkafka or the broker refuses it for what it is (too large, invalid:
+  `REFUSED_FOR_GOOD`), or after `MAX_DELIVERY_ATTEMPTS` failures that each came while other
+  results were being delivered (so a broker outage, or an error every message gets, never
+  sets anything aside). It moves to the outbox's `outbox_set_aside` table with the reason, one
+  WARNING line with its ids, and the task's later results flow again.
 
 Throughput of the outbox drain: many tasks drain at once (at most `drain_batch` heads are
 handed over per pump step); one task's backlog drains one row per round trip (about 40 a
@@ -44,6 +50,7 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -51,7 +58,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from checker_common.contract import CheckResult, encode
 from checker_common.kafka import client_config
-from periodic_checker.outbox import Outbox, OutboxRow
+from periodic_checker.outbox import Outbox, OutboxRow, SetAside
 from periodic_checker.settings import CheckerSettings
 
 log = logging.getLogger(__name__)
@@ -80,6 +87,43 @@ _NEEDS_NEW_PRODUCER = frozenset(
         KafkaError._FATAL,
     }
 )
+# The message itself is refused, and would be on every attempt: set it aside at once.
+REFUSED_FOR_GOOD = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError._BAD_MSG,
+    }
+)
+# Failures of one message, each while other results were delivered, before it is set aside.
+MAX_DELIVERY_ATTEMPTS = 5
+# Errors that say nothing about the message itself (the broker away, the producer renewed).
+_NOT_THE_MESSAGE = _PURGED | _BROKER_GONE | _NEEDS_NEW_PRODUCER
+
+
+def counted_failures(code: int, counted: int, others_delivered: bool) -> int | None:
+    """A message's failures that count against it once this one (`code`) is added to the
+    `counted` before, or None: set it aside now (pure). A failure counts only when other
+    results were delivered since its last one: then the broker works, and it is the message."""
+    if code in REFUSED_FOR_GOOD:
+        return None
+    if code in _NOT_THE_MESSAGE or not others_delivered:
+        return counted
+    counted += 1
+    return None if counted >= MAX_DELIVERY_ATTEMPTS else counted
+
+
+class _Handover(Enum):
+    """What `produce()` did with a message."""
+
+    SENT = "sent"
+    FULL = "full"  # librdkafka's queue is full: later
+    REFUSED = "refused"  # refused now, maybe not later: kept in the outbox
+    SET_ASIDE = "set aside"  # refused for good
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +140,8 @@ class PublisherStats:
     max_in_flight: int
     stored: int  # results written to the outbox since start
     dropped: int  # results that could not even be encoded
+    set_aside: int = 0  # results set aside since start (they can never be delivered)
+    set_aside_size: int = 0  # rows in the outbox's set-aside table
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +183,10 @@ class ResultPublisher:
         self._spill: list[OutboxRow] = []
         self._writing = 0  # rows of the spill being written right now
         self._confirmed: set[int] = set()  # outbox rows delivered, delete pending
+        self._aside: dict[int, SetAside] = {}  # set aside, write pending (by seq)
+        # seq -> (failures counted against it, deliveries seen at its last failure)
+        self._failures: dict[int, tuple[int, int]] = {}
+        self._set_aside_count = 0
         # Filled by delivery callbacks on whichever thread serves them; settled on the loop.
         self._reports: deque[tuple[int, KafkaError | None]] = deque()
         self._wake = asyncio.Event()
@@ -247,13 +297,16 @@ class ResultPublisher:
         self._closed = True  # later results are written by publish() itself
         try:
             await self._store_spill()
+            await self._write_aside()
             await self._delete_confirmed()
         except Exception:
             # Nothing is left to retry with: say exactly what is lost.
             log.exception(
-                "outbox write failed at shutdown: %d results lost, %d delivered rows not deleted",
+                "outbox write failed at shutdown: %d results lost, %d delivered rows not deleted,"
+                " %d results not set aside",
                 len(self._spill),
                 len(self._confirmed),
+                len(self._aside),
             )
             return
         log.info(
@@ -277,6 +330,8 @@ class ResultPublisher:
             max_in_flight=self._max_in_flight,
             stored=self._stored,
             dropped=self._dropped,
+            set_aside=self._set_aside_count,
+            set_aside_size=self._outbox.set_aside_size() + len(self._aside),
         )
 
     # -- routing (event loop) ---------------------------------------------------------------
@@ -289,10 +344,10 @@ class ResultPublisher:
             or self._backlog[message.task_id] > 0
             or len(self._in_flight) >= self._max_in_flight
         )
-        if must_wait or not self._send(message):
+        if must_wait or self._send(message) in (_Handover.FULL, _Handover.REFUSED):
             self._to_outbox(message)
 
-    def _send(self, message: _Message) -> bool:
+    def _send(self, message: _Message) -> _Handover:
         try:
             self._producer.produce(
                 self._topic,
@@ -301,20 +356,48 @@ class ResultPublisher:
                 on_delivery=functools.partial(self._on_delivery, message.seq),
             )
         except BufferError:
-            return False
+            return _Handover.FULL
         except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is not None and error.code() in REFUSED_FOR_GOOD:
+                self._set_aside(message, f"refused by the Kafka client: {error.str()}")
+                return _Handover.SET_ASIDE
             log.warning(
                 "produce refused, task_id=%s kept in the outbox: %s",
                 message.task_id,
                 exc,
                 extra={"task_id": str(message.task_id)},
             )
-            return False
+            return _Handover.REFUSED
         self._in_flight[message.seq] = message
         self._busy_tasks.add(message.task_id)
         if message.stored:
             self._stored_in_flight += 1
-        return True
+        return _Handover.SENT
+
+    def _set_aside(self, message: _Message, reason: str) -> None:
+        """Move a message that can never be delivered out of its task's way: into the
+        set-aside table (written by the next pump step), and the task's next row goes."""
+        self._failures.pop(message.seq, None)
+        row = OutboxRow(message.seq, message.task_id, message.key, message.value)
+        self._aside[message.seq] = SetAside(row, reason)
+        self._set_aside_count += 1
+        result_id = _result_id(message.value)
+        log.warning(
+            "result set aside, it cannot be delivered: task_id=%s result_id=%s: %s",
+            message.task_id,
+            result_id,
+            reason,
+            extra={"task_id": str(message.task_id), "result_id": result_id},
+        )
+        task = message.task_id
+        if message.stored:
+            self._backlog[task] -= 1
+            if self._backlog[task] <= 0:
+                del self._backlog[task]
+        if self._backlog[task] > 0 and task not in self._busy_tasks:
+            self._ready[task] = None
+        self._wake.set()
 
     def _to_outbox(self, message: _Message) -> None:
         row = OutboxRow(message.seq, message.task_id, message.key, message.value)
@@ -343,6 +426,7 @@ class ResultPublisher:
         if message.stored:
             self._stored_in_flight -= 1
         if error is None:
+            self._failures.pop(seq, None)
             self._delivered += 1
             self._last_delivered_at = datetime.now(UTC)
             self._set_reachable(True)
@@ -363,6 +447,23 @@ class ResultPublisher:
                 self._set_reachable(False)
             if error.code() in _NEEDS_NEW_PRODUCER or error.fatal():
                 self._renew = True
+            before = self._failures.get(seq)
+            counted = counted_failures(
+                error.code(),
+                before[0] if before else 0,
+                others_delivered=before is not None and self._delivered > before[1],
+            )
+            if counted is None:
+                if error.code() in REFUSED_FOR_GOOD:
+                    reason = f"refused by the broker: {error.str()}"
+                else:
+                    reason = (
+                        f"delivery failed {MAX_DELIVERY_ATTEMPTS} times while other results"
+                        f" were delivered; the last time: {error.str()}"
+                    )
+                self._set_aside(message, reason)
+                return
+            self._failures[seq] = (counted, self._delivered)
             if message.stored:
                 # Re-sending a row right after it failed would spin; probe again a bit later.
                 self._probe_after = time.monotonic() + self._drain_interval
@@ -412,13 +513,16 @@ class ResultPublisher:
         # read the heads of the ready tasks (after the deletes, so no head is a delivered row).
         rows, self._spill = self._spill, []
         seqs = list(self._confirmed)
+        aside = list(self._aside.values())
         tasks = self._take_ready()
-        if not (rows or seqs or tasks):
+        if not (rows or seqs or aside or tasks):
             return
         self._writing = len(rows)
         done: list[str] = []
         try:
-            heads = await asyncio.to_thread(_outbox_io, self._outbox, rows, seqs, tasks, done)
+            heads = await asyncio.to_thread(
+                _outbox_io, self._outbox, rows, seqs, aside, tasks, done
+            )
         except BaseException:
             if "stored" not in done:
                 self._spill[:0] = rows
@@ -430,6 +534,9 @@ class ResultPublisher:
                 self._stored += len(rows)
             if "deleted" in done:
                 self._confirmed.difference_update(seqs)
+            if "set aside" in done:
+                for item in aside:
+                    self._aside.pop(item.row.seq, None)
         self._send_heads(tasks, heads)
 
     async def _renew_producer(self) -> None:
@@ -459,6 +566,14 @@ class ResultPublisher:
         finally:
             self._writing = 0
         self._stored += len(rows)
+
+    async def _write_aside(self) -> None:
+        if not self._aside:
+            return
+        aside = list(self._aside.values())
+        await asyncio.to_thread(self._outbox.set_aside, aside)
+        for item in aside:
+            self._aside.pop(item.row.seq, None)
 
     async def _delete_confirmed(self) -> None:
         if not self._confirmed:
@@ -497,15 +612,19 @@ class ResultPublisher:
         for index, row in enumerate(rows):
             if row.task_id in self._busy_tasks:
                 continue  # its acknowledgement starts the chain again
-            if row.seq in self._confirmed:
-                self._ready[row.task_id] = None  # delivered, delete pending: next step
+            if row.seq in self._confirmed or row.seq in self._aside:
+                self._ready[row.task_id] = None  # delivered or set aside, write pending
                 continue
-            if (
-                self._producer is None
+            handed = (
+                _Handover.FULL
+                if self._producer is None
                 or self._closing
                 or len(self._in_flight) >= self._max_in_flight
-                or not self._send(_Message(row.seq, row.task_id, row.key, row.value, stored=True))
-            ):
+                else self._send(_Message(row.seq, row.task_id, row.key, row.value, stored=True))
+            )
+            if handed is _Handover.SET_ASIDE:
+                continue  # the task's next row goes once this one is out of the outbox
+            if handed is not _Handover.SENT:
                 # Not now (librdkafka full or being replaced): this and the rest stay ready.
                 self._ready.update(
                     dict.fromkeys(
@@ -563,14 +682,18 @@ def _outbox_io(
     outbox: Outbox,
     rows: list[OutboxRow],
     seqs: list[int],
+    aside: list[SetAside],
     tasks: list[uuid.UUID],
     done: list[str],
 ) -> list[OutboxRow]:
-    """A pump step's SQLite work, in a worker thread; `done` tells the loop how far it got."""
+    """A pump step's SQLite work, in a worker thread; `done` tells the loop how far it got.
+    Heads are read last: no head is a row delivered or set aside in this step."""
     outbox.put(rows)
     done.append("stored")
     outbox.delete(seqs)
     done.append("deleted")
+    outbox.set_aside(aside)
+    done.append("set aside")
     return outbox.heads(tasks) if tasks else []
 
 

@@ -16,6 +16,11 @@ waited `progress_flush_interval` since its first change, a task's changes in tha
 one write (spread over the flushes as the checks are over their intervals). `stop()` writes
 everything. So a SIGKILL may lose up to `progress_flush_interval` of runs/last_run_at progress of
 open-ended tasks, but never a health or status change older than `flush_interval`.
+
+When the checker cannot keep up it sheds load explicitly: a slot that would start later than
+`start_bound()` after its planned time (`max_start_lag`, at most half the task's interval) is
+skipped, counted per task and in total, instead of being run late. A skipped slot publishes
+nothing and changes nothing; the task's next slot is planned as usual.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import gc
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +42,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from checker_common.contract import CheckResult, Health
+from checker_common.contract import NOT_JUDGED, CheckResult, Health
 from periodic_checker import metrics
 from periodic_checker.jobstore import HeapJobStore
 from periodic_checker.store import TaskStore
@@ -61,6 +66,19 @@ SLOT_TOLERANCE = 0.001
 # starts at most this much later than planned because of it.
 SCHEDULE_TICK = 0.005
 LAG_SAMPLES = 10_000
+# A slot that cannot start within this many seconds of its plan is skipped (MAX_START_LAG).
+DEFAULT_MAX_START_LAG = 5.0
+# Skipped slots are logged at most this often (one WARNING with the count), not one by one.
+SHED_LOG_EVERY = 60.0
+
+
+def start_bound(interval: float | None, max_start_lag: float) -> float | None:
+    """How late a slot may start before it is skipped (pure): `max_start_lag`, but at most
+    half the interval (a later start is nearer the next slot than its own). None for a
+    one-shot task: its only run is never skipped."""
+    if interval is None:
+        return None
+    return min(max_start_lag, interval / 2)
 
 
 class Checker(Protocol):
@@ -117,6 +135,8 @@ class SchedulerStats:
     checks: int = 0
     retries: int = 0
     skipped_overlap: int = 0
+    skipped_late: int = 0  # slots not started: they would have started too late
+    not_judged: int = 0  # checks the checker held up past twice their time-out
     in_flight: int = 0
 
 
@@ -134,12 +154,17 @@ class CheckScheduler:
         flush_interval: float = 1.0,
         progress_flush_interval: float = 60.0,
         schedule_tick: float = SCHEDULE_TICK,
+        max_start_lag: float = DEFAULT_MAX_START_LAG,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.checker = checker
         self.publisher = publisher
         self.per_host_in_flight = per_host_in_flight
+        self.max_start_lag = max_start_lag
+        # Slots skipped per task since start (tasks removed are forgotten).
+        self.skipped_slots: Counter[uuid.UUID] = Counter()
+        self._shed_logged = (0, time.monotonic() - SHED_LOG_EVERY)
         self.flush_interval = flush_interval
         self.progress_flush_interval = progress_flush_interval
         self.clock = clock
@@ -275,6 +300,7 @@ class CheckScheduler:
 
     def remove(self, task_id: uuid.UUID) -> None:
         self.tasks.pop(task_id, None)
+        self.skipped_slots.pop(task_id, None)
         self._dirty.pop(task_id, None)
         self._progress.pop(task_id)
         self._unschedule(task_id)
@@ -356,6 +382,8 @@ class CheckScheduler:
             result = await self._check(
                 task_id, spec, scheduled_at, attempt, planned if attempt == 1 else None
             )
+            if result is None:
+                return  # the slot was skipped: too late to start
             retry_after = self._settle(task_id, spec, result, attempt, counts_as_run=True)
             if retry_after is None or self._stopping.is_set():
                 return
@@ -373,7 +401,9 @@ class CheckScheduler:
         scheduled_at: datetime | None,
         attempt: int,
         planned: float | None,
-    ) -> CheckResult:
+    ) -> CheckResult | None:
+        """Run one check under the caps; None when its slot (`planned`) is skipped because it
+        could only start too late."""
         host = spec.host
         slot = self._hosts.get(host)
         if slot is None:
@@ -385,6 +415,12 @@ class CheckScheduler:
                     lag = self.clock() - planned
                     self.lags.add(lag)
                     metrics.record_lag(lag)
+                    bound = start_bound(spec.interval, self.max_start_lag)
+                    if bound is not None and lag > bound:
+                        self.stats.skipped_late += 1
+                        self.skipped_slots[task_id] += 1
+                        log.debug("task %s: slot skipped, %.3f s late", task_id, lag)
+                        return None
                 self.stats.in_flight += 1
                 self.stats.checks += 1
                 try:
@@ -399,6 +435,8 @@ class CheckScheduler:
                 del self._hosts[host]
         metrics.record_check(result)
         if not result.ok:
+            if result.error is not None and result.error.kind in NOT_JUDGED:
+                self.stats.not_judged += 1
             _log_failure(task_id, result)
         return result
 
@@ -460,6 +498,7 @@ class CheckScheduler:
         self._running[task_id] = current
         try:
             result = await self._check(task_id, task.spec, None, 1, None)
+            assert result is not None  # only scheduled slots are skipped
             self._settle(task_id, task.spec, result, 1, counts_as_run=False)
             latest = self.tasks.get(task_id, task)
             return result.model_copy(update={"health": latest.health})
@@ -505,6 +544,20 @@ class CheckScheduler:
             # than all of it at once (100,000 rows in one go held the loop back for seconds).
             await self.flush(progress_since=time.monotonic() - self.progress_flush_interval)
             collector.tick(time.monotonic())
+            self._log_shedding(time.monotonic())
+
+    def _log_shedding(self, now: float) -> None:
+        """One WARNING a minute at most while slots are being skipped, with the count."""
+        count, at = self._shed_logged
+        skipped = self.stats.skipped_late
+        if skipped > count and now - at >= SHED_LOG_EVERY:
+            log.warning(
+                "the checker cannot keep up: %d slots skipped since the last report, %d in all"
+                " (a slot is skipped when it would start more than MAX_START_LAG=%g s, or half"
+                " its interval, late)",
+                skipped - count, skipped, self.max_start_lag,
+            )  # fmt: skip
+            self._shed_logged = (skipped, now)
 
 
 class ProgressWrites:
@@ -567,8 +620,9 @@ def _log_failure(task_id: uuid.UUID, result: CheckResult) -> None:
     error = result.error
     kind = str(error.kind) if error is not None else "none"
     message = error.message if error is not None else ""
+    verdict = "not judged" if error is not None and error.kind in NOT_JUDGED else "failed"
     log.info(
-        "check of task %s failed (%s): %s", task_id, kind, message,
+        "check of task %s %s (%s): %s", task_id, verdict, kind, message,
         extra={
             "task_id": str(task_id),
             "result_id": str(result.result_id),

@@ -69,6 +69,13 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
     per_host_in_flight: int = Field(
         10, ge=1, le=10_000, description="checks running at once against one host"
     )
+    max_start_lag: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="seconds a scheduled check may start late (at most half its interval);"
+        " a slot that cannot start in time is skipped and counted",
+    )
     kafka_message_timeout_ms: int = Field(
         300_000, ge=1_000, description="how long the producer retries before the outbox keeps it"
     )

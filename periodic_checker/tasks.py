@@ -28,7 +28,7 @@ import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from checker_common.contract import MAX_NAME, MAX_URL, ErrorKind, Health
+from checker_common.contract import MAX_NAME, MAX_URL, NOT_JUDGED, ErrorKind, Health
 from checker_common.redact import MASK, redact_headers, redact_url
 from periodic_checker.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, parse_url
 
@@ -566,6 +566,9 @@ def after_attempt(
 
     - the target policy refused the host: status `error` with the reason, no retry;
     - a failure with retries left: retry after `retry_interval`, health and runs unchanged;
+    - not judged (`checker_overloaded`: the checker held the check up, the target was not
+      judged): no retry, health and failures_in_a_row unchanged; the run is counted like any
+      other, so a task with an end still ends;
     - otherwise the attempt is final: health becomes up or down, the run is counted, and the
       task becomes `done` when its end is reached (one-shot, end_after_runs, end_at).
     Every final attempt counts once, in `runs` when scheduled, in `manual_runs` when started by
@@ -589,14 +592,15 @@ def after_attempt(
             retry_after=None,
             changed=True,
         )
-    if not ok and counts_as_run and attempt <= task.spec.retries:
+    judged = error_kind is None or error_kind not in NOT_JUDGED
+    if not judged and not counts_as_run:
+        return CheckOutcome(task, retry_after=None, changed=False)
+    if not ok and judged and counts_as_run and attempt <= task.spec.retries:
         return CheckOutcome(task, retry_after=task.spec.retry_interval, changed=False)
-    update: dict[str, Any] = {
-        "health": Health.UP if ok else Health.DOWN,
-        "failures_in_a_row": 0 if ok else task.failures_in_a_row + 1,
-        "last_run_at": now,
-        counter: counted,
-    }
+    update: dict[str, Any] = {"last_run_at": now, counter: counted}
+    if judged:
+        update["health"] = Health.UP if ok else Health.DOWN
+        update["failures_in_a_row"] = 0 if ok else task.failures_in_a_row + 1
     if counts_as_run:
         ended = end_reason(task.spec, counted, now)
         if ended is not None and task.status is TaskStatus.ACTIVE:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp.resolver import ThreadedResolver
 
-from periodic_checker.dns import DaemonThreadPool, PoolResolver
+from periodic_checker.dns import DaemonThreadPool, PoolResolver, registered_domain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,3 +112,82 @@ def test_a_process_exits_while_a_lookup_hangs() -> None:
     )
 
     assert (done.returncode, done.stdout) == (0, "exiting\n"), done.stderr
+
+
+# --- one domain cannot take the pool ------------------------------------------------------
+
+
+class Hanging:
+    """A name server that never answers for `.hang.example`: a lookup blocks until released.
+    Counts the lookups blocked at once; every other name resolves at once."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.blocked = 0
+        self.most_blocked = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, host: str, port: int, *_: object) -> list[object]:
+        if host.endswith(".hang.example"):
+            with self._lock:
+                self.blocked += 1
+                self.most_blocked = max(self.most_blocked, self.blocked)
+            self.release.wait(60)
+            with self._lock:
+                self.blocked -= 1
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+
+@pytest.mark.parametrize(
+    ("host", "domain"),
+    [
+        ("shop.example.net", "example.net"),
+        ("a.b.shop.example.net.", "example.net"),
+        ("Example.NET", "example.net"),
+        ("localhost", "localhost"),
+        ("www.example.co.uk", "co.uk"),  # the approximation: stricter, never looser
+    ],
+)
+def test_a_host_names_registered_domain_is_its_last_two_labels(host: str, domain: str) -> None:
+    assert registered_domain(host) == domain
+
+
+async def test_a_domain_that_never_answers_holds_at_most_its_share_of_the_pool() -> None:
+    pool = DaemonThreadPool(4)
+    hanging = Hanging()
+    resolver = PoolResolver(pool, per_domain=2, lookup=hanging)
+    stuck = [asyncio.create_task(resolver.resolve(f"n{i}.hang.example", 80)) for i in range(6)]
+    try:
+        await asyncio.sleep(0.2)  # every lookup that can start has started
+        async with asyncio.timeout(10):
+            found = await resolver.resolve("shop.example.net", 80)  # not behind them
+        assert found[0]["host"] == "127.0.0.1"
+        assert hanging.blocked == 2
+    finally:
+        hanging.release.set()
+        await asyncio.gather(*stuck)
+        pool.shutdown()
+
+    assert hanging.most_blocked == 2
+
+
+async def test_a_caller_leaves_at_its_deadline_but_the_thread_stays_counted() -> None:
+    pool = DaemonThreadPool(4)
+    hanging = Hanging()
+    resolver = PoolResolver(pool, per_domain=1, lookup=hanging)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):  # the check's deadline
+                await resolver.resolve("a.hang.example", 80)
+        # getaddrinfo() cannot be stopped: its thread is still the domain's only one, so the
+        # next lookup of the domain waits for it instead of taking another thread.
+        second = asyncio.create_task(resolver.resolve("b.hang.example", 80))
+        await asyncio.sleep(0.2)
+        assert not second.done()
+        assert hanging.most_blocked == 1
+        hanging.release.set()
+        async with asyncio.timeout(10):
+            assert (await second)[0]["host"] == "127.0.0.1"
+    finally:
+        hanging.release.set()
+        pool.shutdown()

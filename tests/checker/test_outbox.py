@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from periodic_checker.outbox import Outbox, OutboxRow
+from periodic_checker.outbox import Outbox, OutboxRow, SetAside
 
 
 @pytest.fixture
@@ -135,3 +135,24 @@ def test_heads_give_the_oldest_row_of_each_named_task_only(outbox: Outbox) -> No
     outbox.delete([row.seq for row in outbox.heads([a])])
     assert [row.value for row in outbox.heads([a])] == [b"a2"]
     assert outbox.size() == 4
+
+
+def test_a_row_set_aside_leaves_the_queue_for_the_side_table_with_its_reason(path: Path) -> None:
+    task = uuid.uuid4()
+    outbox = Outbox(path)
+    outbox.add([(task, b"k", b"too big"), (task, b"k", b"next")])
+    head = outbox.heads([task])[0]
+    never_stored = OutboxRow(outbox.reserve(), task, b"k", b"refused when sent directly")
+
+    outbox.set_aside([SetAside(head, "too large"), SetAside(never_stored, "invalid")])
+
+    assert [r.value for r in outbox.heads([task])] == [b"next"]
+    assert (outbox.size(), outbox.set_aside_size()) == (1, 2)
+    outbox.close()
+    reopened = Outbox(path)  # counted again from the file
+    assert (reopened.size(), reopened.set_aside_size()) == (1, 2)
+    assert [(t, reason, value) for _, t, reason, value in reopened.set_aside_rows()] == [
+        (task, "too large", b"too big"),
+        (task, "invalid", b"refused when sent directly"),
+    ]
+    reopened.close()

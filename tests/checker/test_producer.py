@@ -23,12 +23,12 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from checker_common.contract import CheckResult, decode
+from checker_common.contract import CheckResult, decode, encode
 from checker_common.devstack import Broker
 from periodic_checker.outbox import Outbox
-from periodic_checker.producer import PublisherStats, ResultPublisher
+from periodic_checker.producer import PublisherStats, ResultPublisher, counted_failures
 from periodic_checker.settings import CheckerSettings
 
 from conftest import KafkaTarget
@@ -393,3 +393,84 @@ async def test_results_published_before_start_or_after_close_are_kept(
     outbox.close()
 
     assert [decode(r.value).result.attempt for r in rows] == [1, 2]
+
+
+# --- a message refused for good does not block its task ----------------------------------------
+
+SMALL_MESSAGES = 4096  # message.max.bytes of the producer below
+
+
+class SmallMessagePublisher(ResultPublisher):
+    """A producer whose limit a result can pass: a long URL makes a message too large."""
+
+    def producer_config(self) -> dict[str, Any]:
+        return {**super().producer_config(), "message.max.bytes": SMALL_MESSAGES}
+
+
+def a_huge_result(sequence: int) -> CheckResult:
+    return a_result(sequence).model_copy(update={"url": "http://127.0.0.1:9/" + "x" * 8000})
+
+
+@pytest.mark.parametrize("path", ["from the outbox", "sent directly"])
+async def test_a_result_refused_for_its_size_is_set_aside_and_its_tasks_later_results_flow(
+    kafka: KafkaTarget,
+    topic: str,
+    settings: CheckerSettings,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="periodic_checker.producer")
+    task, other = uuid.uuid4(), uuid.uuid4()
+    huge = a_huge_result(1)
+    sent = Sent({})
+    outbox = Outbox(settings.task_storage)
+    if path == "from the outbox":
+        # Left by an earlier run (a larger limit then): it heads its task's queue at start.
+        later = [a_result(2), a_result(3)]
+        outbox.add([(task, *encode(task, r)) for r in [huge, *later]])
+        sent.results.update({r.result_id: (task, r.attempt) for r in later})
+    publisher = SmallMessagePublisher(settings, outbox)
+    await publisher.start()
+    try:
+        if path == "sent directly":
+            publisher.publish(task, huge)
+        for sequence in (4, 5):
+            for who in (task, other):
+                result = a_result(sequence)
+                sent.results[result.result_id] = (who, sequence)
+                publisher.publish(who, result)
+        stats = await wait_for(
+            publisher, lambda s: settled(s) and s.set_aside_size == 1, "the task's results flow"
+        )
+    finally:
+        await publisher.close(timeout=10)
+    aside = outbox.set_aside_rows()
+    outbox.close()
+
+    assert_all_arrived_once_in_order(read_topic(kafka, topic), sent)
+    assert (stats.set_aside, stats.outbox_size) == (1, 0)
+    [(_, aside_task, reason, value)] = aside
+    assert (aside_task, decode(value).result.result_id) == (task, huge.result_id)
+    assert "too large" in reason.lower()
+    assert f"result set aside, it cannot be delivered: task_id={task}" in caplog.text
+    assert str(huge.result_id) in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("code", "counted", "others_delivered", "after"),
+    [
+        (KafkaError.MSG_SIZE_TOO_LARGE, 0, False, None),  # refused for good: at once
+        (KafkaError.INVALID_RECORD, 0, False, None),
+        (KafkaError._MSG_TIMED_OUT, 4, True, 4),  # the broker away: never the message
+        (KafkaError._ALL_BROKERS_DOWN, 4, True, 4),
+        (KafkaError._PURGE_QUEUE, 4, True, 4),
+        (KafkaError.PRODUCER_FENCED, 4, True, 4),
+        (KafkaError.TOPIC_AUTHORIZATION_FAILED, 4, False, 4),  # every message fails alike
+        (KafkaError.TOPIC_AUTHORIZATION_FAILED, 3, True, 4),  # others go through: it counts
+        (KafkaError.TOPIC_AUTHORIZATION_FAILED, 4, True, None),  # the fifth: set aside
+    ],
+)
+def test_a_failure_counts_against_the_message_only_while_others_are_delivered(
+    code: int, counted: int, others_delivered: bool, after: int | None
+) -> None:
+    assert counted_failures(code, counted, others_delivered) == after

@@ -27,7 +27,12 @@ from checker_common.contract import CheckResult, ErrorKind, Health
 from periodic_checker.app_service import CheckerService
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
-from periodic_checker.scheduler import CheckScheduler, CollectorPolicy, ProgressWrites
+from periodic_checker.scheduler import (
+    CheckScheduler,
+    CollectorPolicy,
+    ProgressWrites,
+    start_bound,
+)
 from periodic_checker.service import InvalidChange, NameTaken, TaskFilter, TooManyTasks
 from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.tasks import Task, TaskSpec, TaskStatus, start_offset
@@ -289,6 +294,39 @@ async def test_a_task_never_overlaps_itself(target: Target, make_checker: Any) -
         assert attempts[:3] == [1, 2, 3]
     # Three tasks on one host, at most two checks there at once.
     assert c.checker.most_total <= 2
+
+
+@pytest.mark.parametrize(
+    ("interval", "max_start_lag", "bound"),
+    [(60.0, 5.0, 5.0), (4.0, 5.0, 2.0), (1.0, 0.2, 0.2), (None, 5.0, None)],
+)
+def test_a_slot_may_start_late_by_max_start_lag_or_half_its_interval(
+    interval: float | None, max_start_lag: float, bound: float | None
+) -> None:
+    assert start_bound(interval, max_start_lag) == bound
+
+
+async def test_a_slot_that_cannot_start_in_time_is_skipped_and_counted_not_run_late(
+    target: Target, make_checker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One check at a time; one task holds the slot 0.7 s of every second, so the others'
+    slots wait for it longer than MAX_START_LAG (0.2 s) and are shed."""
+    caplog.set_level(logging.WARNING, logger="periodic_checker.scheduler")
+    c = await make_checker(max_in_flight=1, max_start_lag=0.2)
+    hog = await c.service.create(spec(target, "/slow", timeout=0.7))
+    others = [await c.service.create(spec(target, "/ok")) for _ in range(4)]
+    await wait_until(lambda: c.scheduler.stats.skipped_late >= 10)
+    await wait_until(lambda: "cannot keep up" in caplog.text)
+    await stop(c)
+
+    status = c.service.status().extra
+    assert status["slots_skipped"] == c.scheduler.stats.skipped_late
+    assert sum(status["slots_skipped_by_task"].values()) <= status["slots_skipped"]
+    assert set(status["slots_skipped_by_task"]) <= {str(t.id) for t in [hog, *others]}
+    assert status["max_start_lag"] == 0.2
+    # A skipped slot publishes nothing and is not a run: each run left one result.
+    for task in [hog, *others]:
+        assert c.scheduler.tasks[task.id].runs == len(c.publisher.of(task.id))
 
 
 async def test_retries_come_before_down_and_health_moves_after_the_last_attempt(

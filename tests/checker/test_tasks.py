@@ -207,6 +207,36 @@ def test_denied_target_becomes_error_with_the_reason_and_no_retry() -> None:
     assert (outcome.task.runs, outcome.task.last_run_at) == (1, NOW), "it ran, and was refused"
 
 
+def test_a_result_not_judged_moves_neither_health_nor_failures_and_is_not_retried() -> None:
+    task = make_task(retries=2).model_copy(update={"health": Health.UP, "failures_in_a_row": 0})
+    outcome = attempt(task, ok=False, kind=ErrorKind.CHECKER_OVERLOADED)
+    assert outcome.retry_after is None
+    assert outcome.task.health is Health.UP
+    assert outcome.task.failures_in_a_row == 0
+    assert outcome.task.runs == 1  # a run like any other: a task with an end still ends
+    assert outcome.task.last_run_at == NOW
+    down = task.model_copy(update={"health": Health.DOWN, "failures_in_a_row": 4})
+    assert attempt(down, ok=False, kind=ErrorKind.CHECKER_OVERLOADED).task.health is Health.DOWN
+    assert attempt(down, ok=False, kind=ErrorKind.CHECKER_OVERLOADED).task.failures_in_a_row == 4
+
+
+def test_a_result_not_judged_counts_towards_the_end_of_the_task() -> None:
+    once = attempt(make_task(end_after_runs=1), ok=False, kind=ErrorKind.CHECKER_OVERLOADED)
+    assert once.task.status is TaskStatus.DONE
+    assert once.task.health is Health.UNKNOWN
+    one_shot = attempt(
+        make_task(interval=None, timeout=5), ok=False, kind=ErrorKind.CHECKER_OVERLOADED
+    )
+    assert one_shot.task.status is TaskStatus.DONE
+
+
+def test_a_run_by_hand_not_judged_changes_nothing() -> None:
+    task = make_task().model_copy(update={"health": Health.UP})
+    outcome = attempt(task, ok=False, kind=ErrorKind.CHECKER_OVERLOADED, counts_as_run=False)
+    assert not outcome.changed
+    assert outcome.task == task
+
+
 def test_run_by_hand_moves_health_and_counts_apart_from_the_scheduled_runs() -> None:
     outcome = attempt(make_task(interval=None, timeout=5), ok=True, counts_as_run=False)
     assert outcome.task.health is Health.UP

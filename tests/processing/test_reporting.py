@@ -14,7 +14,7 @@ import orjson
 import pytest
 from processing.processing_helpers import make_result, record_of, rows, scalar
 
-from checker_processing import db, retention
+from checker_processing import db, migrate, retention
 from checker_processing.report import (
     ReportArgumentError,
     TaskAvailability,
@@ -37,14 +37,17 @@ def at(hours: float, minutes: float = 0) -> datetime:
     return DAY + timedelta(hours=hours, minutes=minutes)
 
 
-# (task, time, load_time, ok, health)
+# (task, time, load_time, ok, health, error kind)
 DATA = [
-    (A, at(10, 0), 0.1, True, "up"),
-    (A, at(10, 15), 0.2, True, "up"),
-    (A, at(10, 30), 0.3, False, "down"),
-    (A, at(10, 45), 0.4, True, "up"),
-    (A, at(11, 5), 1.0, True, "up"),
-    (B, at(24, 30), 2.0, False, "down"),
+    (A, at(10, 0), 0.1, True, "up", None),
+    (A, at(10, 15), 0.2, True, "up", None),
+    (A, at(10, 30), 0.3, False, "down", "status"),
+    (A, at(10, 45), 0.4, True, "up", None),
+    # Not judged (the checker held the check up): in no figure but `not_judged`.
+    (A, at(10, 50), 9.0, False, "up", "checker_overloaded"),
+    (A, at(11, 5), 1.0, True, "up", None),
+    (B, at(24, 30), 2.0, False, "down", "status"),
+    (B, at(24, 40), 9.0, False, "down", "checker_overloaded"),
 ]
 
 
@@ -60,11 +63,11 @@ def loaded(schema_dsn: str, migrated: Any) -> Any:
                 load_time=load,
                 ok=ok,
                 health=health,
-                error=None if ok else {"kind": "status", "message": "status 500"},
+                error=None if kind is None else {"kind": kind, "message": "not fine"},
             ),
             offset=n,
         )
-        for n, (task, when, load, ok, health) in enumerate(DATA)
+        for n, (task, when, load, ok, health, kind) in enumerate(DATA)
     ]
     writer.write(records)
     writer.close()
@@ -79,13 +82,13 @@ def test_hourly_view(loaded: Any) -> None:
     found = rows(
         loaded,
         "SELECT hour, checks, successes, uptime_percent::float8, load_time_p50, load_time_p95,"
-        " load_time_p99 FROM availability_hourly WHERE task_id = %s ORDER BY hour",
+        " load_time_p99, not_judged FROM availability_hourly WHERE task_id = %s ORDER BY hour",
         str(A),
     )
     assert found == approx_rows(
         [
-            (at(10), 4, 3, 75.0, 0.25, 0.385, 0.397),
-            (at(11), 1, 1, 100.0, 1.0, 1.0, 1.0),
+            (at(10), 4, 3, 75.0, 0.25, 0.385, 0.397, 1),
+            (at(11), 1, 1, 100.0, 1.0, 1.0, 1.0, 0),
         ]
     )
 
@@ -94,12 +97,13 @@ def test_daily_view(loaded: Any) -> None:
     found = rows(
         loaded,
         "SELECT task_id::text, day, checks, successes, uptime_percent::float8, load_time_p50,"
-        " load_time_p95, load_time_p99 FROM availability_daily ORDER BY task_id, day",
+        " load_time_p95, load_time_p99, not_judged FROM availability_daily"
+        " ORDER BY task_id, day",
     )
     assert found == approx_rows(
         [
-            (str(A), date(2026, 11, 1), 5, 4, 80.0, 0.3, 0.88, 0.976),
-            (str(B), date(2026, 11, 2), 1, 0, 0.0, 2.0, 2.0, 2.0),
+            (str(A), date(2026, 11, 1), 5, 4, 80.0, 0.3, 0.88, 0.976, 1),
+            (str(B), date(2026, 11, 2), 1, 0, 0.0, 2.0, 2.0, 2.0, 1),
         ]
     )
 
@@ -177,11 +181,9 @@ def test_report_bad_arguments_exit_2_with_one_line(args: list[str], message: str
 def test_report_and_migrate_commands(schema_dsn: str) -> None:
     env = {"POSTGRESQL_CONNECTION": schema_dsn}  # all they read: no Kafka settings
     first = run_cli("checker_processing.cli", "migrate", env=env)
-    assert (first.returncode, first.stdout) == (
-        0,
-        "applied 0001_initial\napplied 0002_latest_results_lateral\n"
-        "applied 0003_tasks_fillfactor\napplied 0006_body_truncated\n",
-    ), first.stderr
+    shipped = "".join(f"applied {m.version:04d}_{m.name}\n" for m in migrate.available())
+    assert shipped.startswith("applied 0001_initial\n")
+    assert (first.returncode, first.stdout) == (0, shipped), first.stderr
     again = run_cli("checker_processing.cli", "migrate", env=env)
     assert (again.returncode, again.stdout) == (0, "schema is up to date\n"), again.stderr
 

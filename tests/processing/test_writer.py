@@ -266,6 +266,46 @@ def test_a_late_result_is_stored_but_moves_neither_its_task_nor_its_incidents(
     assert scalar(migrated, "SELECT count(*) FROM incidents") == 0
 
 
+def test_a_result_not_judged_is_stored_but_moves_neither_its_task_nor_its_incidents(
+    writer: Writer, migrated: Any
+) -> None:
+    """checker_overloaded: the checker held the check up, the site was not judged. The row is
+    kept; the task keeps its last judged result, no incident opens or closes, and a task seen
+    only through such results gets no tasks row yet."""
+    up, down, unseen = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    t0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
+    t1 = t0 + timedelta(minutes=1)
+    failing = {"ok": False, "health": "down", "error": {"kind": "status", "message": "503"}}
+
+    def not_judged(health: str) -> dict[str, Any]:
+        error = {"kind": "checker_overloaded", "message": "not judged: held up 2.1 s"}
+        return {"ok": False, "health": health, "error": error}
+
+    writer.write(
+        [
+            record_of(up, make_result(timestamp=t0), offset=0),
+            record_of(down, make_result(timestamp=t0, **failing), offset=1),
+        ]
+    )
+    first = dict(rows(migrated, "SELECT task_id::text, last_result_id::text FROM tasks"))
+    outcome = writer.write(
+        [
+            # Even one that claims 'down' for a task that is up opens nothing.
+            record_of(up, make_result(timestamp=t1, **not_judged("down")), offset=2),
+            record_of(down, make_result(timestamp=t1, **not_judged("up")), offset=3),
+            record_of(unseen, make_result(timestamp=t0, **not_judged("unknown")), offset=4),
+        ]
+    )
+
+    assert outcome == Outcome(inserted=3)
+    assert scalar(migrated, "SELECT count(*) FROM check_results") == 5
+    assert sorted(
+        rows(migrated, "SELECT task_id::text, last_checked_at, last_ok, last_health FROM tasks")
+    ) == sorted([(str(up), t0, True, "up"), (str(down), t0, False, "down")])
+    assert dict(rows(migrated, "SELECT task_id::text, last_result_id::text FROM tasks")) == first
+    assert rows(migrated, "SELECT task_id::text, ended_at FROM incidents") == [(str(down), None)]
+
+
 TRICKY_TEXT = ['a "quoted", {braced} name', "back\\slash", "NULL", "", "tab\tnew\nline", "ünï ✓"]
 
 
