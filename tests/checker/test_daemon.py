@@ -133,6 +133,7 @@ async def test_daemon_checks_publishes_and_stops_on_sigterm(
     }
     log = tmp_path / "daemon.log"
     proc = start_checker(env, log)
+    states: list[str] = []
     try:
         await wait_for_line(proc, log, "started: 1 tasks")
         wanted = {str(stored.id)}
@@ -170,6 +171,13 @@ async def test_daemon_checks_publishes_and_stops_on_sigterm(
         assert first.pattern_search is not None
         assert first.pattern_search.value == "match"
 
+        # The watchdog is fed all along, not once: wait for a second ping (at most one per
+        # half interval, 1 s here) rather than assume the run above lasted long enough.
+        states += received(notify)
+        deadline = time.monotonic() + DEADLINE
+        while states.count("WATCHDOG=1") < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            states += received(notify)
         proc.send_signal(signal.SIGTERM)
         # Awaited in a thread: the target site runs on this loop and must keep answering.
         assert await asyncio.to_thread(proc.wait, DEADLINE) == 0, read(log)
@@ -177,7 +185,7 @@ async def test_daemon_checks_publishes_and_stops_on_sigterm(
         if proc.poll() is None:
             stop_pid(proc.pid)
     text = read(log)
-    messages = received(notify)
+    messages = states + received(notify)
     notify.close()
     shutil.rmtree(notify_dir)
     assert "READY=1" in messages

