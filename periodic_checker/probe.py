@@ -182,7 +182,7 @@ class _Run:
 
 def _result(**fields: Any) -> CheckResult:
     """The check's result, built without validation where the probe made every value itself
-    (validation was a fifth of the probe's own Python time per check, bench/results/probe.md):
+    (`bench/micro.py validate` measures both ways of building it):
     name, url and method come from a validated TaskSpec, times are aware UTC, durations and
     counts are >= 0, final_url is cut to MAX_URL and errors are validated CheckErrors. The two
     values from outside - the HTTP status and the caller's scheduled_at - are checked here, and
@@ -807,7 +807,8 @@ def search_body(pattern: Any, body: bytes, charset: str) -> bool:
 
     RE2 works on UTF-8: a UTF-8 (or ASCII) body is searched as it is, any other is decoded
     and re-encoded. Handing RE2 bytes rather than `str` matters: for a `str` the binding
-    maps every match position back to characters, which is ~70x slower on a 100 KB page.
+    maps every match position back to characters, 150 x slower for a match near the end of a
+    100 KB page (`bench/micro.py regex`).
     """
     if charset not in UTF8_COMPATIBLE:
         body = body.decode(charset, errors="replace").encode("utf-8")
