@@ -8,11 +8,15 @@ pattern in the body. Contenders, interleaved in each run so they share the machi
 - `periodic-checker`: the checker's own `Prober` (tracing, RE2, result message encoding) on
   uvloop, the loop the daemon runs on,
 - `bare aiohttp`: a plain aiohttp loop with no scheduler, tracing or Kafka: the floor for Python,
-  on asyncio's default loop and on uvloop,
+  on uvloop (the checker's loop: the headline comparison) and on asyncio's default loop,
+- `bare http1`: the checker's own exchange (`periodic_checker/http1.py`) alone, with no Prober
+  around it (no phases kept, redirects, result or message), on uvloop: beside bare aiohttp on
+  the same loop it is what choosing that exchange over aiohttp's session saves per check,
 - `blackbox_exporter`: Prometheus' prober (Debian package), driven through its `/probe`
   endpoint; its CPU is read from its own process, not the driver's.
 
-CPU is each process's own user+system time. Prints a Markdown table of medians.
+CPU is each process's own user+system time. Prints the machine (`lscpu` model name, load
+average before and after each run) and a Markdown table of medians.
 """
 
 from __future__ import annotations
@@ -165,6 +169,44 @@ async def ours():
     await prober.close()
     return ok
 
+async def http1_only():
+    import re
+    from aiohttp.resolver import ThreadedResolver
+    from yarl import URL
+    from periodic_checker import http1
+    rx = re.compile(PATTERN)
+    target = URL(url)
+    resolver = ThreadedResolver()  # unused for an IP literal; the exchange asks for one
+
+    class Marks:
+        __slots__ = ("conn_start", "dns_start", "dns_end", "tls_start", "conn_end", "sent")
+
+        def __init__(self):
+            self.conn_start = self.dns_start = self.dns_end = None
+            self.tls_start = self.conn_end = self.sent = None
+
+    ok = 0
+    sem = asyncio.Semaphore(concurrency)
+    begin()
+    async def one():
+        nonlocal ok
+        async with sem:
+            head = http1.request_head("GET", target, {}, None, {"Accept": "*/*"})
+            response = await http1.exchange(
+                "GET", target, head, None, tls=None, resolver=resolver, marks=Marks()
+            )
+            try:
+                chunks = []
+                while chunk := await response.readany():
+                    chunks.append(chunk)
+                body = b"".join(chunks).decode(response.charset or "utf-8", "replace")
+                if response.status == 200 and rx.search(body):
+                    ok += 1
+            finally:
+                response.close()
+    await asyncio.gather(*(one() for _ in range(checks)))
+    return ok
+
 async def blackbox():
     import aiohttp
     ok = 0
@@ -180,7 +222,7 @@ async def blackbox():
         await asyncio.gather(*(one() for _ in range(checks)))
     return ok
 
-fn = {"bare": bare, "ours": ours, "blackbox": blackbox}[mode]
+fn = {"bare": bare, "ours": ours, "http1": http1_only, "blackbox": blackbox}[mode]
 loop_factory = None
 if sys.argv[6] == "uvloop":
     import uvloop
@@ -193,13 +235,53 @@ print(json.dumps({"ok": ok, "wall": wall, "cpu": cpu}))
 
 
 # Contender -> (worker mode, event loop). The checker daemon runs on uvloop, so our Prober is
-# measured there; bare aiohttp is measured on both loops so the comparison stays honest.
+# measured there and compared with bare aiohttp on the same loop; bare aiohttp on asyncio's
+# loop stays beside it (uvloop alone makes a Python loop faster).
 CONTENDERS: dict[str, tuple[str, str]] = {
     "ours": ("ours", "uvloop"),
-    "bare": ("bare", "asyncio"),
     "bare-uvloop": ("bare", "uvloop"),
+    "bare": ("bare", "asyncio"),
+    "bare-http1": ("http1", "uvloop"),
     "blackbox": ("blackbox", "asyncio"),
 }
+
+NAMES = {
+    "ours": "periodic-checker Prober",
+    "bare-uvloop": "bare aiohttp loop",
+    "bare": "bare aiohttp loop",
+    "bare-http1": "bare `http1.exchange` loop (no Prober)",
+    "blackbox": "blackbox_exporter (/probe)",
+}
+
+
+def cpu_model() -> str:
+    """`lscpu`'s model name (what a reader compares machines by)."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def versions() -> str:
+    """blackbox_exporter's and nginx's versions, as their binaries report them."""
+    found = []
+    for binary in (shutil.which("prometheus-blackbox-exporter") or "blackbox_exporter", "nginx"):
+        try:
+            out = subprocess.run(
+                [binary, "--version" if "blackbox" in binary else "-v"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        except OSError:
+            continue
+        found.append((out.stdout + out.stderr).splitlines()[0].strip())
+    return "; ".join(found)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run_worker(
@@ -214,6 +296,15 @@ def run_worker(
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def ratios(results: dict[str, list[dict[str, float]]], num: str, den: str, key: str) -> list[float]:
+    """Per run, `num`'s figure over `den`'s (checks/s for "rate", CPU per check for "cpu"):
+    taken within each run, so both saw the same machine."""
+    pairs = zip(results[num], results[den], strict=True)
+    if key == "rate":
+        return [b["wall"] / a["wall"] for a, b in pairs]  # same checks: rate ratio = 1/wall
+    return [a["cpu"] / b["cpu"] for a, b in pairs]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checks", type=int, default=10_000)
@@ -223,6 +314,12 @@ def main() -> int:
     args = parser.parse_args()
 
     results: dict[str, list[dict[str, float]]] = {name: [] for name in CONTENDERS}
+    loads: list[str] = []
+    print(
+        f"CPU {cpu_model()}, nproc {os.cpu_count()}, Python {sys.version.split()[0]}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {versions()}",
+        file=sys.stderr,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         work.chmod(0o755)  # nginx workers run as an unprivileged user
@@ -234,6 +331,7 @@ def main() -> int:
         try:
             run_worker("bare", page, 500, args.concurrency)  # warm-up
             for run in range(args.runs):
+                before = load_average()
                 for mode, (worker, loop) in CONTENDERS.items():
                     if mode == "blackbox":
                         cpu0 = cpu_seconds(blackbox.pid)
@@ -243,40 +341,61 @@ def main() -> int:
                         figures = run_worker(worker, page, args.checks, args.concurrency, loop)
                     results[mode].append(figures)
                     print(f"run {run + 1} {mode}: {figures}", file=sys.stderr)
+                loads.append(f"run {run + 1}: {before} -> {load_average()}")
         finally:
             stop_process(blackbox)
             stop_process(nginx)
 
-    names = {
-        "ours": "periodic-checker Prober (uvloop)",
-        "bare": "bare aiohttp loop (asyncio loop)",
-        "bare-uvloop": "bare aiohttp loop (uvloop)",
-        "blackbox": "blackbox_exporter 0.23 (/probe)",
-    }
     summary = {}
     for mode, runs in results.items():
         rate = statistics.median(args.checks / r["wall"] for r in runs)
         cpu = statistics.median(r["cpu"] / args.checks * 1000 for r in runs)
         ok = min(r["ok"] for r in runs)
         summary[mode] = {"checks_per_s": rate, "cpu_s_per_1000": cpu, "min_ok": ok}
-    print(f"\n{args.checks} checks x {args.runs} runs, concurrency {args.concurrency}, medians\n")
-    print("| prober | checks/s | CPU s per 1,000 checks | successful checks (min) |")
-    print("|---|---|---|---|")
-    for mode, row in summary.items():
-        print(
-            f"| {names[mode]} | {row['checks_per_s']:.0f} | {row['cpu_s_per_1000']:.3f} "
-            f"| {row['min_ok']:.0f} / {args.checks} |"
-        )
-    ours, bare, bb = summary["ours"], summary["bare"], summary["blackbox"]
-    bare_uv = summary["bare-uvloop"]
     print(
-        f"\nCPU per check, periodic-checker / blackbox_exporter: "
-        f"{ours['cpu_s_per_1000'] / bb['cpu_s_per_1000']:.2f} (goal <= 0.70)\n"
-        f"Throughput, periodic-checker / bare aiohttp on asyncio: "
-        f"{ours['checks_per_s'] / bare['checks_per_s']:.2f} (goal >= 0.75)\n"
-        f"Throughput, periodic-checker / bare aiohttp on uvloop (same loop): "
-        f"{ours['checks_per_s'] / bare_uv['checks_per_s']:.2f}"
+        f"\n{args.checks} checks x {args.runs} runs, concurrency {args.concurrency}, medians; "
+        f"CPU {cpu_model()}, nproc {os.cpu_count()}; load average (1, 5, 15 min) before -> "
+        f"after each run: {'; '.join(loads)}\n"
     )
+    print("| prober | event loop | checks/s | CPU s per 1,000 checks | successful checks (min) |")
+    print("|---|---|---|---|---|")
+    for mode, row in summary.items():
+        loop = "Go" if mode == "blackbox" else CONTENDERS[mode][1]
+        print(
+            f"| {NAMES[mode]} | {loop} | {row['checks_per_s']:.0f} "
+            f"| {row['cpu_s_per_1000']:.3f} | {row['min_ok']:.0f} / {args.checks} |"
+        )
+    print("\nRatios taken within each run; median (per run):")
+    for text, num, den, key, goal in (
+        (
+            "Throughput, Prober / bare aiohttp on the same loop (uvloop)",
+            "ours",
+            "bare-uvloop",
+            "rate",
+            " (goal >= 0.75)",
+        ),
+        (
+            "Throughput, Prober (uvloop) / bare aiohttp on asyncio's loop",
+            "ours",
+            "bare",
+            "rate",
+            "",
+        ),
+        ("CPU per check, Prober / blackbox_exporter", "ours", "blackbox", "cpu", " (goal <= 0.70)"),
+        ("CPU per check, Prober / bare aiohttp on the same loop", "ours", "bare-uvloop", "cpu", ""),
+        (
+            "CPU per check, bare http1.exchange / bare aiohttp session (both uvloop)",
+            "bare-http1",
+            "bare-uvloop",
+            "cpu",
+            "",
+        ),
+    ):
+        per_run = ratios(results, num, den, key)
+        print(
+            f"- {text}: {statistics.median(per_run):.2f}{goal} "
+            f"({', '.join(f'{r:.2f}' for r in per_run)})"
+        )
     if args.json:
         args.json.write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
     return 0

@@ -107,6 +107,12 @@ CROSS JOIN LATERAL (SELECT * FROM check_results c
                     LIMIT 1) AS r
 """
 
+# latest_results as migration 0001 defined it (0002 replaced it by the LATERAL form).
+_JOIN_0001 = """
+SELECT r.* FROM tasks t
+JOIN check_results r ON r.result_id = t.last_result_id AND r.checked_at = t.last_checked_at
+"""
+
 _INCIDENTS = """
 INSERT INTO incidents (task_id, started_at, ended_at, first_error_kind, first_error_message,
                        opened_by, closed_by)
@@ -340,6 +346,7 @@ def main() -> int:
                 " SELECT * FROM latest_results",
             ),
             ("alternative view body: LATERAL ... LIMIT 1 per task", _LATERAL),
+            ("the first view body (migration 0001): a join on (result_id, checked_at)", _JOIN_0001),
         ):
             seconds, count_alt = timed(conn, query, None, r)
             with conn.cursor() as cur:

@@ -2,11 +2,12 @@
 
 getaddrinfo() blocks, so asyncio runs it in the loop's default executor, the one the checker
 also uses for its SQLite writes (task states, the outbox). A name server that does not answer
-costs 5-10 s per lookup: tasks with such names would queue the checker's own writes behind
-their lookups, and at exit asyncio waits for every queued lookup to run. Here lookups get a
-pool of their own: at most `threads` run at once, a lookup whose check has already timed out
-is dropped from the queue before it runs, and the threads are daemon threads, so stopping the
-checker never waits for a name server.
+costs 5-10 s per lookup (the C library's defaults, resolv.conf(5): 5 s a try, 2 tries): tasks
+with such names would queue the checker's own writes behind their lookups, and at exit asyncio
+waits for every queued lookup to run. Here lookups get a pool of their own: at most `threads`
+run at once, a lookup whose check has already timed out is dropped from the queue before it
+runs, and the threads are daemon threads, so stopping the checker never waits for a name
+server.
 
 One domain cannot take the pool: the lookups of one registered domain hold at most
 `per_domain` threads (`DNS_THREADS_PER_DOMAIN` of `DNS_THREADS`), the others wait for one of

@@ -6,10 +6,11 @@ sockets, the TLS layer and flow control are the event loop's; what is left here 
 write one request, hand the body over in the chunks it arrives in, and say precisely what went
 wrong.
 
-Why not aiohttp's session for this: a new-connection check through it costs 0.3 ms of CPU on
-this machine, this exchange 0.13 ms (bench/results/probe.md). On a checker doing a thousand
-checks a second that is the difference between a busy core and a saturated one. Keep-alive
-checks still go through aiohttp, which pools connections.
+Why not aiohttp's session for this: a bare loop of new-connection requests through it costs
+0.18 ms of CPU per request on this machine, through this exchange 0.09 ms, both on uvloop
+(`bench/probe_engine.py`, its two bare contenders). On a checker doing a thousand checks a
+second that is a tenth of a core. Keep-alive checks still go through aiohttp, which pools
+connections.
 
 The caller's `Marks` gets a clock reading at each phase: `conn_start` (before anything),
 `dns_start`/`dns_end` (host names only), `tls_start` (https), `conn_end` (ready to send) and

@@ -12,6 +12,10 @@ ones.
 tick instead of once a job: `get_next_run_time` rounds up to the next multiple of the tick.
 Jobs still run in order of their next run time, each at most one tick later than planned (the
 schedule lag includes it).
+
+What it saves, measured by `bench/jobstore.py` (100,000 jobs every 60 s, an empty job, 3 runs):
+APScheduler's CPU per fire 145 us with MemoryJobStore, 79 us with this store and no tick, 25 us
+with the checker's 5 ms tick.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class _Run:
 
 def _result(**fields: Any) -> CheckResult:
     """The check's result, built without validation where the probe made every value itself
-    (validation was a fifth of the probe's own Python time per check, bench/results/probe.md):
+    (`bench/micro.py validate` measures both ways of building it):
     name, url and method come from a validated TaskSpec, times are aware UTC, durations and
     counts are >= 0, final_url is cut to MAX_URL and errors are validated CheckErrors. The two
     values from outside - the HTTP status and the caller's scheduled_at - are checked here, and
