@@ -57,8 +57,8 @@ def us(seconds: float) -> str:
 
 
 def regex() -> None:
+    from checker_common.task_spec import compile_pattern
     from periodic_checker.probe import search_body
-    from periodic_checker.tasks import compile_pattern
 
     filler = "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 1800
     page = filler[:99_000] + "MARKER" + filler[:994]  # 100 KB, the match near the end
@@ -116,7 +116,8 @@ def validate() -> None:
 
 
 def loaded_tasks(count: int) -> dict[uuid.UUID, Any]:
-    from periodic_checker.tasks import Task, TaskSpec
+    from checker_common.task_spec import TaskSpec
+    from periodic_checker.tasks import Task
 
     now = datetime.now(UTC)
     spec = TaskSpec(name="x", url="http://127.0.0.1:8089/", interval=60, timeout=5)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from checker_common import __version__
 from checker_common.contract import CheckResult
+from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.metrics import STALL_WINDOW, StallsView, count_tasks
 from periodic_checker.scheduler import CheckScheduler
 from periodic_checker.service import (
@@ -26,17 +27,7 @@ from periodic_checker.service import (
     TaskPage,
 )
 from periodic_checker.store import TaskExists, TaskStore
-from periodic_checker.tasks import (
-    Task,
-    TaskSpec,
-    TaskStatus,
-    edited,
-    end_reason,
-    kept_secrets,
-    paused,
-    redacted,
-    resumed,
-)
+from periodic_checker.tasks import Task, edited, end_reason, kept_secrets, paused, redacted, resumed
 
 log = logging.getLogger(__name__)
 

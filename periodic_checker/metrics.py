@@ -22,7 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from checker_common.contract import NOT_JUDGED, CheckResult, ErrorKind, Health
-from periodic_checker.tasks import Task, TaskStatus
+from checker_common.task_spec import TaskStatus
+from periodic_checker.tasks import Task
 
 # From a fast local page to a slow site near its time-out (at most 60 s, tasks.py).
 CHECK_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

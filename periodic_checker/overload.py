@@ -37,7 +37,7 @@ TOLERANCE: Final = 0.005
 WATCH_PERIOD: Final = 0.01
 # Lateness below this is the timer's own jitter (uvloop's clock has millisecond steps).
 STALL_THRESHOLD: Final = 0.002
-# Stalls are kept as long as a check can last (tasks.MAX_TIMEOUT x HOLD_FACTOR).
+# Stalls are kept as long as a check can last (task_spec.MAX_TIMEOUT x HOLD_FACTOR).
 KEEP_SECONDS: Final = 600.0
 
 Span = tuple[float, float]

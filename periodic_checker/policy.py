@@ -14,7 +14,7 @@ maps onto an address (`2852039166`, `0xA9FEA9FE`, `0251.0376.0251.0376`, `169.25
 IPv6 forms that carry an IPv4 address (mapped, compatible, SIIT-translated, NAT64 with the
 well-known and the local-use prefix, 6to4, Teredo) are judged by that IPv4 address too.
 
-A URL's host is read by `periodic_checker.urls.parse_url()`, the parser the probe fetches with:
+A URL's host is read by `checker_common.urls.parse_url()`, the parser the probe fetches with:
 a URL it cannot read is refused here too, so no URL passes the policy that the probe would
 read differently.
 """
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import yarl
 
+from checker_common.urls import InvalidURL, parse_url
 from periodic_checker.settings import CheckerSettings, parse_networks
-from periodic_checker.urls import InvalidURL, parse_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

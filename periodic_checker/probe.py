@@ -67,14 +67,14 @@ from checker_common.contract import (
     Timings,
 )
 from checker_common.redact import redact_text, redact_url
+from checker_common.task_spec import TaskSpec, status_accepted
+from checker_common.urls import InvalidURL, redirect_target
 from periodic_checker import http1
 from periodic_checker.decoding import ACCEPT_ENCODING, BodyDecoder, DecodeError
 from periodic_checker.dns import DNS_THREADS, DaemonThreadPool, Lookup, PoolResolver
 from periodic_checker.overload import LoopStalls, TargetDeadline
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.search import PatternSearcher
-from periodic_checker.tasks import TaskSpec, status_accepted
-from periodic_checker.urls import InvalidURL, redirect_target
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from pydantic import ValidationError
 
 from checker_common.cli import EXIT_CHECK_FAILED, EXIT_EPILOG, EXIT_OK, fail
 from checker_common.contract import CheckResult, encode
+from checker_common.task_spec import TaskSpec
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
 from periodic_checker.settings import CheckerSettings
-from periodic_checker.tasks import TaskSpec
 
 PROG = "periodic-checker probe"
 DESCRIPTION = (

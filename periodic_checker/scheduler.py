@@ -43,13 +43,12 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from checker_common.contract import NOT_JUDGED, CheckResult, Health
+from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker import metrics
 from periodic_checker.jobstore import HeapJobStore
 from periodic_checker.store import TaskStore
 from periodic_checker.tasks import (
     Task,
-    TaskSpec,
-    TaskStatus,
     after_attempt,
     at_load,
     next_fire_time,

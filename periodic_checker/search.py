@@ -7,7 +7,7 @@ instruction (measured on the 2-core development machine). A 1 MiB body against a
 API and the systemd watchdog. google-re2 releases the GIL while it searches (measured: the
 loop kept running every millisecond beside a 4.5 s search), so a thread keeps the loop free.
 
-The work of a search is bounded before it starts: `tasks.compile_pattern` refuses patterns of
+The work of a search is bounded before it starts: `task_spec.compile_pattern` refuses patterns of
 more than MAX_PATTERN_PROGRAM instructions, and a task's instructions x max_body_bytes is at
 most MAX_SEARCH_WORK (about 30 s of one core).
 

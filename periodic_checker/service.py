@@ -14,7 +14,8 @@ from typing import Annotated, Any, Protocol
 from pydantic import Field
 
 from checker_common.contract import CheckResult, Health
-from periodic_checker.tasks import Task, TaskSpec, TaskStatus
+from checker_common.task_spec import TaskSpec, TaskStatus
+from periodic_checker.tasks import Task
 
 
 class ServiceError(Exception):

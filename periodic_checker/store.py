@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from checker_common.contract import Health
 from checker_common.redact import redact_url
+from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.service import (
     CURSOR_PATTERN,
     NameTaken,
@@ -32,7 +33,7 @@ from periodic_checker.service import (
     TaskPage,
     TooManyTasks,
 )
-from periodic_checker.tasks import Task, TaskSpec, TaskStatus
+from periodic_checker.tasks import Task
 
 log = logging.getLogger(__name__)
 

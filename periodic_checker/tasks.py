@@ -1,11 +1,8 @@
-"""A task: what to check, how often, and what counts as success.
+"""A task as the checker keeps it: a definition (`checker_common.task_spec.TaskSpec`) with its
+identity and the state the checker keeps (status, health, runs); the scheduling math and the
+state transitions, as pure functions.
 
-`TaskSpec` is the definition a user gives (validated here, once: the API, the store and the
-probe all use it); `Task` adds identity and the state the checker keeps (status, health, runs).
-
-Secrets in a definition - the password in the URL's user info (or a lone user name, often a
-token) and the values of the credential headers (`CREDENTIAL_HEADERS`) and of the headers
-named in `secret_headers` - are stored as given, because the probe sends them, and leave the
+Secrets in a definition are stored as given, because the probe sends them, and leave the
 checker only masked (`redacted`). A masked value sent back (`***`) means "keep the stored one"
 (`kept_secrets`), so a client can read a task and write it back unchanged.
 """
@@ -14,361 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from enum import StrEnum
-from functools import cached_property
-from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
 
-import re2
-import yarl
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from checker_common.contract import MAX_NAME, MAX_URL, NOT_JUDGED, ErrorKind, Health
+from checker_common.contract import NOT_JUDGED, ErrorKind, Health
 from checker_common.redact import MASK, redact_headers, redact_url
-from periodic_checker.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, parse_url
-
-# Each rule below is one regular expression, used by the validator and shown as the field's
-# `pattern` in the OpenAPI document; the syntax is the subset Python, ECMAScript and the
-# fuzzer read alike (no `\s`, `\d` or `\p`).
-#
-# Text that goes into results and logs holds none of: ASCII and C1 controls (NUL makes
-# PostgreSQL refuse the result, ESC writes ANSI escapes into a terminal), line and paragraph
-# separators, bidirectional embeddings, overrides and isolates. (A lone surrogate cannot come
-# through JSON; naming surrogates here would make the pattern invalid for ECMAScript engines.)
-_UNSAFE_TEXT = r"\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-NAME_PATTERN = rf"^[^\x00-\x1f{_UNSAFE_TEXT}]*$"
-# A header value may also hold a horizontal tab (RFC 9110 field-value).
-HEADER_VALUE_PATTERN = rf"^[^\x00-\x08\x0a-\x1f{_UNSAFE_TEXT}]*$"
-HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$"
-_CODE = "[1-5][0-9][0-9]"
-_RANGE = f"{_CODE}(?: *- *{_CODE})?"
-STATUS_RANGES_PATTERN = rf"^ *{_RANGE}(?: *, *{_RANGE})* *$"
-MAX_HEADER_VALUE = 8192
-# The integer fields of TaskSpec (a test keeps this in step with the model).
-INTEGER_FIELDS = ("max_redirects", "max_body_bytes", "retries", "end_after_runs")
-
-NAME_TEXT = re.compile(NAME_PATTERN)
-HEADER_NAME = re.compile(HEADER_NAME_PATTERN)
-HEADER_VALUE = re.compile(HEADER_VALUE_PATTERN)
-STATUS_RANGES = re.compile(STATUS_RANGES_PATTERN)
-MAX_INTERVAL = 7 * 24 * 3600.0
-MIN_INTERVAL = 1.0
-MAX_TIMEOUT = 300.0
-DEFAULT_MAX_BODY = 1_048_576
-# Headers whose values are always secret (masked when shown, dropped when a redirect leaves
-# the origin), whether or not the task names them in `secret_headers`.
-CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
-
-
-# How large a compiled pattern may be, in RE2 instructions (`programsize`). RE2 is linear in
-# the body, but where its DFA gives up (it does on hostile patterns) each body byte costs up to
-# about 7 ns per instruction (measured; docs/api.md). Everyday patterns compile to 6-100
-# instructions (a ten-word case-insensitive alternation: 99); 1,000 leaves ten times that.
-MAX_PATTERN_PROGRAM = 1000
-# Instructions x max_body_bytes: the most work one search may take, about 30 s of one core at
-# 7 ns. It bounds what a search the check gave up on still costs, as its thread cannot be
-# stopped. Up to a 4 MiB cap any allowed pattern fits; a 64 MiB cap allows 64 instructions.
-MAX_SEARCH_WORK = 2**32
-
-
-def compile_pattern(pattern: str) -> Any:
-    """Compile with RE2 (linear time: no catastrophic backtracking); ValueError if invalid or
-    larger than MAX_PATTERN_PROGRAM instructions."""
-    options = re2.Options()
-    options.log_errors = False
-    try:
-        compiled = re2.compile(pattern, options)
-    except re2.error as exc:
-        reason = exc.args[0] if exc.args else exc
-        if isinstance(reason, bytes):
-            reason = reason.decode(errors="replace")
-        raise ValueError(f"not a valid RE2 regular expression: {reason}") from None
-    size = compiled.programsize
-    if size > MAX_PATTERN_PROGRAM:
-        raise ValueError(
-            f"compiles to {size} RE2 instructions; at most {MAX_PATTERN_PROGRAM} are allowed"
-            " (a search costs up to the body size times the instructions)"
-        )
-    return compiled
-
-
-class TaskStatus(StrEnum):
-    ACTIVE = "active"
-    PAUSED = "paused"
-    DONE = "done"
-    ERROR = "error"
-
-
-Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-
-
-def parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
-    """'200-399,418' -> ((200, 399), (418, 418)); raises ValueError when malformed.
-
-    Codes are 100-599; a range may be written either way round ('399-200' is '200-399'), so
-    the pattern alone is the whole rule."""
-    if not STATUS_RANGES.match(text):
-        raise ValueError(
-            "expected ranges of status codes 100-599 like '200-399' or '200,204,301-302'"
-        )
-    ranges = []
-    for part in text.split(","):
-        low, _, high = part.strip().partition("-")
-        lo, hi = sorted((int(low), int(high or low)))
-        ranges.append((lo, hi))
-    return tuple(ranges)
-
-
-def status_accepted(status: int, ranges: tuple[tuple[int, int], ...]) -> bool:
-    return any(lo <= status <= hi for lo, hi in ranges)
-
-
-def _headers_schema(schema: dict[str, Any]) -> None:
-    schema["propertyNames"] = {"pattern": HEADER_NAME_PATTERN}
-    schema["additionalProperties"] = {
-        "type": "string",
-        "pattern": HEADER_VALUE_PATTERN,
-        "maxLength": MAX_HEADER_VALUE,
-    }
-
-
-class TaskSpec(BaseModel):
-    """What a user defines. Unknown fields are refused; every error names its field.
-
-    Strict: a JSON string is not a number and not a boolean (a JSON integer is a number).
-    Defaults are validated like given values, so a rule between fields (timeout below the
-    interval) holds for a field left out too.
-    """
-
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        str_strip_whitespace=True,
-        strict=True,
-        validate_default=True,
-    )
-
-    # A task's name and URL go into each of its results: the contract's limits.
-    name: str = Field(
-        min_length=1,
-        max_length=MAX_NAME,
-        description="unique; no control characters",
-        json_schema_extra={"pattern": NAME_PATTERN},
-    )
-    url: str = Field(
-        min_length=1,
-        max_length=MAX_URL,
-        description=URL_DESCRIPTION,
-        json_schema_extra={"pattern": URL_PATTERN},
-    )
-    method: Method = "GET"
-    headers: dict[str, str] = Field(
-        default_factory=dict,
-        max_length=50,
-        description="request headers: token names, values without control characters",
-        json_schema_extra=_headers_schema,
-    )
-    secret_headers: list[str] = Field(
-        default_factory=list,
-        max_length=50,
-        description="names of headers (in `headers`) whose values are secret: never shown,"
-        " dropped when a redirect leaves the origin",
-    )
-    body: str | None = Field(None, max_length=65_536)
-    interval: float | None = Field(
-        60.0,
-        ge=MIN_INTERVAL,
-        le=MAX_INTERVAL,
-        description="seconds between runs; null runs the check once",
-    )
-    timeout: float = Field(10.0, gt=0, le=MAX_TIMEOUT, description="seconds; below the interval")
-    pattern: str | None = Field(
-        None,
-        min_length=1,
-        max_length=4096,
-        description="RE2 regular expression that compiles to at most 1000 RE2 instructions;"
-        " instructions x max_body_bytes at most 2^32",
-    )
-    pattern_fails_when: Literal["absent", "present"] = "absent"
-    accepted_statuses: str = Field(
-        "200-399",
-        max_length=200,
-        description="status codes that count as up, e.g. 200-399 or 200,204,301-302",
-        json_schema_extra={"pattern": STATUS_RANGES_PATTERN},
-    )
-    follow_redirects: bool = True
-    max_redirects: int = Field(10, ge=0, le=30)
-    verify_tls: bool = True
-    max_body_bytes: int = Field(
-        DEFAULT_MAX_BODY,
-        ge=0,
-        le=64 * 1_048_576,
-        description="the most body bytes read and searched; a longer body is cut there",
-    )
-    fail_if_body_larger: bool = Field(
-        False,
-        description="fail with body_too_large when the body is longer than max_body_bytes",
-    )
-    keepalive: bool = Field(False, description="reuse connections instead of a new one per check")
-    retries: int = Field(0, ge=0, le=10, description="failed tries before a failure counts")
-    retry_interval: float = Field(5.0, gt=0, le=3600)
-    end_after_runs: int | None = Field(None, ge=1)
-    end_at: datetime | None = None
-
-    @field_validator(*INTEGER_FIELDS, mode="before")
-    @classmethod
-    def _integral_numbers_are_integers(cls, value: Any) -> Any:
-        # JSON Schema's `integer` (the document's word) is any number without a fraction, 7.0
-        # too; strict mode alone would refuse 7.0. A string or a boolean stays refused. (Only
-        # on integer fields: a before-validator makes the rest of a field's validation read
-        # Python values, where strict mode refuses a time written as text.)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _printable_name(cls, value: str) -> str:
-        if not NAME_TEXT.match(value):
-            raise ValueError(f"must not contain control characters ({_first_unsafe(value)})")
-        return value
-
-    @field_validator("url")
-    @classmethod
-    def _fetchable_url(cls, value: str) -> str:
-        try:
-            parse_url(value)
-        except InvalidURL as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, header in value.items():
-            if not HEADER_NAME.match(name):
-                raise ValueError(f"header name {name[:40]!r} is not a valid token")
-            if not HEADER_VALUE.match(header):
-                raise ValueError(
-                    f"header {name!r} value must not contain CR, LF, NUL or other control"
-                    f" characters ({_first_unsafe(header, tab=True)})"
-                )
-            if len(header) > MAX_HEADER_VALUE:
-                raise ValueError(
-                    f"header {name!r} value is longer than {MAX_HEADER_VALUE} characters"
-                )
-        return value
-
-    @field_validator("secret_headers")
-    @classmethod
-    def _secret_headers(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        headers = info.data.get("headers")
-        names = {name.lower() for name in headers} if headers is not None else None
-        for name in value:
-            if not HEADER_NAME.match(name):
-                raise ValueError(f"header name {name[:40]!r} is not a valid token")
-            # A misspelt name would leave the real header unprotected: refuse it.
-            if names is not None and name.lower() not in names:
-                raise ValueError(f"{name!r} is not one of the task's headers")
-        return value
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            compile_pattern(value)
-        return value
-
-    @field_validator("max_body_bytes")
-    @classmethod
-    def _search_work(cls, value: int, info: ValidationInfo) -> int:
-        pattern = info.data.get("pattern")
-        # Below this cap every pattern compile_pattern allows fits: no need to compile again.
-        if pattern is None or value <= MAX_SEARCH_WORK // MAX_PATTERN_PROGRAM:
-            return value
-        size = compile_pattern(pattern).programsize
-        if size * value > MAX_SEARCH_WORK:
-            raise ValueError(
-                f"at most {MAX_SEARCH_WORK // size} bytes with this pattern ({size} RE2"
-                f" instructions): instructions x max_body_bytes may be at most {MAX_SEARCH_WORK}"
-            )
-        return value
-
-    @field_validator("accepted_statuses")
-    @classmethod
-    def _statuses(cls, value: str) -> str:
-        parse_status_ranges(value)
-        return value
-
-    @field_validator("end_at")
-    @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout_below_interval(cls, value: float, info: ValidationInfo) -> float:
-        # Runs for the default too (validate_default): interval 5 without a timeout is refused
-        # here, not stored and then turned to `error` at the next start.
-        interval = info.data.get("interval")
-        if interval is not None and value >= interval:
-            default = cls.model_fields["timeout"].default
-            hint = f"; the default timeout is {default:g} s" if value == default else ""
-            raise ValueError(f"must be below the interval ({value:g} s >= {interval:g} s{hint})")
-        return value
-
-    @cached_property
-    def compiled_pattern(self) -> Any:
-        return compile_pattern(self.pattern) if self.pattern is not None else None
-
-    @cached_property
-    def status_ranges(self) -> tuple[tuple[int, int], ...]:
-        return parse_status_ranges(self.accepted_statuses)
-
-    @cached_property
-    def fetch_url(self) -> yarl.URL:
-        """The URL the probe fetches; InvalidURL for a stored definition that no longer
-        validates (built without validation)."""
-        return parse_url(self.url)
-
-    @property
-    def host(self) -> str:
-        """The URL's host as the probe connects to it (IDNA, lower case); '' if unreadable."""
-        try:
-            return self.fetch_url.raw_host or ""
-        except InvalidURL:
-            return ""
-
-    @cached_property
-    def secret_header_names(self) -> frozenset[str]:
-        """Lower-case names of the headers whose values are secret."""
-        return CREDENTIAL_HEADERS | {name.lower() for name in self.secret_headers}
-
-    @cached_property
-    def secret_values(self) -> tuple[str, ...]:
-        """Every secret this definition holds, to mask wherever one might appear in text."""
-        found = [v for k, v in self.headers.items() if k.lower() in self.secret_header_names]
-        userinfo = _userinfo(self.url)
-        if userinfo:
-            user, colon, password = userinfo.partition(":")
-            found += [password, unquote(password)] if colon else [user, unquote(user)]
-        return tuple(sorted({v for v in found if v and v != MASK}, key=len, reverse=True))
-
-
-def _first_unsafe(text: str, *, tab: bool = False) -> str:
-    """Where the first refused character is, spelled so that it can be read: 'U+0000 at 3'."""
-    for position, char in enumerate(text):
-        if (tab and char == "\t") or NAME_TEXT.match(char):
-            continue
-        return f"U+{ord(char):04X} at {position}"
-    return "none"
+from checker_common.task_spec import TaskSpec, TaskStatus, url_userinfo
 
 
 class Task(BaseModel):
@@ -422,7 +76,7 @@ def kept_secrets(spec: TaskSpec, stored: TaskSpec | None) -> TaskSpec:
     """
     update: dict[str, Any] = {}
     # A URL with user info that masking leaves unchanged carries the mask itself.
-    if _userinfo(spec.url) is not None and redact_url(spec.url) == spec.url:
+    if url_userinfo(spec.url) is not None and redact_url(spec.url) == spec.url:
         if stored is None or _authority(redact_url(stored.url)) != _authority(spec.url):
             raise _refused(
                 "url",
@@ -460,11 +114,6 @@ def _replaced(spec: TaskSpec, **update: Any) -> TaskSpec:
     """`spec` with some fields replaced, without the values cached from the old ones
     (`model_copy` would carry `secret_values` over). Every value was validated before."""
     return TaskSpec.model_construct(spec.model_fields_set | set(update), **{**dict(spec), **update})
-
-
-def _userinfo(url: str) -> str | None:
-    netloc = urlsplit(url).netloc
-    return netloc.rpartition("@")[0] if "@" in netloc else None
 
 
 def _authority(url: str) -> str:

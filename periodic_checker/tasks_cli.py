@@ -34,8 +34,8 @@ from checker_common.cli import (
     EXIT_USAGE,
 )
 from checker_common.settings import SettingsError, load_settings
+from checker_common.task_spec import TaskSpec
 from periodic_checker.settings import ApiSettings
-from periodic_checker.tasks import TaskSpec
 
 PROG = "periodic-checker tasks"
 DEFAULT_TIMEOUT = 30.0

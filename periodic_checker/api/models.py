@@ -1,6 +1,6 @@
 """Request and response bodies of the HTTP API: one pydantic model per body.
 
-A task's definition is `periodic_checker.tasks.TaskSpec` itself (POST and PUT bodies) and a
+A task's definition is `checker_common.task_spec.TaskSpec` itself (POST and PUT bodies) and a
 stored task is `Task`; `TaskPatch` is derived from `TaskSpec` so the two never drift apart.
 """
 
@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from pydantic.fields import FieldInfo
 
 from checker_common.contract import CheckResult, Health
+from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.service import CURSOR_PATTERN, ServiceStatus
-from periodic_checker.tasks import Task, TaskSpec, TaskStatus
+from periodic_checker.tasks import Task
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE = 1000

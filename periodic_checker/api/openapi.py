@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from checker_common.task_spec import TaskSpec
 from periodic_checker.api.models import (
     MAX_BODY_BYTES,
     ErrorBody,
@@ -28,7 +29,7 @@ from periodic_checker.api.models import (
     TaskPageResponse,
     TaskPatch,
 )
-from periodic_checker.tasks import Task, TaskSpec
+from periodic_checker.tasks import Task
 
 REF = "#/components/schemas/{model}"
 MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [

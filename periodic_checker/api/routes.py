@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ValidationError
 
+from checker_common.task_spec import TaskSpec
 from periodic_checker.api.errors import ApiError, from_service, invalid, validation_error
 from periodic_checker.api.models import (
     MAX_BODY_BYTES,
@@ -29,7 +30,7 @@ from periodic_checker.api.models import (
     patch_changes,
 )
 from periodic_checker.service import ServiceError, TaskFilter, TaskService
-from periodic_checker.tasks import Task, TaskSpec, redacted
+from periodic_checker.tasks import Task, redacted
 
 SERVICE = web.AppKey("service", TaskService)
 OPENAPI = web.AppKey("openapi", bytes)

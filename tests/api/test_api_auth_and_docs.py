@@ -10,18 +10,18 @@ import pytest
 from api.support import TOKEN, Client
 from prometheus_client import REGISTRY, Counter
 
-from periodic_checker.api.openapi import build_openapi
-from periodic_checker.api.routes import ROUTES
-from periodic_checker.app_service import CheckerService
-from periodic_checker.producer import PublisherStats
-from periodic_checker.service import CURSOR_PATTERN
-from periodic_checker.tasks import (
+from checker_common.task_spec import (
     HEADER_NAME_PATTERN,
     HEADER_VALUE_PATTERN,
     NAME_PATTERN,
     STATUS_RANGES_PATTERN,
 )
-from periodic_checker.urls import URL_PATTERN
+from checker_common.urls import URL_PATTERN
+from periodic_checker.api.openapi import build_openapi
+from periodic_checker.api.routes import ROUTES
+from periodic_checker.app_service import CheckerService
+from periodic_checker.producer import PublisherStats
+from periodic_checker.service import CURSOR_PATTERN
 
 TASK = {"name": "site", "url": "http://127.0.0.1:9/"}
 

@@ -57,7 +57,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 from yarl import URL
 
-from periodic_checker.tasks import MAX_PATTERN_PROGRAM
+from checker_common.task_spec import MAX_PATTERN_PROGRAM
 
 if sys.version_info >= (3, 14):
     from compression import zstd

@@ -26,8 +26,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from checker_common.contract import Health, decode
 from checker_common.devstack import free_port, stop_pid
+from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.store import SQLiteTaskStore
-from periodic_checker.tasks import Task, TaskSpec, TaskStatus
+from periodic_checker.tasks import Task
 
 from conftest import ROOT, KafkaTarget
 from helpers import start_checker

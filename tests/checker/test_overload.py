@@ -17,9 +17,9 @@ from checker.targets import make_app, serve, silent_server
 from yarl import URL
 
 from checker_common.contract import ErrorKind
+from checker_common.task_spec import TaskSpec
 from periodic_checker.overload import LoopStalls, TargetDeadline, begin_wait, covered
 from periodic_checker.probe import Prober
-from periodic_checker.tasks import TaskSpec
 
 TASK = uuid.UUID("00000000-0000-4000-8000-0000000000aa")
 

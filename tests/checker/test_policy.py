@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from yarl import URL
 
 from checker_common.contract import ErrorKind
+from checker_common.task_spec import TaskSpec
 from periodic_checker.policy import (
     DEFAULT_DENY,
     TargetPolicy,
@@ -26,7 +27,6 @@ from periodic_checker.policy import (
 )
 from periodic_checker.probe import DeniedAddress, PolicyResolver, Prober
 from periodic_checker.settings import CheckerSettings
-from periodic_checker.tasks import TaskSpec
 
 TASK = uuid.UUID("00000000-0000-4000-8000-000000000002")
 

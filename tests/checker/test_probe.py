@@ -24,9 +24,9 @@ from yarl import URL
 
 from checker_common.contract import ErrorKind, PatternResult, decode, encode
 from checker_common.devstack import free_port
+from checker_common.task_spec import TaskSpec
 from periodic_checker import probe_cli
 from periodic_checker.probe import Prober, cert_not_after
-from periodic_checker.tasks import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = uuid.UUID("00000000-0000-4000-8000-000000000001")

@@ -21,8 +21,8 @@ from checker.targets import SEEN, Seen, make_app, serve
 from yarl import URL
 
 from checker_common.contract import ErrorKind, decode, encode
+from checker_common.task_spec import TaskSpec
 from periodic_checker.probe import Prober
-from periodic_checker.tasks import TaskSpec
 
 TASK = uuid.UUID("00000000-0000-4000-8000-000000000002")
 ENGINES = pytest.mark.parametrize("keepalive", [False, True], ids=["fresh", "keepalive"])

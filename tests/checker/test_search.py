@@ -11,8 +11,8 @@ import pytest
 import re2
 from checker.targets import HOSTILE_PATTERN, a_and_b
 
+from checker_common.task_spec import MAX_PATTERN_PROGRAM, compile_pattern
 from periodic_checker.search import QUICK_WORK, PatternSearcher, search_work
-from periodic_checker.tasks import MAX_PATTERN_PROGRAM, compile_pattern
 
 # About 1.8 s of RE2's NFA each (7 ns x 1,000 instructions x 256 KiB): long enough to see
 # what runs beside it, short enough that the thread left running costs little.

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from checker_common.contract import Health
+from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.service import NameTaken, TaskFilter, TooManyTasks
 from periodic_checker.store import (
     MIGRATIONS,
@@ -21,7 +22,7 @@ from periodic_checker.store import (
     TaskExists,
     decode_cursor,
 )
-from periodic_checker.tasks import Task, TaskSpec, TaskStatus
+from periodic_checker.tasks import Task
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 

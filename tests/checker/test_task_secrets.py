@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from checker_common.redact import redact_url
-from periodic_checker.tasks import Task, TaskSpec, kept_secrets, redacted
+from checker_common.task_spec import TaskSpec
+from periodic_checker.tasks import Task, kept_secrets, redacted
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 

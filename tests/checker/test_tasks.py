@@ -14,12 +14,10 @@ import pytest
 from pydantic import ValidationError
 
 from checker_common.contract import ErrorKind, Health
+from checker_common.task_spec import INTEGER_FIELDS, TaskSpec, TaskStatus
 from periodic_checker.tasks import (
-    INTEGER_FIELDS,
     ONE_SHOT_SPREAD,
     Task,
-    TaskSpec,
-    TaskStatus,
     after_attempt,
     at_load,
     edited,

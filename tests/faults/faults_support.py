@@ -47,8 +47,9 @@ from psycopg2 import sql
 
 from checker_common.contract import ContractError, Decoded, decode
 from checker_common.devstack import Broker, free_port
+from checker_common.task_spec import TaskSpec
 from periodic_checker.store import SQLiteTaskStore
-from periodic_checker.tasks import Task, TaskSpec
+from periodic_checker.tasks import Task
 
 from helpers import KafkaTarget, _is_setting
 from helpers import wait_for as poll_until

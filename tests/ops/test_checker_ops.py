@@ -31,8 +31,9 @@ from confluent_kafka import Producer
 from checker_common.contract import Health
 from checker_common.devstack import free_port
 from checker_common.kafka import librdkafka_logger
+from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.metrics import TaskMap, count_tasks
-from periodic_checker.tasks import Task, TaskSpec, TaskStatus
+from periodic_checker.tasks import Task
 
 from helpers import KafkaTarget, _is_setting
 
