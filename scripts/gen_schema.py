@@ -1,20 +1,29 @@
-"""Write the result message's JSON Schema, generated from the contract model."""
+"""Write the JSON Schemas of the two messages, generated from their models: the result message
+(checker_common/contract.py) and the task record (checker_common/task_record.py)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from checker_common.contract import json_schema
+from checker_common import contract, task_record
 
-TARGET = Path(__file__).resolve().parent.parent / "schema" / "result-message.schema.json"
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+TARGET = SCHEMA_DIR / "result-message.schema.json"
+SCHEMAS: dict[Path, Callable[[], dict[str, Any]]] = {
+    TARGET: contract.json_schema,
+    SCHEMA_DIR / "task-record.schema.json": task_record.json_schema,
+}
 
 
-def render() -> str:
-    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+def render(make: Callable[[], dict[str, Any]] = contract.json_schema) -> str:
+    return json.dumps(make(), indent=2, sort_keys=True) + "\n"
 
 
 if __name__ == "__main__":
-    TARGET.write_text(render())
-    print(f"wrote {TARGET}", file=sys.stderr)
+    for target, make in SCHEMAS.items():
+        target.write_text(render(make))
+        print(f"wrote {target}", file=sys.stderr)
