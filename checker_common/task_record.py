@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from checker_common.contract import MAX_NAME, MAX_URL
 from checker_common.task_spec import TaskSpec, TaskStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 # Longest status reason kept (a validation message of a hostile record can be long).
 MAX_REASON = 500
 # Largest value read as a record; a larger one is an InvalidTask, never parsed.
