@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from checker_common.devstack import Broker
+from devstack import Broker
 
 
 def run_cli(

@@ -23,7 +23,7 @@ from checker.targets import SEEN, make_app, serve, silent_server
 from yarl import URL
 
 from checker_common.contract import ErrorKind, PatternResult, decode, encode
-from checker_common.devstack import free_port
+from devstack import free_port
 from periodic_checker import probe_cli
 from periodic_checker.probe import Prober, cert_not_after
 from periodic_checker.tasks import TaskSpec

@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from checker_common.devstack import free_port
+from devstack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
