@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from checker_common.contract import CheckResult, decode, encode  # noqa: E402
-from checker_common.devstack import Broker, create_topics, make_certs  # noqa: E402
+from devstack import Broker, create_topics, make_certs  # noqa: E402
 
 __all__ = ["make_certs"]
 

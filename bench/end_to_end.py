@@ -62,7 +62,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.probe_engine import start_nginx  # noqa: E402
 from bench.scheduler_scale import drain_notify, wait_ready, write_tasks  # noqa: E402
-from checker_common.devstack import free_port, stop_process  # noqa: E402
+from devstack import free_port, stop_process  # noqa: E402
 
 PARTITIONS = 3
 # After the window closes: checks still running, the producer's linger, the last batch.

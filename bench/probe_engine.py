@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checker_common.devstack import free_port, stop_process, wait_for_port
+from devstack import free_port, stop_process, wait_for_port
 
 PATTERN = "periodic-checker benchmark page"
 PAGE = (

@@ -40,8 +40,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: 
 
 from bench.common import Kafka, kafka, machine, workdir  # noqa: E402
 from bench.probe_engine import PATTERN, start_nginx  # noqa: E402
-from checker_common.devstack import free_port, stop_process  # noqa: E402
 from checker_common.task_spec import TaskSpec  # noqa: E402
+from devstack import free_port, stop_process  # noqa: E402
 from periodic_checker.store import _COLUMNS, _NCOLUMNS, SQLiteTaskStore, _task_to_row  # noqa: E402
 from periodic_checker.tasks import Task  # noqa: E402
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a fresh Debian machine, idempotently:
 # Debian packages (stunnel4, openssl, PostgreSQL if none answers), a virtual environment in
-# .venv with the package and its dev extra, and a running PostgreSQL on 127.0.0.1:5432.
+# .venv with the package and its dev extra at the versions of constraints.txt, and a running
+# PostgreSQL on 127.0.0.1:5432.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,17 +30,18 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   pg_isready -q -h 127.0.0.1 -p 5432 || { log "PostgreSQL does not answer on 127.0.0.1:5432"; exit 1; }
 fi
 
-# The virtual environment, re-installed when setup.cfg changes.
+# The virtual environment, with the versions the tests ran with (constraints.txt, written by
+# scripts/lock.sh); re-installed when setup.cfg or constraints.txt changes.
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   python3 -m venv .venv
 fi
-stamp=.venv/.installed-setup-cfg
-if [ ! -f "$stamp" ] || ! cmp -s setup.cfg "$stamp"; then
-  log "installing the package with its dev extra into .venv"
-  if ! .venv/bin/python -m pip install -q -e '.[dev]' >.venv/install.log 2>&1; then
+stamp=.venv/.installed-inputs
+if [ ! -f "$stamp" ] || ! cat setup.cfg constraints.txt | cmp -s - "$stamp"; then
+  log "installing the package with its dev extra into .venv (versions from constraints.txt)"
+  if ! .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]' >.venv/install.log 2>&1; then
     grep -v "is ignored: it is neither a file nor a directory" .venv/install.log | tail -30 >&2
     log "pip install failed (full log: .venv/install.log)"; exit 1
   fi
-  cp setup.cfg "$stamp"
+  cat setup.cfg constraints.txt >"$stamp"
 fi

@@ -25,7 +25,9 @@ from pathlib import Path
 import psycopg2
 from psycopg2 import sql
 
-from checker_common.devstack import (
+# The local broker harness lives beside scripts/ in the repository and is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from devstack import (
     Broker,
     StackError,
     create_topics,

@@ -8,7 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== ruff check"; ruff check .
 echo "== ruff format --check"; ruff format --check .
-echo "== mypy"; mypy checker_common periodic_checker checker_processing
+echo "== mypy"; mypy checker_common periodic_checker checker_processing devstack
 echo "== pytest"
 set +e
 python -m pytest "$@"

@@ -20,7 +20,7 @@ import pytest
 import uvloop
 from psycopg2 import sql
 
-from checker_common.devstack import Broker, create_topics, free_port, make_certs
+from devstack import Broker, create_topics, free_port, make_certs
 
 from helpers import KafkaTarget, _is_setting
 

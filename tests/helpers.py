@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from checker_common.devstack import Broker
 from checker_common.settings import field_env_names
 from checker_processing.settings import ProcessorSettings
+from devstack import Broker
 from periodic_checker.settings import CheckerSettings
 
 ROOT = Path(__file__).resolve().parent.parent

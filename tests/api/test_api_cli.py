@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from api.support import TOKEN, checker_service, make_settings
 
-from checker_common.devstack import free_port
+from devstack import free_port
 from periodic_checker.api.app import create_app
 from periodic_checker.tasks_cli import main
 

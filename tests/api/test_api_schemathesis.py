@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from api.support import TOKEN, checker_service, make_settings
 
-from checker_common.devstack import free_port
+from devstack import free_port
 from periodic_checker.api.app import create_app
 from periodic_checker.api.server import ApiRunner
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from checker_common.devstack import free_port, stop_process, wait_for_port
+from devstack import free_port, stop_process, wait_for_port
 
 from helpers import KafkaTarget, start_checker
 

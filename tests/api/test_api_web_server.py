@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from api.support import Client, ClientFactory, make_settings
 
-from checker_common.devstack import free_port
+from devstack import free_port
 from periodic_checker.api.app import create_app
 from periodic_checker.api.server import ApiRunner
 from periodic_checker.app_service import CheckerService

@@ -25,8 +25,8 @@ from aiohttp.test_utils import TestServer
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from checker_common.contract import Health, decode
-from checker_common.devstack import free_port, stop_pid
 from checker_common.task_spec import TaskSpec, TaskStatus
+from devstack import free_port, stop_pid
 from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.tasks import Task
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from checker_common.devstack import free_port
+from devstack import free_port
 from periodic_checker import http1
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import PolicyResolver

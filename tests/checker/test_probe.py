@@ -23,8 +23,8 @@ from checker.targets import HOSTILE_PATTERN, SEEN, make_app, serve, silent_serve
 from yarl import URL
 
 from checker_common.contract import ErrorKind, PatternResult, decode, encode
-from checker_common.devstack import free_port
 from checker_common.task_spec import TaskSpec
+from devstack import free_port
 from periodic_checker import probe_cli
 from periodic_checker.probe import Prober, cert_not_after
 

@@ -26,7 +26,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from checker_common.contract import CheckResult, decode, encode
-from checker_common.devstack import Broker
+from devstack import Broker
 from periodic_checker.outbox import Outbox
 from periodic_checker.producer import PublisherStats, ResultPublisher, counted_failures
 from periodic_checker.settings import CheckerSettings

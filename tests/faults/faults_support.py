@@ -46,8 +46,8 @@ from processing.processing_helpers import TcpProxy
 from psycopg2 import sql
 
 from checker_common.contract import ContractError, Decoded, decode
-from checker_common.devstack import Broker, free_port
 from checker_common.task_spec import TaskSpec
+from devstack import Broker, free_port
 from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.tasks import Task
 

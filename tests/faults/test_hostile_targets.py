@@ -38,7 +38,7 @@ from faults.faults_support import (
 from faults.test_process_faults import missing_slots
 
 from checker_common.contract import NOT_JUDGED, CheckError
-from checker_common.devstack import free_port
+from devstack import free_port
 
 from helpers import KafkaTarget
 

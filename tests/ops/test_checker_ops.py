@@ -29,9 +29,9 @@ from aiohttp.test_utils import TestServer
 from confluent_kafka import Producer
 
 from checker_common.contract import Health
-from checker_common.devstack import free_port
 from checker_common.kafka import librdkafka_logger
 from checker_common.task_spec import TaskSpec, TaskStatus
+from devstack import free_port
 from periodic_checker.metrics import TaskMap, count_tasks
 from periodic_checker.tasks import Task
 

@@ -21,7 +21,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from checker_common.devstack import free_port
+from devstack import free_port
 
 from helpers import ROOT, copy_of_the_repository, run_the_settings_cases
 

@@ -28,10 +28,10 @@ from processing.processing_helpers import TcpProxy, make_result
 from psycopg2 import sql
 
 from checker_common.contract import encode
-from checker_common.devstack import free_port
 from checker_processing.daemon import consumer_config
 from checker_processing.metrics import partition_lags
 from checker_processing.settings import ProcessorSettings
+from devstack import free_port
 
 from helpers import run_cli
 from helpers import wait_for as poll_until

@@ -23,8 +23,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from processing.processing_helpers import TcpProxy, make_result
 
 from checker_common.contract import encode
-from checker_common.devstack import free_port
 from checker_processing.daemon import CRASH_HOOK_ENV
+from devstack import free_port
 
 from helpers import wait_for as poll_until
 

