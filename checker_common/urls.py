@@ -28,7 +28,12 @@ import yarl
 # make a URL read as another one) and the byte-order mark. Spelled without `\s`, which means
 # different things to Python, ECMAScript and the fuzzer.
 URL_EXCLUDED: Final = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff"
-URL_PATTERN: Final = rf"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#{URL_EXCLUDED}]+(?:[/?#][^{URL_EXCLUDED}]*)?$"
+# No backslash before the path: parsers disagree on it (WHATWG reads it as '/', so
+# `http://127.0.0.1:9\@169.254.169.254/` has another host there than in RFC 3986), and an
+# unencoded one is not a URL character anyway.
+URL_PATTERN: Final = (
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\\{URL_EXCLUDED}]+(?:[/?#][^{URL_EXCLUDED}]*)?$"
+)
 URL_DESCRIPTION: Final = (
     "http:// or https:// URL the checker can fetch: a host name (IDNA; labels of 1-63 letters,"
     " digits, '-' or '_'; at most 253 characters), an IPv4 address or a bracketed IPv6"
@@ -54,6 +59,9 @@ def parse_url(text: str) -> yarl.URL:
     if not _SHAPE.match(text):
         if not _HTTP.match(text):
             raise InvalidURL("scheme must be http or https")
+        authority = re.split(r"[/?#]", text.split("://", 1)[1], maxsplit=1)[0]
+        if "\\" in authority:
+            raise InvalidURL("must not contain a backslash before the path")
         raise InvalidURL("must name a host")
     try:
         url = yarl.URL(text)

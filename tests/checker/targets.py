@@ -54,7 +54,6 @@ import brotli
 import re2
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from multidict import CIMultiDict
 from yarl import URL
 
 from checker_common.task_spec import MAX_PATTERN_PROGRAM
@@ -210,13 +209,13 @@ def _encoded_response(data: bytes, request: web.Request) -> web.Response:
     members = int(request.query.get("members", "1"))
     for coding in codings:
         data = encoded(data, coding, members=members)
-    headers = CIMultiDict({"Content-Type": "text/html; charset=utf-8"})
+    response = web.Response(body=data, headers={"Content-Type": "text/html; charset=utf-8"})
     if request.query.get("lines") == "1":
-        for coding in codings:
-            headers.add("Content-Encoding", coding)
+        for coding in codings:  # one header line each
+            response.headers.add("Content-Encoding", coding)
     else:
-        headers["Content-Encoding"] = ", ".join(codings)
-    return web.Response(body=data, headers=headers)
+        response.headers["Content-Encoding"] = ", ".join(codings)
+    return response
 
 
 async def encoded_page(request: web.Request) -> web.Response:
