@@ -209,7 +209,7 @@ def empty_tables(dsn: str) -> None:
     """Same starting point for each contender: empty tables, no dirty pages pending."""
     execute(
         dsn,
-        "TRUNCATE check_results, tasks, incidents, rejected_messages",
+        "TRUNCATE check_results, result_ids, tasks, incidents, rejected_messages",
         "CHECKPOINT",
     )
 
@@ -596,7 +596,7 @@ def latency(args: argparse.Namespace) -> int:
             }
             rows.append(figures)
             print(f"run {run + 1}: {figures}", file=sys.stderr)
-            execute(dsn, "TRUNCATE check_results, tasks, incidents")
+            execute(dsn, "TRUNCATE check_results, result_ids, tasks, incidents")
         version = server_version(dsn)
 
     def med(key: str) -> float:
@@ -716,7 +716,10 @@ def breakdown(args: argparse.Namespace) -> int:
 
     from checker_common.contract import CheckResult
     from checker_processing import db
+    from checker_processing.retention import Window
     from checker_processing.writer import Writer, parse
+
+    window = Window(retention_days=90, max_clock_skew=timedelta(seconds=300))
 
     data = Dataset(args.messages)
     records = records_of(data, "bench")
@@ -735,7 +738,7 @@ def breakdown(args: argparse.Namespace) -> int:
             tally = partial(_tally, totals)
 
             empty_tables(dsn)
-            writer = Writer(lambda: db.connect(dsn), 1_048_576)
+            writer = Writer(lambda: db.connect(dsn), 1_048_576, window=window)
             for batch in batches:
                 _, wall, cpu = timed(writer.write, batch)
                 tally("Writer.write wall", wall)

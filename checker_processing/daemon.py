@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import FrameType
 from typing import Any
@@ -267,7 +267,10 @@ def _consume(
         log.error("cannot create the Kafka consumer: %s", exc)
         return EXIT_SETUP
 
-    writer = Writer(connect, settings.max_message_bytes)
+    window = retention.Window(
+        settings.results_retention_days, timedelta(seconds=settings.max_clock_skew_seconds)
+    )
+    writer = Writer(connect, settings.max_message_bytes, window=window)
 
     def maintain() -> None:
         try:

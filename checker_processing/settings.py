@@ -44,6 +44,12 @@ class ProcessorSettings(CommonSettings):
     max_message_bytes: int = Field(
         1_048_576, ge=1_024, description="larger messages go to rejected_messages"
     )
+    max_clock_skew_seconds: int = Field(
+        300,
+        ge=0,
+        le=86_400,
+        description="results dated further ahead of this clock go to rejected_messages",
+    )
 
     @field_validator("postgresql_connection")
     @classmethod
