@@ -42,6 +42,14 @@ EXIT_SETUP = 1
 WAIT_SLICE_S = 0.5
 # STATUS= with running totals at most this often (systemctl status shows the last one).
 STATUS_EVERY_S = 10.0
+# What librdkafka may hold of a backlog (BENCHMARKS.md, "Ingest": where the memory went). It
+# stops fetching once its queue holds QUEUED_MAX_KBYTES, but one fetch may bring up to
+# FETCH_MAX_BYTES of compressed record batches, each taken whole and decompressed (results
+# compress 5 to 75 times): with the 50 MB default, a backlog of a million results put 0.4-0.7
+# GB in the queue in the first second of a drain. A batch larger than this limit still comes,
+# alone in its fetch (brokers return at least one), so no message is too large to read.
+FETCH_MAX_BYTES = 262_144
+QUEUED_MAX_KBYTES = 16_384
 
 
 def consumer_config(settings: ProcessorSettings) -> dict[str, Any]:
@@ -61,6 +69,11 @@ def consumer_config(settings: ProcessorSettings) -> dict[str, Any]:
             "heartbeat.interval.ms": max(100, min(3000, session // 6)),
             "fetch.queue.backoff.ms": 10,
             "fetch.message.max.bytes": max(1_048_576, settings.max_message_bytes + 1024),
+            "fetch.max.bytes": FETCH_MAX_BYTES,
+            # librdkafka wants it no larger than fetch.max.bytes; a consumer's own requests
+            # are small.
+            "message.max.bytes": FETCH_MAX_BYTES,
+            "queued.max.messages.kbytes": QUEUED_MAX_KBYTES,
             "enable.partition.eof": False,
         }
     )

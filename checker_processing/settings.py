@@ -36,7 +36,7 @@ class ProcessorSettings(CommonSettings):
         90, ge=1, le=36_500, description="days of results kept; older daily partitions dropped"
     )
     batch_max_messages: int = Field(
-        20_000, ge=1, le=1_000_000, description="most messages written in one transaction"
+        10_000, ge=1, le=1_000_000, description="most messages written in one transaction"
     )
     batch_max_ms: int = Field(
         500, ge=1, le=60_000, description="longest wait to fill a batch, milliseconds"

@@ -112,3 +112,6 @@ def test_consumer_config_commits_by_hand(kafka: object) -> None:
     assert config["isolation.level"] == "read_committed"
     assert config["auto.offset.reset"] == "earliest"
     assert (config["session.timeout.ms"], config["heartbeat.interval.ms"]) == (6000, 1000)
+    # What librdkafka holds of a backlog is bounded (the drain test measures the process).
+    assert config["fetch.max.bytes"] <= 262_144
+    assert config["queued.max.messages.kbytes"] <= 16_384
