@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -19,12 +20,16 @@ from urllib.parse import urlsplit
 import orjson
 import psycopg2
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from processing.processing_helpers import TcpProxy, make_result
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from processing.processing_helpers import WIDE_WINDOW, TcpProxy, make_result
 
 from checker_common.contract import encode
 from checker_common.devstack import free_port
-from checker_processing.daemon import CRASH_HOOK_ENV
+from checker_processing import db
+from checker_processing.consumer import Processor
+from checker_processing.daemon import CRASH_HOOK_ENV, consumer_config
+from checker_processing.settings import ProcessorSettings
+from checker_processing.writer import Writer
 
 from helpers import wait_for as poll_until
 
@@ -427,3 +432,109 @@ def test_draining_a_backlog_with_the_defaults_stays_under_256_mib(
     peak = peak_rss_mib(daemon.proc.pid)
     assert daemon.stop() == 0
     assert peak < 256, f"peak RSS {peak:.0f} MiB"
+
+
+class CannotSeek(Consumer):
+    """A real consumer whose seek() fails the way librdkafka's does for a partition it is
+    not fetching ("Local: Erroneous state"), and that records, for each consume() of the
+    processor, its assignment (read by the test's thread)."""
+
+    calls: list[frozenset[int]]
+
+    def seek(self, partition: TopicPartition) -> None:
+        raise KafkaException(KafkaError(KafkaError._STATE, "test: seek refused"))
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]:
+        messages = super().consume(num_messages=num_messages, timeout=timeout)
+        self.calls.append(frozenset(tp.partition for tp in self.assignment()))
+        return messages
+
+
+@pytest.mark.parametrize("other_joins", ["before the outage", "during the outage"])
+def test_a_rebalance_during_a_database_outage_loses_and_stalls_nothing(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, migrated: Any, other_joins: str
+) -> None:
+    """Another member leaves while the processor holds a batch through a database outage,
+    and every partition is assigned to it again. librdkafka keeps a partition paused through
+    that: those it had paused stayed paused for good when the resume after the outage came
+    between the revocation and the new assignment (other member joining during the outage).
+    A partition new to it came unpaused (other member there before the outage): its records
+    arrived in the middle of the outage and were sought back, lost when the seek failed (the
+    position stayed past them). Now partitions assigned during an outage are paused, and
+    nothing depends on seek: this consumer's always fails."""
+    settings = ProcessorSettings.model_validate({k.lower(): v for k, v in env.items()})
+    first, _ = results(1_500)
+    produce(kafka, topic, first)
+    parts = urlsplit(env["POSTGRESQL_CONNECTION"])
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432), free_port())
+    proxy.start()
+    via_proxy = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+    consumer = CannotSeek(consumer_config(settings))
+    consumer.calls = []
+    stop = threading.Event()
+    processor = Processor(
+        consumer,
+        Writer(partial(db.connect, via_proxy), 2048, window=WIDE_WINDOW),
+        topics=[topic],
+        batch_max_messages=100,
+        batch_max_ms=200,
+        stop=stop,
+    )
+    thread = threading.Thread(target=processor.run)
+    thread.start()
+    other = Consumer(
+        kafka.client_config(
+            **{
+                "group.id": env["KAFKA_CONSUMER_GROUP"],
+                "enable.auto.commit": False,
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 1000,
+            }
+        )
+    )
+
+    def join_other() -> None:
+        """The other member takes some partitions (it reads them, never commits)."""
+        other.subscribe([topic])
+
+        def split() -> bool:
+            other.poll(0.2)
+            mine = consumer.calls[-1] if consumer.calls else frozenset()
+            return bool(mine) and bool(other.assignment()) and len(mine) < 3
+
+        wait_for(split, "the partitions split between the two members")
+
+    try:
+        wait_for(lambda: thread.is_alive() and count(observer) == 1_500, "the first 1500 rows")
+        if other_joins == "before the outage":
+            join_other()
+        proxy.stop()
+        second, _ = results(600)
+        produce(kafka, topic, second)
+        if other_joins == "during the outage":
+            # Early, while the backoff's waits are short: the revocation comes in one wait,
+            # the new assignment after it.
+            wait_for(lambda: processor.stats.db_retries >= 2, "the processor holding its batch")
+            join_other()
+        else:
+            # Long enough that the backoff's waits span the rebalance below.
+            wait_for(lambda: processor.stats.db_retries >= 5, "the processor holding its batch")
+        other.close()
+        since = len(consumer.calls)
+        wait_for(
+            lambda: {0, 1, 2} in consumer.calls[since:], "every partition assigned to it again"
+        )
+        retries = processor.stats.db_retries
+        wait_for(lambda: processor.stats.db_retries > retries, "one more try in the outage")
+        proxy.start()
+        wait_for(
+            lambda: committed(kafka, env, topic) == high_watermarks(kafka, topic),
+            "every offset committed",
+            timeout=60,
+        )
+        assert count(observer) == 2_100
+        assert count(observer, "SELECT count(DISTINCT result_id) FROM check_results") == 2_100
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        proxy.stop()
