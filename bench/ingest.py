@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ingest.py throughput [--messages 1000000] [--runs 3]
         [--batch 10000:500 --batch 20000:500 ...]   (default: the daemon's defaults, 10000:500)
-        [--revision REV --revision REV ...]   (default: HEAD; several run side by side)
+        [--revision REV[@B:MS] --revision REV[@B:MS] ...]   (default: HEAD; several side by side)
     .venv/bin/python bench/ingest.py latency [--rate 1000] [--seconds 30] [--runs 3]
 
 Both start their own broker (Tansu behind stunnel, mutual TLS, 127.0.0.1) and their own
@@ -383,9 +383,12 @@ def throughput(args: argparse.Namespace) -> int:
     notes: list[str] = []
     with workdir() as work, kafka(work) as broker, temp_database("bench_ingest") as dsn:
         processors = []
-        for n, revision in enumerate(revisions):
+        for n, given in enumerate(revisions):
+            # REV@BATCH_MAX_MESSAGES:BATCH_MAX_MS runs that revision with that batch only.
+            revision, _, pinned = given.partition("@")
             source, commit = source_of(revision, work / f"source-{n}")
-            processors += [Contender(commit, source, (b[0], b[1])) for b in batches]
+            own = [tuple(int(x) for x in pinned.split(":"))] if pinned else batches
+            processors += [Contender(commit, source, (b[0], b[1])) for b in own]
         named = len(revisions) > 1
         migrate(dsn)
         ensure_partitions(dsn, data)
@@ -828,7 +831,7 @@ def main() -> int:
         "--revision",
         action="append",
         help=f"git revision of the processor (HEAD), or {WORK_TREE} for the work tree;"
-        " repeat it to run several side by side",
+        " repeat it to run several side by side; REV@20000:500 runs REV with that batch only",
     )
     for mode in (lat, b):
         mode.add_argument(

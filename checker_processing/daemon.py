@@ -64,8 +64,8 @@ def consumer_config(settings: ProcessorSettings) -> dict[str, Any]:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "session.timeout.ms": session,
-            # A third of the session is librdkafka's own ratio at the default; shorter
-            # sessions (tests) need a proportionally shorter heartbeat.
+            # A sixth of the session (1 s at the default 6 s): a member misses several
+            # heartbeats before it is taken for dead, and hears of a rebalance within a second.
             "heartbeat.interval.ms": max(100, min(3000, session // 6)),
             "fetch.queue.backoff.ms": 10,
             "fetch.message.max.bytes": max(1_048_576, settings.max_message_bytes + 1024),
@@ -79,6 +79,8 @@ def consumer_config(settings: ProcessorSettings) -> dict[str, Any]:
     )
     if settings.kafka_group_instance_id:
         # Static membership: a restart within the session keeps the partitions, no rebalance.
+        # Not by default: the local broker never takes partitions from a static member that
+        # died and stays dead (README, KAFKA_GROUP_INSTANCE_ID).
         config["group.instance.id"] = settings.kafka_group_instance_id
     return config
 

@@ -21,7 +21,7 @@ class ProcessorSettings(CommonSettings):
         "checker-results", description="topics to consume, comma separated"
     )
     kafka_session_timeout_ms: int = Field(
-        45_000, ge=1_000, le=300_000, description="consumer group session time-out"
+        6_000, ge=1_000, le=300_000, description="consumer group session time-out"
     )
     kafka_group_instance_id: str | None = Field(
         None,
