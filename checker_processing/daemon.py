@@ -44,10 +44,11 @@ WAIT_SLICE_S = 0.5
 STATUS_EVERY_S = 10.0
 # What librdkafka may hold of a backlog (BENCHMARKS.md, "Ingest": where the memory went). It
 # stops fetching once its queue holds QUEUED_MAX_KBYTES, but one fetch may bring up to
-# FETCH_MAX_BYTES of compressed record batches, each taken whole and decompressed (results
-# compress 5 to 75 times): with the 50 MB default, a backlog of a million results put 0.4-0.7
-# GB in the queue in the first second of a drain. A batch larger than this limit still comes,
-# alone in its fetch (brokers return at least one), so no message is too large to read.
+# FETCH_MAX_BYTES of compressed record batches, each taken whole and decompressed (similar
+# results compress well: the benchmark's 75 times): with the 50 MB default, a backlog of a
+# million results put up to 0.76 GB in the queue in the first seconds of a drain. A batch
+# larger than the limit still comes, alone in its fetch (brokers return at least one), so no
+# message is too large to read.
 FETCH_MAX_BYTES = 262_144
 QUEUED_MAX_KBYTES = 16_384
 

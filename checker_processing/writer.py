@@ -272,10 +272,15 @@ def _prepared(records: Sequence[Record], rows: list[Row], rejected: list[Rejecti
     # Bodies hold ISO 8601 UTC strings: their first ten characters are the UTC day.
     days = frozenset(map(date.fromisoformat, {body.timestamp[:10] for body in bodies}))
     times = [plain.checked_at for _, plain in rows]
-    ids_text = "".join([f"{body.result_id}\t{body.timestamp}\n" for body in bodies])
     if_all_new = new_rows(returning(rows), with_task_columns=True)
     checked = (min(times), max(times)) if times else None
-    return Prepared(records, rows, rejected, copy_text(rows), ids_text, days, checked, if_all_new)
+    text = copy_text(rows)
+    return Prepared(records, rows, rejected, text, ids_text(rows), days, checked, if_all_new)
+
+
+def ids_text(rows: Sequence[Row]) -> str:
+    """Each row's result_id and check time in COPY text, for result_ids (pure)."""
+    return "".join([f"{p.body.result_id}\t{p.body.timestamp}\n" for _, p in rows])
 
 
 def within(rows: list[Row], window: Window, now: datetime) -> tuple[list[Row], list[Rejection]]:
@@ -557,8 +562,7 @@ class _Texts(NamedTuple):
 
     @classmethod
     def of(cls, rows: list[Row]) -> _Texts:
-        ids = "".join([f"{p.body.result_id}\t{p.body.timestamp}\n" for _, p in rows])
-        return cls(copy_text(rows), ids)
+        return cls(copy_text(rows), ids_text(rows))
 
 
 def _insert_new(
