@@ -1,7 +1,8 @@
 """Processor ingest: drain rate beside a raw COPY, and end-to-end latency at a steady rate.
 
     .venv/bin/python bench/ingest.py throughput [--messages 1000000] [--runs 3]
-        [--batch 20000:500 --batch 5000:500 ...]   (default: the daemon's defaults, 20000:500)
+        [--batch 10000:500 --batch 20000:500 ...]   (default: the daemon's defaults, 10000:500)
+        [--revision REV[@B:MS] --revision REV[@B:MS] ...]   (default: HEAD; several side by side)
     .venv/bin/python bench/ingest.py latency [--rate 1000] [--seconds 30] [--runs 3]
 
 Both start their own broker (Tansu behind stunnel, mutual TLS, 127.0.0.1) and their own
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import statistics
@@ -209,7 +211,7 @@ def empty_tables(dsn: str) -> None:
     """Same starting point for each contender: empty tables, no dirty pages pending."""
     execute(
         dsn,
-        "TRUNCATE check_results, tasks, incidents, rejected_messages",
+        "TRUNCATE check_results, result_ids, tasks, incidents, rejected_messages",
         "CHECKPOINT",
     )
 
@@ -359,14 +361,35 @@ def profiler(pid: int, out: Path | None) -> Iterator[None]:
             spy.wait(timeout=10)
 
 
+@dataclass(frozen=True)
+class Contender:
+    """The processor at one revision with one batch setting."""
+
+    commit: str
+    source: Path
+    batch: tuple[int, int]
+
+    def name(self, with_commit: bool) -> str:
+        batch = f"{self.batch[0]}:{self.batch[1]}"
+        return f"{self.commit} {batch}" if with_commit else batch
+
+
 def throughput(args: argparse.Namespace) -> int:
     host = machine()
-    batches = [tuple(int(x) for x in b.split(":")) for b in (args.batch or ["20000:500"])]
+    batches = [tuple(int(x) for x in b.split(":")) for b in (args.batch or ["10000:500"])]
+    revisions = args.revision or ["HEAD"]
     data = Dataset(args.messages)
     figures: dict[str, list[float]] = {"copy": []}
     notes: list[str] = []
     with workdir() as work, kafka(work) as broker, temp_database("bench_ingest") as dsn:
-        source, commit = source_of(args.revision, work / "source")
+        processors = []
+        for n, given in enumerate(revisions):
+            # REV@BATCH_MAX_MESSAGES:BATCH_MAX_MS runs that revision with that batch only.
+            revision, _, pinned = given.partition("@")
+            source, commit = source_of(revision, work / f"source-{n}")
+            own = [tuple(int(x) for x in pinned.split(":"))] if pinned else batches
+            processors += [Contender(commit, source, (b[0], b[1])) for b in own]
+        named = len(revisions) > 1
         migrate(dsn)
         ensure_partitions(dsn, data)
         topic = broker.topic(PARTITIONS)
@@ -375,42 +398,47 @@ def throughput(args: argparse.Namespace) -> int:
         text = copy_rows(data, topic)
         print(f"COPY text {len(text) / 1e6:.0f} MB", file=sys.stderr)
         for run in range(args.runs):
-            contenders: list[Any] = ["copy", *batches]
+            contenders: list[Contender | None] = [None, *processors]  # None: the raw COPY
             if run % 2:
                 contenders.reverse()
             for contender in contenders:
                 empty_tables(dsn)
-                if contender == "copy":
+                if contender is None:
                     seconds = raw_copy(dsn, text)
                     figures["copy"].append(data.count / seconds)
                     print(f"run {run + 1} raw COPY: {seconds:.1f} s", file=sys.stderr)
-                else:
-                    name = f"{contender[0]}:{contender[1]}"
-                    log = work / f"processor-{run}-{contender[0]}-{contender[1]}.log"
-                    profile = None
-                    if args.profile and run == 0:
-                        profile = args.profile / f"processor-{contender[0]}-{contender[1]}.txt"
-                    result = drain(broker, dsn, topic, data.count, contender, log, source, profile)
-                    stored = count_rows(dsn)
-                    if stored != data.count:
-                        raise RuntimeError(f"{stored} rows stored, expected {data.count}")
-                    figures.setdefault(name, []).append(result.rate(data.count))
-                    figures.setdefault(name + " total", []).append(data.count / result.from_start_s)
-                    figures.setdefault(name + " cpu", []).append(
-                        result.cpu_s / data.count * 100_000
-                    )
-                    figures.setdefault(name + " rss", []).append(result.peak_rss_mib)
-                    print(
-                        f"run {run + 1} processor {name}: {result.from_first_s:.1f} s from "
-                        f"first commit ({result.first_rows} rows), {result.from_start_s:.1f} s "
-                        f"from start, CPU {result.cpu_s:.1f} s",
-                        file=sys.stderr,
-                    )
+                    continue
+                name = contender.name(named)
+                label = name.replace(" ", "-").replace(":", "-")
+                log = work / f"processor-{run}-{label}.log"
+                profile = None
+                if args.profile and run == 0:
+                    profile = args.profile / f"processor-{label}.txt"
+                result = drain(
+                    broker, dsn, topic, data.count, contender.batch, log, contender.source, profile
+                )
+                stored = count_rows(dsn)
+                if stored != data.count:
+                    raise RuntimeError(f"{stored} rows stored, expected {data.count}")
+                figures.setdefault(name, []).append(result.rate(data.count))
+                figures.setdefault(name + " total", []).append(data.count / result.from_start_s)
+                figures.setdefault(name + " cpu", []).append(result.cpu_s / data.count * 100_000)
+                figures.setdefault(name + " rss", []).append(result.peak_rss_mib)
+                print(
+                    f"run {run + 1} processor {name}: {result.from_first_s:.1f} s from "
+                    f"first commit ({result.first_rows} rows), {result.from_start_s:.1f} s "
+                    f"from start, CPU {result.cpu_s:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB",
+                    file=sys.stderr,
+                )
         version = server_version(dsn)
 
     copy_rate = statistics.median(figures["copy"])
+    commits = ", ".join(dict.fromkeys(c.commit for c in processors))
     print(f"\n{data.count:,} results x {args.runs} runs, medians; {host}; PostgreSQL {version}")
-    print(f"(processor as committed at {commit}; produced in {produced_s:.0f} s, not timed)\n")
+    print(
+        f"(processor as committed at {commits}; produced in {produced_s:.0f} s, not timed; "
+        f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())})\n"
+    )
     print(
         "| contender | BATCH_MAX_MESSAGES:BATCH_MAX_MS | rows/s from first commit "
         "| rows/s from daemon start | processor CPU s per 100k rows | processor peak RSS MiB "
@@ -418,15 +446,17 @@ def throughput(args: argparse.Namespace) -> int:
     )
     print("|---|---|---|---|---|---|---|")
     print(f"| raw COPY, one statement | - | {copy_rate:,.0f} | - | - | - | 100 % |")
-    for b in batches:
-        name = f"{b[0]}:{b[1]}"
+    for contender in processors:
+        name = contender.name(named)
         rate = statistics.median(figures[name])
         ratios = [r / c for r, c in zip(figures[name], figures["copy"], strict=True)]
+        rss = figures[name + " rss"]
         print(
-            f"| processor daemon | {name} | {rate:,.0f} "
+            f"| processor daemon{f' at {contender.commit}' if named else ''} "
+            f"| {contender.batch[0]}:{contender.batch[1]} | {rate:,.0f} "
             f"| {statistics.median(figures[name + ' total']):,.0f} "
             f"| {statistics.median(figures[name + ' cpu']):.1f} "
-            f"| {statistics.median(figures[name + ' rss']):.0f} "
+            f"| {statistics.median(rss):.0f} (max {max(rss):.0f}) "
             f"| {100 * statistics.median(ratios):.0f} % (runs: "
             f"{', '.join(f'{100 * r:.0f}' for r in ratios)}) |"
         )
@@ -618,7 +648,7 @@ def latency(args: argparse.Namespace) -> int:
             }
             rows.append(figures)
             print(f"run {run + 1}: {figures}", file=sys.stderr)
-            execute(dsn, "TRUNCATE check_results, tasks, incidents")
+            execute(dsn, "TRUNCATE check_results, result_ids, tasks, incidents")
         version = server_version(dsn)
 
     def med(key: str) -> float:
@@ -738,7 +768,10 @@ def breakdown(args: argparse.Namespace) -> int:
 
     from checker_common.contract import CheckResult
     from checker_processing import db
+    from checker_processing.retention import Window
     from checker_processing.writer import Writer, parse
+
+    window = Window(retention_days=90, max_clock_skew=timedelta(seconds=300))
 
     data = Dataset(args.messages)
     records = records_of(data, "bench")
@@ -757,7 +790,7 @@ def breakdown(args: argparse.Namespace) -> int:
             tally = partial(_tally, totals)
 
             empty_tables(dsn)
-            writer = Writer(lambda: db.connect(dsn), 1_048_576)
+            writer = Writer(lambda: db.connect(dsn), 1_048_576, window=window)
             for batch in batches:
                 _, wall, cpu = timed(writer.write, batch)
                 tally("Writer.write wall", wall)
@@ -810,13 +843,19 @@ def main() -> int:
     lat.add_argument("--rate", type=int, default=1000)
     lat.add_argument("--seconds", type=int, default=30)
     lat.add_argument("--runs", type=int, default=3)
-    lat.add_argument("--batch-max-messages", type=int, default=20000)
+    lat.add_argument("--batch-max-messages", type=int, default=10000)
     lat.add_argument("--batch-max-ms", type=int, default=500)
     b = sub.add_parser("breakdown")
     b.add_argument("--messages", type=int, default=100_000)
     b.add_argument("--batch-size", type=int, default=5000)
     b.add_argument("--runs", type=int, default=3)
-    for mode in (t, lat, b):
+    t.add_argument(
+        "--revision",
+        action="append",
+        help=f"git revision of the processor (HEAD), or {WORK_TREE} for the work tree;"
+        " repeat it to run several side by side; REV@20000:500 runs REV with that batch only",
+    )
+    for mode in (lat, b):
         mode.add_argument(
             "--revision",
             default=WORK_TREE if mode is b else "HEAD",

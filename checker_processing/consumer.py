@@ -149,6 +149,8 @@ class Processor:
         self.ahead: list[Record] = []
         self.ahead_prepared: Future[Prepared] | None = None
         self.next_maintenance = 0.0
+        # Whether the partitions are meant to be paused (a batch held through an outage).
+        self.paused = False
 
     # -- group membership ------------------------------------------------------------------
 
@@ -158,7 +160,23 @@ class Processor:
         )
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Take the partitions, paused while a batch waits for the database, else running.
+
+        librdkafka keeps a partition's pause through a revocation and a new assignment: a
+        partition paused for an outage and assigned again after it (when the resume found
+        no assignment to resume) would stay paused for good, while one new to this member
+        would come unpaused in the middle of an outage. So the state is set here, after an
+        explicit assign() (a pause before it would be undone by the automatic one); this is
+        the eager protocol's assign, the one librdkafka uses by default."""
         log.info("assigned %s", _describe(partitions))
+        try:
+            consumer.assign(partitions)
+            if self.paused:
+                consumer.pause(partitions)
+            else:
+                consumer.resume(partitions)
+        except KafkaException as exc:
+            log.warning("taking the assigned partitions: %s", exc)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         """Before the partitions go: commit what is written; drop unwritten records of them
@@ -377,6 +395,7 @@ class Processor:
         return True
 
     def _pause(self) -> None:
+        self.paused = True
         try:
             assignment = list(self.consumer.assignment())
             if assignment:
@@ -385,6 +404,7 @@ class Processor:
             log.warning("pausing partitions: %s", exc)
 
     def _resume(self) -> None:
+        self.paused = False
         try:
             assignment = list(self.consumer.assignment())
             if assignment:
@@ -394,7 +414,10 @@ class Processor:
 
     def _idle(self, seconds: float) -> None:
         """Wait while serving the group (rebalances, max.poll.interval.ms). Partitions are
-        paused; anything delivered anyway is sought back so it is read again later."""
+        paused, also those assigned meanwhile; should records come anyway they are kept
+        after the batch read ahead and written once the database is back. (Seeking back to
+        them instead lost them when the seek failed: the position stayed past them, and
+        later commits moved the offset over them.)"""
         deadline = time.monotonic() + seconds
         while True:
             self.events.tick()
@@ -402,23 +425,16 @@ class Processor:
             if left <= 0:
                 return
             stray = self._consume(self.batch_max_messages, min(left, 1.0))
-            first: dict[TopicPartitionKey, int] = {}
-            for record in stray:
-                key = (record.topic, record.partition)
-                first[key] = min(first.get(key, record.offset), record.offset)
-            for (topic, partition), offset in first.items():
-                try:
-                    self.consumer.seek(TopicPartition(topic, partition, offset))
-                except KafkaException as exc:
-                    log.warning(
-                        "seeking %s/%d back to %d: %s",
-                        topic,
-                        partition,
-                        offset,
-                        exc,
-                        extra={"topic": topic, "partition": partition, "offset": offset},
-                    )
             if stray:
+                # A new list: a preparation of the old one no longer applies. Within each
+                # partition these follow what is in hand and ahead (or, after a revocation
+                # dropped those, start again at the committed offset).
+                self.ahead = [*self.ahead, *stray]
+                log.info(
+                    "kept %d records delivered while paused; pausing %s",
+                    len(stray),
+                    _partitions_of(stray),
+                )
                 self._pause()
 
     def _commit_pending(self, only: set[TopicPartitionKey] | None = None) -> None:

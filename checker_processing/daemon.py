@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import FrameType
 from typing import Any
@@ -42,6 +42,15 @@ EXIT_SETUP = 1
 WAIT_SLICE_S = 0.5
 # STATUS= with running totals at most this often (systemctl status shows the last one).
 STATUS_EVERY_S = 10.0
+# What librdkafka may hold of a backlog (BENCHMARKS.md, "Ingest": where the memory went). It
+# stops fetching once its queue holds QUEUED_MAX_KBYTES, but one fetch may bring up to
+# FETCH_MAX_BYTES of compressed record batches, each taken whole and decompressed (similar
+# results compress well: the benchmark's 75 times): with the 50 MB default, a backlog of a
+# million results put up to 0.76 GB in the queue in the first seconds of a drain. A batch
+# larger than the limit still comes, alone in its fetch (brokers return at least one), so no
+# message is too large to read.
+FETCH_MAX_BYTES = 262_144
+QUEUED_MAX_KBYTES = 16_384
 
 
 def consumer_config(settings: ProcessorSettings) -> dict[str, Any]:
@@ -56,16 +65,23 @@ def consumer_config(settings: ProcessorSettings) -> dict[str, Any]:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "session.timeout.ms": session,
-            # A third of the session is librdkafka's own ratio at the default; shorter
-            # sessions (tests) need a proportionally shorter heartbeat.
+            # A sixth of the session (1 s at the default 6 s): a member misses several
+            # heartbeats before it is taken for dead, and hears of a rebalance within a second.
             "heartbeat.interval.ms": max(100, min(3000, session // 6)),
             "fetch.queue.backoff.ms": 10,
             "fetch.message.max.bytes": max(1_048_576, settings.max_message_bytes + 1024),
+            "fetch.max.bytes": FETCH_MAX_BYTES,
+            # librdkafka wants it no larger than fetch.max.bytes; a consumer's own requests
+            # are small.
+            "message.max.bytes": FETCH_MAX_BYTES,
+            "queued.max.messages.kbytes": QUEUED_MAX_KBYTES,
             "enable.partition.eof": False,
         }
     )
     if settings.kafka_group_instance_id:
         # Static membership: a restart within the session keeps the partitions, no rebalance.
+        # Not by default: the local broker never takes partitions from a static member that
+        # died and stays dead (README, KAFKA_GROUP_INSTANCE_ID).
         config["group.instance.id"] = settings.kafka_group_instance_id
     return config
 
@@ -267,7 +283,10 @@ def _consume(
         log.error("cannot create the Kafka consumer: %s", exc)
         return EXIT_SETUP
 
-    writer = Writer(connect, settings.max_message_bytes)
+    window = retention.Window(
+        settings.results_retention_days, timedelta(seconds=settings.max_clock_skew_seconds)
+    )
+    writer = Writer(connect, settings.max_message_bytes, window=window)
 
     def maintain() -> None:
         try:

@@ -29,6 +29,8 @@ def connect(dsn: str, *, connect_timeout: int = 5) -> Connection:
         keepalives_count=3,
         tcp_user_timeout=30_000,
     )
+    # The writer sends COPY text as UTF-8 bytes, whatever the server's default.
+    conn.set_client_encoding("UTF8")
     with conn.cursor() as cur:
         cur.execute(
             "SELECT set_config('statement_timeout', %s, false)", (str(STATEMENT_TIMEOUT_MS),)

@@ -1,10 +1,12 @@
-"""Daily partitions of check_results: create the coming days, drop the expired ones."""
+"""Daily partitions of check_results: which check times are kept, create the coming days,
+drop the expired ones."""
 
 from __future__ import annotations
 
 import logging
 import re
-from datetime import date, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
 
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
@@ -15,14 +17,37 @@ DAYS_AHEAD = 3
 _PARTITION = re.compile(r"^check_results_p(\d{8})$")
 
 
+def first_kept_day(today: date, retention_days: int) -> date:
+    """The oldest day whose partition retention keeps (pure)."""
+    return today - timedelta(days=retention_days)
+
+
 def expired(partition_days: list[date], today: date, retention_days: int) -> list[date]:
     """Days whose partition holds only results older than the retention (pure).
 
     A day's partition ends at the next midnight; it goes when that end is at or before the
     cut-off `today - retention_days`, so a partition that still holds a kept result stays.
     """
-    cutoff = today - timedelta(days=retention_days)
+    cutoff = first_kept_day(today, retention_days)
     return sorted(day for day in partition_days if day + timedelta(days=1) <= cutoff)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The check times a result may carry to be stored, around the processor's clock.
+
+    Not before the first day retention keeps: such a row would re-create a dropped
+    partition, to be dropped again. Not more than `max_clock_skew` ahead of now: a checker
+    with a wrong clock would create a partition retention never drops and freeze its task's
+    latest result and incidents until real time caught up."""
+
+    retention_days: int
+    max_clock_skew: timedelta
+
+    def bounds(self, now: datetime) -> tuple[datetime, datetime]:
+        """The earliest and the latest check time stored at `now` (UTC), both included."""
+        first = first_kept_day(now.astimezone(UTC).date(), self.retention_days)
+        return datetime.combine(first, time(), UTC), now + self.max_clock_skew
 
 
 def ahead(today: date, days: int = DAYS_AHEAD) -> list[date]:
@@ -67,8 +92,13 @@ def maintain(conn: Connection, today: date, retention_days: int) -> list[date]:
         conn.commit()
         dropped.append(day)
         log.info("dropped partition %s (retention %d days)", name, retention_days)
-    cutoff = today - timedelta(days=retention_days)
+    cutoff = first_kept_day(today, retention_days)
     with conn.cursor() as cur:
+        # The ids of the dropped rows: a copy arriving now is older than the window anyway.
+        cur.execute(
+            "DELETE FROM result_ids WHERE checked_at < %s",
+            (datetime.combine(cutoff, time(), UTC),),
+        )
         cur.execute(
             "DELETE FROM rejected_messages WHERE rejected_at < %s::date",
             (cutoff,),

@@ -46,7 +46,7 @@ class ProcessorSettings(DatabaseSettings, KafkaSettings, LoggingSettings):
         "checker-results", description="topics to consume, comma separated"
     )
     kafka_session_timeout_ms: int = Field(
-        45_000, ge=1_000, le=300_000, description="consumer group session time-out"
+        6_000, ge=1_000, le=300_000, description="consumer group session time-out"
     )
     kafka_group_instance_id: str | None = Field(
         None,
@@ -61,13 +61,19 @@ class ProcessorSettings(DatabaseSettings, KafkaSettings, LoggingSettings):
         90, ge=1, le=36_500, description="days of results kept; older daily partitions dropped"
     )
     batch_max_messages: int = Field(
-        20_000, ge=1, le=1_000_000, description="most messages written in one transaction"
+        10_000, ge=1, le=1_000_000, description="most messages written in one transaction"
     )
     batch_max_ms: int = Field(
         500, ge=1, le=60_000, description="longest wait to fill a batch, milliseconds"
     )
     max_message_bytes: int = Field(
         1_048_576, ge=1_024, description="larger messages go to rejected_messages"
+    )
+    max_clock_skew_seconds: int = Field(
+        300,
+        ge=0,
+        le=86_400,
+        description="results dated further ahead of this clock go to rejected_messages",
     )
 
     @field_validator("kafka_group_instance_id")

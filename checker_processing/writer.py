@@ -1,15 +1,18 @@
 """Writes a batch of Kafka records to PostgreSQL in one transaction, exactly once per result.
 
-A batch is first COPied straight into check_results inside a savepoint: a normal batch holds
-only new results, and then every row is new. If any result is already stored (a redelivery),
-the primary key refuses the COPY; the batch then goes back to the savepoint and through a
-per-connection staging table and one INSERT ... ON CONFLICT DO NOTHING RETURNING. Either way
-only the rows that were really new update the tasks table and the incidents, so a redelivered
-batch changes nothing. A result that is not judged (`checker_overloaded`: the checker held the
-check up, the site was not judged) is stored but moves neither its task nor its incidents, like
-a result that arrives after a newer one of its task. Records that break the contract, and rows
-the database refuses, go to rejected_messages with their raw bytes. Connection trouble is raised
-to the caller (who keeps the batch and retries).
+A batch is first COPied straight into result_ids (every stored result's id, its primary key)
+and check_results inside a savepoint: a normal batch holds only new results, and then every
+row is new. If any result is already stored (a redelivery), a primary key refuses the COPY;
+the batch then goes back to the savepoint and through a per-connection staging table and one
+INSERT ... ON CONFLICT DO NOTHING RETURNING. Either way only the rows that were really new
+update the tasks table and the incidents, so a redelivered batch changes nothing. A result that
+is not judged (`checker_overloaded`: the checker held the check up, the site was not judged) is
+stored but moves neither its task nor its incidents, like a result that arrives after a newer
+one of its task. Records that
+break the contract, results dated outside the stored window (a checker clock far ahead, or
+older than the retention), copies of a stored result with another timestamp, and rows the
+database refuses go to rejected_messages with their raw bytes and the reason. Connection
+trouble is raised to the caller (who keeps the batch and retries).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import io
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from itertools import chain
 from typing import Any, NamedTuple
 
@@ -30,6 +33,7 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
 from checker_common.contract import NOT_JUDGED, ContractError, Health, Plain, decode_plain_many
+from checker_processing.retention import Window
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +83,29 @@ _STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS staging_results"
     " (LIKE check_results INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
+# The ids first: a result id already in result_ids is not stored again, whatever its
+# timestamp; within the batch the first copy read wins.
 _INSERT = f"""
+WITH fresh AS (
+    INSERT INTO result_ids (result_id, checked_at)
+    SELECT DISTINCT ON (result_id) result_id, checked_at FROM staging_results
+    ORDER BY result_id, kafka_topic, kafka_partition, kafka_offset
+    ON CONFLICT DO NOTHING
+    RETURNING result_id, checked_at
+)
 INSERT INTO check_results ({_COLS})
-SELECT {_COLS} FROM staging_results
+SELECT DISTINCT ON (s.result_id) {", ".join(f"s.{c}" for c in COLUMNS)}
+FROM staging_results AS s JOIN fresh USING (result_id, checked_at)
+ORDER BY s.result_id, s.kafka_topic, s.kafka_partition, s.kafka_offset
 ON CONFLICT DO NOTHING
 RETURNING task_id, result_id, checked_at, name, url, method, status_code, ok, health,
           error_kind, error_message
+"""
+# Copies whose result id is stored with another check time: not redeliveries of it.
+_CONFLICTS = """
+SELECT s.kafka_topic, s.kafka_partition, s.kafka_offset, s.checked_at, r.checked_at
+FROM staging_results AS s JOIN result_ids AS r USING (result_id)
+WHERE r.checked_at <> s.checked_at
 """
 
 
@@ -243,25 +264,84 @@ class Prepared:
     rows: list[Row]
     rejected: list[Rejection]
     text: str
+    ids_text: str  # result_id and check time of each row, COPY text for result_ids
     days: frozenset[date]
+    checked: tuple[datetime, datetime] | None  # the earliest and latest check time of the rows
     if_all_new: NewRows  # what the tasks and incidents need when every row is new
 
 
 def prepare(records: Sequence[Record], max_bytes: int) -> Prepared:
     rows, rejected = parse(records, max_bytes)
+    return _prepared(records, rows, rejected)
+
+
+def _prepared(records: Sequence[Record], rows: list[Row], rejected: list[Rejection]) -> Prepared:
+    bodies = [plain.body for _, plain in rows]
     # Bodies hold ISO 8601 UTC strings: their first ten characters are the UTC day.
-    days = frozenset(map(date.fromisoformat, {row.plain.body.timestamp[:10] for row in rows}))
+    days = frozenset(map(date.fromisoformat, {body.timestamp[:10] for body in bodies}))
+    times = [plain.checked_at for _, plain in rows]
     if_all_new = new_rows(returning(rows), with_task_columns=True)
-    return Prepared(records, rows, rejected, copy_text(rows), days, if_all_new)
+    checked = (min(times), max(times)) if times else None
+    text = copy_text(rows)
+    return Prepared(records, rows, rejected, text, ids_text(rows), days, checked, if_all_new)
+
+
+def ids_text(rows: Sequence[Row]) -> str:
+    """Each row's result_id and check time in COPY text, for result_ids (pure)."""
+    return "".join([f"{p.body.result_id}\t{p.body.timestamp}\n" for _, p in rows])
+
+
+def within(rows: list[Row], window: Window, now: datetime) -> tuple[list[Row], list[Rejection]]:
+    """The rows whose check time the window keeps at `now`, and rejections of the others
+    with the reason (pure)."""
+    earliest, latest = window.bounds(now)
+    kept: list[Row] = []
+    aside: list[Rejection] = []
+    for row in rows:
+        checked_at = row.plain.checked_at
+        if checked_at > latest:
+            ahead = (checked_at - now).total_seconds()
+            reason = (
+                f"timestamp {row.plain.body.timestamp} is {ahead:.0f} s ahead of the"
+                f" processor's clock, more than MAX_CLOCK_SKEW_SECONDS"
+                f" ({window.max_clock_skew.total_seconds():.0f}): is the checker's clock wrong?"
+            )
+            aside.append(Rejection(row.record, reason))
+        elif checked_at < earliest:
+            reason = (
+                f"timestamp {row.plain.body.timestamp} is older than RESULTS_RETENTION_DAYS"
+                f" ({window.retention_days}) keeps: results before {earliest:%Y-%m-%d} are"
+                " not stored"
+            )
+            aside.append(Rejection(row.record, reason))
+        else:
+            kept.append(row)
+    return kept, aside
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class Writer:
-    """Stores batches; owns one connection, opened lazily and dropped on connection trouble."""
+    """Stores batches; owns one connection, opened lazily and dropped on connection trouble.
 
-    def __init__(self, connect: Callable[[], Connection], max_message_bytes: int) -> None:
+    Rows are stored only when their check time is inside `window` at the time of the write
+    (`clock`); the others are rejected with the reason, so no partition is made outside it."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Connection],
+        max_message_bytes: int,
+        *,
+        window: Window,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
         self._connect = connect
         self._conn: Connection | None = None
         self._max_bytes = max_message_bytes
+        self._window = window
+        self._clock = clock
         self._partitions: set[date] = set()
 
     @property
@@ -295,19 +375,43 @@ class Writer:
         `prepared` is used when it was made from this very sequence of records."""
         if prepared is None or prepared.records is not records:
             prepared = self.prepare(records)
-        rows, rejected = prepared.rows, prepared.rejected
+        retried = False
         try:
-            self.ensure_partitions(prepared.days)
-            try:
-                outcome = self._store(rows, rejected, prepared)
-            except PERMANENT_ERRORS as exc:
-                self.conn.rollback()
-                log.warning("batch of %d rows refused (%s); finding the bad rows", len(rows), exc)
-                outcome = self._bisect(rows) + self._store([], rejected)
+            while True:
+                batch = self._in_window(prepared)
+                rows, rejected = batch.rows, batch.rejected
+                self.ensure_partitions(batch.days)
+                try:
+                    return self._store(rows, rejected, batch)
+                except PERMANENT_ERRORS as exc:
+                    self.conn.rollback()
+                    if _no_partition(exc) and not retried:
+                        # A partition this writer saw was dropped behind its back (retention
+                        # of another processor, an operator): look at the days again, and at
+                        # the window, which may have moved past one of them meanwhile.
+                        log.warning("a partition is gone (%s); creating it again", _one_line(exc))
+                        self._partitions.clear()
+                        retried = True
+                        continue
+                    log.warning(
+                        "batch of %d rows refused (%s); finding the bad rows", len(rows), exc
+                    )
+                    return self._bisect(rows) + self._store([], rejected)
         except BaseException:
             self.reset()
             raise
-        return outcome
+
+    def _in_window(self, prepared: Prepared) -> Prepared:
+        """The batch without the rows the window does not keep now (rejected instead)."""
+        if prepared.checked is None:
+            return prepared
+        now = self._clock()
+        earliest, latest = self._window.bounds(now)
+        first, last = prepared.checked
+        if earliest <= first and last <= latest:
+            return prepared
+        kept, aside = within(prepared.rows, self._window, now)
+        return _prepared(prepared.records, kept, [*prepared.rejected, *aside])
 
     def ensure_partitions(self, days: Iterable[date]) -> None:
         """Create the daily partitions these days need (own short transaction)."""
@@ -354,15 +458,19 @@ class Writer:
         batch's own preparation when `rows` are all of its rows."""
         conn = self.conn
         stored = 0
+        conflicts: list[Rejection] = []
         with conn.cursor() as cur:
             if rows:
                 if prepared is None:
-                    inserted = _insert_new(cur, copy_text(rows), rows, None)
+                    inserted, conflicts = _insert_new(cur, _Texts.of(rows), rows, None)
                 else:
-                    inserted = _insert_new(cur, prepared.text, rows, prepared.if_all_new)
+                    texts = _Texts(prepared.text, prepared.ids_text)
+                    inserted, conflicts = _insert_new(cur, texts, rows, prepared.if_all_new)
                 stored = len(inserted.rows)
                 if inserted.newest:  # empty when every new row is not judged
                     _update_tasks_and_incidents(cur, inserted)
+                if conflicts:
+                    rejected = [*rejected, *conflicts]
             stored_rejections = 0
             if rejected:
                 values = [
@@ -395,7 +503,7 @@ class Writer:
                     "offset": r.record.offset,
                 },
             )
-        return Outcome(stored, len(rows) - stored, stored_rejections)
+        return Outcome(stored, len(rows) - stored - len(conflicts), stored_rejections)
 
 
 @dataclass(frozen=True)
@@ -456,26 +564,66 @@ def returning(rows: list[Row]) -> list[tuple[Any, ...]]:
     return returned
 
 
-def _insert_new(cur: Any, text: str, rows: list[Row], if_all_new: NewRows | None) -> NewRows:
-    """Store the rows not stored yet and return them; `if_all_new` is what to return when
-    every row is new (made ahead from `rows`)."""
+class _Texts(NamedTuple):
+    """A batch's rows in COPY text: for check_results, and their ids for result_ids."""
+
+    rows: str
+    ids: str
+
+    @classmethod
+    def of(cls, rows: list[Row]) -> _Texts:
+        return cls(copy_text(rows), ids_text(rows))
+
+
+def _insert_new(
+    cur: Any, texts: _Texts, rows: list[Row], if_all_new: NewRows | None
+) -> tuple[NewRows, list[Rejection]]:
+    """Store the rows not stored yet and return them, with rejections of the rows whose
+    result id is stored with another check time; `if_all_new` is what to return when every
+    row is new (made ahead from `rows`)."""
     cur.execute("SAVEPOINT direct_copy")
     # One read of the whole text: psycopg2 takes the GIL back for every chunk it reads, and
-    # with a preparing thread beside it each take can wait a whole switch interval.
-    size = len(text) + 1
+    # with a preparing thread beside it each take can wait a whole switch interval. As bytes:
+    # a StringIO that is read holds its text at four bytes a character.
+    rows_text, ids_text = texts.rows.encode(), texts.ids.encode()
+    size = len(rows_text) + 1
     try:
-        cur.copy_expert(f"COPY check_results ({_COLS}) FROM STDIN", io.StringIO(text), size)
+        cur.copy_expert(
+            "COPY result_ids (result_id, checked_at) FROM STDIN",
+            io.BytesIO(ids_text),
+            len(ids_text) + 1,
+        )
+        cur.copy_expert(f"COPY check_results ({_COLS}) FROM STDIN", io.BytesIO(rows_text), size)
     except psycopg2.errors.UniqueViolation:
         # Some result is stored already (a redelivery, or twice in this batch): the slow path
         # sorts out which rows are new.
         cur.execute("ROLLBACK TO SAVEPOINT direct_copy")
         cur.execute(_STAGING)
-        cur.copy_expert(f"COPY staging_results ({_COLS}) FROM STDIN", io.StringIO(text), size)
+        cur.copy_expert(f"COPY staging_results ({_COLS}) FROM STDIN", io.BytesIO(rows_text), size)
         cur.execute(_INSERT)
-        return new_rows(list(cur.fetchall()))
+        inserted = new_rows(list(cur.fetchall()))
+        cur.execute(_CONFLICTS)
+        return inserted, _conflicts(rows, cur.fetchall())
     cur.execute("RELEASE SAVEPOINT direct_copy")
     # All rows are new: what RETURNING would give, from memory.
-    return new_rows(returning(rows)) if if_all_new is None else if_all_new
+    return (new_rows(returning(rows)) if if_all_new is None else if_all_new), []
+
+
+def _conflicts(rows: list[Row], found: list[tuple[Any, ...]]) -> list[Rejection]:
+    """Rejections of the rows at the Kafka positions `found` (_CONFLICTS's rows)."""
+    if not found:
+        return []
+    at = {(r.record.topic, r.record.partition, r.record.offset): r for r in rows}
+    rejections = []
+    for topic, partition, offset, checked_at, stored_at in found:
+        row = at[(topic, partition, offset)]
+        reason = (
+            f"result_id {row.plain.body.result_id} is stored already with timestamp"
+            f" {stored_at.astimezone(UTC).isoformat()}; this copy says"
+            f" {checked_at.astimezone(UTC).isoformat()}"
+        )
+        rejections.append(Rejection(row.record, reason))
+    return rejections
 
 
 def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
@@ -636,6 +784,11 @@ _PAGE = 100_000
 def _opening(task_id: str, row: tuple[Any, ...]) -> tuple[Any, ...]:
     """An incident's opening columns from the 'down' row that opens it."""
     return (task_id, row[2], row[9], row[10], row[1])
+
+
+def _no_partition(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused a row for want of a partition for its check time."""
+    return isinstance(exc, psycopg2.errors.CheckViolation) and "no partition" in str(exc)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -6,24 +6,29 @@
   flight and the results not yet handed to librdkafka/the outbox -- at most one slot per task,
   measured here from the published scheduled_at grid of every task;
 - SIGTERM to each daemon under load: exit 0 within the stop time-out, nothing lost;
-- a second processor joins and leaves while results flow: nothing lost or doubled.
+- a second processor joins and leaves while results flow: nothing lost or doubled;
+- the processor killed and restarted as systemd does with the shipped unit and the default
+  settings: seconds until rows are stored again.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
-from faults.faults_support import FULL, broker_cut, now_utc, pipeline, read_topic
+from faults.faults_support import FULL, broker_cut, now_utc, pipeline, query, read_topic, wait_for
 
 from checker_common.contract import Decoded
+from checker_processing.settings import ProcessorSettings
 
 from helpers import KafkaTarget
 
@@ -170,3 +175,65 @@ def test_checker_killed_during_a_broker_outage_keeps_its_outbox(
     # What was in the outbox survived; lost: at most the one message per task that librdkafka
     # held, and that task's check in flight.
     assert lost_slots <= 2 * TASKS
+
+
+UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "checker-processing.service"
+RESTARTS = 5 if FULL else 3
+
+
+def unit_restart_seconds() -> float:
+    """RestartSec= of the processor's systemd unit: how long systemd waits after a crash."""
+    found = re.search(r"^RestartSec=(\d+(?:\.\d+)?)s?$", UNIT.read_text(), re.MULTILINE)
+    assert found, "RestartSec= in the unit"
+    return float(found[1])
+
+
+def defaults(*names: str) -> dict[str, str]:
+    """The processor's own defaults of these settings (the harness sets test values)."""
+    return {name: str(ProcessorSettings.model_fields[name.lower()].default) for name in names}
+
+
+def test_processor_killed_with_the_default_settings_stores_again_within_seconds(
+    kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A crash as systemd sees it: SIGKILL, RestartSec= of the shipped unit, a new process
+    with the default session time-out and batch settings. Measured: seconds from the kill
+    until the first row the new process stores (its ingested_at); the dead member holds its
+    partitions until its session expires, so this is about the session time-out plus a
+    group join. Asserted only loosely (30 s; the 45 s session of the earlier default could
+    not come under it), reported in RELIABILITY.md."""
+    settings = defaults("KAFKA_SESSION_TIMEOUT_MS", "BATCH_MAX_MESSAGES", "BATCH_MAX_MS")
+    restart_s = unit_restart_seconds()
+    stalls: list[float] = []
+    with pipeline(kafka, topic, pg_dsn, tmp_path) as line:
+        line.seed(TASKS)
+        line.start_processor(**settings)
+        line.start_checker()
+        for _ in range(RESTARTS):
+            line.wait_for_rows(line.rows() + TASKS, "results flowing before the kill")
+            killed_at = now_utc()
+            line.processor.kill()
+            time.sleep(restart_s)  # systemd's RestartSec, not a wait for an event
+            line.start_processor(assigned=False, **settings)
+            first = wait_for(
+                partial(first_stored_after, line.dsn, killed_at), "a row stored after the kill"
+            )
+            stalls.append((first - killed_at).total_seconds())
+        line.wait_for_rows(line.rows() + TASKS, "results after the last restart")
+        tally = line.finish()
+    tally.report(
+        "processor_sigkill_defaults",
+        tasks=TASKS,
+        kills=RESTARTS,
+        restart_sec=restart_s,
+        session_ms=settings["KAFKA_SESSION_TIMEOUT_MS"],
+        stalled_s="/".join(f"{s:.1f}" for s in stalls),
+    )
+    assert tally.lost == tally.duplicates == tally.unknown == tally.outbox_left == 0
+    assert tally.rows == tally.produced
+    assert max(stalls) < 30, stalls
+
+
+def first_stored_after(dsn: str, moment: datetime) -> datetime | None:
+    found = query(dsn, "SELECT min(ingested_at) FROM check_results WHERE ingested_at > %s", moment)
+    return found[0][0] if found else None

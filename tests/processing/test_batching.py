@@ -131,3 +131,26 @@ def test_consumer_config_commits_by_hand(kafka: object) -> None:
     assert config["isolation.level"] == "read_committed"
     assert config["auto.offset.reset"] == "earliest"
     assert (config["session.timeout.ms"], config["heartbeat.interval.ms"]) == (6000, 1000)
+    # Dynamic membership unless asked for: static members misbehave on the local broker.
+    assert "group.instance.id" not in config
+    static = settings.model_copy(update={"kafka_group_instance_id": "processor-1"})
+    assert consumer_config(static)["group.instance.id"] == "processor-1"
+    # What librdkafka holds of a backlog is bounded (the drain test measures the process).
+    assert config["fetch.max.bytes"] <= 262_144
+    assert config["queued.max.messages.kbytes"] <= 16_384
+
+
+def test_default_session_hands_a_dead_processors_partitions_on_within_seconds(
+    kafka: object,
+) -> None:
+    """A crashed processor's partitions wait for its session to expire: 6 s by default (the
+    least a Kafka broker accepts by default), heartbeats every second; the fault scenario
+    `processor_sigkill_defaults` measures the whole stall with the systemd unit's restart."""
+    from checker_processing.settings import ProcessorSettings
+
+    env = kafka.env()  # type: ignore[attr-defined]
+    settings = ProcessorSettings(
+        **{k.lower(): v for k, v in env.items()}, postgresql_connection="postgresql://x@h/db"
+    )
+    config = consumer_config(settings)
+    assert (config["session.timeout.ms"], config["heartbeat.interval.ms"]) == (6000, 1000)

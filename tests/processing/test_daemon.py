@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -19,11 +20,15 @@ from urllib.parse import urlsplit
 import orjson
 import psycopg2
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from processing.processing_helpers import TcpProxy, make_result
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from processing.processing_helpers import WIDE_WINDOW, TcpProxy, make_result
 
 from checker_common.contract import encode
-from checker_processing.daemon import CRASH_HOOK_ENV
+from checker_processing import db
+from checker_processing.consumer import Processor
+from checker_processing.daemon import CRASH_HOOK_ENV, consumer_config
+from checker_processing.settings import ProcessorSettings
+from checker_processing.writer import Writer
 from devstack import free_port
 
 from helpers import wait_for as poll_until
@@ -130,8 +135,14 @@ def count(conn: Any, query: str = "SELECT count(*) FROM check_results") -> int:
 PRODUCED: dict[str, dict[int, int]] = {}
 
 
-def produce(kafka: Any, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
-    producer = Producer(kafka.client_config(**{"enable.idempotence": True, "linger.ms": 5}))
+def produce(
+    kafka: Any, topic: str, messages: list[tuple[bytes | None, bytes]], compression: str = "none"
+) -> None:
+    producer = Producer(
+        kafka.client_config(
+            **{"enable.idempotence": True, "linger.ms": 5, "compression.type": compression}
+        )
+    )
     ends = PRODUCED.setdefault(topic, {})
 
     def delivered(err: Any, msg: Any) -> None:
@@ -382,3 +393,148 @@ def test_sigterm_mid_stream_commits_exactly_what_is_stored(
         # Every stored row's offset is committed, and nothing past the stored rows is.
         assert offsets[partition] == end == n
     assert sum(n for n, _ in stored.values()) < 5_000, "stopped before reading everything"
+
+
+def backlog(n: int, tasks: int = 1_000) -> list[tuple[bytes | None, bytes]]:
+    """n results that compress as a real backlog of similar checks does (zstd: about 50
+    times), made from one encoded result with the ids swapped."""
+    task_ids = [uuid.uuid4() for _ in range(tasks)]
+    template = make_result(result_id=uuid.UUID(int=0))
+    _, value = encode(task_ids[0], template)
+    text = value.decode()
+    prefix = uuid.uuid4().hex[:8]
+    messages: list[tuple[bytes | None, bytes]] = []
+    for i in range(n):
+        task = str(task_ids[i % tasks])
+        result = f"{prefix}-0000-4000-8000-{i:012x}"
+        body = text.replace(str(task_ids[0]), task).replace(str(uuid.UUID(int=0)), result)
+        messages.append((task.encode(), body.encode()))
+    return messages
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_draining_a_backlog_with_the_defaults_stays_under_256_mib(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, daemons: Any
+) -> None:
+    """What librdkafka fetches of a backlog is decompressed in its queue, and the batch in
+    hand and the one prepared beside it are in Python: the defaults keep both bounded
+    (without bounds, 300,000 such results took 450 MiB)."""
+    produce(kafka, topic, backlog(200_000), compression="zstd")
+    defaults = {k: v for k, v in env.items() if not k.startswith(("BATCH_", "MAX_MESSAGE"))}
+    daemon = daemons(defaults)
+    wait_for(lambda: count(observer) == 200_000, "200,000 rows")
+    peak = peak_rss_mib(daemon.proc.pid)
+    assert daemon.stop() == 0
+    assert peak < 256, f"peak RSS {peak:.0f} MiB"
+
+
+class CannotSeek(Consumer):
+    """A real consumer whose seek() fails the way librdkafka's does for a partition it is
+    not fetching ("Local: Erroneous state"), and that records, for each consume() of the
+    processor, its assignment (read by the test's thread)."""
+
+    calls: list[frozenset[int]]
+
+    def seek(self, partition: TopicPartition) -> None:
+        raise KafkaException(KafkaError(KafkaError._STATE, "test: seek refused"))
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]:
+        messages = super().consume(num_messages=num_messages, timeout=timeout)
+        self.calls.append(frozenset(tp.partition for tp in self.assignment()))
+        return messages
+
+
+@pytest.mark.parametrize("other_joins", ["before the outage", "during the outage"])
+def test_a_rebalance_during_a_database_outage_loses_and_stalls_nothing(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, migrated: Any, other_joins: str
+) -> None:
+    """Another member leaves while the processor holds a batch through a database outage,
+    and every partition is assigned to it again. librdkafka keeps a partition paused through
+    that: those it had paused stayed paused for good when the resume after the outage came
+    between the revocation and the new assignment (other member joining during the outage).
+    A partition new to it came unpaused (other member there before the outage): its records
+    arrived in the middle of the outage and were sought back, lost when the seek failed (the
+    position stayed past them). Now partitions assigned during an outage are paused, and
+    nothing depends on seek: this consumer's always fails."""
+    settings = ProcessorSettings.model_validate({k.lower(): v for k, v in env.items()})
+    first, _ = results(1_500)
+    produce(kafka, topic, first)
+    parts = urlsplit(env["POSTGRESQL_CONNECTION"])
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432), free_port())
+    proxy.start()
+    via_proxy = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+    consumer = CannotSeek(consumer_config(settings))
+    consumer.calls = []
+    stop = threading.Event()
+    processor = Processor(
+        consumer,
+        Writer(partial(db.connect, via_proxy), 2048, window=WIDE_WINDOW),
+        topics=[topic],
+        batch_max_messages=100,
+        batch_max_ms=200,
+        stop=stop,
+    )
+    thread = threading.Thread(target=processor.run)
+    thread.start()
+    other = Consumer(
+        kafka.client_config(
+            **{
+                "group.id": env["KAFKA_CONSUMER_GROUP"],
+                "enable.auto.commit": False,
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 1000,
+            }
+        )
+    )
+
+    def join_other() -> None:
+        """The other member takes some partitions (it reads them, never commits)."""
+        other.subscribe([topic])
+
+        def split() -> bool:
+            other.poll(0.2)
+            mine = consumer.calls[-1] if consumer.calls else frozenset()
+            return bool(mine) and bool(other.assignment()) and len(mine) < 3
+
+        wait_for(split, "the partitions split between the two members")
+
+    try:
+        wait_for(lambda: thread.is_alive() and count(observer) == 1_500, "the first 1500 rows")
+        if other_joins == "before the outage":
+            join_other()
+        proxy.stop()
+        second, _ = results(600)
+        produce(kafka, topic, second)
+        if other_joins == "during the outage":
+            # Early, while the backoff's waits are short: the revocation comes in one wait,
+            # the new assignment after it.
+            wait_for(lambda: processor.stats.db_retries >= 2, "the processor holding its batch")
+            join_other()
+        else:
+            # Long enough that the backoff's waits span the rebalance below.
+            wait_for(lambda: processor.stats.db_retries >= 5, "the processor holding its batch")
+        other.close()
+        since = len(consumer.calls)
+        wait_for(
+            lambda: {0, 1, 2} in consumer.calls[since:], "every partition assigned to it again"
+        )
+        retries = processor.stats.db_retries
+        wait_for(lambda: processor.stats.db_retries > retries, "one more try in the outage")
+        proxy.start()
+        wait_for(
+            lambda: committed(kafka, env, topic) == high_watermarks(kafka, topic),
+            "every offset committed",
+            timeout=60,
+        )
+        assert count(observer) == 2_100
+        assert count(observer, "SELECT count(DISTINCT result_id) FROM check_results") == 2_100
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        proxy.stop()

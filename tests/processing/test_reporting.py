@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from processing.processing_helpers import make_result, record_of, rows, scalar
+from processing.processing_helpers import WIDE_WINDOW, make_result, record_of, rows, scalar
 
 from checker_processing import db, migrate, retention
 from checker_processing.report import (
@@ -53,7 +53,7 @@ DATA = [
 
 @pytest.fixture
 def loaded(schema_dsn: str, migrated: Any) -> Any:
-    writer = Writer(partial(db.connect, schema_dsn), max_message_bytes=4096)
+    writer = Writer(partial(db.connect, schema_dsn), max_message_bytes=4096, window=WIDE_WINDOW)
     records = [
         record_of(
             task,
@@ -187,7 +187,7 @@ def test_report_and_migrate_commands(schema_dsn: str) -> None:
     again = run_cli("checker_processing.cli", "migrate", env=env)
     assert (again.returncode, again.stdout) == (0, "schema is up to date\n"), again.stderr
 
-    writer = Writer(partial(db.connect, schema_dsn), max_message_bytes=4096)
+    writer = Writer(partial(db.connect, schema_dsn), max_message_bytes=4096, window=WIDE_WINDOW)
     now = datetime.now(UTC)
     loads = [0.1, 0.2, 0.3, 0.4]
     writer.write(
@@ -244,7 +244,7 @@ def test_report_refuses_a_task_name_that_names_none_or_several(
 
 
 def test_retention_drops_only_expired_partitions(schema_dsn: str, migrated: Any) -> None:
-    writer = Writer(partial(db.connect, schema_dsn), max_message_bytes=4096)
+    writer = Writer(partial(db.connect, schema_dsn), max_message_bytes=4096, window=WIDE_WINDOW)
     today = date(2026, 11, 27)
     kept_day = datetime(2026, 11, 20, 0, 0, 1, tzinfo=UTC)
     old_day = datetime(2026, 11, 19, 23, 59, 59, tzinfo=UTC)
@@ -266,6 +266,7 @@ def test_retention_drops_only_expired_partitions(schema_dsn: str, migrated: Any)
         date(2026, 11, 30),
     ]
     assert rows(migrated, "SELECT checked_at FROM check_results") == [(kept_day,)]
+    assert rows(migrated, "SELECT checked_at FROM result_ids") == [(kept_day,)]
     assert retention.maintain(migrated, today, retention_days=7) == []
     assert scalar(migrated, "SELECT count(*) FROM check_results") == 1
 

@@ -9,7 +9,14 @@ from typing import Any
 
 import orjson
 import pytest
-from processing.processing_helpers import make_result, raw_record, record_of, rows, scalar
+from processing.processing_helpers import (
+    WIDE_WINDOW,
+    make_result,
+    raw_record,
+    record_of,
+    rows,
+    scalar,
+)
 
 from checker_common.contract import legacy_result_id
 from checker_processing import db, migrate
@@ -20,7 +27,7 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def writer(schema_dsn: str, migrated: Any) -> Any:
-    w = Writer(partial(db.connect, schema_dsn), max_message_bytes=4096)
+    w = Writer(partial(db.connect, schema_dsn), max_message_bytes=4096, window=WIDE_WINDOW)
     yield w
     w.close()
 
@@ -188,19 +195,6 @@ def test_rows_the_database_refuses_are_rejected_not_retried(writer: Writer, migr
     assert [o for o, _ in found] == [5, 13]
     assert all(e.startswith("database refused the row") for _, e in found)
     assert scalar(migrated, "SELECT count(*) FROM check_results") == 18
-
-
-def test_partitions_are_created_for_any_day(writer: Writer, migrated: Any) -> None:
-    task = uuid.uuid4()
-    days = [datetime(2020, 1, 1, 0, 0, tzinfo=UTC), datetime(2020, 1, 1, 23, 59, 59, tzinfo=UTC)]
-    days.append(datetime(2031, 6, 30, 12, tzinfo=UTC))
-    batch = [record_of(task, make_result(timestamp=d), offset=n) for n, d in enumerate(days)]
-    assert writer.write(batch) == Outcome(inserted=3)
-    parts = rows(
-        migrated,
-        "SELECT tableoid::regclass::text, count(*) FROM check_results GROUP BY 1 ORDER BY 1",
-    )
-    assert parts == [("check_results_p20200101", 2), ("check_results_p20310630", 1)]
 
 
 def test_incidents_open_on_down_and_close_on_up(writer: Writer, migrated: Any) -> None:
