@@ -45,6 +45,7 @@ MAX_LABEL: Final = 63
 _SHAPE: Final = re.compile(URL_PATTERN)
 _EXCLUDED: Final = re.compile(f"[{URL_EXCLUDED}]")
 _HTTP: Final = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://")
+_AUTHORITY: Final = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:)?//([^/?#]*)")
 _LABEL: Final = re.compile(r"^[a-z0-9_-]+$")
 
 
@@ -59,8 +60,7 @@ def parse_url(text: str) -> yarl.URL:
     if not _SHAPE.match(text):
         if not _HTTP.match(text):
             raise InvalidURL("scheme must be http or https")
-        authority = re.split(r"[/?#]", text.split("://", 1)[1], maxsplit=1)[0]
-        if "\\" in authority:
+        if _backslash_in_authority(text):
             raise InvalidURL("must not contain a backslash before the path")
         raise InvalidURL("must name a host")
     try:
@@ -97,6 +97,8 @@ def redirect_target(base: yarl.URL, location: str) -> yarl.URL:
     """Where a `Location` header sends the probe from `base`; InvalidURL when nowhere it can
     fetch. The location's own host is judged before joining: yarl's join re-spells an
     invalid bracketed host (`[1:2]`) as a host and a port."""
+    if _backslash_in_authority(location):
+        raise InvalidURL("must not contain a backslash before the path")
     try:
         relative = yarl.URL(location)
         target = base.join(relative)
@@ -107,6 +109,13 @@ def redirect_target(base: yarl.URL, location: str) -> yarl.URL:
         if problem is not None:
             raise InvalidURL(problem)
     return checked_url(target)
+
+
+def _backslash_in_authority(text: str) -> bool:
+    """Whether an absolute or protocol-relative URL has a backslash in its authority, where
+    parsers disagree (WHATWG reads it as '/', RFC 3986 as part of the user info)."""
+    found = _AUTHORITY.match(text)
+    return found is not None and "\\" in found[1]
 
 
 def host_problem(host: str) -> str | None:
