@@ -173,7 +173,7 @@ class Response:
         self._transport = transport
         self.status = exchange.status
         # Lower-case names; the first value of a repeated header (Content-Encoding: all, in
-        # order, joined with ", ").
+        # order, joined with ", "); values decoded from UTF-8, other bytes as surrogates.
         self.headers: dict[str, str] = exchange.headers
 
     async def readany(self) -> bytes:
@@ -261,10 +261,14 @@ class _Exchange(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head.done():  # later ones are trailers
             key = name.decode("latin-1").lower()
+            # As aiohttp reads them, so both engines see the same text: UTF-8 (a Location
+            # with a non-ASCII path or host is UTF-8 on the wire), and a byte that is not
+            # UTF-8 kept as a surrogate, to be percent-encoded as itself (urls.py).
+            text = value.decode("utf-8", "surrogateescape")
             if key not in self.headers:
-                self.headers[key] = value.decode("latin-1")
+                self.headers[key] = text
             elif key == "content-encoding":  # a list: every line counts, in order
-                self.headers[key] += ", " + value.decode("latin-1")
+                self.headers[key] += ", " + text
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()

@@ -614,8 +614,6 @@ async def run_curl(spec: TaskSpec, sites: Sites, tmp: Path) -> Outcome:
 
 # Rows that fail until the fix named (removed with each fix).
 PENDING: dict[str, str] = {
-    "raw-utf8": "http1 reads header values as Latin-1",
-    "to-idn-utf8": "http1 reads header values as Latin-1",
     "301-percent-encoded": "yarl re-spells the URL fetched",
     "302-percent-encoded": "yarl re-spells the URL fetched",
     "303-percent-encoded": "yarl re-spells the URL fetched",
