@@ -614,14 +614,6 @@ async def run_curl(spec: TaskSpec, sites: Sites, tmp: Path) -> Outcome:
 
 # Rows that fail until the fix named (removed with each fix).
 PENDING: dict[str, str] = {
-    "301-percent-encoded": "yarl re-spells the URL fetched",
-    "302-percent-encoded": "yarl re-spells the URL fetched",
-    "303-percent-encoded": "yarl re-spells the URL fetched",
-    "307-percent-encoded": "yarl re-spells the URL fetched",
-    "308-percent-encoded": "yarl re-spells the URL fetched",
-    "task-url-percent-encoded": "yarl re-spells the URL fetched",
-    "characters-a-url-should-not-hold": "yarl re-spells the URL fetched",
-    "raw-latin1": "yarl re-spells the URL fetched",
     "bare-lf-lines": "http1 is stricter than aiohttp and curl",
     "folded-header": "http1 is stricter than aiohttp and curl",
     "folded-location": "http1 is stricter than aiohttp and curl",
