@@ -4,7 +4,9 @@ No pooling, cookies, proxies or redirects (the probe follows redirects itself, h
 The response head is parsed by httptools (llhttp, Node.js's parser, as uvicorn uses it); the
 sockets, the TLS layer and flow control are the event loop's; what is left here is plumbing:
 write one request, hand the body over in the chunks it arrives in, and say precisely what went
-wrong.
+wrong. Responses are read as the keep-alive engine (aiohttp) reads them, with the same
+leniencies and header text; where the two engines and curl still differ is in docs/api.md
+("Where the probe differs from curl").
 
 Why not aiohttp's session for this: a new-connection check through it costs 0.3 ms of CPU on
 this machine, this exchange 0.13 ms (bench/results/probe.md). On a checker doing a thousand
@@ -208,6 +210,16 @@ class _Exchange(asyncio.Protocol):
         # httptools cannot be told a response answers HEAD: its head is the whole message.
         self._head_request = head_request
         self._parser = httptools.HttpResponseParser(self)
+        # What aiohttp (the keep-alive engine) and curl accept of a response too: obsolete line
+        # folding (unfolded to a space, as RFC 9112 5.2 asks of a user agent) and other header
+        # bytes llhttp calls invalid, a bare LF ending a line, spaces after a chunk size. Lax
+        # reading is a request-smuggling risk only where a connection carries more than one
+        # message; this one carries one request and is then closed.
+        self._parser.set_dangerous_leniencies(
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
         self._transport: asyncio.Transport | None = None
         self._head: asyncio.Future[None] = loop.create_future()
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -235,6 +247,9 @@ class _Exchange(asyncio.Protocol):
             self._complete = True  # 101: nothing more of HTTP to read
             self._wake()
         except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, ExchangeError):  # raised by a callback below
+                self._fail(exc.__context__)
+                return
             reason = " ".join(str(exc).split()) or type(exc).__name__
             if self._head.done():
                 self._fail(BrokenBody(reason))
@@ -260,6 +275,10 @@ class _Exchange(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head.done():  # later ones are trailers
+            # Raised here, the parser stops and data_received() fails the exchange with it.
+            if b"\0" in value:  # lenient reading lets it through; aiohttp and curl refuse it
+                raise MalformedResponse("NUL in a header value")
+            value = value.rstrip(b" \t")  # the parser strips the space before a value only
             key = name.decode("latin-1").lower()
             # As aiohttp reads them, so both engines see the same text: UTF-8 (a Location
             # with a non-ASCII path or host is UTF-8 on the wire), and a byte that is not

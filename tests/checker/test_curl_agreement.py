@@ -614,11 +614,6 @@ async def run_curl(spec: TaskSpec, sites: Sites, tmp: Path) -> Outcome:
 
 # Rows that fail until the fix named (removed with each fix).
 PENDING: dict[str, str] = {
-    "bare-lf-lines": "http1 is stricter than aiohttp and curl",
-    "folded-header": "http1 is stricter than aiohttp and curl",
-    "folded-location": "http1 is stricter than aiohttp and curl",
-    "folded-content-length": "http1 is stricter than aiohttp and curl",
-    "header-space-before-colon": "http1 is stricter than aiohttp and curl",
     "length-too-short": "http1 fails on bytes after the response",
     "length-zero-then-more": "http1 fails on bytes after the response",
     "header-16k": "no curl limits on a head",
