@@ -247,6 +247,8 @@ class _Exchange(asyncio.Protocol):
             self._complete = True  # 101: nothing more of HTTP to read
             self._wake()
         except httptools.HttpParserError as exc:
+            if self._complete:
+                return  # bytes after the end of the response (a Content-Length too short)
             if isinstance(exc.__context__, ExchangeError):  # raised by a callback below
                 self._fail(exc.__context__)
                 return

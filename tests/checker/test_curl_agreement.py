@@ -614,8 +614,6 @@ async def run_curl(spec: TaskSpec, sites: Sites, tmp: Path) -> Outcome:
 
 # Rows that fail until the fix named (removed with each fix).
 PENDING: dict[str, str] = {
-    "length-too-short": "http1 fails on bytes after the response",
-    "length-zero-then-more": "http1 fails on bytes after the response",
     "header-16k": "no curl limits on a head",
     "header-120k": "no curl limits on a head",
     "headers-400k": "no curl limits on a head",
