@@ -5,8 +5,8 @@ The response head is parsed by httptools (llhttp, Node.js's parser, as uvicorn u
 sockets, the TLS layer and flow control are the event loop's; what is left here is plumbing:
 write one request, hand the body over in the chunks it arrives in, and say precisely what went
 wrong. Responses are read as the keep-alive engine (aiohttp) reads them, with the same
-leniencies and header text; where the two engines and curl still differ is in docs/api.md
-("Where the probe differs from curl").
+leniencies and header text, and a head is held to curl's limits; where the two engines and curl
+still differ is in docs/api.md ("Where the probe differs from curl").
 
 Why not aiohttp's session for this: a new-connection check through it costs 0.3 ms of CPU on
 this machine, this exchange 0.13 ms (bench/results/probe.md). On a checker doing a thousand
@@ -41,6 +41,11 @@ from yarl import URL
 HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
 HAPPY_EYEBALLS_DELAY: Final = 0.25
+# curl's limits on a response head: one header line at most 100 KiB, the whole head (status
+# lines and headers of every interim response too) at most 300 KiB. A head that goes on and on
+# costs at most this much memory.
+MAX_HEADER_LINE: Final = 100 * 1024
+MAX_HEAD: Final = 300 * 1024
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -220,6 +225,8 @@ class _Exchange(asyncio.Protocol):
             lenient_optional_cr_before_lf=True,
             lenient_spaces_after_chunk_size=True,
         )
+        self._head_read = 0  # bytes read before the head was complete, interim heads included
+        self._head_size = 0  # bytes of its header lines
         self._transport: asyncio.Transport | None = None
         self._head: asyncio.Future[None] = loop.create_future()
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -257,6 +264,13 @@ class _Exchange(asyncio.Protocol):
                 self._fail(BrokenBody(reason))
             else:
                 self._fail(MalformedResponse(reason))
+            return
+        if not self._head.done() and self._error is None:
+            # Everything read so far is head: this bounds a header line that never ends,
+            # which the parser holds until it ends.
+            self._head_read += len(data)
+            if self._head_read > MAX_HEAD:
+                self._fail(MalformedResponse(f"response head larger than {MAX_HEAD} bytes"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost decides what the EOF means
@@ -278,6 +292,12 @@ class _Exchange(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head.done():  # later ones are trailers
             # Raised here, the parser stops and data_received() fails the exchange with it.
+            line = len(name) + len(value) + 4
+            if line > MAX_HEADER_LINE:
+                raise MalformedResponse(f"a header line of more than {MAX_HEADER_LINE} bytes")
+            self._head_size += line
+            if self._head_size > MAX_HEAD:
+                raise MalformedResponse(f"response head larger than {MAX_HEAD} bytes")
             if b"\0" in value:  # lenient reading lets it through; aiohttp and curl refuse it
                 raise MalformedResponse("NUL in a header value")
             value = value.rstrip(b" \t")  # the parser strips the space before a value only

@@ -453,6 +453,11 @@ class Prober:
             trace_configs=[_trace_config()],
             headers=self._defaults,
             trust_env=False,
+            # A header line as long as curl and the fresh engine take (aiohttp's own limit,
+            # 8190 bytes, refuses real sites with a large cookie or Content-Security-Policy);
+            # at most aiohttp's 128 of them, so a head costs at most 12.8 MiB.
+            max_line_size=http1.MAX_HEADER_LINE,
+            max_field_size=http1.MAX_HEADER_LINE,
         )
 
     async def close(self) -> None:

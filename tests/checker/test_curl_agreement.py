@@ -614,10 +614,6 @@ async def run_curl(spec: TaskSpec, sites: Sites, tmp: Path) -> Outcome:
 
 # Rows that fail until the fix named (removed with each fix).
 PENDING: dict[str, str] = {
-    "header-16k": "no curl limits on a head",
-    "header-120k": "no curl limits on a head",
-    "headers-400k": "no curl limits on a head",
-    "head-of-a-million-bytes": "no curl limits on a head",
     "chunked-cut": "bytes of a broken body not counted",
     "length-too-long-then-close": "bytes of a broken body not counted",
     "length-too-long-then-silence": "bytes of a broken body not counted",
