@@ -612,25 +612,7 @@ async def run_curl(spec: TaskSpec, sites: Sites, tmp: Path) -> Outcome:
 # --- the tests ---------------------------------------------------------------------------
 
 
-# Rows that fail until the fix named (removed with each fix).
-PENDING: dict[str, str] = {
-    "chunked-cut": "bytes of a broken body not counted",
-    "length-too-long-then-close": "bytes of a broken body not counted",
-    "length-too-long-then-silence": "bytes of a broken body not counted",
-    "ended-by-close-never": "bytes of a broken body not counted",
-}
-
-
-@pytest.mark.parametrize(
-    "row",
-    [
-        pytest.param(row, marks=pytest.mark.xfail(strict=True, reason=PENDING[row.id]))
-        if row.id in PENDING
-        else row
-        for row in ROWS
-    ],
-    ids=[row.id for row in ROWS],
-)
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
 async def test_the_probe_answers_like_curl(
     row: Row, sites: Sites, prober: Prober, tmp_path: Path
 ) -> None:
