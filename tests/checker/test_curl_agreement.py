@@ -5,9 +5,9 @@ Each row is a behaviour served by nginx or by a raw server that misbehaves on pu
 exact bytes are in the row). All three clients' answers are read into the same `Outcome`
 (final status, final URL, redirects followed, body bytes, pattern outcome, class of failure)
 and must be equal, except where the row names a difference listed in docs/api.md ("Where the
-probe differs from curl"): then curl's outcome must be the probe's with exactly the fields the
-row gives, so a difference that goes away (or changes) fails here, and so does a documented
-one that no row shows.
+probe differs from curl"): then curl's outcome (or the keep-alive engine's) must be the fresh
+engine's with exactly the fields the row gives, so a difference that goes away (or changes)
+fails here, and so does a documented one that no row shows.
 
 curl runs as people run it against a site: `-L --max-redirs N` (the task's limit),
 `--compressed` (the probe decodes bodies too), `--cacert` with the test CA (the probe trusts it
@@ -88,12 +88,12 @@ def probe_outcome(result: CheckResult) -> Outcome:
 # curl's exit codes (man curl, "EXIT CODES") as the probe's error kinds.
 CURL_EXIT: dict[int, ErrorKind] = {
     1: ErrorKind.INVALID_RESPONSE,  # unsupported protocol (a redirect to one, HTTP/0.9)
-    27: ErrorKind.INVALID_RESPONSE,  # "out of memory": curl 7.88's word for a 100 KiB header
     3: ErrorKind.INVALID_RESPONSE,  # malformed URL (a redirect to one)
     6: ErrorKind.DNS,
     7: ErrorKind.CONNECT,
     8: ErrorKind.INVALID_RESPONSE,  # weird server reply
     18: ErrorKind.INVALID_RESPONSE,  # partial file: the body ended early
+    27: ErrorKind.INVALID_RESPONSE,  # "out of memory": curl 7.88's word for a 100 KiB header
     28: ErrorKind.TIMEOUT,
     35: ErrorKind.TLS,  # handshake failed
     47: ErrorKind.TOO_MANY_REDIRECTS,
