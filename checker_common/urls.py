@@ -13,6 +13,14 @@ percent-encoded host (`%31%36%39.254.169.254` would go to DNS as it is, and a zo
 IPv6 address, and host names that can never resolve: an empty label (`a..b`), a label over 63
 characters, a name over 253 characters, characters a DNS name cannot hold, and labels IDNA
 refuses (invalid punycode). `URL_PATTERN` is the first gate, and the OpenAPI document shows it.
+
+The path, query and fragment are fetched as written, like curl does: yarl reads the scheme and
+the authority (an IDN host becomes its IDNA form), but its own reading of the rest would change
+what the server is asked for (`?next=%2Fhome` becomes `?next=/home`, `%41` becomes `A`, `%zz`
+becomes `%25zz`), so the rest is kept as it is, with only what cannot go into a request line
+percent-encoded: spaces (`%20` in the path, `+` in the query, as curl and yarl both write
+them), controls and non-ASCII characters as their UTF-8 bytes, and a byte of a `Location`
+that was not UTF-8 (a surrogate, see http1.py) as itself.
 """
 
 from __future__ import annotations
@@ -45,8 +53,10 @@ MAX_LABEL: Final = 63
 _SHAPE: Final = re.compile(URL_PATTERN)
 _EXCLUDED: Final = re.compile(f"[{URL_EXCLUDED}]")
 _HTTP: Final = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://")
-_AUTHORITY: Final = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:)?//([^/?#]*)")
 _LABEL: Final = re.compile(r"^[a-z0-9_-]+$")
+# Where the authority of an absolute or protocol-relative reference ends.
+_AUTHORITY: Final = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:)?//[^/?#]*")
+_NOT_PRINTABLE_ASCII: Final = re.compile(r"[^\x21-\x7e]+")
 
 
 class InvalidURL(ValueError):
@@ -64,7 +74,9 @@ def parse_url(text: str) -> yarl.URL:
             raise InvalidURL("must not contain a backslash before the path")
         raise InvalidURL("must name a host")
     try:
-        url = yarl.URL(text)
+        url = _as_written(text)
+    except InvalidURL:
+        raise
     except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError (IDNA)
         reason = str(exc)
         if "port" in reason.lower():
@@ -95,19 +107,17 @@ def checked_url(url: yarl.URL) -> yarl.URL:
 
 def redirect_target(base: yarl.URL, location: str) -> yarl.URL:
     """Where a `Location` header sends the probe from `base`; InvalidURL when nowhere it can
-    fetch. The location's own host is judged before joining: yarl's join re-spells an
-    invalid bracketed host (`[1:2]`) as a host and a port."""
+    fetch. A protocol-relative location takes the scheme of `base`."""
     if _backslash_in_authority(location):
         raise InvalidURL("must not contain a backslash before the path")
+    if location.startswith("//"):
+        location = f"{base.scheme}:{location}"
     try:
-        relative = yarl.URL(location)
-        target = base.join(relative)
+        target = base.join(_as_written(location))
+    except InvalidURL:
+        raise
     except (ValueError, TypeError) as exc:
         raise InvalidURL(f"cannot be read as a URL: {str(exc)[:200]}") from None
-    if relative.raw_host is not None:
-        problem = host_problem(relative.raw_host)
-        if problem is not None:
-            raise InvalidURL(problem)
     return checked_url(target)
 
 
@@ -115,7 +125,38 @@ def _backslash_in_authority(text: str) -> bool:
     """Whether an absolute or protocol-relative URL has a backslash in its authority, where
     parsers disagree (WHATWG reads it as '/', RFC 3986 as part of the user info)."""
     found = _AUTHORITY.match(text)
-    return found is not None and "\\" in found[1]
+    return found is not None and "\\" in found.group()
+
+
+def _as_written(reference: str) -> yarl.URL:
+    """`reference` (absolute, or relative without an authority) with yarl's reading of the
+    scheme and authority and the path, query and fragment as written (module docstring)."""
+    match = _AUTHORITY.match(reference)
+    rest = reference[match.end() :] if match else reference
+    path, mark, after = rest.partition("?") if "?" in rest.split("#", 1)[0] else (rest, "", "")
+    written = yarl.URL(_encoded(path, "%20") + mark + _encoded(after, "+"), encoded=True)
+    if match is None:
+        return written
+    authority = yarl.URL(match.group())
+    # Judged before joining: yarl's join re-spells an invalid bracketed host (`[1:2]`) as a
+    # host and a port.
+    problem = host_problem(authority.raw_host) if authority.raw_host else None
+    if problem is not None:
+        raise InvalidURL(problem)
+    return authority.join(written)
+
+
+def _encoded(part: str, space: str) -> str:
+    return _NOT_PRINTABLE_ASCII.sub(lambda found: _escape(found.group(), space), part)
+
+
+def _escape(characters: str, space: str) -> str:
+    return "".join(
+        space
+        if char == " "
+        else "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogateescape"))
+        for char in characters
+    )
 
 
 def host_problem(host: str) -> str | None:

@@ -4,7 +4,9 @@ No pooling, cookies, proxies or redirects (the probe follows redirects itself, h
 The response head is parsed by httptools (llhttp, Node.js's parser, as uvicorn uses it); the
 sockets, the TLS layer and flow control are the event loop's; what is left here is plumbing:
 write one request, hand the body over in the chunks it arrives in, and say precisely what went
-wrong.
+wrong. Responses are read as the keep-alive engine (aiohttp) reads them, with the same
+leniencies and header text, and a head is held to curl's limits; where the two engines and curl
+still differ is in docs/api.md ("Where the probe differs from curl").
 
 Why not aiohttp's session for this: a bare loop of new-connection requests through it costs
 0.18 ms of CPU per request on this machine, through this exchange 0.09 ms, both on uvloop
@@ -40,6 +42,11 @@ from yarl import URL
 HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
 HAPPY_EYEBALLS_DELAY: Final = 0.25
+# curl's limits on a response head: one header line at most 100 KiB, the whole head (status
+# lines and headers of every interim response too) at most 300 KiB. A head that goes on and on
+# costs at most this much memory.
+MAX_HEADER_LINE: Final = 100 * 1024
+MAX_HEAD: Final = 300 * 1024
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -174,7 +181,7 @@ class Response:
         self._transport = transport
         self.status = exchange.status
         # Lower-case names; the first value of a repeated header (Content-Encoding: all, in
-        # order, joined with ", ").
+        # order, joined with ", "); values decoded from UTF-8, other bytes as surrogates.
         self.headers: dict[str, str] = exchange.headers
 
     async def readany(self) -> bytes:
@@ -209,6 +216,18 @@ class _Exchange(asyncio.Protocol):
         # httptools cannot be told a response answers HEAD: its head is the whole message.
         self._head_request = head_request
         self._parser = httptools.HttpResponseParser(self)
+        # What aiohttp (the keep-alive engine) and curl accept of a response too: obsolete line
+        # folding (unfolded to a space, as RFC 9112 5.2 asks of a user agent) and other header
+        # bytes llhttp calls invalid, a bare LF ending a line, spaces after a chunk size. Lax
+        # reading is a request-smuggling risk only where a connection carries more than one
+        # message; this one carries one request and is then closed.
+        self._parser.set_dangerous_leniencies(
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
+        self._head_read = 0  # bytes read before the head was complete, interim heads included
+        self._head_size = 0  # bytes of its header lines
         self._transport: asyncio.Transport | None = None
         self._head: asyncio.Future[None] = loop.create_future()
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -236,11 +255,23 @@ class _Exchange(asyncio.Protocol):
             self._complete = True  # 101: nothing more of HTTP to read
             self._wake()
         except httptools.HttpParserError as exc:
+            if self._complete:
+                return  # bytes after the end of the response (a Content-Length too short)
+            if isinstance(exc.__context__, ExchangeError):  # raised by a callback below
+                self._fail(exc.__context__)
+                return
             reason = " ".join(str(exc).split()) or type(exc).__name__
             if self._head.done():
                 self._fail(BrokenBody(reason))
             else:
                 self._fail(MalformedResponse(reason))
+            return
+        if not self._head.done() and self._error is None:
+            # Everything read so far is head: this bounds a header line that never ends,
+            # which the parser holds until it ends.
+            self._head_read += len(data)
+            if self._head_read > MAX_HEAD:
+                self._fail(MalformedResponse(f"response head larger than {MAX_HEAD} bytes"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost decides what the EOF means
@@ -261,11 +292,25 @@ class _Exchange(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head.done():  # later ones are trailers
+            # Raised here, the parser stops and data_received() fails the exchange with it.
+            line = len(name) + len(value) + 4
+            if line > MAX_HEADER_LINE:
+                raise MalformedResponse(f"a header line of more than {MAX_HEADER_LINE} bytes")
+            self._head_size += line
+            if self._head_size > MAX_HEAD:
+                raise MalformedResponse(f"response head larger than {MAX_HEAD} bytes")
+            if b"\0" in value:  # lenient reading lets it through; aiohttp and curl refuse it
+                raise MalformedResponse("NUL in a header value")
+            value = value.rstrip(b" \t")  # the parser strips the space before a value only
             key = name.decode("latin-1").lower()
+            # As aiohttp reads them, so both engines see the same text: UTF-8 (a Location
+            # with a non-ASCII path or host is UTF-8 on the wire), and a byte that is not
+            # UTF-8 kept as a surrogate, to be percent-encoded as itself (urls.py).
+            text = value.decode("utf-8", "surrogateescape")
             if key not in self.headers:
-                self.headers[key] = value.decode("latin-1")
+                self.headers[key] = text
             elif key == "content-encoding":  # a list: every line counts, in order
-                self.headers[key] += ", " + value.decode("latin-1")
+                self.headers[key] += ", " + text
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()

@@ -34,8 +34,9 @@ the result says `body_truncated`; it fails (`body_too_large`)
 only when the task sets `fail_if_body_larger`. The pattern is searched with RE2 in what was
 read, decoded with its charset (UTF-8 when none or unknown), in a thread (search.py): never on
 the event loop, and inside the check's time-out (`pattern_timeout` when it runs out there).
-There is no pattern result without a body (HEAD, 204, 304, empty). The verdict, in order:
-transport errors, status, body size (when asked), pattern.
+There is no pattern result without a body (HEAD, 204, 304, empty). `bytes` counts what was read,
+also of a body that broke or ran out of time. The verdict, in order: transport errors, status,
+body size (when asked), pattern.
 """
 
 from __future__ import annotations
@@ -453,6 +454,11 @@ class Prober:
             trace_configs=[_trace_config()],
             headers=self._defaults,
             trust_env=False,
+            # A header line as long as curl and the fresh engine take (aiohttp's own limit,
+            # 8190 bytes, refuses real sites with a large cookie or Content-Security-Policy);
+            # at most aiohttp's 128 of them, so a head costs at most 12.8 MiB.
+            max_line_size=http1.MAX_HEADER_LINE,
+            max_field_size=http1.MAX_HEADER_LINE,
         )
 
     async def close(self) -> None:
@@ -671,7 +677,7 @@ class Prober:
         if method == "HEAD" or response.status in NO_BODY_STATUSES or response.status < 200:
             run.end_hop(time.monotonic())
             return judge(spec, response.status, truncated=False, pattern=None)
-        body = await read_body(response, spec.max_body_bytes, keep=pattern is not None)
+        body = await read_body(response, spec.max_body_bytes, keep=pattern is not None, tally=run)
         run.end_hop(time.monotonic())
         run.bytes = body.size
         run.truncated = body.truncated
@@ -804,13 +810,23 @@ class Body:
         self.error = error
 
 
-async def read_body(response: HopResponse, cap: int, *, keep: bool) -> Body:
+class BodyTally(Protocol):
+    """Where `read_body` counts the bytes read so far (the check's record)."""
+
+    bytes: int
+
+
+async def read_body(
+    response: HopResponse, cap: int, *, keep: bool, tally: BodyTally | None = None
+) -> Body:
     """Read at most `cap` bytes of the decoded body (+1 to know it is longer), then stop.
 
     An encoded body is also read no further than `wire_limit(cap)` bytes from the network,
     even when they decode to less: a stream of empty gzip members (or empty deflate blocks)
     decodes to nothing, and would otherwise cost decoding until the time-out. Stopping there
-    counts as truncated too: the body was not read to its end."""
+    counts as truncated too: the body was not read to its end. `tally.bytes` follows the
+    decoded bytes as they come, so a body that breaks or runs out of time still says how much
+    of it arrived (as curl's size_download does)."""
     encoding = response.content_encoding
     try:
         decoder = BodyDecoder.for_header(encoding)
@@ -824,6 +840,8 @@ async def read_body(response: HopResponse, cap: int, *, keep: bool) -> Body:
             if not raw:
                 break
             size += len(raw)
+            if tally is not None:
+                tally.bytes = min(size, cap)
             if keep:
                 chunks.append(raw)
         return _cut(chunks, size, cap, truncated=size > cap)
@@ -841,6 +859,8 @@ async def read_body(response: HopResponse, cap: int, *, keep: bool) -> Body:
                 size += len(piece)
                 if keep:
                     chunks.append(piece)
+            if tally is not None:
+                tally.bytes = min(size, cap)
             if not raw:
                 break
     except DecodeError as exc:

@@ -27,7 +27,7 @@ from helpers import KafkaTarget, _is_setting
 # Test modules whose async tests run twice: on uvloop (the loop the daemons run on) and on
 # asyncio's default loop (the probe is a library too). Transports differ between the two.
 # Every other async test runs on asyncio's default loop only.
-BOTH_LOOPS = frozenset({"test_probe.py", "test_http1.py"})
+BOTH_LOOPS = frozenset({"test_probe.py", "test_http1.py", "test_curl_agreement.py"})
 
 
 def pytest_asyncio_loop_factories(

@@ -623,6 +623,31 @@ async def test_what_is_not_http_is_malformed(
     await server.finished.wait()  # and the client closed the connection
 
 
+@pytest.mark.parametrize(
+    ("start", "more"),
+    [(b"X-Endless: ", b"x" * 65_536), (b"", b"X-Again: and again\r\n" * 3_000)],
+    ids=["one-endless-line", "endless-lines"],
+)
+async def test_a_head_that_never_ends_is_refused_past_curls_limit(
+    start: bytes, more: bytes, serve: StartServer, resolver: PolicyResolver
+) -> None:
+    """Refused once it passes 300 KiB, as curl refuses it, instead of growing in memory until
+    the check's time-out (the guard below only keeps a failure from hanging the suite)."""
+
+    async def endless(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n" + start)
+        while True:  # until the client leaves (ConnectionError, caught by the fixture)
+            writer.write(more)
+            await writer.drain()
+
+    server = await serve(endless)
+
+    async with asyncio.timeout(60):
+        with pytest.raises(http1.MalformedResponse, match="larger than 307200 bytes"):
+            await fetch(server.url(), resolver)
+        await server.finished.wait()
+
+
 async def test_a_body_shorter_than_its_length_breaks_after_what_arrived(
     serve: StartServer, resolver: PolicyResolver
 ) -> None:
