@@ -150,7 +150,7 @@ async def bare():
 
 async def ours():
     from periodic_checker.probe import Prober
-    from periodic_checker.tasks import TaskSpec
+    from checker_common.task_spec import TaskSpec
     from checker_common.contract import encode
     spec = TaskSpec(name="bench", url=url, pattern=PATTERN, interval=60, timeout=5)
     prober = Prober()

@@ -27,7 +27,7 @@ from types import TracebackType
 
 from checker.pki import IDN_ACE, PKI, SNI_A, SNI_B
 
-from checker_common.devstack import free_port, wait_for_port
+from devstack import free_port, wait_for_port
 
 NGINX = shutil.which("nginx") or next(
     (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if os.access(p, os.X_OK)), None

@@ -39,7 +39,7 @@ from checker.pki import IDN_ACE, IDN_HOST, PKI, SNI_A, SNI_B, make_pki
 from yarl import URL
 
 from checker_common.contract import CheckResult, ErrorKind, PatternResult
-from checker_common.devstack import free_port
+from devstack import free_port
 from periodic_checker.http1 import content_charset
 from periodic_checker.probe import Prober, body_charset, judge
 from periodic_checker.search import search_body
