@@ -22,7 +22,7 @@ from checker_common import task_record
 from checker_common.contract import encode
 from checker_common.task_record import TaskRecord
 from checker_common.task_spec import TaskSpec, TaskStatus
-from checker_processing import db, migrate, report, task_topic
+from checker_processing import db, migrate, report, retention, task_topic
 from checker_processing.consumer import Processor
 from checker_processing.daemon import consumer_config
 from checker_processing.records import Record
@@ -423,3 +423,15 @@ def test_the_processor_follows_the_task_topic_beside_the_results(
     for tp in done:
         committed[tp.topic] += max(tp.offset, 0)
     assert committed == {topic: 3, tasks: 5}
+
+
+def test_retention_drops_a_task_removed_before_the_first_kept_day(
+    writer: Writer, migrated: Any
+) -> None:
+    long_ago = datetime.now(UTC) - timedelta(days=100)
+    writer.write([change(A, 0, long_ago), result(A, 0, long_ago, "down")])
+    writer.write([tombstone(A, 1, long_ago + timedelta(hours=1)), change(B, 2)])
+    writer.write([tombstone(B, 3, at(1))])
+    retention.maintain(migrated, datetime.now(UTC).date(), retention_days=90)
+    assert rows(migrated, "SELECT task_id::text FROM tasks") == [(str(B),)]  # removed lately
+    assert incidents(migrated, A) == []
