@@ -206,6 +206,20 @@ def test_text_postgresql_would_refuse_is_stored_readable(writer: Writer, migrate
     assert task(migrated, A)["status_reason"] == "bad\ufffdbyte"
 
 
+def test_a_record_the_contract_fails_to_read_does_not_stop_the_batch(
+    writer: Writer, migrated: Any
+) -> None:
+    """decode() must not raise; one did (an updated_at that leaves the datetime range when
+    turned to UTC). Such a record is kept aside and the batch goes on."""
+    value = orjson.loads(task_value(A))
+    odd = orjson.dumps({**value, "updated_at": "0001-01-01T00:00:00+05:00"})
+    writer.write([Record(TASKS, 0, 0, str(A).encode(), odd, millis(at(0))), change(B, 1)])
+    assert task(migrated, B)["status"] == "active"
+    found = rows(migrated, "SELECT status FROM tasks WHERE task_id = %s", str(A))
+    kept = rows(migrated, "SELECT error FROM rejected_messages")
+    assert found == [("error",)] or (not found and "OverflowError" in kept[0][0])
+
+
 # -- removal -----------------------------------------------------------------------------------
 
 
