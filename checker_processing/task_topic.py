@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -95,26 +95,9 @@ def plan(records: Sequence[Record]) -> TaskBatch:
             continue
         before = last.pop(row.task_id, None)
         if before is not None:
-            row = _with_records(row, before.records + 1)
+            row = replace(row, records=before.records + 1)
         last[row.task_id] = row
     return TaskBatch([last[task_id] for task_id in sorted(last)], rejected)
-
-
-def _with_records(row: TaskRow, records: int) -> TaskRow:
-    return TaskRow(
-        row.task_id,
-        row.record,
-        records,
-        row.removed_at,
-        row.removed,
-        row.name,
-        row.url,
-        row.method,
-        row.interval,
-        row.status,
-        row.status_reason,
-        row.changed_at,
-    )
 
 
 def _row(record: Record) -> TaskRow | Rejection:
