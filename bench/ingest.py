@@ -282,6 +282,7 @@ def drain(
     kafka: Kafka,
     dsn: str,
     topic: str,
+    tasks_topic: str,
     count: int,
     batch: tuple[int, int],
     log: Path,
@@ -293,6 +294,9 @@ def drain(
         **kafka.env(),
         "POSTGRESQL_CONNECTION": dsn,
         "KAFKA_CONSUMER_TOPICS": topic,
+        # Subscribed beside the results and empty, as in a pipeline whose tasks do not change
+        # (a revision before the task topic ignores it).
+        "KAFKA_TASKS_TOPIC": tasks_topic,
         "KAFKA_CONSUMER_GROUP": group,
         "KAFKA_SESSION_TIMEOUT_MS": "6000",
         "METRICS_PORT": "0",
@@ -393,6 +397,7 @@ def throughput(args: argparse.Namespace) -> int:
         migrate(dsn)
         ensure_partitions(dsn, data)
         topic = broker.topic(PARTITIONS)
+        tasks_topic = broker.topic(PARTITIONS)
         produced_s = produce_dataset(broker, topic, data)
         print(f"produced {data.count} in {produced_s:.1f} s", file=sys.stderr)
         text = copy_rows(data, topic)
@@ -415,7 +420,15 @@ def throughput(args: argparse.Namespace) -> int:
                 if args.profile and run == 0:
                     profile = args.profile / f"processor-{label}.txt"
                 result = drain(
-                    broker, dsn, topic, data.count, contender.batch, log, contender.source, profile
+                    broker,
+                    dsn,
+                    topic,
+                    tasks_topic,
+                    data.count,
+                    contender.batch,
+                    log,
+                    contender.source,
+                    profile,
                 )
                 stored = count_rows(dsn)
                 if stored != data.count:
@@ -568,6 +581,7 @@ def latency_run(
         **broker.env(),
         "POSTGRESQL_CONNECTION": dsn,
         "KAFKA_CONSUMER_TOPICS": topic,
+        "KAFKA_TASKS_TOPIC": broker.topic(PARTITIONS),
         "KAFKA_CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:8]}",
         "KAFKA_SESSION_TIMEOUT_MS": "6000",
         "METRICS_PORT": "0",

@@ -219,7 +219,10 @@ def records() -> None:
     messages = kafka_messages(BATCH)
 
     def loop() -> object:
-        return [Record(m.topic(), m.partition(), m.offset(), m.key(), m.value()) for m in messages]
+        return [
+            Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1])
+            for m in messages
+        ]
 
     def mapped() -> object:  # as consumer.Processor._consume builds them
         return list(
@@ -232,6 +235,7 @@ def records() -> None:
                     map(consumer._offset_of, messages),
                     map(consumer._key_of, messages),
                     map(consumer._value_of, messages),
+                    map(consumer._second, map(consumer._timestamp_of, messages)),
                     strict=True,
                 ),
             )

@@ -85,7 +85,7 @@ def check_config(settings: ProcessorSettings) -> int:
     steps: list[CheckFn] = [
         lambda: Check("settings", True, "valid"),
         lambda: checks.broker_tls(settings),
-        lambda: checks.kafka_topics(settings, settings.topics),
+        lambda: checks.kafka_topics(settings, settings.subscribed_topics),
         lambda: postgres_check(settings),
     ]
     return run_checks(steps, settings.secrets(), print)

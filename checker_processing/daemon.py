@@ -286,7 +286,9 @@ def _consume(
     window = retention.Window(
         settings.results_retention_days, timedelta(seconds=settings.max_clock_skew_seconds)
     )
-    writer = Writer(connect, settings.max_message_bytes, window=window)
+    writer = Writer(
+        connect, settings.max_message_bytes, window=window, tasks_topic=settings.kafka_tasks_topic
+    )
 
     def maintain() -> None:
         try:
@@ -309,12 +311,13 @@ def _consume(
             writer.reset()
             raise
 
-    serving = f"consuming {','.join(settings.topics)} as group {settings.kafka_consumer_group}"
+    topics = ",".join(settings.subscribed_topics)
+    serving = f"consuming {topics} as group {settings.kafka_consumer_group}"
     crash_hook = os.environ.get(CRASH_HOOK_ENV)
     processor = Processor(
         consumer,
         writer,
-        topics=settings.topics,
+        topics=settings.subscribed_topics,
         batch_max_messages=settings.batch_max_messages,
         batch_max_ms=settings.batch_max_ms,
         stop=stop,
@@ -325,7 +328,7 @@ def _consume(
     notifier.status("joining the consumer group")
     log.info(
         "consuming %s as group %s",
-        ",".join(settings.topics),
+        topics,
         settings.kafka_consumer_group,
         extra={"group": settings.kafka_consumer_group},
     )

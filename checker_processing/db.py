@@ -9,6 +9,8 @@ APPLICATION_NAME = "checker-processing"
 # Errors that a retry on a new connection can cure: the server went away, restarted, was
 # terminated, timed out, or asked us to retry (serialization failure, deadlock).
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# Errors that will fail again on every retry: the database refuses this data.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (psycopg2.DataError, psycopg2.IntegrityError)
 # Below the unit's WatchdogSec (60 s): a stuck statement fails and is retried before systemd
 # would restart a process whose loop is only waiting on it.
 STATEMENT_TIMEOUT_MS = 45_000

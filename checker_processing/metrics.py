@@ -84,7 +84,7 @@ class Metrics:
             ),
             results=Counter(
                 "checker_processing_messages",
-                "Messages handled, by outcome (stored, duplicate, rejected)",
+                "Messages handled, by outcome (stored, duplicate, rejected, task_applied)",
                 ["outcome"],
                 registry=registry,
             ),
@@ -137,6 +137,7 @@ class Metrics:
         self.results.labels("stored").inc(outcome.inserted)
         self.results.labels("duplicate").inc(outcome.duplicates)
         self.results.labels("rejected").inc(outcome.rejected)
+        self.results.labels("task_applied").inc(outcome.task_changes)
         self.batch_seconds.observe(seconds)
         if size is not None:
             self.batch_size.observe(size)

@@ -51,16 +51,23 @@ AMBIGUOUS_IDS_SHOWN = 3
 
 def resolve_task(conn: Connection, ref: uuid.UUID | str | None) -> uuid.UUID | None:
     """The id `--task` names: an id as given, or the one task whose name (its latest, as the
-    processor stored it) is exactly `ref`. No task or several by that name: ReportArgumentError.
+    processor stored it) is exactly `ref`: the one task by that name that is not removed, else
+    the one removed task by that name. No task or several: ReportArgumentError.
     """
     if ref is None or isinstance(ref, uuid.UUID):
         return ref
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT task_id::text FROM tasks WHERE name = %s ORDER BY last_checked_at DESC", (ref,)
+            "SELECT task_id::text, removed_at IS NOT NULL FROM tasks WHERE name = %s"
+            " ORDER BY last_checked_at DESC NULLS LAST",
+            (ref,),
         )
-        ids = [row[0] for row in cur.fetchall()]
+        found = cur.fetchall()
     conn.rollback()
+    # A name freed by a removal and taken again: the live task is the one meant.
+    ids = [task_id for task_id, removed in found if not removed] or [
+        task_id for task_id, _ in found
+    ]
     if not ids:
         raise ReportArgumentError(f"--task: no task has the id or name {ref!r}")
     if len(ids) > 1:
@@ -93,12 +100,17 @@ class TaskAvailability:
     load_time_p99: float
     incidents: int
     open_incident: bool
+    # active, paused, done or error as the task topic last said; removed; None when no task
+    # record was seen (a checker that publishes none). A paused or done task has few checks
+    # in the window because it was not checked, not because it was down.
+    status: str | None
 
 
 # The window is filtered on checked_at itself (partition pruning, index range scan); the
 # percentiles are exact (percentile_cont over the window's rows). Results not judged
 # (checker_overloaded: the checker held the check up) say nothing about the site: they are
-# left out, and a task with nothing else in the window is not listed.
+# left out, and a task with nothing else in the window is not listed. A removed task is
+# listed for its results in the window, with no open incident (its removal closed it).
 _QUERY = """
 WITH r AS (
     SELECT task_id,
@@ -119,7 +131,9 @@ SELECT r.task_id::text, coalesce(t.name, ''), coalesce(t.url, ''), r.checks, r.s
        round(100.0 * r.successes / r.checks, 3)::float8, r.p[1], r.p[2], r.p[3],
        (SELECT count(*) FROM incidents i
          WHERE i.task_id = r.task_id AND coalesce(i.ended_at, 'infinity') >= %(since)s),
-       EXISTS (SELECT 1 FROM incidents i WHERE i.task_id = r.task_id AND i.ended_at IS NULL)
+       t.removed_at IS NULL
+         AND EXISTS (SELECT 1 FROM incidents i WHERE i.task_id = r.task_id AND i.ended_at IS NULL),
+       CASE WHEN t.removed_at IS NOT NULL THEN 'removed' ELSE t.status END
 FROM r LEFT JOIN tasks t USING (task_id)
 ORDER BY t.name, r.task_id
 """
@@ -151,11 +165,22 @@ def render(rows: list[TaskAvailability], fmt: str) -> str:
         for r in rows:
             writer.writerow([getattr(r, f) for f in fields])
         return out.getvalue().rstrip("\n")
-    header = ["task", "name", "checks", "uptime %", "p50 s", "p95 s", "p99 s", "incidents"]
+    header = [
+        "task",
+        "name",
+        "status",
+        "checks",
+        "uptime %",
+        "p50 s",
+        "p95 s",
+        "p99 s",
+        "incidents",
+    ]
     table = [
         [
             r.task_id,
             r.name or r.url,
+            r.status or "-",
             str(r.checks),
             f"{r.uptime_percent:.3f}",
             f"{r.load_time_p50:.3f}",
@@ -170,7 +195,7 @@ def render(rows: list[TaskAvailability], fmt: str) -> str:
     widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
     lines = [
         "  ".join(
-            cell.ljust(w) if i < 2 else cell.rjust(w)
+            cell.ljust(w) if i < 3 else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(line, widths, strict=True))
         ).rstrip()
         for line in [header, *table]

@@ -1,5 +1,5 @@
 """Daily partitions of check_results: which check times are kept, create the coming days,
-drop the expired ones."""
+drop the expired ones (and the rows that only referred to what they held)."""
 
 from __future__ import annotations
 
@@ -105,6 +105,12 @@ def maintain(conn: Connection, today: date, retention_days: int) -> list[date]:
         )
         cur.execute(
             "DELETE FROM incidents WHERE ended_at < %s::date",
+            (cutoff,),
+        )
+        # A task removed before the first kept day has no results left, and its incidents
+        # ended at its removal at the latest: nothing refers to it any more.
+        cur.execute(
+            "DELETE FROM tasks WHERE removed_at < %s::date",
             (cutoff,),
         )
     conn.commit()

@@ -3,7 +3,7 @@ what the daemon adds to it."""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from checker_common.redact import dsn_password
 from checker_common.settings import CommonSettings, KafkaSettings, LoggingSettings
@@ -85,12 +85,25 @@ class ProcessorSettings(DatabaseSettings, KafkaSettings, LoggingSettings):
 
     @field_validator("kafka_consumer_topics")
     @classmethod
-    def _topics(cls, value: str) -> str:
+    def _topics(cls, value: str, info: ValidationInfo) -> str:
         topics = [t.strip() for t in value.split(",") if t.strip()]
         if not topics:
             raise ValueError("must name at least one topic")
+        # KAFKA_TASKS_TOPIC (KafkaSettings) is validated before: its records are not results.
+        tasks_topic = info.data.get("kafka_tasks_topic")
+        if tasks_topic in topics:
+            raise ValueError(
+                f"names {tasks_topic}, the task topic (KAFKA_TASKS_TOPIC): results and task"
+                " records need topics of their own"
+            )
         return ",".join(topics)
 
     @property
     def topics(self) -> list[str]:
+        """The results topics."""
         return self.kafka_consumer_topics.split(",")
+
+    @property
+    def subscribed_topics(self) -> list[str]:
+        """What the processor consumes: the results topics and the task topic."""
+        return [*self.topics, self.kafka_tasks_topic]

@@ -13,6 +13,10 @@ break the contract, results dated outside the stored window (a checker clock far
 older than the retention), copies of a stored result with another timestamp, and rows the
 database refuses go to rejected_messages with their raw bytes and the reason. Connection
 trouble is raised to the caller (who keeps the batch and retries).
+
+Records of the task topic in a batch are task records: they are applied to the tasks table in
+the same transaction, before the results (`task_topic`), so a batch's offsets of both topics
+are committed after the rows of both.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import chain
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import msgspec
@@ -33,15 +38,16 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
 from checker_common.contract import NOT_JUDGED, ContractError, Health, Plain, decode_plain_many
+from checker_processing import task_topic
+from checker_processing.db import PERMANENT_ERRORS
+from checker_processing.records import Record, Rejection
 from checker_processing.retention import Window
+from checker_processing.task_topic import NO_TASKS, TaskBatch
 
 log = logging.getLogger(__name__)
 
 # error_kind values of results that say nothing about the site.
 _NOT_JUDGED = frozenset(kind.value for kind in NOT_JUDGED)
-
-# Errors that will fail again on every retry: the database refuses this data.
-PERMANENT_ERRORS: tuple[type[Exception], ...] = (psycopg2.DataError, psycopg2.IntegrityError)
 
 COLUMNS = (
     "result_id",
@@ -109,42 +115,28 @@ WHERE r.checked_at <> s.checked_at
 """
 
 
-class Record(NamedTuple):
-    """One Kafka message as read: where it was and its raw bytes (a tuple: one is built per
-    message consumed, and a frozen dataclass costs twice as much to build: `bench/micro.py
-    tuple`)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
 class Row(NamedTuple):
     record: Record
     plain: Plain
 
 
 @dataclass(frozen=True)
-class Rejection:
-    record: Record
-    error: str
-
-
-@dataclass(frozen=True)
 class Outcome:
-    """What one batch did: new rows, rows already stored, records rejected."""
+    """What one batch did: new rows, rows already stored, records rejected, and task records
+    that changed a task (a task record at or before the one its task was set from counts as
+    a duplicate)."""
 
     inserted: int = 0
     duplicates: int = 0
     rejected: int = 0
+    task_changes: int = 0
 
     def __add__(self, other: Outcome) -> Outcome:
         return Outcome(
             self.inserted + other.inserted,
             self.duplicates + other.duplicates,
             self.rejected + other.rejected,
+            self.task_changes + other.task_changes,
         )
 
 
@@ -268,14 +260,30 @@ class Prepared:
     days: frozenset[date]
     checked: tuple[datetime, datetime] | None  # the earliest and latest check time of the rows
     if_all_new: NewRows  # what the tasks and incidents need when every row is new
+    tasks: TaskBatch = field(default=NO_TASKS)  # the batch's task records, one row per task
 
 
-def prepare(records: Sequence[Record], max_bytes: int) -> Prepared:
-    rows, rejected = parse(records, max_bytes)
-    return _prepared(records, rows, rejected)
+_topic_of = itemgetter(0)
 
 
-def _prepared(records: Sequence[Record], rows: list[Row], rejected: list[Rejection]) -> Prepared:
+def prepare(records: Sequence[Record], max_bytes: int, tasks_topic: str | None = None) -> Prepared:
+    """Results and task records (those of `tasks_topic`) decoded, ready to write (pure)."""
+    results = records
+    tasks = NO_TASKS
+    # A scan in C: most batches hold results only, and they go on as they came.
+    if tasks_topic is not None and tasks_topic in set(map(_topic_of, records)):
+        results = [r for r in records if r.topic != tasks_topic]
+        tasks = task_topic.plan([r for r in records if r.topic == tasks_topic])
+    rows, rejected = parse(results, max_bytes)
+    return _prepared(records, rows, rejected, tasks)
+
+
+def _prepared(
+    records: Sequence[Record],
+    rows: list[Row],
+    rejected: list[Rejection],
+    tasks: TaskBatch = NO_TASKS,
+) -> Prepared:
     bodies = [plain.body for _, plain in rows]
     # Bodies hold ISO 8601 UTC strings: their first ten characters are the UTC day.
     days = frozenset(map(date.fromisoformat, {body.timestamp[:10] for body in bodies}))
@@ -283,7 +291,7 @@ def _prepared(records: Sequence[Record], rows: list[Row], rejected: list[Rejecti
     if_all_new = new_rows(returning(rows), with_task_columns=True)
     checked = (min(times), max(times)) if times else None
     text = copy_text(rows)
-    return Prepared(records, rows, rejected, text, ids_text(rows), days, checked, if_all_new)
+    return Prepared(records, rows, rejected, text, ids_text(rows), days, checked, if_all_new, tasks)
 
 
 def ids_text(rows: Sequence[Row]) -> str:
@@ -327,7 +335,9 @@ class Writer:
     """Stores batches; owns one connection, opened lazily and dropped on connection trouble.
 
     Rows are stored only when their check time is inside `window` at the time of the write
-    (`clock`); the others are rejected with the reason, so no partition is made outside it."""
+    (`clock`); the others are rejected with the reason, so no partition is made outside it.
+    Records of `tasks_topic` are task records (`task_topic`); every other record is a result.
+    """
 
     def __init__(
         self,
@@ -335,12 +345,14 @@ class Writer:
         max_message_bytes: int,
         *,
         window: Window,
+        tasks_topic: str | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._connect = connect
         self._conn: Connection | None = None
         self._max_bytes = max_message_bytes
         self._window = window
+        self._tasks_topic = tasks_topic
         self._clock = clock
         self._partitions: set[date] = set()
 
@@ -367,7 +379,7 @@ class Writer:
 
     def prepare(self, records: Sequence[Record]) -> Prepared:
         """The CPU half of `write`; pure, so it may run in another thread meanwhile."""
-        return prepare(records, self._max_bytes)
+        return prepare(records, self._max_bytes, self._tasks_topic)
 
     def write(self, records: Sequence[Record], prepared: Prepared | None = None) -> Outcome:
         """Store a batch. Raises a TRANSIENT error (db.TRANSIENT_ERRORS) when the database
@@ -382,7 +394,7 @@ class Writer:
                 rows, rejected = batch.rows, batch.rejected
                 self.ensure_partitions(batch.days)
                 try:
-                    return self._store(rows, rejected, batch)
+                    return self._store(rows, rejected, batch, batch.tasks)
                 except PERMANENT_ERRORS as exc:
                     self.conn.rollback()
                     if _no_partition(exc) and not retried:
@@ -396,7 +408,7 @@ class Writer:
                     log.warning(
                         "batch of %d rows refused (%s); finding the bad rows", len(rows), exc
                     )
-                    return self._bisect(rows) + self._store([], rejected)
+                    return self._bisect(rows) + self._store([], rejected, tasks=batch.tasks)
         except BaseException:
             self.reset()
             raise
@@ -411,7 +423,7 @@ class Writer:
         if earliest <= first and last <= latest:
             return prepared
         kept, aside = within(prepared.rows, self._window, now)
-        return _prepared(prepared.records, kept, [*prepared.rejected, *aside])
+        return _prepared(prepared.records, kept, [*prepared.rejected, *aside], prepared.tasks)
 
     def ensure_partitions(self, days: Iterable[date]) -> None:
         """Create the daily partitions these days need (own short transaction)."""
@@ -452,14 +464,26 @@ class Writer:
         return self._bisect(rows[:middle]) + self._bisect(rows[middle:])
 
     def _store(
-        self, rows: list[Row], rejected: list[Rejection], prepared: Prepared | None = None
+        self,
+        rows: list[Row],
+        rejected: list[Rejection],
+        prepared: Prepared | None = None,
+        tasks: TaskBatch = NO_TASKS,
     ) -> Outcome:
-        """One transaction: results, tasks, incidents and rejections. `prepared` is the
-        batch's own preparation when `rows` are all of its rows."""
+        """One transaction: task records, then results, tasks, incidents and rejections.
+        `prepared` is the batch's own preparation when `rows` are all of its rows.
+
+        Task records go first: a result of a task removed in the same batch is stored but
+        moves nothing, as one arriving in a later batch."""
         conn = self.conn
         stored = 0
         conflicts: list[Rejection] = []
+        applied = task_topic.Applied()
         with conn.cursor() as cur:
+            if tasks:
+                # The results' tasks are locked with the records' own, in one statement.
+                applied = task_topic.apply(cur, tasks, {plain.task_id for _, plain in rows})
+                rejected = [*rejected, *applied.rejected]
             if rows:
                 if prepared is None:
                     inserted, conflicts = _insert_new(cur, _Texts.of(rows), rows, None)
@@ -503,7 +527,12 @@ class Writer:
                     "offset": r.record.offset,
                 },
             )
-        return Outcome(stored, len(rows) - stored - len(conflicts), stored_rejections)
+        return Outcome(
+            stored,
+            len(rows) - stored - len(conflicts) + applied.unchanged,
+            stored_rejections,
+            applied.changed,
+        )
 
 
 @dataclass(frozen=True)
@@ -630,18 +659,30 @@ def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
     """Move each task's latest result and its incidents forward from the new rows only.
 
     Set-based: which incidents open and close is worked out here, row by row in time order
-    per task, then applied in at most four statements whatever the batch holds."""
+    per task, then applied in at most four statements whatever the batch holds. A removed
+    task (`removed_at`) is left as it is: its results are stored, they move nothing."""
     newest = inserted.newest
     task_ids = sorted(newest)
     # UUIDs as one array literal: psycopg2 would adapt a list item by item, in Python.
     task_array = _array(task_ids)
     # Lock in a fixed order so two processors touching the same tasks cannot deadlock.
     cur.execute(
-        "SELECT task_id::text, last_checked_at FROM tasks WHERE task_id = ANY(%s::uuid[])"
-        " ORDER BY task_id FOR UPDATE",
+        "SELECT task_id::text, last_checked_at, removed_at IS NOT NULL FROM tasks"
+        " WHERE task_id = ANY(%s::uuid[]) ORDER BY task_id FOR UPDATE",
         (task_array,),
     )
-    last_seen: dict[str, datetime] = dict(cur.fetchall())
+    # A task made by its task record has no result yet: None, as for a task not in the table.
+    last_seen: dict[str, datetime | None] = {}
+    removed = set()
+    for task_id, checked_at, is_removed in cur.fetchall():
+        last_seen[task_id] = checked_at
+        if is_removed:
+            removed.add(task_id)
+    if removed:
+        newest = {task_id: row for task_id, row in newest.items() if task_id not in removed}
+        task_ids = sorted(newest)
+        if not task_ids:
+            return
     cur.execute(
         "SELECT task_id::text, incident_id FROM incidents"
         " WHERE ended_at IS NULL AND task_id = ANY(%s::uuid[])",
@@ -653,7 +694,7 @@ def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
     spans: list[tuple[Any, ...]] = []  # incidents that open and end within this batch
     opens: list[tuple[Any, ...]] = []  # incidents that open now and stay open
     # Incidents: walk the rows of those tasks in time order, from the last applied result on.
-    walked = inserted.with_down.union(open_incidents)
+    walked = inserted.with_down.union(open_incidents).difference(removed)
     by_task: dict[str, list[tuple[Any, ...]]] = {}
     if walked:
         for row in inserted.rows:
@@ -688,7 +729,8 @@ def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
         execute_values(
             cur,
             "UPDATE incidents AS i SET ended_at = greatest(v.ended_at, i.started_at),"
-            " closed_by = v.closed_by FROM (VALUES %s) AS v (incident_id, ended_at, closed_by)"
+            " closed_by = v.closed_by, end_reason = 'recovered'"
+            " FROM (VALUES %s) AS v (incident_id, ended_at, closed_by)"
             " WHERE i.incident_id = v.incident_id",
             closes,
             template="(%s::bigint, %s::timestamptz, %s::uuid)",
@@ -700,9 +742,9 @@ def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
         execute_values(
             cur,
             "INSERT INTO incidents (task_id, started_at, first_error_kind, first_error_message,"
-            " opened_by, ended_at, closed_by)"
-            " SELECT * FROM (VALUES %s) AS v (task_id, started_at, kind, message, opened_by,"
-            " ended_at, closed_by) WHERE NOT EXISTS (SELECT FROM incidents AS i"
+            " opened_by, ended_at, closed_by, end_reason)"
+            " SELECT *, 'recovered' FROM (VALUES %s) AS v (task_id, started_at, kind, message,"
+            " opened_by, ended_at, closed_by) WHERE NOT EXISTS (SELECT FROM incidents AS i"
             " WHERE i.task_id = v.task_id AND i.ended_at IS NULL)",
             spans,
             template="(%s::uuid, %s::timestamptz, %s, %s, %s::uuid, %s::timestamptz, %s::uuid)",
@@ -719,7 +761,7 @@ def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
     # Tasks seen before are locked above: a plain UPDATE (cheaper than an upsert's
     # speculative insert); only tasks new to the table take the upsert.
     known = [row for row in latest if row[0] in last_seen]
-    if len(known) == len(task_ids) and inserted.task_columns is not None:
+    if len(known) == len(task_ids) and inserted.task_columns is not None and not removed:
         # Every task's newest row, in task id order: the columns made ahead are these.
         cur.execute(_UPDATE_TASKS, inserted.task_columns)
     elif known:
@@ -729,14 +771,20 @@ def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
         execute_values(cur, _UPSERT_TASKS, new, page_size=_PAGE)
 
 
+# Name, URL and method come from the results only for a task no task record has set (its
+# checker publishes none): a result checked before a rename may arrive after it.
 _UPDATE_TASKS = """
-UPDATE tasks AS t SET name = v.name, url = v.url, method = v.method,
+UPDATE tasks AS t SET
+    name = CASE WHEN t.record_offset IS NULL THEN v.name ELSE t.name END,
+    url = CASE WHEN t.record_offset IS NULL THEN v.url ELSE t.url END,
+    method = CASE WHEN t.record_offset IS NULL THEN v.method ELSE t.method END,
     last_result_id = v.result_id, last_checked_at = v.checked_at,
     last_status_code = v.status_code, last_ok = v.ok, last_health = v.health, updated_at = now()
 FROM unnest(%s::uuid[], %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[],
             %s::smallint[], %s::boolean[], %s::text[])
     AS v (task_id, result_id, checked_at, name, url, method, status_code, ok, health)
-WHERE t.task_id = v.task_id AND t.last_checked_at <= v.checked_at
+WHERE t.task_id = v.task_id AND t.removed_at IS NULL
+  AND (t.last_checked_at IS NULL OR t.last_checked_at <= v.checked_at)
 """
 
 
@@ -765,16 +813,21 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-_UPSERT_TASKS = (
-    "INSERT INTO tasks (task_id, last_result_id, last_checked_at, name, url, method,"
-    " last_status_code, last_ok, last_health) VALUES %s"
-    " ON CONFLICT (task_id) DO UPDATE SET name = EXCLUDED.name, url = EXCLUDED.url,"
-    " method = EXCLUDED.method, last_result_id = EXCLUDED.last_result_id,"
-    " last_checked_at = EXCLUDED.last_checked_at,"
-    " last_status_code = EXCLUDED.last_status_code, last_ok = EXCLUDED.last_ok,"
-    " last_health = EXCLUDED.last_health, updated_at = now()"
-    " WHERE tasks.last_checked_at <= EXCLUDED.last_checked_at"
-)
+# For tasks not in the table when the batch locked its tasks (a row another processor made
+# meanwhile is updated as _UPDATE_TASKS would).
+_UPSERT_TASKS = """
+INSERT INTO tasks (task_id, last_result_id, last_checked_at, name, url, method,
+                   last_status_code, last_ok, last_health) VALUES %s
+ON CONFLICT (task_id) DO UPDATE SET
+    name = CASE WHEN tasks.record_offset IS NULL THEN EXCLUDED.name ELSE tasks.name END,
+    url = CASE WHEN tasks.record_offset IS NULL THEN EXCLUDED.url ELSE tasks.url END,
+    method = CASE WHEN tasks.record_offset IS NULL THEN EXCLUDED.method ELSE tasks.method END,
+    last_result_id = EXCLUDED.last_result_id, last_checked_at = EXCLUDED.last_checked_at,
+    last_status_code = EXCLUDED.last_status_code, last_ok = EXCLUDED.last_ok,
+    last_health = EXCLUDED.last_health, updated_at = now()
+WHERE tasks.removed_at IS NULL
+  AND (tasks.last_checked_at IS NULL OR tasks.last_checked_at <= EXCLUDED.last_checked_at)
+"""
 
 
 # Rows per statement for execute_values: a batch's tasks and incidents in one round trip.

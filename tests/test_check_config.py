@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from devstack import create_topics
+
 from helpers import KafkaTarget, run_cli
 
 
@@ -41,10 +43,25 @@ def test_processor_check_config_reports_each_failure_and_hides_password(
 
 
 def test_processor_check_config_passes(kafka: KafkaTarget, topic: str, pg_dsn: str) -> None:
-    env = {**kafka.env(), "KAFKA_CONSUMER_TOPICS": topic, "POSTGRESQL_CONNECTION": pg_dsn}
+    tasks = f"{topic}-tasks"
+    create_topics(kafka.client_config(), [tasks], partitions=3)
+    env = {
+        **kafka.env(),
+        "KAFKA_CONSUMER_TOPICS": topic,
+        "KAFKA_TASKS_TOPIC": tasks,
+        "POSTGRESQL_CONNECTION": pg_dsn,
+    }
     result = run_cli("checker_processing.cli", "check-config", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert any(line.startswith("ok   postgresql") for line in result.stdout.splitlines())
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("ok   postgresql") for line in lines)
+    # It consumes the task topic too: a missing one fails the check, named.
+    assert any(topic in line and tasks in line for line in lines)
+    missing = run_cli(
+        "checker_processing.cli", "check-config", env={**env, "KAFKA_TASKS_TOPIC": "no-such-tasks"}
+    )
+    assert missing.returncode == 1
+    assert "FAIL kafka topics: missing on the broker: no-such-tasks" in missing.stdout
 
 
 def test_check_config_fails_when_storage_is_not_writable(

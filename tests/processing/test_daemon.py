@@ -21,16 +21,20 @@ import orjson
 import psycopg2
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from processing.processing_helpers import WIDE_WINDOW, TcpProxy, make_result
+from processing.processing_helpers import WIDE_WINDOW, TcpProxy, make_result, rows
 
+from checker_common import task_record
 from checker_common.contract import encode
+from checker_common.task_record import TaskRecord
+from checker_common.task_spec import TaskSpec, TaskStatus
 from checker_processing import db
 from checker_processing.consumer import Processor
 from checker_processing.daemon import CRASH_HOOK_ENV, consumer_config
 from checker_processing.settings import ProcessorSettings
 from checker_processing.writer import Writer
-from devstack import free_port
+from devstack import create_topics, free_port
 
+from helpers import run_cli
 from helpers import wait_for as poll_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
@@ -538,3 +542,47 @@ def test_a_rebalance_during_a_database_outage_loses_and_stalls_nothing(
         stop.set()
         thread.join(timeout=60)
         proxy.stop()
+
+
+def test_a_task_deleted_on_the_task_topic_closes_its_incident(
+    kafka: Any, topic: str, env: dict[str, str], observer: Any, migrated: Any, daemons: Any
+) -> None:
+    """The proof of #16 on the processor's side: `checker-processing run` follows
+    KAFKA_TASKS_TOPIC beside its results; a pause shows in the report, a tombstone closes the
+    task's open incident with the reason task_removed."""
+    tasks = f"{topic}-tasks"
+    create_topics(kafka.client_config(), [tasks], partitions=3)
+    task = uuid.uuid4()
+    spec = TaskSpec(name="shop", url="https://shop.test/", interval=30.0, timeout=5.0)
+
+    def record(status: TaskStatus) -> tuple[bytes | None, bytes]:
+        return task_record.encode(TaskRecord(id=task, spec=spec, status=status))
+
+    down = make_result(ok=False, health="down", error={"kind": "status", "message": "503"})
+    produce(kafka, tasks, [record(TaskStatus.ACTIVE)])
+    produce(kafka, topic, [encode(task, down)])
+    daemon = daemons(env, KAFKA_TASKS_TOPIC=tasks)
+
+    def incident() -> list[tuple[Any, ...]]:
+        return rows(
+            observer, "SELECT ended_at, end_reason FROM incidents WHERE task_id = %s", str(task)
+        )
+
+    wait_for(lambda: incident() == [(None, None)], "the incident opened")
+    produce(kafka, tasks, [record(TaskStatus.PAUSED)])
+    db_env = {"POSTGRESQL_CONNECTION": env["POSTGRESQL_CONNECTION"]}
+
+    def reported_status() -> Any:
+        done = run_cli("checker_processing.cli", "report", "--format", "json", env=db_env)
+        assert done.returncode == 0, done.stderr
+        return [(r["name"], r["status"]) for r in orjson.loads(done.stdout)]
+
+    wait_for(lambda: reported_status() == [("shop", "paused")], "the report saying paused")
+
+    producer = Producer(kafka.client_config())
+    producer.produce(tasks, key=task_record.tombstone_key(task), value=None)
+    assert producer.flush(30) == 0
+    wait_for(lambda: incident()[0][1] == "task_removed", "the incident closed by the removal")
+    assert count(observer, "SELECT count(*) FROM latest_results") == 0
+    assert reported_status() == [("shop", "removed")]
+    assert daemon.stop() == 0

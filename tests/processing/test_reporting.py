@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from dataclasses import astuple
@@ -120,8 +121,8 @@ def test_report_numbers(loaded: Any) -> None:
     report = availability(loaded, timedelta(days=30), None, now=at(48))
     assert [astuple(r) for r in report] == [
         (str(A), "task-a", "https://example.test/", 5, 4, 80.0,
-         pytest.approx(0.3), pytest.approx(0.88), pytest.approx(0.976), 1, False),
-        (str(B), "task-b", "https://example.test/", 1, 0, 0.0, 2.0, 2.0, 2.0, 1, True),
+         pytest.approx(0.3), pytest.approx(0.88), pytest.approx(0.976), 1, False, None),
+        (str(B), "task-b", "https://example.test/", 1, 0, 0.0, 2.0, 2.0, 2.0, 1, True, None),
     ]  # fmt: skip
     only_b_recent = availability(loaded, timedelta(hours=24), B, now=at(48))
     assert [(r.task_id, r.checks) for r in only_b_recent] == [(str(B), 1)]
@@ -129,18 +130,23 @@ def test_report_numbers(loaded: Any) -> None:
 
 
 def test_render_formats() -> None:
-    row = TaskAvailability(str(A), "a", "https://a.test/", 5, 4, 80.0, 0.3, 0.88, 0.976, 1, True)
+    row = TaskAvailability(
+        str(A), "a", "https://a.test/", 5, 4, 80.0, 0.3, 0.88, 0.976, 1, True, "paused"
+    )
     assert orjson.loads(render([row], "json"))[0]["uptime_percent"] == 80.0
+    assert orjson.loads(render([row], "json"))[0]["status"] == "paused"
     assert render([row], "csv").splitlines() == [
         "task_id,name,url,checks,successes,uptime_percent,load_time_p50,load_time_p95,"
-        "load_time_p99,incidents,open_incident",
-        f"{A},a,https://a.test/,5,4,80.0,0.3,0.88,0.976,1,True",
+        "load_time_p99,incidents,open_incident,status",
+        f"{A},a,https://a.test/,5,4,80.0,0.3,0.88,0.976,1,True,paused",
     ]
     table = render([row], "table").splitlines()
-    assert table[0].split() == ["task", "name", "checks", "uptime", "%", "p50", "s", "p95", "s",
-                                "p99", "s", "incidents"]  # fmt: skip
-    assert table[1].split() == [str(A), "a", "5", "80.000", "0.300", "0.880", "0.976", "1",
-                                "(open)"]  # fmt: skip
+    assert table[0].split() == ["task", "name", "status", "checks", "uptime", "%", "p50", "s",
+                                "p95", "s", "p99", "s", "incidents"]  # fmt: skip
+    assert table[1].split() == [str(A), "a", "paused", "5", "80.000", "0.300", "0.880", "0.976",
+                                "1", "(open)"]  # fmt: skip
+    unknown = render([dataclasses.replace(row, status=None)], "table").splitlines()
+    assert unknown[1].split()[2] == "-"  # no task record seen: a checker that publishes none
 
 
 @pytest.mark.parametrize(
@@ -289,7 +295,8 @@ def test_documented_queries_run(loaded: Any) -> None:
     assert len(queries) >= 8
     for query in queries:
         rows(loaded, query.replace("%", "%%"))
-    down = rows(loaded, queries[-3])  # open incidents
+    (open_incidents,) = re.findall(r"Tasks that are down now.*?```sql\n(.*?)```", text, re.DOTALL)
+    down = rows(loaded, open_incidents)
     assert [r[0] for r in down] == ["task-b"]
 
 
