@@ -38,7 +38,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from checker_common.contract import MAX_NAME, MAX_URL
-from checker_common.task_spec import TaskSpec, TaskStatus
+from checker_common.task_spec import NAME_PATTERN, TaskSpec, TaskStatus
 
 SCHEMA_VERSION: Literal[1] = 1
 # Longest status reason kept (a validation message of a hostile record can be long).
@@ -56,7 +56,9 @@ class TaskRecord(BaseModel):
     id: uuid.UUID = Field(description="the task id, equal to the record's key (may be left out)")
     spec: TaskSpec
     status: TaskStatus = Field(TaskStatus.ACTIVE, description="active, paused, done or error")
-    status_reason: str | None = Field(None, max_length=MAX_REASON)
+    status_reason: str | None = Field(
+        None, max_length=MAX_REASON, pattern=NAME_PATTERN, description="no control characters"
+    )
     created_at: datetime | None = Field(None, description="ISO 8601, UTC")
     updated_at: datetime | None = Field(None, description="ISO 8601, UTC")
     origin: str | None = Field(
@@ -71,7 +73,10 @@ class TaskRecord(BaseModel):
     def _aware_utc(cls, value: datetime | None) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00:00+05:00 has no UTC time
+            raise ValueError("is out of range in UTC") from None
 
 
 @dataclass(frozen=True, slots=True)

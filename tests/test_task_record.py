@@ -90,6 +90,8 @@ INVALID = {
     "schema version 2": (value(schema_version=2), "schema_version"),
     "control character in name": (value(spec={**SPEC, "name": "shop\x1b[31m"}), "spec.name"),
     "too large": (b" " * (task_record.MAX_RECORD_BYTES + 1), "larger than"),
+    "time before year 1 in UTC": (value(updated_at="0001-01-01T00:00:00+05:00"), "updated_at"),
+    "control character in reason": (value(status="error", status_reason="bad\x00"), "reason"),
 }
 
 
