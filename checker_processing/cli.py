@@ -7,7 +7,7 @@ import sys
 import uuid
 from datetime import timedelta
 
-from checker_common import __version__, checks
+from checker_common import __version__, dependency_checks
 from checker_common.cli import (
     EXIT_EPILOG,
     EXIT_OK,
@@ -84,8 +84,8 @@ def postgres_check(settings: ProcessorSettings) -> Check:
 def check_config(settings: ProcessorSettings) -> int:
     steps: list[CheckFn] = [
         lambda: Check("settings", True, "valid"),
-        lambda: checks.broker_tls(settings),
-        lambda: checks.kafka_topics(settings, settings.topics),
+        lambda: dependency_checks.broker_tls(settings),
+        lambda: dependency_checks.kafka_topics(settings, settings.topics),
         lambda: postgres_check(settings),
     ]
     return run_checks(steps, settings.secrets(), print)

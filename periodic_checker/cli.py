@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from checker_common import __version__, checks
+from checker_common import __version__, dependency_checks
 from checker_common.cli import (
     EXIT_EPILOG,
     Check,
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_config(settings: CheckerSettings) -> int:
     steps: list[CheckFn] = [
         lambda: Check("settings", True, "valid"),
-        lambda: checks.broker_tls(settings),
-        lambda: checks.kafka_topics(settings, [settings.kafka_topic]),
+        lambda: dependency_checks.broker_tls(settings),
+        lambda: dependency_checks.kafka_topics(settings, [settings.kafka_topic]),
         lambda: storage_writable(settings.task_storage),
     ]
     return run_checks(steps, settings.secrets(), print)
@@ -61,7 +61,7 @@ def storage_writable(path: Path) -> Check:
     problem = read_only_problem(path)
     if problem is not None:
         return Check(f"task storage {path}", False, f"not writable: {problem}")
-    return checks.sqlite_writable(path)
+    return dependency_checks.sqlite_writable(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from periodic_checker.api.models import (
     TaskPatch,
     patch_changes,
 )
-from periodic_checker.service import ServiceError, TaskFilter, TaskService
+from periodic_checker.task_service import ServiceError, TaskFilter, TaskService
 from periodic_checker.tasks import Task, redacted
 
 SERVICE = web.AppKey("service", TaskService)
