@@ -257,18 +257,20 @@ def _run(settings: ProcessorSettings, notifier: Notifier) -> int:
         log.error("%s", exc)
         return EXIT_SETUP
     try:
-        return _consume(settings, notifier, metrics, connect, stop)
+        return _serve(settings, notifier, metrics, connect, stop)
     finally:
         metrics.stop()
 
 
-def _consume(
+def _serve(
     settings: ProcessorSettings,
     notifier: Notifier,
     metrics: Metrics,
     connect: Callable[[], Any],
     stop: threading.Event,
 ) -> int:
+    """Migrate once the database answers, build the consumer, the writer and the processor,
+    and run the processor until `stop`; returns the exit status."""
     def unavailable_at_start(attempt: int) -> None:
         metrics.db_error("start")
         notifier.status(f"waiting for the database (attempt {attempt})")
