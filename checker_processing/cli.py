@@ -19,6 +19,7 @@ from checker_common.cli import (
     run_checks,
     settings_or_exit,
 )
+from checker_common.errors import first_line
 from checker_processing.settings import DatabaseSettings, ProcessorSettings
 
 PROG = "checker-processing"
@@ -76,8 +77,7 @@ def postgres_check(settings: ProcessorSettings) -> Check:
             conn.rollback()
         conn.close()
     except psycopg2.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return Check("postgresql", False, f"{where}: {reason}")
+        return Check("postgresql", False, f"{where}: {first_line(exc)}")
     return Check("postgresql", True, f"{where}: connected (server {row[0] if row else '?'})")
 
 
@@ -135,8 +135,7 @@ def report_command(
 def _first_line(exc: BaseException, settings: DatabaseSettings) -> str:
     from checker_common.redact import redact_text
 
-    text = str(exc).strip()
-    return redact_text(text.splitlines()[0] if text else type(exc).__name__, settings.secrets())
+    return redact_text(first_line(exc), settings.secrets())
 
 
 def main(argv: list[str] | None = None) -> int:

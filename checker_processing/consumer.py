@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import psycopg2
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
+from checker_common.errors import first_line
 from checker_processing.db import TRANSIENT_ERRORS
 from checker_processing.writer import Outcome, Prepared, Record
 
@@ -336,7 +337,7 @@ class Processor:
                         "database unavailable (attempt %d, retry in %.2fs): %s",
                         attempt,
                         delay,
-                        _one_line(exc),
+                        first_line(exc),
                         extra={"attempt": attempt, "batch_size": len(self.in_hand)},
                     )
                     if not paused:
@@ -467,7 +468,7 @@ class Processor:
         except psycopg2.Error as exc:
             # Ingestion goes on; old partitions can wait for the next try.
             self.events.maintenance_failed()
-            log.warning("partition maintenance failed, retrying later: %s", _one_line(exc))
+            log.warning("partition maintenance failed, retrying later: %s", first_line(exc))
             self.next_maintenance = time.monotonic() + MAINTENANCE_RETRY_S
         else:
             self.next_maintenance = time.monotonic() + MAINTENANCE_EVERY_S
@@ -484,8 +485,3 @@ def _partitions_of(records: Sequence[Record]) -> str:
 
 def _describe(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{p.topic}/{p.partition}" for p in partitions) or "nothing"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

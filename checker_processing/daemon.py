@@ -22,6 +22,7 @@ import psycopg2
 from confluent_kafka import Consumer, KafkaException
 
 from checker_common import logs
+from checker_common.errors import first_line
 from checker_common.kafka import client_config
 from checker_common.metrics import MetricsServerError
 from checker_common.systemd import Notifier
@@ -91,11 +92,6 @@ def with_statistics(config: dict[str, Any], metrics: Metrics) -> dict[str, Any]:
     if metrics.server is None:
         return config
     return {**config, "statistics.interval.ms": STATS_INTERVAL_MS, "stats_cb": metrics.stats}
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def wait_alive(stop: threading.Event, seconds: float, tick: Callable[[], object]) -> None:
@@ -271,6 +267,7 @@ def _serve(
 ) -> int:
     """Migrate once the database answers, build the consumer, the writer and the processor,
     and run the processor until `stop`; returns the exit status."""
+
     def unavailable_at_start(attempt: int) -> None:
         metrics.db_error("start")
         notifier.status(f"waiting for the database (attempt {attempt})")
