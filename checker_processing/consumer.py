@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import random
 import sys
 import threading
@@ -47,7 +46,6 @@ GC_YOUNG_OBJECTS = 100_000
 
 EXIT_OK = 0
 EXIT_GAVE_UP = 1
-EXIT_TEST_CRASH = 70
 
 TopicPartitionKey = tuple[str, int]
 _new_record = tuple.__new__
@@ -130,7 +128,6 @@ class Processor:
         batch_max_ms: int,
         stop: threading.Event,
         maintenance: Callable[[], None] | None = None,
-        crash_after_batch: int | None = None,
         events: Events | None = None,
     ) -> None:
         self.consumer = consumer
@@ -140,7 +137,6 @@ class Processor:
         self.batch_timeout_s = batch_max_ms / 1000
         self.stop = stop
         self.maintenance = maintenance
-        self.crash_after_batch = crash_after_batch
         self.events = events or Events()
         self.stats = Stats()
         # Offsets whose rows are in PostgreSQL but that the broker has not acknowledged yet.
@@ -383,12 +379,6 @@ class Processor:
                     "partitions": _partitions_of(self.in_hand),
                 },
             )
-        if self.crash_after_batch is not None and self.stats.batches == self.crash_after_batch:
-            # Test hook: die between the database commit and the offset commit.
-            log.error(
-                "test hook: exiting after the database commit of batch %d", self.stats.batches
-            )
-            os._exit(EXIT_TEST_CRASH)
         for key, offset in next_offsets(self.in_hand).items():
             self.pending[key] = max(self.pending.get(key, 0), offset)
         self.in_hand = []

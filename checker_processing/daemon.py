@@ -8,7 +8,6 @@ database), so a wedged loop is restarted; STOPPING=1 on SIGTERM; STATUS= says wh
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -35,9 +34,6 @@ from checker_processing.writer import Outcome, Writer
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "checker-processing"
-# Test hook, read once at start: exit right after the database commit of batch N, before its
-# offsets are committed, to prove a crash there loses and duplicates nothing.
-CRASH_HOOK_ENV = "CHECKER_PROCESSING_TEST_CRASH_AFTER_BATCH"
 EXIT_SETUP = 1
 # Longest single sleep of a wait, so the watchdog keeps being fed while we wait.
 WAIT_SLICE_S = 0.5
@@ -309,7 +305,6 @@ def _serve(
             raise
 
     serving = f"consuming {','.join(settings.topics)} as group {settings.kafka_consumer_group}"
-    crash_hook = os.environ.get(CRASH_HOOK_ENV)
     processor = Processor(
         consumer,
         writer,
@@ -318,7 +313,6 @@ def _serve(
         batch_max_ms=settings.batch_max_ms,
         stop=stop,
         maintenance=maintain,
-        crash_after_batch=int(crash_hook) if crash_hook else None,
         events=Supervision(notifier, metrics, ping_database, serving),
     )
     notifier.status("joining the consumer group")
