@@ -61,12 +61,13 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"
 
 
 # How large a compiled pattern may be, in RE2 instructions (`programsize`). RE2 is linear in
-# the body, but where its DFA gives up (it does on hostile patterns) each body byte costs up to
-# about 7 ns per instruction (measured; docs/api.md). Everyday patterns compile to 6-100
-# instructions (a ten-word case-insensitive alternation: 99); 1,000 leaves ten times that.
+# the body, but where its DFA gives up (it does on hostile patterns) each body byte costs about
+# 4-6 ns per instruction (`bench/micro.py re2-worst`; docs/api.md). Everyday patterns compile
+# to 6-100 instructions (a ten-word case-insensitive alternation: 91, `bench/micro.py
+# re2-sizes`); 1,000 leaves ten times that.
 MAX_PATTERN_PROGRAM = 1000
-# Instructions x max_body_bytes: the most work one search may take, about 30 s of one core at
-# 7 ns. It bounds what a search the check gave up on still costs, as its thread cannot be
+# Instructions x max_body_bytes: the most work one search may take, about 20 s of one core at
+# 4-5 ns. It bounds what a search the check gave up on still costs, as its thread cannot be
 # stopped. Up to a 4 MiB cap any allowed pattern fits; a 64 MiB cap allows 64 instructions.
 MAX_SEARCH_WORK = 2**32
 

@@ -403,7 +403,7 @@ async def test_accept_encoding_offers_what_the_probe_decodes(
 async def test_a_search_that_outlives_the_time_out_fails_as_pattern_timeout(
     targets: Targets, prober: Prober
 ) -> None:
-    # About 3.5 s of RE2's NFA (7 ns x 1,000 instructions x 512 KiB), on the loop or not.
+    # About 2.2 s of RE2's NFA (4.2 ns x 1,000 instructions x 512 KiB), on the loop or not.
     url = f"{targets.http}/ab?size=524288"
     result = await prober.check(TASK, spec(url, pattern=HOSTILE_PATTERN, timeout=1.0))
 
