@@ -23,7 +23,7 @@ import re2
 import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from checker_common.contract import MAX_NAME, MAX_URL
+from checker_common.contract import MAX_NAME, MAX_URL, SAFE_TEXT_PATTERN, UNSAFE_TEXT
 from checker_common.redact import MASK
 from checker_common.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, parse_url
 
@@ -31,14 +31,10 @@ from checker_common.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, parse_
 # `pattern` in the OpenAPI document; the syntax is the subset Python, ECMAScript and the
 # fuzzer read alike (no `\s`, `\d` or `\p`).
 #
-# Text that goes into results and logs holds none of: ASCII and C1 controls (NUL makes
-# PostgreSQL refuse the result, ESC writes ANSI escapes into a terminal), line and paragraph
-# separators, bidirectional embeddings, overrides and isolates. (A lone surrogate cannot come
-# through JSON; naming surrogates here would make the pattern invalid for ECMAScript engines.)
-_UNSAFE_TEXT = r"\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-NAME_PATTERN = rf"^[^\x00-\x1f{_UNSAFE_TEXT}]*$"
+# Text that goes into results and logs: none of the contract's UNSAFE_TEXT.
+NAME_PATTERN = SAFE_TEXT_PATTERN
 # A header value may also hold a horizontal tab (RFC 9110 field-value).
-HEADER_VALUE_PATTERN = rf"^[^\x00-\x08\x0a-\x1f{_UNSAFE_TEXT}]*$"
+HEADER_VALUE_PATTERN = rf"^[^\x00-\x08\x0a-\x1f{UNSAFE_TEXT}]*$"
 HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$"
 _CODE = "[1-5][0-9][0-9]"
 _RANGE = f"{_CODE}(?: *- *{_CODE})?"
