@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import re2
 import yarl
@@ -347,10 +346,15 @@ class TaskSpec(BaseModel):
     def secret_values(self) -> tuple[str, ...]:
         """Every secret this definition holds, to mask wherever one might appear in text."""
         found = [v for k, v in self.headers.items() if k.lower() in self.secret_header_names]
-        userinfo = url_userinfo(self.url)
-        if userinfo:
-            user, colon, password = userinfo.partition(":")
-            found += [password, unquote(password)] if colon else [user, unquote(user)]
+        try:
+            url = self.fetch_url
+        except InvalidURL:
+            url = None
+        # The password, else a lone user name (often a token): as the URL spells it and as sent.
+        if url is not None and url.raw_password is not None:
+            found += [url.raw_password, url.password or ""]
+        elif url is not None and url.raw_user is not None:
+            found += [url.raw_user, url.user or ""]
         return tuple(sorted({v for v in found if v and v != MASK}, key=len, reverse=True))
 
 
@@ -361,8 +365,3 @@ def _first_unsafe(text: str, *, tab: bool = False) -> str:
             continue
         return f"U+{ord(char):04X} at {position}"
     return "none"
-
-
-def url_userinfo(url: str) -> str | None:
-    netloc = urlsplit(url).netloc
-    return netloc.rpartition("@")[0] if "@" in netloc else None
