@@ -1,6 +1,6 @@
 """Small in-process measurements that comments and docstrings quote, one command each.
 
-    .venv/bin/python bench/micro.py [NAME ...]      (no name: all of them, about a minute)
+    .venv/bin/python bench/micro.py [NAME ...]      (no name: all of them, about two minutes)
 
 - `regex`     RE2 on a 100 KB page handed bytes against str (`probe.search_body`).
 - `validate`  building a check's result with and without validation (`probe._result`).
@@ -15,6 +15,19 @@
 - `prepare-gc` preparing a batch of 20,000 messages (`writer.prepare`, the consumer's helper
               thread) at the garbage collector's default young threshold and at the
               consumer's (`consumer.GC_YOUNG_OBJECTS`), with what the consumer freezes at start.
+- `re2-sizes` RE2 instructions (`programsize`) of everyday and of refused patterns
+              (`task_spec.MAX_PATTERN_PROGRAM`, docs/api.md "Patterns").
+- `re2-worst` RE2 where its DFA gives up (`[ab]*a[ab]{N}Z` over a body of a and b): CPU per
+              body byte per instruction, and a 1 MiB body against the largest allowed pattern
+              (`search.py`, `task_spec.MAX_SEARCH_WORK`).
+- `re2-gil`   the event loop's longest gap while that 1 MiB search runs in a thread (google-re2
+              releases the GIL: `search.py`).
+- `handoff`   a 1 KB page searched through `PatternSearcher` (queue, `call_soon_threadsafe`)
+              against `loop.run_in_executor`, on uvloop, and the search alone (`search.py`).
+- `stalls`    CPU of the `LoopStalls` watcher (100 wake-ups a second) on an idle uvloop loop,
+              against the loop alone (`overload.py`).
+- `bombs`     compression ratios of 64 MiB of zeros in gzip, brotli and zstd, and the least
+              output brotli's decompressor hands back per call (`decoding.py`).
 
 Each prints medians of several repeats, per item, with this process's CPU time.
 """
@@ -365,6 +378,200 @@ def prepare_gc() -> None:
         )
 
 
+EVERYDAY_PATTERNS = {
+    "ok": "ok",
+    "a JSON status": '"status":\\s*"ok"',
+    "a UUID": "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+    "ten words, case-insensitive": (
+        "(?i)(?:maintenance|unavailable|forbidden|exception|traceback|critical|timeout"
+        "|refused|denied|error)"
+    ),
+    "a repetition count": "\\w{1000}",
+    "a Unicode class": "\\pL{100}",
+}
+
+
+def re2_sizes() -> None:
+    import re2
+
+    options = re2.Options()
+    options.max_mem = 1 << 30  # measure the refused ones too
+    for label, pattern in EVERYDAY_PATTERNS.items():
+        size = re2.compile(pattern, options).programsize
+        print(f"re2-sizes, {label} {pattern!r}: {size:,} instructions")
+
+
+def hostile(instructions: int) -> Any:
+    """`[ab]*a[ab]{N}Z` compiled, with the largest N whose program fits `instructions`: over a
+    body of a and b its DFA needs 2**N states, gives up, and every byte costs the NFA."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # as task_spec.compile_pattern: no "DFA out of memory" lines
+    n = instructions
+    while (compiled := re2.compile(f"[ab]*a[ab]{{{n}}}Z", options)).programsize > instructions:
+        n -= 1
+    return compiled
+
+
+def a_and_b(size: int) -> bytes:
+    import random
+
+    rng = random.Random(1)
+    return bytes(rng.choice(b"ab") for _ in range(size))
+
+
+def re2_worst() -> None:
+    from checker_common.task_spec import MAX_PATTERN_PROGRAM, MAX_SEARCH_WORK
+
+    body = a_and_b(256 * 1024)
+    for instructions in (30, 64, 100, 300, MAX_PATTERN_PROGRAM):
+        pattern = hostile(instructions)
+        seconds = cpu_per_item(lambda p=pattern: p.search(body), 1, 3)
+        per = seconds / len(body) / pattern.programsize
+        print(
+            f"re2-worst, {pattern.programsize} instructions over 256 KiB of a and b:"
+            f" {seconds * 1e3:.0f} ms, {per * 1e9:.2f} ns per byte per instruction"
+        )
+    pattern = hostile(MAX_PATTERN_PROGRAM)
+    mib = a_and_b(1 << 20)
+    began = time.process_time()
+    pattern.search(mib)
+    seconds = time.process_time() - began
+    print(
+        f"re2-worst, {pattern.programsize} instructions over 1 MiB: {seconds:.1f} s"
+        f" ({seconds / len(mib) / pattern.programsize * 1e9:.2f} ns per byte per instruction);"
+        f" MAX_SEARCH_WORK (2^{MAX_SEARCH_WORK.bit_length() - 1}) at that rate:"
+        f" {MAX_SEARCH_WORK * seconds / len(mib) / pattern.programsize:.0f} s"
+    )
+
+
+def re2_gil() -> None:
+    import asyncio
+    import threading
+
+    from checker_common.task_spec import MAX_PATTERN_PROGRAM
+
+    pattern, body = hostile(MAX_PATTERN_PROGRAM), a_and_b(1 << 20)
+
+    async def watch() -> tuple[float, float, int]:
+        loop = asyncio.get_running_loop()
+        began = time.monotonic()
+        done = loop.create_future()
+        threading.Thread(
+            target=lambda: (pattern.search(body), loop.call_soon_threadsafe(done.set_result, 0))
+        ).start()
+        longest, ticks, last = 0.0, 0, time.monotonic()
+        while not done.done():
+            await asyncio.sleep(0.001)
+            now = time.monotonic()
+            longest, last, ticks = max(longest, now - last), now, ticks + 1
+        return time.monotonic() - began, longest, ticks
+
+    seconds, longest, ticks = asyncio.run(watch())
+    print(
+        f"re2-gil, a {seconds:.1f} s search in a thread: the loop woke {ticks:,} times"
+        f" (sleeping 1 ms), longest gap {longest * 1e3:.1f} ms"
+    )
+
+
+def handoff() -> None:
+    import asyncio
+
+    import uvloop
+
+    from checker_common.task_spec import compile_pattern
+    from periodic_checker.search import PatternSearcher, search_body
+
+    pattern = compile_pattern("absent-pattern")
+    page = (b"lorem ipsum dolor sit amet, consectetur adipiscing elit " * 20)[:1000]
+    count = 20_000
+
+    async def through(run: Callable[[], Any]) -> float:
+        for _ in range(200):
+            await run()  # warm-up
+        began = time.process_time()
+        for _ in range(count):
+            await run()
+        return (time.process_time() - began) / count
+
+    async def both() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        searcher = PatternSearcher()
+        try:
+            lane = await through(lambda: searcher.search(pattern, page, "utf-8"))
+        finally:
+            searcher.close()
+        executor = await through(
+            lambda: loop.run_in_executor(None, search_body, pattern, page, "utf-8")
+        )
+        return lane, executor
+
+    lanes, executors = [], []
+    for _ in range(3):
+        lane, executor = uvloop.run(both())
+        lanes.append(lane)
+        executors.append(executor)
+    alone = cpu_per_item(lambda: search_body(pattern, page, "utf-8"), 1, 1000)
+    print(
+        f"handoff, one search of a 1 KB page, CPU of the whole process (uvloop): the lanes"
+        f" {', '.join(us(x) for x in lanes)}; run_in_executor {', '.join(us(x) for x in executors)};"
+        f" the search alone {us(alone)}"
+    )
+
+
+def stalls() -> None:
+    import asyncio
+
+    import uvloop
+
+    from periodic_checker.overload import WATCH_PERIOD, LoopStalls
+
+    seconds = 10.0
+
+    async def idle(watched: bool) -> float:
+        watcher = LoopStalls()
+        if watched:
+            watcher.start()
+        began = time.process_time()
+        await asyncio.sleep(seconds)
+        cpu = time.process_time() - began
+        await watcher.stop()
+        return cpu
+
+    alone = uvloop.run(idle(False))
+    watched = uvloop.run(idle(True))
+    print(
+        f"stalls, an idle uvloop loop for {seconds:.0f} s: {alone / seconds:.2%} of a core alone,"
+        f" {watched / seconds:.2%} with LoopStalls ({1 / WATCH_PERIOD:.0f} wake-ups a second)"
+    )
+
+
+def bombs() -> None:
+    import zlib
+
+    import brotli
+
+    if sys.version_info >= (3, 14):
+        from compression import zstd
+    else:
+        from backports import zstd
+
+    zeros = bytes(64 << 20)
+    gz = zlib.compressobj(9, zlib.DEFLATED, 31)
+    gzipped = gz.compress(zeros) + gz.flush()
+    squeezed = brotli.compress(zeros, quality=5)  # as the tests' bomb (checker/targets.py)
+    framed = zstd.compress(zeros, 19)
+    for label, packed in (("gzip -9", gzipped), ("brotli 5", squeezed), ("zstd 19", framed)):
+        print(
+            f"bombs, 64 MiB of zeros as {label}: {len(packed):,} bytes"
+            f" ({len(zeros) / len(packed):,.0f}:1)"
+        )
+    decompressor = brotli.Decompressor()
+    first = decompressor.process(squeezed, output_buffer_limit=1)
+    print(f"bombs, brotli's decompressor asked for 1 byte hands back {len(first):,}")
+
+
 BENCHES: dict[str, Callable[[], None]] = {
     "regex": regex,
     "validate": validate,
@@ -374,6 +581,12 @@ BENCHES: dict[str, Callable[[], None]] = {
     "tuple": tuple_vs_dataclass,
     "decode": decode,
     "prepare-gc": prepare_gc,
+    "re2-sizes": re2_sizes,
+    "re2-worst": re2_worst,
+    "re2-gil": re2_gil,
+    "handoff": handoff,
+    "stalls": stalls,
+    "bombs": bombs,
 }
 
 

@@ -1,14 +1,17 @@
-"""What both command lines share: the exit statuses, --env-file, settings errors as one line
-and exit 2, and the one-line-per-check output of `check-config`."""
+"""What both command lines share: the parser (sub-commands, --env-file before or after them,
+--version, the exit statuses in every --help), the dispatch to each command's handler, the exit
+statuses, settings errors as one line and exit 2, and the one-line-per-check output of
+`check-config`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
+from checker_common import __version__
 from checker_common.redact import redact_text
 from checker_common.settings import CommonSettings, SettingsError, load_settings
 
@@ -25,6 +28,9 @@ EXIT_EPILOG = (
 )
 
 S = TypeVar("S", bound=CommonSettings)
+Handler = Callable[[argparse.Namespace], int]
+# What add_subparsers() returns (argparse has no public name for it).
+SubParsers = argparse._SubParsersAction
 
 
 def env_file_parent() -> argparse.ArgumentParser:
@@ -37,6 +43,73 @@ def env_file_parent() -> argparse.ArgumentParser:
         help="dotenv file to read (default: .env.prod in the working directory, if present)",
     )
     return parent
+
+
+class CommandLine:
+    """One program's command line: its sub-commands, each with --env-file (before or after it)
+    and the exit statuses in its --help, --version, and a handler per sub-command that returns
+    the exit status. The daemon's `run` and `check-config` read all of its settings."""
+
+    def __init__(self, prog: str, description: str) -> None:
+        self.prog = prog
+        self.common = env_file_parent()
+        self.parser = argparse.ArgumentParser(
+            prog=prog, description=description, parents=[self.common], epilog=EXIT_EPILOG
+        )
+        self.parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+        self.commands: SubParsers[argparse.ArgumentParser] = self.parser.add_subparsers(
+            dest="command", required=True, metavar="COMMAND"
+        )
+        self.handlers: dict[str, Handler] = {}
+
+    def add(self, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        """A sub-command; its parser, for its own arguments."""
+        self.handlers[name] = handler
+        return self.commands.add_parser(name, parents=[self.common], help=help, epilog=EXIT_EPILOG)
+
+    def attach(
+        self,
+        name: str,
+        handler: Handler,
+        add_parser: Callable[
+            [SubParsers[argparse.ArgumentParser], Sequence[argparse.ArgumentParser]],
+            argparse.ArgumentParser,
+        ],
+    ) -> None:
+        """A sub-command whose parser a module of its own builds (given the sub-parsers and
+        the parents that carry --env-file)."""
+        self.handlers[name] = handler
+        add_parser(self.commands, [self.common])
+
+    def add_daemon(
+        self,
+        settings: type[S],
+        run: Callable[[S], int],
+        check_config: Callable[[S], int],
+        *,
+        runs: str,
+        tries: str,
+    ) -> None:
+        """`run` (the daemon) and `check-config` (validate settings, try `tries`), both with
+        every setting of `settings`."""
+        self.add("run", lambda args: run(self.settings(settings, args)), help=f"run the {runs}")
+        self.add(
+            "check-config",
+            lambda args: check_config(self.settings(settings, args)),
+            help=f"validate settings and try {tries}",
+        )
+
+    def settings(self, cls: type[S], args: argparse.Namespace) -> S:
+        """The settings `cls` reads (from --env-file if given); else one line and exit 2."""
+        return settings_or_exit(self.prog, cls, args)
+
+    def fail(self, message: str, code: int = EXIT_USAGE) -> NoReturn:
+        fail(self.prog, message, code)
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """Parse `argv` (the process's arguments by default) and run the command's handler."""
+        args = self.parser.parse_args(argv)
+        return self.handlers[args.command](args)
 
 
 def fail(prog: str, message: str, code: int = EXIT_USAGE) -> NoReturn:

@@ -85,12 +85,48 @@ MAX_URL = 8192
 MAX_METHOD = 10
 MAX_ERROR_MESSAGE = 2000
 
+# Text that goes into results and logs holds none of: ASCII and C1 controls (NUL makes
+# PostgreSQL refuse the result, ESC writes ANSI escapes into a terminal), line and paragraph
+# separators, bidirectional embeddings, overrides and isolates. Written so Python, ECMAScript
+# and the fuzzer read the class alike (task_spec's patterns use it too); a lone surrogate cannot
+# come through JSON, and naming surrogates would make a pattern invalid for ECMAScript engines.
+UNSAFE_TEXT = r"\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+SAFE_TEXT_PATTERN = rf"^[^\x00-\x1f{UNSAFE_TEXT}]*$"
+# Python text may hold lone surrogates (bytes read with surrogateescape): unsafe as well.
+_UNSAFE_CLASS = rf"\x00-\x1f{UNSAFE_TEXT}\ud800-\udfff"
+_LINE_BREAKS = "\t\n\x0b\x0c\r\x85\u2028\u2029"
+_UNSAFE_CHARS = re.compile(f"[{_UNSAFE_CLASS}]")
+_BREAKS = str.maketrans(dict.fromkeys(_LINE_BREAKS, " "))
+
+
+def safe_text(text: str) -> str:
+    """`text` fit for a result and a log line (pure): tabs and line breaks become spaces, any
+    other character of UNSAFE_TEXT, a C0 control or a lone surrogate becomes U+FFFD."""
+    if _UNSAFE_CHARS.search(text) is None:
+        return text
+    return _UNSAFE_CHARS.sub("\ufffd", text.translate(_BREAKS))
+
 
 class CheckError(BaseModel):
+    """Why a check failed. Its message is free text, often quoting what a server sent: the
+    model makes it safe (`safe_text`) wherever it is built or read, so neither the checker
+    nor a consumer ever holds control characters there."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: ErrorKind
-    message: str = Field(max_length=MAX_ERROR_MESSAGE)
+    message: str = Field(
+        max_length=MAX_ERROR_MESSAGE,
+        description="for people; control characters are replaced (tabs and line breaks by"
+        " spaces, others by U+FFFD)",
+        json_schema_extra={"pattern": SAFE_TEXT_PATTERN},
+    )
+
+    # Before pydantic's own check, which refuses a lone surrogate instead of replacing it.
+    @field_validator("message", mode="before")
+    @classmethod
+    def _safe(cls, value: object) -> object:
+        return safe_text(value) if isinstance(value, str) else value
 
 
 Seconds = Annotated[float, Field(ge=0)]
@@ -243,7 +279,10 @@ ErrorKindValue = Literal[
 
 class PlainError(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     kind: ErrorKindValue
-    message: Annotated[str, msgspec.Meta(max_length=MAX_ERROR_MESSAGE)]
+    # Only safe text: a message with a character `safe_text` replaces goes to the model.
+    message: Annotated[
+        str, msgspec.Meta(max_length=MAX_ERROR_MESSAGE, pattern=rf"^[^{_UNSAFE_CLASS}]*\Z")
+    ]
 
 
 class PlainTimings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):

@@ -17,13 +17,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import re2
 import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from checker_common.contract import MAX_NAME, MAX_URL
+from checker_common.contract import MAX_NAME, MAX_URL, SAFE_TEXT_PATTERN, UNSAFE_TEXT
 from checker_common.redact import MASK
 from checker_common.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, parse_url
 
@@ -31,14 +30,10 @@ from checker_common.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, parse_
 # `pattern` in the OpenAPI document; the syntax is the subset Python, ECMAScript and the
 # fuzzer read alike (no `\s`, `\d` or `\p`).
 #
-# Text that goes into results and logs holds none of: ASCII and C1 controls (NUL makes
-# PostgreSQL refuse the result, ESC writes ANSI escapes into a terminal), line and paragraph
-# separators, bidirectional embeddings, overrides and isolates. (A lone surrogate cannot come
-# through JSON; naming surrogates here would make the pattern invalid for ECMAScript engines.)
-_UNSAFE_TEXT = r"\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-NAME_PATTERN = rf"^[^\x00-\x1f{_UNSAFE_TEXT}]*$"
+# Text that goes into results and logs: none of the contract's UNSAFE_TEXT.
+NAME_PATTERN = SAFE_TEXT_PATTERN
 # A header value may also hold a horizontal tab (RFC 9110 field-value).
-HEADER_VALUE_PATTERN = rf"^[^\x00-\x08\x0a-\x1f{_UNSAFE_TEXT}]*$"
+HEADER_VALUE_PATTERN = rf"^[^\x00-\x08\x0a-\x1f{UNSAFE_TEXT}]*$"
 HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$"
 _CODE = "[1-5][0-9][0-9]"
 _RANGE = f"{_CODE}(?: *- *{_CODE})?"
@@ -61,12 +56,13 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"
 
 
 # How large a compiled pattern may be, in RE2 instructions (`programsize`). RE2 is linear in
-# the body, but where its DFA gives up (it does on hostile patterns) each body byte costs up to
-# about 7 ns per instruction (measured; docs/api.md). Everyday patterns compile to 6-100
-# instructions (a ten-word case-insensitive alternation: 99); 1,000 leaves ten times that.
+# the body, but where its DFA gives up (it does on hostile patterns) each body byte costs about
+# 4-6 ns per instruction (`bench/micro.py re2-worst`; docs/api.md). Everyday patterns compile
+# to 6-100 instructions (a ten-word case-insensitive alternation: 91, `bench/micro.py
+# re2-sizes`); 1,000 leaves ten times that.
 MAX_PATTERN_PROGRAM = 1000
-# Instructions x max_body_bytes: the most work one search may take, about 30 s of one core at
-# 7 ns. It bounds what a search the check gave up on still costs, as its thread cannot be
+# Instructions x max_body_bytes: the most work one search may take, about 20 s of one core at
+# 4-5 ns. It bounds what a search the check gave up on still costs, as its thread cannot be
 # stopped. Up to a 4 MiB cap any allowed pattern fits; a 64 MiB cap allows 64 instructions.
 MAX_SEARCH_WORK = 2**32
 
@@ -350,10 +346,15 @@ class TaskSpec(BaseModel):
     def secret_values(self) -> tuple[str, ...]:
         """Every secret this definition holds, to mask wherever one might appear in text."""
         found = [v for k, v in self.headers.items() if k.lower() in self.secret_header_names]
-        userinfo = url_userinfo(self.url)
-        if userinfo:
-            user, colon, password = userinfo.partition(":")
-            found += [password, unquote(password)] if colon else [user, unquote(user)]
+        try:
+            url = self.fetch_url
+        except InvalidURL:
+            url = None
+        # The password, else a lone user name (often a token): as the URL spells it and as sent.
+        if url is not None and url.raw_password is not None:
+            found += [url.raw_password, url.password or ""]
+        elif url is not None and url.raw_user is not None:
+            found += [url.raw_user, url.user or ""]
         return tuple(sorted({v for v in found if v and v != MASK}, key=len, reverse=True))
 
 
@@ -364,8 +365,3 @@ def _first_unsafe(text: str, *, tab: bool = False) -> str:
             continue
         return f"U+{ord(char):04X} at {position}"
     return "none"
-
-
-def url_userinfo(url: str) -> str | None:
-    netloc = urlsplit(url).netloc
-    return netloc.rpartition("@")[0] if "@" in netloc else None

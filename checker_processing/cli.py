@@ -4,54 +4,35 @@ from __future__ import annotations
 
 import argparse
 import sys
-import uuid
-from datetime import timedelta
 
-from checker_common import __version__, checks
-from checker_common.cli import (
-    EXIT_EPILOG,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    Check,
-    CheckFn,
-    env_file_parent,
-    fail,
-    run_checks,
-    settings_or_exit,
-)
+from checker_common import dependency_checks
+from checker_common.cli import EXIT_OK, EXIT_UNAVAILABLE, Check, CommandLine, fail
+from checker_common.errors import first_line
 from checker_processing.settings import DatabaseSettings, ProcessorSettings
 
 PROG = "checker-processing"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = env_file_parent()
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Stores check results from Kafka in PostgreSQL, exactly once.",
-        parents=[common],
-        epilog=EXIT_EPILOG,
+def command_line() -> CommandLine:
+    # `migrate` and `report` read only the database's settings: they run where the Kafka
+    # files are not (a laptop with a read-only database user, a cron job).
+    line = CommandLine(PROG, "Stores check results from Kafka in PostgreSQL, exactly once.")
+    line.add_daemon(
+        ProcessorSettings,
+        run_daemon,
+        check_config,
+        runs="processor daemon",
+        tries="the broker and the database",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the processor daemon")
-    sub.add_parser(
-        "check-config",
-        parents=[common],
-        help="validate settings and try the broker and the database",
-        epilog=EXIT_EPILOG,
-    )
-    sub.add_parser(
+    line.add(
         "migrate",
-        parents=[common],
+        lambda args: migrate_command(line.settings(DatabaseSettings, args)),
         help="apply database migrations (idempotent; reads only POSTGRESQL_CONNECTION)",
-        epilog=EXIT_EPILOG,
     )
-    report = sub.add_parser(
+    report = line.add(
         "report",
-        parents=[common],
+        lambda args: report_command(line, args),
         help="print availability per task over a recent window (reads only POSTGRESQL_CONNECTION)",
-        epilog=EXIT_EPILOG,
     )
     # Validated by hand (not `choices=`), so a bad value is one line and exit 2.
     report.add_argument("--since", default="30d", help="window: 30d, 24h, 90m, 2w (default 30d)")
@@ -59,7 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default=None, metavar="ID|NAME", help="only this task: its id or exact name"
     )
     report.add_argument("--format", default="table", help="table, json or csv (default table)")
-    return parser
+    return line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_line().parser
+
+
+def run_daemon(settings: ProcessorSettings) -> int:
+    from checker_processing.daemon import run  # not needed by the other commands
+
+    return run(settings)
 
 
 def postgres_check(settings: ProcessorSettings) -> Check:
@@ -76,19 +67,14 @@ def postgres_check(settings: ProcessorSettings) -> Check:
             conn.rollback()
         conn.close()
     except psycopg2.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return Check("postgresql", False, f"{where}: {reason}")
+        return Check("postgresql", False, f"{where}: {first_line(exc)}")
     return Check("postgresql", True, f"{where}: connected (server {row[0] if row else '?'})")
 
 
 def check_config(settings: ProcessorSettings) -> int:
-    steps: list[CheckFn] = [
-        lambda: Check("settings", True, "valid"),
-        lambda: checks.broker_tls(settings),
-        lambda: checks.kafka_topics(settings, settings.subscribed_topics),
-        lambda: postgres_check(settings),
-    ]
-    return run_checks(steps, settings.secrets(), print)
+    return dependency_checks.check_config(
+        settings, settings.subscribed_topics, lambda: postgres_check(settings)
+    )
 
 
 def migrate_command(settings: DatabaseSettings) -> int:
@@ -111,13 +97,19 @@ def migrate_command(settings: DatabaseSettings) -> int:
     return EXIT_OK
 
 
-def report_command(
-    settings: DatabaseSettings, since: timedelta, task: uuid.UUID | str | None, fmt: str
-) -> int:
+def report_command(line: CommandLine, args: argparse.Namespace) -> int:
     import psycopg2
 
     from checker_processing import db, report
 
+    # Arguments first: a typo is reported even where no settings are present.
+    try:
+        since = report.parse_since(args.since)
+        task = report.parse_task(args.task)
+        fmt = report.parse_format(args.format)
+    except report.ReportArgumentError as exc:
+        line.fail(str(exc))
+    settings = line.settings(DatabaseSettings, args)
     try:
         conn = db.connect(settings.postgresql_connection)
         try:
@@ -125,9 +117,9 @@ def report_command(
         finally:
             conn.close()
     except psycopg2.Error as exc:
-        fail(PROG, f"report: {_first_line(exc, settings)}", code=EXIT_UNAVAILABLE)
+        line.fail(f"report: {_first_line(exc, settings)}", code=EXIT_UNAVAILABLE)
     except report.ReportArgumentError as exc:
-        fail(PROG, str(exc))
+        line.fail(str(exc))
     print(report.render(rows, fmt))
     return EXIT_OK
 
@@ -135,34 +127,11 @@ def report_command(
 def _first_line(exc: BaseException, settings: DatabaseSettings) -> str:
     from checker_common.redact import redact_text
 
-    text = str(exc).strip()
-    return redact_text(text.splitlines()[0] if text else type(exc).__name__, settings.secrets())
+    return redact_text(first_line(exc), settings.secrets())
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "report":
-        from checker_processing import report
-
-        # Arguments first: a typo is reported even where no settings are present.
-        try:
-            since = report.parse_since(args.since)
-            task = report.parse_task(args.task)
-            fmt = report.parse_format(args.format)
-        except report.ReportArgumentError as exc:
-            fail(PROG, str(exc))
-    # `migrate` and `report` read only the database's settings: they run where the Kafka
-    # files are not (a laptop with a read-only database user, a cron job).
-    if args.command == "migrate":
-        return migrate_command(settings_or_exit(PROG, DatabaseSettings, args))
-    if args.command == "report":
-        return report_command(settings_or_exit(PROG, DatabaseSettings, args), since, task, fmt)
-    settings = settings_or_exit(PROG, ProcessorSettings, args)
-    if args.command == "check-config":
-        return check_config(settings)
-    from checker_processing.daemon import run
-
-    return run(settings)
+    return command_line().main(argv)
 
 
 if __name__ == "__main__":

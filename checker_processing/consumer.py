@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import random
 import sys
 import threading
@@ -28,6 +27,7 @@ from typing import Any, Protocol
 import psycopg2
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
+from checker_common.errors import first_line
 from checker_processing.db import TRANSIENT_ERRORS
 from checker_processing.records import Record
 from checker_processing.writer import Outcome, Prepared
@@ -48,7 +48,6 @@ GC_YOUNG_OBJECTS = 100_000
 
 EXIT_OK = 0
 EXIT_GAVE_UP = 1
-EXIT_TEST_CRASH = 70
 
 TopicPartitionKey = tuple[str, int]
 _new_record = tuple.__new__
@@ -133,7 +132,6 @@ class Processor:
         batch_max_ms: int,
         stop: threading.Event,
         maintenance: Callable[[], None] | None = None,
-        crash_after_batch: int | None = None,
         events: Events | None = None,
     ) -> None:
         self.consumer = consumer
@@ -143,7 +141,6 @@ class Processor:
         self.batch_timeout_s = batch_max_ms / 1000
         self.stop = stop
         self.maintenance = maintenance
-        self.crash_after_batch = crash_after_batch
         self.events = events or Events()
         self.stats = Stats()
         # Offsets whose rows are in PostgreSQL but that the broker has not acknowledged yet.
@@ -342,7 +339,7 @@ class Processor:
                         "database unavailable (attempt %d, retry in %.2fs): %s",
                         attempt,
                         delay,
-                        _one_line(exc),
+                        first_line(exc),
                         extra={"attempt": attempt, "batch_size": len(self.in_hand)},
                     )
                     if not paused:
@@ -388,12 +385,6 @@ class Processor:
                     "partitions": _partitions_of(self.in_hand),
                 },
             )
-        if self.crash_after_batch is not None and self.stats.batches == self.crash_after_batch:
-            # Test hook: die between the database commit and the offset commit.
-            log.error(
-                "test hook: exiting after the database commit of batch %d", self.stats.batches
-            )
-            os._exit(EXIT_TEST_CRASH)
         for key, offset in next_offsets(self.in_hand).items():
             self.pending[key] = max(self.pending.get(key, 0), offset)
         self.in_hand = []
@@ -473,7 +464,7 @@ class Processor:
         except psycopg2.Error as exc:
             # Ingestion goes on; old partitions can wait for the next try.
             self.events.maintenance_failed()
-            log.warning("partition maintenance failed, retrying later: %s", _one_line(exc))
+            log.warning("partition maintenance failed, retrying later: %s", first_line(exc))
             self.next_maintenance = time.monotonic() + MAINTENANCE_RETRY_S
         else:
             self.next_maintenance = time.monotonic() + MAINTENANCE_EVERY_S
@@ -490,8 +481,3 @@ def _partitions_of(records: Sequence[Record]) -> str:
 
 def _describe(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{p.topic}/{p.partition}" for p in partitions) or "nothing"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

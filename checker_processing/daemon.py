@@ -8,7 +8,6 @@ database), so a wedged loop is restarted; STOPPING=1 on SIGTERM; STATUS= says wh
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -22,6 +21,7 @@ import psycopg2
 from confluent_kafka import Consumer, KafkaException
 
 from checker_common import logs
+from checker_common.errors import first_line
 from checker_common.kafka import client_config
 from checker_common.metrics import MetricsServerError
 from checker_common.systemd import Notifier
@@ -34,9 +34,6 @@ from checker_processing.writer import Outcome, Writer
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "checker-processing"
-# Test hook, read once at start: exit right after the database commit of batch N, before its
-# offsets are committed, to prove a crash there loses and duplicates nothing.
-CRASH_HOOK_ENV = "CHECKER_PROCESSING_TEST_CRASH_AFTER_BATCH"
 EXIT_SETUP = 1
 # Longest single sleep of a wait, so the watchdog keeps being fed while we wait.
 WAIT_SLICE_S = 0.5
@@ -91,11 +88,6 @@ def with_statistics(config: dict[str, Any], metrics: Metrics) -> dict[str, Any]:
     if metrics.server is None:
         return config
     return {**config, "statistics.interval.ms": STATS_INTERVAL_MS, "stats_cb": metrics.stats}
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def wait_alive(stop: threading.Event, seconds: float, tick: Callable[[], object]) -> None:
@@ -257,18 +249,21 @@ def _run(settings: ProcessorSettings, notifier: Notifier) -> int:
         log.error("%s", exc)
         return EXIT_SETUP
     try:
-        return _consume(settings, notifier, metrics, connect, stop)
+        return _serve(settings, notifier, metrics, connect, stop)
     finally:
         metrics.stop()
 
 
-def _consume(
+def _serve(
     settings: ProcessorSettings,
     notifier: Notifier,
     metrics: Metrics,
     connect: Callable[[], Any],
     stop: threading.Event,
 ) -> int:
+    """Migrate once the database answers, build the consumer, the writer and the processor,
+    and run the processor until `stop`; returns the exit status."""
+
     def unavailable_at_start(attempt: int) -> None:
         metrics.db_error("start")
         notifier.status(f"waiting for the database (attempt {attempt})")
@@ -313,7 +308,6 @@ def _consume(
 
     topics = ",".join(settings.subscribed_topics)
     serving = f"consuming {topics} as group {settings.kafka_consumer_group}"
-    crash_hook = os.environ.get(CRASH_HOOK_ENV)
     processor = Processor(
         consumer,
         writer,
@@ -322,7 +316,6 @@ def _consume(
         batch_max_ms=settings.batch_max_ms,
         stop=stop,
         maintenance=maintain,
-        crash_after_batch=int(crash_hook) if crash_hook else None,
         events=Supervision(notifier, metrics, ping_database, serving),
     )
     notifier.status("joining the consumer group")

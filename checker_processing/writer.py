@@ -38,6 +38,7 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
 from checker_common.contract import NOT_JUDGED, ContractError, Health, Plain, decode_plain_many
+from checker_common.errors import first_line
 from checker_processing import task_topic
 from checker_processing.db import PERMANENT_ERRORS
 from checker_processing.records import Record, Rejection
@@ -401,7 +402,7 @@ class Writer:
                         # A partition this writer saw was dropped behind its back (retention
                         # of another processor, an operator): look at the days again, and at
                         # the window, which may have moved past one of them meanwhile.
-                        log.warning("a partition is gone (%s); creating it again", _one_line(exc))
+                        log.warning("a partition is gone (%s); creating it again", first_line(exc))
                         self._partitions.clear()
                         retried = True
                         continue
@@ -451,7 +452,7 @@ class Writer:
         except PERMANENT_ERRORS as exc:
             self.conn.rollback()
             if len(rows) == 1:
-                reason = f"database refused the row: {_one_line(exc)}"
+                reason = f"database refused the row: {first_line(exc)}"
                 log.warning(
                     "rejected %s/%d@%d: %s",
                     rows[0].record.topic,
@@ -842,8 +843,3 @@ def _opening(task_id: str, row: tuple[Any, ...]) -> tuple[Any, ...]:
 def _no_partition(exc: BaseException) -> bool:
     """Whether PostgreSQL refused a row for want of a partition for its check time."""
     return isinstance(exc, psycopg2.errors.CheckViolation) and "no partition" in str(exc)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

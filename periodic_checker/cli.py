@@ -6,15 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from checker_common import __version__, checks
-from checker_common.cli import (
-    EXIT_EPILOG,
-    Check,
-    CheckFn,
-    env_file_parent,
-    run_checks,
-    settings_or_exit,
-)
+from checker_common import dependency_checks
+from checker_common.cli import Check, CommandLine
 from periodic_checker.probe_cli import add_probe_parser, run_probe
 from periodic_checker.settings import CheckerSettings
 from periodic_checker.tasks_cli import add_tasks_parser, run_tasks
@@ -22,36 +15,36 @@ from periodic_checker.tasks_cli import add_tasks_parser, run_tasks
 PROG = "periodic-checker"
 
 
+def command_line() -> CommandLine:
+    # Each command reads only the settings it uses: a probe none (its options say everything),
+    # `tasks` the API's address and token (ApiSettings), `run` and `check-config` all of them.
+    line = CommandLine(PROG, "Runs website checks and publishes results to Kafka.")
+    line.add_daemon(
+        CheckerSettings,
+        run_daemon,
+        check_config,
+        runs="checker daemon",
+        tries="the broker and the task storage",
+    )
+    line.attach("probe", run_probe, add_probe_parser)
+    line.attach("tasks", run_tasks, add_tasks_parser)
+    return line
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = env_file_parent()
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Runs website checks and publishes results to Kafka.",
-        parents=[common],
-        epilog=EXIT_EPILOG,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the checker daemon")
-    sub.add_parser(
-        "check-config",
-        parents=[common],
-        help="validate settings and try the broker and the task storage",
-        epilog=EXIT_EPILOG,
-    )
-    add_probe_parser(sub, parents=[common])
-    add_tasks_parser(sub, [common])
-    return parser
+    return command_line().parser
+
+
+def run_daemon(settings: CheckerSettings) -> int:
+    from periodic_checker.daemon import run  # not needed by the other commands
+
+    return run(settings)
 
 
 def check_config(settings: CheckerSettings) -> int:
-    steps: list[CheckFn] = [
-        lambda: Check("settings", True, "valid"),
-        lambda: checks.broker_tls(settings),
-        lambda: checks.kafka_topics(settings, [settings.kafka_topic]),
-        lambda: storage_writable(settings.task_storage),
-    ]
-    return run_checks(steps, settings.secrets(), print)
+    return dependency_checks.check_config(
+        settings, [settings.kafka_topic], lambda: storage_writable(settings.task_storage)
+    )
 
 
 def storage_writable(path: Path) -> Check:
@@ -61,23 +54,11 @@ def storage_writable(path: Path) -> Check:
     problem = read_only_problem(path)
     if problem is not None:
         return Check(f"task storage {path}", False, f"not writable: {problem}")
-    return checks.sqlite_writable(path)
+    return dependency_checks.sqlite_writable(path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Each command reads only the settings it uses: a probe none (its options say everything),
-    # `tasks` the API's address and token (ApiSettings), `run` and `check-config` all of them.
-    if args.command == "probe":
-        return run_probe(args)
-    if args.command == "tasks":
-        return run_tasks(args)
-    settings = settings_or_exit(PROG, CheckerSettings, args)
-    if args.command == "check-config":
-        return check_config(settings)
-    from periodic_checker.daemon import run
-
-    return run(settings)
+    return command_line().main(argv)
 
 
 if __name__ == "__main__":

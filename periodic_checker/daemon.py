@@ -28,15 +28,15 @@ from checker_common import logs
 from checker_common.cli import EXIT_USAGE
 from checker_common.systemd import Notifier
 from periodic_checker import metrics
-from periodic_checker.app_service import CheckerService
+from periodic_checker.checker_service import CheckerService
 from periodic_checker.outbox import Outbox
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
 from periodic_checker.producer import ResultPublisher
 from periodic_checker.scheduler import CheckScheduler
-from periodic_checker.service import TaskService
 from periodic_checker.settings import CheckerSettings
 from periodic_checker.store import SQLiteTaskStore, StoreError, StoreReadOnly
+from periodic_checker.task_service import TaskService
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,20 @@
 """Pattern searches, in threads of their own: no search runs on the event loop.
 
 RE2 is linear in the body, but its cost also grows with the compiled pattern: where its DFA
-gives up (hostile patterns make it) a search costs up to about 7 ns per body byte per RE2
-instruction (measured on the 2-core development machine). A 1 MiB body against a pattern of
-1,000 instructions takes about 7 s; on the event loop that would stall every other check, the
-API and the systemd watchdog. google-re2 releases the GIL while it searches (measured: the
-loop kept running every millisecond beside a 4.5 s search), so a thread keeps the loop free.
+gives up (hostile patterns make it) a search costs about 4-6 ns per body byte per RE2
+instruction (4.2 at 1,000 instructions, 6 at 30, on the 2-core development machine:
+`bench/micro.py re2-worst`). A 1 MiB body against a pattern of 1,000 instructions takes about
+4.3 s; on the event loop that would stall every other check, the API and the systemd watchdog.
+google-re2 releases the GIL while it searches (`bench/micro.py re2-gil`: beside that search in
+a thread, the loop still woke every 1.2 ms or so, its longest gap 10-30 ms on the machine
+shared at load 3-4), so a thread keeps the loop free.
 
 The work of a search is bounded before it starts: `task_spec.compile_pattern` refuses patterns of
 more than MAX_PATTERN_PROGRAM instructions, and a task's instructions x max_body_bytes is at
-most MAX_SEARCH_WORK (about 30 s of one core).
+most MAX_SEARCH_WORK (about 20 s of one core).
 
 Two lanes, each a fixed number of daemon threads with a queue in front. A search whose worst
-case (instructions x bytes) is at most QUICK_WORK (about 1 s) runs in the quick lane, any
+case (instructions x bytes) is at most QUICK_WORK (under 1 s) runs in the quick lane, any
 other in the slow lane, so hostile patterns can fill only the slow lane: everyday searches (a
 100-instruction pattern over a 1 MiB page) keep the quick one. When every thread of a lane is
 busy, a search waits in its queue; the wait counts inside the check's time-out. A check that
@@ -22,9 +24,10 @@ a thread) and finishes on its own, within the bound above, its thread busy meanw
 threads never hold up the process's exit.
 
 A lane hands a search over with a queue and answers with `call_soon_threadsafe` on the
-caller's future: about 7-16 us of CPU a search, against 22-44 us through `run_in_executor`
-(its concurrent Future, condition and chained callbacks); a search of a 1 KB page itself takes
-about 1 us.
+caller's future: 14-21 us of CPU a search (median 19), against 21-27 us (median 24) through
+`run_in_executor` (its concurrent Future, condition and chained callbacks), on uvloop, the
+machine shared at load 2-4; a search of a 1 KB page itself takes about 1.3 us
+(`bench/micro.py handoff`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any, Final, NamedTuple, Protocol
 
 # codecs.lookup() names whose bytes RE2 can search directly.
 UTF8_COMPATIBLE: Final = frozenset({"utf-8", "ascii"})
-QUICK_WORK: Final = 2**27  # instructions x bytes: about 1 s at 7 ns
+QUICK_WORK: Final = 2**27  # instructions x bytes: 0.6-0.8 s at 4-6 ns
 QUICK_THREADS: Final = 2
 SLOW_THREADS: Final = 1
 

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from checker_common.contract import Health
 from checker_common.redact import redact_url
 from checker_common.task_spec import TaskSpec, TaskStatus
-from periodic_checker.service import (
+from periodic_checker.task_service import (
     CURSOR_PATTERN,
     NameTaken,
     TaskFilter,

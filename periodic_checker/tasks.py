@@ -15,14 +15,15 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
+import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from checker_common.contract import NOT_JUDGED, ErrorKind, Health
 from checker_common.redact import MASK, redact_headers, redact_url
-from checker_common.task_spec import TaskSpec, TaskStatus, url_userinfo
+from checker_common.task_spec import TaskSpec, TaskStatus
+from checker_common.urls import InvalidURL
 
 
 class Task(BaseModel):
@@ -75,15 +76,16 @@ def kept_secrets(spec: TaskSpec, stored: TaskSpec | None) -> TaskSpec:
     is named), so a secret is never sent to a host it was not given for.
     """
     update: dict[str, Any] = {}
-    # A URL with user info that masking leaves unchanged carries the mask itself.
-    if url_userinfo(spec.url) is not None and redact_url(spec.url) == spec.url:
-        if stored is None or _authority(redact_url(stored.url)) != _authority(spec.url):
+    sent = spec.fetch_url
+    if _masked(sent):
+        if stored is None or _secret_place(stored) != _secret_place(spec):
             raise _refused(
                 "url",
                 f"{MASK} stands for the stored password, which is kept only with the same"
                 " scheme, user, host and port; give the password",
             )
-        update["url"] = _authority(stored.url) + spec.url[len(_authority(spec.url)) :]
+        kept = stored.fetch_url
+        update["url"] = str(sent.with_user(kept.user).with_password(kept.password))
     was_secret = stored.secret_header_names if stored is not None else frozenset()
     masked = [
         name
@@ -93,7 +95,7 @@ def kept_secrets(spec: TaskSpec, stored: TaskSpec | None) -> TaskSpec:
     ]
     if masked:
         old = {k.lower(): v for k, v in stored.headers.items()} if stored is not None else {}
-        same_origin = stored is not None and _origin(stored.url) == _origin(spec.url)
+        same_origin = stored is not None and _origin(stored) == _origin(spec)
         headers = dict(spec.headers)
         for name in masked:
             key = name.lower()
@@ -116,16 +118,37 @@ def _replaced(spec: TaskSpec, **update: Any) -> TaskSpec:
     return TaskSpec.model_construct(spec.model_fields_set | set(update), **{**dict(spec), **update})
 
 
-def _authority(url: str) -> str:
-    """`scheme://userinfo@host:port`, scheme in lower case, as the URL spells the rest."""
-    parts = urlsplit(url)
-    return f"{parts.scheme.lower()}://{parts.netloc}"
+def _masked(url: yarl.URL) -> bool:
+    """Whether the URL's user info is what a read shows in place of its secret: `user:***`,
+    or `***` for a lone user name."""
+    if url.raw_password is not None:
+        return url.raw_password == MASK
+    return url.raw_user == MASK
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+# The URLs are read as the probe reads them (`TaskSpec.fetch_url`); a stored definition that no
+# longer validates is in no place and has no origin.
+
+
+def _secret_place(spec: TaskSpec) -> tuple[object, ...] | None:
+    """Where the secret of the URL's user info goes: the scheme, whether there is user info, the
+    user that goes with a password, the host and the port."""
+    try:
+        url = spec.fetch_url
+    except InvalidURL:
+        return None
+    has_password = url.raw_password is not None
+    has_userinfo = has_password or url.raw_user is not None
+    user = url.user if has_password else None
+    return url.scheme, has_userinfo, has_password, user, url.raw_host, url.port
+
+
+def _origin(spec: TaskSpec) -> tuple[str, str | None, int | None] | None:
+    try:
+        url = spec.fetch_url
+    except InvalidURL:
+        return None
+    return url.scheme, url.raw_host, url.port
 
 
 def _refused(field: str, message: str) -> ValidationError:

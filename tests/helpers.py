@@ -156,12 +156,6 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
 
 def start_checker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """`periodic-checker run` as a process with only the given settings; output to `log`."""
-    base = {k: v for k, v in os.environ.items() if not _is_setting(k)}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "periodic_checker.cli", "run"],
-            env={**base, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    from daemons import CHECKER, Daemon  # daemons imports this module
+
+    return Daemon(CHECKER, env, log).proc

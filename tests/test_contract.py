@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import typing
 import uuid
@@ -202,6 +203,9 @@ AGREEMENT = {
     "name at its limit": changed(MINIMAL, name="n" * 200),
     "method at its limit": changed(MINIMAL, method="PROPFINDXX"),
     "message at its limit": changed(CANONICAL, error={"kind": "dns", "message": "m" * 2000}),
+    "control characters in the message": changed(
+        CANONICAL, error={"kind": "invalid_response", "message": "a\x00b\x1b[31m\u2028c\u202e"}
+    ),
     "final_url at its limit": changed(MINIMAL, final_url="u" * 8192),
     "NUL in a name (the database refuses it, not the contract)": changed(MINIMAL, name="a\x00b"),
     "escapes in free text": changed(MINIMAL, name="a\tb\\c\nd\re"),
@@ -421,6 +425,37 @@ def test_decode_plain_agrees_on_size_limit() -> None:
 
 
 ERROR = CheckError(kind=ErrorKind.TLS, message="certificate\thas expired\n")
+
+# What a hostile server can put into an error message: NUL (PostgreSQL refuses the row), an
+# ANSI escape, a line separator, a right-to-left override, C1 NEL, a tab, a lone surrogate
+# (undecodable bytes read with surrogateescape).
+HOSTILE_TEXT = "to \x00evil\x1b[31m\u2028line\u202eright\x85next\tend\udc85"
+UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def test_an_error_message_never_holds_control_characters() -> None:
+    error = CheckError(kind=ErrorKind.INVALID_RESPONSE, message=HOSTILE_TEXT)
+    assert error.message == "to \ufffdevil\ufffd[31m line\ufffdright next end\ufffd"
+    assert not UNSAFE.search(error.message)
+    assert CheckError(kind=ErrorKind.DNS, message="plain text, café").message == "plain text, café"
+
+
+@pytest.mark.parametrize(
+    "char", ["\x00", "\x01", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\u2066"]
+)
+def test_both_decoders_read_a_control_character_in_an_error_message_alike(char: str) -> None:
+    """From a producer that did not make its message safe: the fast path leaves it to the
+    model, which replaces it; the row the processor stores holds none."""
+    message = f"before {char} after"
+    value = changed(MINIMAL, ok=False, error={"kind": "invalid_response", "message": message})
+    (fast,) = decode_plain_many([Where(value)])
+    assert not isinstance(fast, ContractError)
+    assert fast.body.error is not None
+    model = decode(value).result.error
+    assert model is not None
+    assert fast.body.error.message == model.message
+    assert not UNSAFE.search(model.message)
+    assert model.message in ("before \ufffd after", "before   after")
 
 
 def test_messages_from_encode_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:

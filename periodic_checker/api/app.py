@@ -26,8 +26,8 @@ from periodic_checker.api.models import MAX_BODY_BYTES
 from periodic_checker.api.openapi import build_openapi
 from periodic_checker.api.routes import BODY_TIMEOUT, OPENAPI, ROUTES, SERVICE
 from periodic_checker.api.server import BODY_READ_TIMEOUT
-from periodic_checker.service import TaskService
 from periodic_checker.settings import CheckerSettings, host_header_host
+from periodic_checker.task_service import TaskService
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from periodic_checker.api.models import MAX_BODY_BYTES, ErrorBody, FieldError
-from periodic_checker.service import (
+from periodic_checker.task_service import (
     InvalidChange,
     NameTaken,
     ServiceError,

@@ -15,7 +15,7 @@ from pydantic.fields import FieldInfo
 
 from checker_common.contract import CheckResult, Health
 from checker_common.task_spec import TaskSpec, TaskStatus
-from periodic_checker.service import CURSOR_PATTERN, ServiceStatus
+from periodic_checker.task_service import CURSOR_PATTERN, ServiceStatus
 from periodic_checker.tasks import Task
 
 MAX_BODY_BYTES = 64 * 1024

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TypeVar
 
@@ -29,7 +30,7 @@ from periodic_checker.api.models import (
     TaskPatch,
     patch_changes,
 )
-from periodic_checker.service import ServiceError, TaskFilter, TaskService
+from periodic_checker.task_service import ServiceError, TaskFilter, TaskService
 from periodic_checker.tasks import Task, redacted
 
 SERVICE = web.AppKey("service", TaskService)
@@ -43,6 +44,7 @@ STATIC_TYPES = {
 }
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 
 
 def service_of(request: web.Request) -> TaskService:
@@ -126,6 +128,20 @@ def service_errors(exc: Exception) -> ApiError:
     return from_service(exc)
 
 
+async def on_task(
+    request: web.Request, call: Callable[[TaskService, uuid.UUID], Awaitable[R]]
+) -> R:
+    """An action on the task the path names that carries no data (pause, resume, run,
+    delete): the id (400 unless a UUID), no body or `{}`, the service's answer, the service's
+    errors as the API's."""
+    ident = task_id(request)
+    await read_nothing(request)
+    try:
+        return await call(service_of(request), ident)
+    except ServiceError as exc:
+        raise from_service(exc) from None
+
+
 # --- tasks ---
 
 
@@ -168,12 +184,7 @@ async def patch_task(request: web.Request) -> web.Response:
 
 
 async def delete_task(request: web.Request) -> web.Response:
-    ident = task_id(request)
-    await read_nothing(request)
-    try:
-        await service_of(request).delete(ident)
-    except ServiceError as exc:
-        raise from_service(exc) from None
+    await on_task(request, lambda service, ident: service.delete(ident))
     return web.Response(status=204)
 
 
@@ -210,33 +221,16 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 async def pause_task(request: web.Request) -> web.Response:
-    ident = task_id(request)
-    await read_nothing(request)
-    try:
-        task = await service_of(request).pause(ident)
-    except ServiceError as exc:
-        raise from_service(exc) from None
-    return task_response(task)
+    return task_response(await on_task(request, lambda service, ident: service.pause(ident)))
 
 
 async def resume_task(request: web.Request) -> web.Response:
-    ident = task_id(request)
-    await read_nothing(request)
-    try:
-        task = await service_of(request).resume(ident)
-    except ServiceError as exc:
-        raise from_service(exc) from None
-    return task_response(task)
+    return task_response(await on_task(request, lambda service, ident: service.resume(ident)))
 
 
 async def run_task(request: web.Request) -> web.Response:
-    ident = task_id(request)
-    await read_nothing(request)
-    try:
-        result = await service_of(request).run_now(ident)
-    except ServiceError as exc:
-        raise from_service(exc) from None
-    return json_response(RunResponse(task_id=ident, result=result))
+    result = await on_task(request, lambda service, ident: service.run_now(ident))
+    return json_response(RunResponse(task_id=task_id(request), result=result))
 
 
 # --- the checker ---

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 from api.support import TOKEN, Client, ClientFactory, checker_service, make_settings
 
 from periodic_checker.api.app import create_app
-from periodic_checker.app_service import CheckerService
+from periodic_checker.checker_service import CheckerService
 from periodic_checker.settings import CheckerSettings
 
 

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
 from checker_common.contract import CheckResult
-from periodic_checker.app_service import CheckerService
+from periodic_checker.checker_service import CheckerService
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
 from periodic_checker.scheduler import CheckScheduler

@@ -19,9 +19,9 @@ from checker_common.task_spec import (
 from checker_common.urls import URL_PATTERN
 from periodic_checker.api.openapi import build_openapi
 from periodic_checker.api.routes import ROUTES
-from periodic_checker.app_service import CheckerService
+from periodic_checker.checker_service import CheckerService
 from periodic_checker.producer import PublisherStats
-from periodic_checker.service import CURSOR_PATTERN
+from periodic_checker.task_service import CURSOR_PATTERN
 
 TASK = {"name": "site", "url": "http://127.0.0.1:9/"}
 

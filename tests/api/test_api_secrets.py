@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from api.support import TOKEN, Client, published
 
 from checker_common.contract import encode
-from periodic_checker.app_service import CheckerService
+from periodic_checker.checker_service import CheckerService
 
 PASSWORD = "hunter2-pw"
 KEY = "k3y-value"

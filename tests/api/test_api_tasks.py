@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from api.support import Client, ClientFactory, checker_service, make_settings, published
 
 from periodic_checker.api.app import create_app
-from periodic_checker.app_service import CheckerService
+from periodic_checker.checker_service import CheckerService
 
 
 def spec(name: str = "example", url: str = "http://127.0.0.1:9/", **extra: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from api.support import Client, ClientFactory, checker_service, make_settings
 
 from periodic_checker.api.app import create_app
 from periodic_checker.api.models import MAX_BODY_BYTES
-from periodic_checker.app_service import CheckerService
+from periodic_checker.checker_service import CheckerService
 
 OK = {"name": "site", "url": "http://127.0.0.1:9/"}
 HOSTILE = r"\w{1000}\w{1000}\w{1000}\w{1000}Z"  # 12005 RE2 instructions

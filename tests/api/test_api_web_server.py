@@ -19,7 +19,7 @@ from api.support import Client, ClientFactory, make_settings
 from devstack import free_port
 from periodic_checker.api.app import create_app
 from periodic_checker.api.server import ApiRunner
-from periodic_checker.app_service import CheckerService
+from periodic_checker.checker_service import CheckerService
 
 TASK = {"name": "site", "url": "http://127.0.0.1:9/", "interval": 3600}
 FAST = 1.0  # seconds: the head and body deadlines (and the linger) of the app served here

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -403,7 +404,7 @@ async def test_accept_encoding_offers_what_the_probe_decodes(
 async def test_a_search_that_outlives_the_time_out_fails_as_pattern_timeout(
     targets: Targets, prober: Prober
 ) -> None:
-    # About 3.5 s of RE2's NFA (7 ns x 1,000 instructions x 512 KiB), on the loop or not.
+    # About 2.2 s of RE2's NFA (4.2 ns x 1,000 instructions x 512 KiB), on the loop or not.
     url = f"{targets.http}/ab?size=524288"
     result = await prober.check(TASK, spec(url, pattern=HOSTILE_PATTERN, timeout=1.0))
 
@@ -506,6 +507,49 @@ async def test_results_match_the_published_schema(targets: Targets, prober: Prob
         validator.validate(json.loads(value))
         assert key == str(TASK).encode()
         assert decode(value).result == result
+
+
+# What a hostile server sends, raw: the texts it chose reach the result's error message.
+HOSTILE_RESPONSES = {
+    "status line with a control character": b"HTTP/1.1 2\x0100 OK\r\nContent-Length: 0\r\n\r\n",
+    "version with a control character": b"HTTP/9\x01.1 200 OK\r\n\r\n",
+    "Location with NUL and ESC": (
+        b"HTTP/1.1 302 Found\r\nLocation: http://ex\x01ample/\x00\x1b[31m\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    ),
+    "Location with C1 bytes": (
+        b"HTTP/1.1 302 Found\r\nLocation: http://[\x85\x9b31m::1]/\r\nContent-Length: 0\r\n\r\n"
+    ),
+    "Location with a line separator and an override": (
+        "HTTP/1.1 302 Found\r\nLocation: http://[\u2028\u202e::1]/\r\nContent-Length: 0\r\n\r\n"
+    ).encode(),
+}
+UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["http1", "aiohttp"])
+@pytest.mark.parametrize("raw", HOSTILE_RESPONSES.values(), ids=HOSTILE_RESPONSES.keys())
+async def test_an_error_message_holds_no_control_character_a_server_sent(
+    raw: bytes, keepalive: bool, prober: Prober
+) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        result = await prober.check(TASK, spec(f"http://127.0.0.1:{port}/", keepalive=keepalive))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.error is not None
+    assert result.error.kind in (ErrorKind.INVALID_RESPONSE, ErrorKind.TOO_MANY_REDIRECTS)
+    assert not UNSAFE.search(result.error.message), result.error.message
+    _, value = encode(TASK, result)
+    assert decode(value).result.error == result.error
 
 
 # --- certificate parsing -----------------------------------------------------------------

@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestServer
 
 from checker_common.contract import CheckResult, ErrorKind, Health
 from checker_common.task_spec import TaskSpec, TaskStatus
-from periodic_checker.app_service import CheckerService
+from periodic_checker.checker_service import CheckerService
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
 from periodic_checker.scheduler import (
@@ -34,8 +34,8 @@ from periodic_checker.scheduler import (
     ProgressWrites,
     start_bound,
 )
-from periodic_checker.service import InvalidChange, NameTaken, TaskFilter, TooManyTasks
 from periodic_checker.store import SQLiteTaskStore
+from periodic_checker.task_service import InvalidChange, NameTaken, TaskFilter, TooManyTasks
 from periodic_checker.tasks import Task, start_offset
 
 DEADLINE = 30.0  # generous: the machine is shared

@@ -13,7 +13,6 @@ import pytest
 
 from checker_common.contract import Health
 from checker_common.task_spec import TaskSpec, TaskStatus
-from periodic_checker.service import NameTaken, TaskFilter, TooManyTasks
 from periodic_checker.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -22,6 +21,7 @@ from periodic_checker.store import (
     TaskExists,
     decode_cursor,
 )
+from periodic_checker.task_service import NameTaken, TaskFilter, TooManyTasks
 from periodic_checker.tasks import Task
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)

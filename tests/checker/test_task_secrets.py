@@ -92,6 +92,22 @@ def test_the_mask_keeps_the_password_on_another_path_of_the_same_origin() -> Non
     assert kept_secrets(sent, STORED).url == "https://alice:s3cret@shop.example/other"
 
 
+def test_the_place_of_a_password_is_read_as_the_probe_reads_the_url() -> None:
+    """The host in another case, the default port spelled out, a raw "@" in the password:
+    the same place to the probe (`TaskSpec.fetch_url`), so the mask keeps the password."""
+    stored = spec(url="https://alice:p@ss@Shop.Example:443/health")
+    sent = read_back(stored).model_copy(update={"url": "https://alice:***@shop.example/health"})
+    kept = kept_secrets(sent, stored)
+    assert (kept.fetch_url.user, kept.fetch_url.password) == ("alice", "p@ss")
+    assert kept.fetch_url.raw_host == "shop.example"
+    assert "p@ss" in kept.secret_values
+
+
+def test_a_password_is_masked_as_the_url_spells_it_and_as_it_is_sent() -> None:
+    assert set(spec(url="https://alice:p%40ss@shop.example/").secret_values) == {"p%40ss", "p@ss"}
+    assert spec(url="https://t%30ken@git.example/").secret_values == ("t0ken",)
+
+
 def test_a_lone_user_token_is_masked_and_kept() -> None:
     stored = spec(url="https://t0ken@git.example/repo")
     sent = read_back(stored)

@@ -1,6 +1,6 @@
-"""The harness of the fault scenarios: both daemons as real processes against the real broker
-and PostgreSQL, a target web server, a TCP proxy in front of PostgreSQL, and the tally that ends
-every scenario (taken from the topic and from PostgreSQL by result_id).
+"""The harness of the fault scenarios: both daemons as real processes (`daemons.Daemon`) against
+the real broker and PostgreSQL, a target web server, a TCP proxy in front of PostgreSQL, and the
+tally that ends every scenario (taken from the topic and from PostgreSQL by result_id).
 
     with Target() as target, fresh_schema(pg_dsn) as dsn:
         ids = seed_tasks(storage, [spec(target.url("/ok")) for _ in range(100)])
@@ -20,11 +20,8 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -51,7 +48,8 @@ from devstack import Broker, free_port
 from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.tasks import Task
 
-from helpers import KafkaTarget, _is_setting
+from daemons import Daemon
+from helpers import KafkaTarget
 from helpers import wait_for as poll_until
 
 FULL = os.environ.get("FAULTS_FULL") == "1"
@@ -66,78 +64,6 @@ wait_for = partial(poll_until, timeout=DEADLINE_S)
 
 
 # --- processes ---------------------------------------------------------------------------------
-
-
-class Daemon:
-    """One daemon as a process with only the given settings; its output goes to `log`."""
-
-    def __init__(self, module: str, env: dict[str, str], log: Path) -> None:
-        base = {k: v for k, v in os.environ.items() if not _is_setting(k)}
-        self.module = module
-        self.env = env
-        self.log = log
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, "run"],
-                env={**base, **env},
-                cwd=log.parent,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    @classmethod
-    def checker(cls, env: dict[str, str], log: Path) -> Daemon:
-        return cls("periodic_checker.cli", env, log)._started("started: ")
-
-    @classmethod
-    def processor(cls, env: dict[str, str], log: Path, *, assigned: bool = True) -> Daemon:
-        """Start a processor; with `assigned`, wait until it holds partitions."""
-        daemon = cls("checker_processing.cli", env, log)
-        return daemon._started(": assigned ") if assigned else daemon
-
-    def _started(self, text: str) -> Daemon:
-        """Wait for `text` in the log; a daemon that never says it is killed, not left behind
-        (nobody else holds it yet)."""
-        try:
-            self.wait_for_text(text)
-        except BaseException:
-            self.kill()
-            raise
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait_for_text(self, text: str, timeout: float = DEADLINE_S) -> None:
-        def seen() -> bool:
-            if text in self.text():
-                return True
-            assert self.alive(), f"{self.module} exited {self.proc.returncode}:\n{self.tail()}"
-            return False
-
-        wait_for(seen, f"{text!r} in {self.log.name}", timeout=timeout)
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.text()[-chars:]
-
-    def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM, then the exit code (fails when it takes longer than `timeout`)."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"{self.module} still running {timeout:.0f} s after SIGTERM:\n{self.tail()}"
-            ) from None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-        self.proc.wait(timeout=30)
 
 
 def checker_env(

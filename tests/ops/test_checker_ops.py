@@ -1,18 +1,14 @@
 """The checker in production: /metrics moving with real traffic, and clean JSON logs.
 
-Each test runs `python -m periodic_checker.cli run` against the real broker (mutual TLS), with
-tasks added over its API that check a local aiohttp site answering 200 and 500 in turn, and a
-closed port. (The notify protocol is proven in tests/checker/test_daemon.py.)
+Each test runs `python -m periodic_checker.cli run` (`daemons.Daemon`) against the real broker
+(mutual TLS), with tasks added over its API that check a local aiohttp site answering 200 and 500
+in turn, and a closed port. (The notify protocol is proven in tests/checker/test_daemon.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -35,7 +31,8 @@ from devstack import free_port
 from periodic_checker.metrics import TaskMap, count_tasks
 from periodic_checker.tasks import Task
 
-from helpers import KafkaTarget, _is_setting
+from daemons import CHECKER, Daemon
+from helpers import KafkaTarget
 
 pytestmark = pytest.mark.kafka
 
@@ -75,42 +72,6 @@ async def targets() -> AsyncIterator[Targets]:
         await server.close()
 
 
-class Daemon:
-    """`python -m periodic_checker.cli run` with only the given settings; stderr kept apart."""
-
-    def __init__(self, env: dict[str, str], directory: Path) -> None:
-        base = {k: v for k, v in os.environ.items() if not _is_setting(k)}
-        self.stdout = directory / "checker.out"
-        self.stderr = directory / "checker.err"
-        self.api = f"http://127.0.0.1:{env['API_PORT']}"
-        with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "periodic_checker.cli", "run"],
-                env={**base, **env},
-                cwd=directory,
-                stdout=out,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        assert self.proc.poll() is None, self.log()[-3000:]
-        return True
-
-    async def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        # In a thread: the target site runs on this loop and must keep answering.
-        return await asyncio.to_thread(self.proc.wait, DEADLINE_S)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def started(
     kafka: KafkaTarget, topic: str, tmp_path: Path
@@ -129,12 +90,18 @@ def started(
             "SHUTDOWN_TIMEOUT": "10",
             **extra,
         }
-        daemons.append(Daemon(env, directory))
+        out, err = directory / "checker.out", directory / "checker.err"
+        daemons.append(Daemon(CHECKER, env, out, stderr=err))
         return daemons[-1]
 
     yield start
     for daemon in daemons:
         daemon.kill()
+
+
+async def terminate(daemon: Daemon) -> int:
+    # In a thread: the target site runs on this loop and must keep answering.
+    return await asyncio.to_thread(daemon.terminate, DEADLINE_S)
 
 
 async def wait_for(condition: Callable[[], Any], what: str) -> Any:
@@ -149,7 +116,7 @@ async def wait_for(condition: Callable[[], Any], what: str) -> Any:
 
 
 async def serving(http: aiohttp.ClientSession, daemon: Daemon) -> bool:
-    daemon.alive()
+    daemon.running()
     try:
         async with http.get(f"{daemon.api}/health") as response:
             return response.status == 200
@@ -193,7 +160,7 @@ async def test_metrics_move_with_checks_failures_and_deliveries(
         await add_task(http, daemon, "closed", targets.closed)
 
         async def all_counted() -> dict[str, float] | None:
-            daemon.alive()
+            daemon.running()
             metrics = await scrape(http, daemon)
             return metrics if all(metrics.get(name, 0) > 0 for name in MOVING) else None
 
@@ -214,8 +181,8 @@ async def test_metrics_move_with_checks_failures_and_deliveries(
     assert "periodic_checker_producer_queue" in second
     assert second["periodic_checker_delivery_failures_total"] == 0
     assert second["periodic_checker_broker_reachable"] == 1
-    assert await daemon.stop() == 0
-    assert "Traceback" not in daemon.log()
+    assert await terminate(daemon) == 0
+    assert "Traceback" not in daemon.text()
 
 
 def test_task_counts_follow_every_change_without_a_walk() -> None:
@@ -262,20 +229,20 @@ async def test_json_logs_one_object_per_line_failures_as_info_no_secrets(
     )
 
     def records() -> list[dict[str, Any]]:
-        lines = daemon.log().splitlines(keepends=True)
+        lines = daemon.text().splitlines(keepends=True)
         return [orjson.loads(line) for line in lines if line.endswith("\n")]
 
     def failures(task_id: str) -> list[dict[str, Any]]:
         return [r for r in records() if r.get("task_id") == task_id and "error_kind" in r]
 
     async def failed_twice() -> bool:
-        return daemon.alive() and len(failures(closed)) >= 2
+        return daemon.running() and len(failures(closed)) >= 2
 
     async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         await wait_for(lambda: serving(http, daemon), "the API")
         closed = await add_task(http, daemon, "closed", targets.closed, token=token)
         await wait_for(failed_twice, "two failed checks logged")
-    assert await daemon.stop() == 0
+    assert await terminate(daemon) == 0
 
     raw = daemon.stderr.read_text()
     parsed = [orjson.loads(line) for line in raw.splitlines()]  # every line is one JSON object

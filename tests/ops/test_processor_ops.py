@@ -1,17 +1,14 @@
 """The processor in production: systemd notify protocol, /metrics with real traffic, clean logs.
 
-Each test runs `python -m checker_processing.cli run` against the real broker (mutual TLS) and
-a real PostgreSQL reached through a TCP proxy the test can cut, so an outage is real too.
+Each test runs `python -m checker_processing.cli run` (`daemons.Daemon`) against the real broker
+(mutual TLS) and a real PostgreSQL reached through a TCP proxy the test can cut, so an outage is
+real too.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +30,7 @@ from checker_processing.metrics import partition_lags
 from checker_processing.settings import ProcessorSettings
 from devstack import free_port
 
+from daemons import PROCESSOR, Daemon
 from helpers import run_cli
 from helpers import wait_for as poll_until
 
@@ -72,40 +70,6 @@ class NotifySocket:
         self.sock.close()
 
 
-class Daemon:
-    """`python -m checker_processing.cli run` with only the given settings; stderr kept apart."""
-
-    def __init__(self, env: dict[str, str], directory: Path) -> None:
-        base = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
-        self.stdout = directory / "processor.out"
-        self.stderr = directory / "processor.err"
-        with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "checker_processing.cli", "run"],
-                env={**base, **env},
-                cwd=directory,
-                stdout=out,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        assert self.proc.poll() is None, self.log()[-3000:]
-        return True
-
-    def stop(self, timeout: float = 60) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def started(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Daemon]]:
     daemons: list[Daemon] = []
@@ -113,7 +77,8 @@ def started(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Daemon]]:
     def start(env: dict[str, str]) -> Daemon:
         directory = tmp_path / f"processor-{len(daemons)}"
         directory.mkdir()
-        daemons.append(Daemon(env, directory))
+        out, err = directory / "processor.out", directory / "processor.err"
+        daemons.append(Daemon(PROCESSOR, env, out, stderr=err))
         return daemons[-1]
 
     yield start
@@ -251,19 +216,19 @@ def test_notify_ready_only_with_the_database_watchdog_all_along_stopping_on_sigt
     env = base_env(kafka, topic, daemon_dsn(pg_dsn, pg_proxy, schema))
     # The database is not there yet (proxy not started): alive, but not ready.
     daemon = started({**env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": WATCHDOG_USEC})
-    wait_for(lambda: daemon.alive() and notify.count("WATCHDOG=1") >= 2, "2 pings while waiting")
-    assert "unavailable at start" in daemon.log()
+    wait_for(lambda: daemon.running() and notify.count("WATCHDOG=1") >= 2, "2 pings while waiting")
+    assert "unavailable at start" in daemon.text()
     assert "READY=1" not in notify.states()
 
     pg_proxy.start()
-    wait_for(lambda: daemon.alive() and "READY=1" in notify.states(), "READY=1")
+    wait_for(lambda: daemon.running() and "READY=1" in notify.states(), "READY=1")
     states = notify.states()
     assert any(s.startswith("STATUS=consuming") for s in states[states.index("READY=1") :])
     pings_at_ready = notify.count("WATCHDOG=1")
     wait_for(lambda: notify.count("WATCHDOG=1") >= pings_at_ready + 2, "2 pings after READY=1")
     assert "STOPPING=1" not in notify.states()
 
-    assert daemon.stop() == 0
+    assert daemon.terminate() == 0
     assert "STOPPING=1" in notify.states()
     assert notify.states().index("STOPPING=1") > notify.states().index("READY=1")
 
@@ -291,7 +256,7 @@ def test_metrics_follow_traffic_poison_and_a_database_outage(
             "WATCHDOG_USEC": WATCHDOG_USEC,
         }
     )
-    wait_for(lambda: daemon.alive() and "READY=1" in notify.states(), "READY=1")
+    wait_for(lambda: daemon.running() and "READY=1" in notify.states(), "READY=1")
 
     produce(kafka, topic, [*good(10), POISON, *good(9)])
     metrics = wait_for(
@@ -325,8 +290,8 @@ def test_metrics_follow_traffic_poison_and_a_database_outage(
     wait_for(lambda: scrape(port).get(STORED) == 29, "29 stored after the outage")
     wait_for(lambda: (lag := lags(scrape(port), topic)) and sum(lag.values()) == 0, "lag 0 again")
 
-    assert daemon.stop() == 0
-    log = daemon.log()
+    assert daemon.terminate() == 0
+    log = daemon.text()
     assert re.search(r"WARNING checker_processing\.consumer: database unavailable \(attempt", log)
     assert "Traceback" not in log
 
@@ -403,21 +368,21 @@ def test_json_logs_are_one_object_per_line_with_ids_and_no_secrets(
     }
     # Started before its database: the wait is logged as warnings, without a stack trace.
     daemon = started(env)
-    wait_for(lambda: daemon.alive() and "unavailable at start" in daemon.log(), "a failed start")
+    wait_for(lambda: daemon.running() and "unavailable at start" in daemon.text(), "a failed start")
     pg_proxy.start()
     delivered = produce(kafka, topic, [*good(5), POISON])
     poison = next(m for m in delivered if m.key() == b"poison")
 
     def logged_batches() -> list[dict[str, Any]]:
-        lines = daemon.log().splitlines(keepends=True)
+        lines = daemon.text().splitlines(keepends=True)
         complete = [orjson.loads(line) for line in lines if line.endswith("\n")]
         return [r for r in complete if r["message"].startswith("batch ")]
 
     wait_for(
-        lambda: daemon.alive() and sum(r["batch_size"] for r in logged_batches()) == 6,
+        lambda: daemon.running() and sum(r["batch_size"] for r in logged_batches()) == 6,
         "batch lines for all 6 messages",
     )
-    assert daemon.stop() == 0
+    assert daemon.terminate() == 0
 
     raw = daemon.stderr.read_text()
     records = [orjson.loads(line) for line in raw.splitlines()]  # every line is one JSON object

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -21,6 +18,7 @@ import orjson
 import psycopg2
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from processing import crash_after_batch
 from processing.processing_helpers import WIDE_WINDOW, TcpProxy, make_result, rows
 
 from checker_common import task_record
@@ -29,17 +27,18 @@ from checker_common.task_record import TaskRecord
 from checker_common.task_spec import TaskSpec, TaskStatus
 from checker_processing import db
 from checker_processing.consumer import Processor
-from checker_processing.daemon import CRASH_HOOK_ENV, consumer_config
+from checker_processing.daemon import consumer_config
 from checker_processing.settings import ProcessorSettings
 from checker_processing.writer import Writer
 from devstack import create_topics, free_port
 
+from daemons import PROCESSOR, Daemon
 from helpers import run_cli
 from helpers import wait_for as poll_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
-ROOT = Path(__file__).resolve().parents[2]
+CRASH_AFTER_BATCH = Path(crash_after_batch.__file__)
 DEADLINE_S = 90.0
 
 
@@ -47,58 +46,25 @@ DEADLINE_S = 90.0
 wait_for = partial(poll_until, timeout=DEADLINE_S)
 
 
-class Daemon:
-    """`python -m checker_processing.cli run` with only the given settings."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        base = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
-        self.log = log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "checker_processing.cli", "run"],
-                env={**base, **env},
-                cwd=log.parent,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def assigned(self) -> set[int] | None:
-        """Partitions of the last assignment, None before the first."""
-        found = re.findall(r": assigned (.*)$", self.text(), re.MULTILINE)
-        if not found:
-            return None
-        if found[-1].startswith("nothing"):
-            return set()
-        return {int(part.rsplit("/", 1)[1]) for part in found[-1].split(", ")}
-
-    def stop(self, timeout: float = 60) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def stored(self) -> int:
-        match = re.search(r"stopped after \d+ batches: (\d+) stored", self.text())
-        assert match, self.text()[-2000:]
-        return int(match[1])
-
-
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Factory: a processor as a process with `env` and the settings given as keywords
+    (`program` and `args`: a test entry script instead); every one is killed at the end."""
     started: list[Daemon] = []
 
-    def start(env: dict[str, str], **extra: str) -> Daemon:
-        daemon = Daemon({**env, **extra}, tmp_path / f"processor-{len(started)}.log")
-        started.append(daemon)
-        return daemon
+    def start(
+        env: dict[str, str],
+        program: str | Path = PROCESSOR,
+        args: tuple[str, ...] = (),
+        **extra: str,
+    ) -> Daemon:
+        log = tmp_path / f"processor-{len(started)}.log"
+        started.append(Daemon(program, {**env, **extra}, log, args=args))
+        return started[-1]
 
     yield start
     for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(timeout=10)
+        daemon.kill()
 
 
 @pytest.fixture
@@ -207,7 +173,7 @@ def test_results_and_poison_are_stored_and_sigterm_commits(
     daemon = daemons(env, METRICS_PORT=str(metrics_port))
     wait_for(lambda: count(observer) == 300, "300 rows")
     wait_for(lambda: count(observer, "SELECT count(*) FROM rejected_messages") == 3, "3 rejected")
-    assert daemon.proc.poll() is None, "the consumer must keep running after poison messages"
+    assert daemon.alive(), "the consumer must keep running after poison messages"
     with observer.cursor() as cur:
         cur.execute(
             "SELECT result_id::text, task_id::text, load_time, status_code FROM check_results"
@@ -226,7 +192,7 @@ def test_results_and_poison_are_stored_and_sigterm_commits(
     assert 'checker_processing_messages_total{outcome="stored"} 300.0' in metrics
     assert 'checker_processing_messages_total{outcome="rejected"} 3.0' in metrics
 
-    assert daemon.stop() == 0
+    assert daemon.terminate() == 0
     assert daemon.stored() == 300
     assert committed(kafka, env, topic) == high_watermarks(kafka, topic)
 
@@ -239,7 +205,7 @@ def test_results_and_poison_are_stored_and_sigterm_commits(
         ),
         "the second group to commit everything",
     )
-    assert again.stop() == 0
+    assert again.terminate() == 0
     assert again.stored() == 0
     assert count(observer) == 300
     assert count(observer, "SELECT count(DISTINCT result_id) FROM check_results") == 300
@@ -262,7 +228,7 @@ def test_terminated_database_connections_lose_and_duplicate_nothing(
     kills_midway = 0
     last = -1
     while (stored := count(observer)) < 10_000:
-        assert daemon.proc.poll() is None, daemon.text()[-2000:]
+        assert daemon.alive(), daemon.text()[-2000:]
         # A few terminations spread over the run; each costs a backoff and a reconnect.
         if stored != last and kills_midway < 4:
             with observer.cursor() as cur:
@@ -278,7 +244,7 @@ def test_terminated_database_connections_lose_and_duplicate_nothing(
         time.sleep(0.2)
     assert kills_midway >= 1
     assert "database unavailable" in daemon.text()
-    assert daemon.stop() == 0
+    assert daemon.terminate() == 0
     assert count(observer) == 10_000
     assert count(observer, "SELECT count(DISTINCT result_id) FROM check_results") == 10_000
     assert count(observer, "SELECT count(*) FROM rejected_messages") == 0
@@ -292,11 +258,20 @@ def test_crash_between_database_and_offset_commit_is_exact_after_restart(
     produce(kafka, topic, messages)
     # A short session: the restart waits for the crashed member's session to expire.
     env = {**env, "KAFKA_SESSION_TIMEOUT_MS": "3000"}
-    crashing = daemons(env, BATCH_MAX_MESSAGES="100", **{CRASH_HOOK_ENV: "3"})
-    assert crashing.proc.wait(timeout=DEADLINE_S) == 70
-    assert "exiting after the database commit of batch 3" in crashing.text()
+    crashing = daemons(env, CRASH_AFTER_BATCH, ("3",), BATCH_MAX_MESSAGES="100")
+    assert crashing.proc.wait(timeout=DEADLINE_S) == -signal.SIGKILL, crashing.tail()
+    assert f"{crash_after_batch.SAYS} 3" in crashing.text()
     stored_before = count(observer)
     assert 0 < stored_before < 1_000
+    # The rows of batch 3 are in PostgreSQL and its offsets are not committed; every offset
+    # that is committed is of a stored row.
+    offsets = {p: max(end, 0) for p, end in committed(kafka, env, topic).items()}
+    assert sum(offsets.values()) < stored_before, "offsets committed before their rows"
+    stored_per_partition = dict(
+        rows(observer, "SELECT kafka_partition, count(*) FROM check_results GROUP BY 1")
+    )
+    for partition, end in offsets.items():
+        assert end <= stored_per_partition.get(partition, 0)
 
     restarted = daemons(env, BATCH_MAX_MESSAGES="100")
     wait_for(lambda: count(observer) == 1_000, "1000 rows after the restart")
@@ -304,7 +279,7 @@ def test_crash_between_database_and_offset_commit_is_exact_after_restart(
         lambda: committed(kafka, env, topic) == high_watermarks(kafka, topic),
         "offsets committed",
     )
-    assert restarted.stop() == 0
+    assert restarted.terminate() == 0
     # Batch 3 was read again (its offsets were never committed) and found already stored.
     assert re.search(r"\d+ stored, [1-9]\d* duplicates", restarted.text())
     assert count(observer) == 1_000
@@ -331,8 +306,8 @@ def test_two_processors_split_the_partitions(
     produce(kafka, topic, second_half)
     wait_for(lambda: count(observer) == 3_000, "3000 rows")
     wait_for(lambda: committed(kafka, env, topic) == high_watermarks(kafka, topic), "commit")
-    assert first.stop() == 0
-    assert second.stop() == 0
+    assert first.terminate() == 0
+    assert second.terminate() == 0
     assert first.stored() > 0
     assert second.stored() > 0
     assert first.stored() + second.stored() == 3_000
@@ -367,11 +342,11 @@ def test_database_outage_keeps_the_batch_and_the_group(
 
         wait_for(lambda: count(observer) == 500, "all 500 rows after the outage")
         wait_for(lambda: committed(kafka, env, topic) == high_watermarks(kafka, topic), "commit")
-        assert daemon.proc.poll() is None
+        assert daemon.alive()
         # It stayed in its group the whole time: assigned once, never revoked before SIGTERM.
         assert daemon.text().count(": assigned ") == 1
         assert ": revoked " not in daemon.text()
-        assert daemon.stop() == 0
+        assert daemon.terminate() == 0
         assert daemon.stored() == 500
     finally:
         proxy.stop()
@@ -384,7 +359,7 @@ def test_sigterm_mid_stream_commits_exactly_what_is_stored(
     produce(kafka, topic, messages)
     daemon = daemons(env, BATCH_MAX_MESSAGES="20")
     wait_for(lambda: count(observer) > 0, "the first rows")
-    assert daemon.stop() == 0
+    assert daemon.terminate() == 0
     assert "signal SIGTERM" in daemon.text()
     with observer.cursor() as cur:
         cur.execute(
@@ -434,7 +409,7 @@ def test_draining_a_backlog_with_the_defaults_stays_under_256_mib(
     daemon = daemons(defaults)
     wait_for(lambda: count(observer) == 200_000, "200,000 rows")
     peak = peak_rss_mib(daemon.proc.pid)
-    assert daemon.stop() == 0
+    assert daemon.terminate() == 0
     assert peak < 256, f"peak RSS {peak:.0f} MiB"
 
 

@@ -1,4 +1,4 @@
-"""Dependency checks used by `check-config`: each returns one `Check`, never raises."""
+"""What `check-config` tries: each dependency check returns `Check`s and never raises."""
 
 from __future__ import annotations
 
@@ -7,9 +7,22 @@ import sqlite3
 import ssl
 from pathlib import Path
 
-from checker_common.cli import Check
+from checker_common.cli import Check, CheckFn, run_checks
 from checker_common.kafka import bootstrap_addresses, client_config, tls_handshake
 from checker_common.settings import KafkaSettings
+
+
+def check_config(settings: KafkaSettings, topics: list[str], storage: CheckFn) -> int:
+    """`check-config` of a daemon: its settings (valid, since they loaded), each broker's mutual
+    TLS, the topics, then its own storage; one line per check with secrets masked, exit 1 when
+    one failed."""
+    steps: list[CheckFn] = [
+        lambda: Check("settings", True, "valid"),
+        lambda: broker_tls(settings),
+        lambda: kafka_topics(settings, topics),
+        storage,
+    ]
+    return run_checks(steps, settings.secrets(), print)
 
 
 def broker_tls(settings: KafkaSettings) -> list[Check]:

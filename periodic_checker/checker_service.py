@@ -18,7 +18,8 @@ from checker_common.contract import CheckResult
 from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.metrics import STALL_WINDOW, StallsView, count_tasks
 from periodic_checker.scheduler import CheckScheduler
-from periodic_checker.service import (
+from periodic_checker.store import TaskExists, TaskStore
+from periodic_checker.task_service import (
     InvalidChange,
     ServiceStatus,
     TargetDenied,
@@ -26,7 +27,6 @@ from periodic_checker.service import (
     TaskNotFound,
     TaskPage,
 )
-from periodic_checker.store import TaskExists, TaskStore
 from periodic_checker.tasks import Task, edited, end_reason, kept_secrets, paused, redacted, resumed
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class StatsSource(Protocol):
 
 
 class CheckerService:
-    """Implements `periodic_checker.service.TaskService`."""
+    """Implements `periodic_checker.task_service.TaskService`."""
 
     def __init__(
         self,
