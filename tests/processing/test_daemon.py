@@ -560,4 +560,4 @@ def test_a_task_deleted_on_the_task_topic_closes_its_incident(
     wait_for(lambda: incident()[0][1] == "task_removed", "the incident closed by the removal")
     assert count(observer, "SELECT count(*) FROM latest_results") == 0
     assert reported_status() == [("shop", "removed")]
-    assert daemon.stop() == 0
+    assert daemon.terminate() == 0
