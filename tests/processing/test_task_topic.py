@@ -198,12 +198,20 @@ def test_a_record_without_a_task_id_is_kept_in_rejected_messages(
     assert scalar(migrated, "SELECT count(*) FROM tasks") == 0
 
 
-def test_text_postgresql_would_refuse_is_stored_readable(writer: Writer, migrated: Any) -> None:
-    """A status reason is free text: a NUL in it would make PostgreSQL refuse the row."""
-    assert writer.write([change(A, 0, status="error", reason="bad\x00byte")]) == Outcome(
-        task_changes=1
-    )
-    assert task(migrated, A)["status_reason"] == "bad\ufffdbyte"
+def test_a_control_character_in_a_status_reason_makes_the_record_invalid(
+    writer: Writer, migrated: Any
+) -> None:
+    """A NUL would make PostgreSQL refuse the row: the contract refuses control characters in
+    a status reason, so such a record (from another program) leaves its task in error, with a
+    reason that is itself readable."""
+    value = orjson.loads(task_value(A, status="error", reason="bad"))
+    odd = orjson.dumps({**value, "status_reason": "bad\x00byte"})
+    record = Record(TASKS, 0, 0, str(A).encode(), odd, millis(at(0)))
+    assert writer.write([record]) == Outcome(task_changes=1)
+    stored = task(migrated, A)
+    assert stored["status"] == "error"
+    assert stored["status_reason"].startswith("invalid task record: status_reason")
+    assert "\x00" not in stored["status_reason"]
 
 
 def test_a_record_the_contract_fails_to_read_does_not_stop_the_batch(
