@@ -13,6 +13,7 @@ machine without the Kafka files can run it.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from enum import StrEnum
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ENV_FILE = ".env.prod"
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
 class SettingsError(Exception):
@@ -83,6 +85,12 @@ class KafkaSettings(CommonSettings):
     kafka_security_protocol: str = Field(
         "SSL", description="SSL (mutual TLS); only SSL is supported"
     )
+    # Both daemons follow the task topic: one definition, so they cannot disagree on its name.
+    kafka_tasks_topic: str = Field(
+        "checker-tasks",
+        description="compacted topic of the task records (key = task id, null = removed);"
+        " the checker writes it, both daemons follow it",
+    )
 
     @field_validator("kafka_connection")
     @classmethod
@@ -95,6 +103,11 @@ class KafkaSettings(CommonSettings):
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"'{server}' is not host:port")
         return ",".join(servers)
+
+    @field_validator("kafka_tasks_topic")
+    @classmethod
+    def _tasks_topic(cls, value: str) -> str:
+        return topic_name(value)
 
     @field_validator("kafka_security_protocol")
     @classmethod
@@ -118,6 +131,13 @@ class KafkaSettings(CommonSettings):
         if self.kafka_cert_pass and self.kafka_cert_pass.get_secret_value():
             found.append(self.kafka_cert_pass.get_secret_value())
         return found
+
+
+def topic_name(value: str) -> str:
+    """`value` when it is a valid Kafka topic name; ValueError otherwise."""
+    if not TOPIC_NAME.match(value) or value in {".", ".."}:
+        raise ValueError("not a valid Kafka topic name (letters, digits, '.', '_', '-')")
+    return value
 
 
 def readable_file(value: Path) -> Path:

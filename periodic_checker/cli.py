@@ -16,7 +16,7 @@ from checker_common.cli import (
     settings_or_exit,
 )
 from periodic_checker.probe_cli import add_probe_parser, run_probe
-from periodic_checker.settings import CheckerSettings
+from periodic_checker.settings import CheckerMode, CheckerSettings
 from periodic_checker.tasks_cli import add_tasks_parser, run_tasks
 
 PROG = "periodic-checker"
@@ -48,10 +48,18 @@ def check_config(settings: CheckerSettings) -> int:
     steps: list[CheckFn] = [
         lambda: Check("settings", True, "valid"),
         lambda: checks.broker_tls(settings),
-        lambda: checks.kafka_topics(settings, [settings.kafka_topic]),
+        lambda: checks.kafka_topics(settings, checker_topics(settings)),
         lambda: storage_writable(settings.task_storage),
     ]
     return run_checks(steps, settings.secrets(), print)
+
+
+def checker_topics(settings: CheckerSettings) -> list[str]:
+    """The topics the checker needs: results and tasks, and the name claims in cluster mode."""
+    topics = [settings.kafka_topic, settings.kafka_tasks_topic]
+    if settings.checker_mode is CheckerMode.CLUSTER:
+        topics.append(settings.kafka_task_names_topic)
+    return topics
 
 
 def storage_writable(path: Path) -> Check:
