@@ -430,10 +430,15 @@ class SQLiteTaskStore:
         if not items:
             return
         with self._lock, _transaction(self._db):
-            self._db.executemany(
-                "UPDATE tasks SET published_at = ? WHERE id = ?",
-                [(_time(at), str(task_id)) for task_id, at in items],
-            )
+            for task_id, at in items:
+                row = self._db.execute(
+                    "SELECT updated_at FROM tasks WHERE id = ?", (str(task_id),)
+                ).fetchone()
+                # Compared as times: a file of an older release may spell them differently.
+                if row is not None and _parse_time(row[0]) == at:
+                    self._db.execute(
+                        "UPDATE tasks SET published_at = updated_at WHERE id = ?", (str(task_id),)
+                    )
 
     def pending_removals(self) -> list[uuid.UUID]:
         """Tasks removed whose tombstone is not yet safe."""
