@@ -152,7 +152,7 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         publisher=publisher,
         stalls=prober.stalls,
         writes=writes,
-        describe=lambda: _topic_status(settings, follower, records),
+        describe=lambda: _topic_status(settings, follower, records, publisher),
     )
     collector = metrics.register(scheduler, publisher, prober.stalls)
     await scheduler.start(tasks)
@@ -248,7 +248,10 @@ async def _materialise(
 
 
 def _topic_status(
-    settings: CheckerSettings, follower: TaskTopicFollower, records: RecordPublisher
+    settings: CheckerSettings,
+    follower: TaskTopicFollower,
+    records: RecordPublisher,
+    publisher: ResultPublisher,
 ) -> dict[str, object]:
     """The mode and the task topic's figures, for /status."""
     stats = follower.stats
@@ -260,6 +263,7 @@ def _topic_status(
         "task_records_rejected": stats.rejected,
         "task_records_published": records.published,
         "task_records_republished": stats.republished,
+        "task_records_waiting": publisher.stats().records_waiting,
     }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from checker.nodes import previous_release_store
 
 from checker_common.contract import Health
 from checker_common.task_spec import TaskSpec, TaskStatus
@@ -227,29 +228,11 @@ def test_a_cursor_the_store_did_not_make_is_refused(cursor: str) -> None:
 # --- the task topic (schema 3) -------------------------------------------------------------------
 
 
-def release_2_store(path: Path, tasks: list[Task]) -> None:
-    """A file as the release before the task topic made it: schema 2, names UNIQUE."""
-    with sqlite3.connect(path) as db:
-        for step in MIGRATIONS[:2]:
-            for statement in step:
-                db.execute(statement)
-        for task in tasks:
-            db.execute(
-                "INSERT INTO tasks (id, name, url, spec, status, health, runs, failures_in_a_row,"
-                " created_at, updated_at, manual_runs) VALUES (?, ?, ?, ?, 'active', 'up', 4, 0,"
-                " ?, ?, 1)",
-                (str(task.id), task.spec.name, task.spec.url, task.spec.model_dump_json(),
-                 task.created_at.isoformat(), task.updated_at.isoformat()),
-            )  # fmt: skip
-        db.execute("PRAGMA user_version = 2")
-    db.close()
-
-
 def test_a_file_of_the_previous_release_keeps_its_tasks_and_publishes_each_once(
     path: Path,
 ) -> None:
     tasks = [make_task(f"site-{i}", created=NOW + timedelta(seconds=i)) for i in range(3)]
-    release_2_store(path, tasks)
+    previous_release_store(path, tasks)
 
     store = SQLiteTaskStore(path)
 
