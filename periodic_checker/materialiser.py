@@ -334,6 +334,8 @@ class TaskTopicFollower:
         the offsets saved in the store) until `stop()`."""
         if self._consumer is None:
             self._positions = await asyncio.to_thread(self.store.positions)
+        elif self._partitions and self._eof >= self._partitions:
+            self.caught_up.set()  # read to the end at start
         self._runner = asyncio.create_task(self._run(), name="task-topic")
 
     async def stop(self) -> None:

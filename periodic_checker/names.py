@@ -18,11 +18,14 @@ it is pure (no I/O), so the same code reads the topic at start and live.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
+
+log = logging.getLogger(__name__)
 
 NAME_SEPARATOR = "\n"
 # A winning claim whose task record never came (its writer died in between) is released by
@@ -65,8 +68,9 @@ class NameClaims:
 
     def __init__(self) -> None:
         self.holders: dict[str, Holder] = {}
-        # offset of a claim -> whether it won (the most recent ones; a dict keeps their order)
-        self._outcomes: dict[int, bool] = {}
+        # offset of a claim -> (its name and task, whether it won); the most recent ones (a
+        # dict keeps their order)
+        self._outcomes: dict[int, tuple[str, uuid.UUID, bool]] = {}
         self.next_offset = 0
 
     def apply(self, offset: int, key: bytes | None, value: bytes | None, now: float) -> bool:
@@ -84,17 +88,25 @@ class NameClaims:
         won = holder is None or holder.task_id == task_id
         if holder is None:
             self.holders[name] = Holder(task_id, _claimed_at(value, now))
-        self._outcomes[offset] = won
+        self._outcomes[offset] = (name, task_id, won)
         if len(self._outcomes) > RECENT_OUTCOMES:
             del self._outcomes[next(iter(self._outcomes))]
         return True
 
-    def won(self, offset: int) -> bool | None:
-        """Whether the claim appended at `offset` won; None while that offset has not been
-        read."""
+    def won(self, name: str, task_id: uuid.UUID, offset: int) -> bool | None:
+        """Whether the claim of `name` by `task_id` appended at `offset` won; None while that
+        offset has not been read. A claim not found there (where the broker said it was) is
+        not taken for a win."""
         if offset >= self.next_offset:
             return None
-        return self._outcomes.get(offset, False)
+        found = self._outcomes.get(offset)
+        if found is None or found[:2] != (name, task_id):
+            log.error(
+                "name claim of %r by task %s not found at offset %d (found %s): taken as lost",
+                name, task_id, offset, found,
+            )  # fmt: skip
+            return False
+        return found[2]
 
     def holder(self, name: str) -> uuid.UUID | None:
         found = self.holders.get(name)

@@ -83,7 +83,7 @@ _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 _BROKER_GONE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._MSG_TIMED_OUT})
 # The producer's idempotence state is broken: only a new instance (a new producer id) helps.
 # Seen after an outage when a broker refuses librdkafka's local epoch bump.
-_NEEDS_NEW_PRODUCER = frozenset(
+NEEDS_NEW_PRODUCER = frozenset(
     {
         KafkaError.PRODUCER_FENCED,
         KafkaError.INVALID_PRODUCER_EPOCH,
@@ -107,7 +107,7 @@ REFUSED_FOR_GOOD = frozenset(
 # Failures of one message, each while other results were delivered, before it is set aside.
 MAX_DELIVERY_ATTEMPTS = 5
 # Errors that say nothing about the message itself (the broker away, the producer renewed).
-_NOT_THE_MESSAGE = _PURGED | _BROKER_GONE | _NEEDS_NEW_PRODUCER
+_NOT_THE_MESSAGE = _PURGED | _BROKER_GONE | NEEDS_NEW_PRODUCER
 
 
 def counted_failures(code: int, counted: int, others_delivered: bool) -> int | None:
@@ -533,7 +533,7 @@ class ResultPublisher:
             self._failed += 1
             if error.code() in _BROKER_GONE:
                 self._set_reachable(False)
-            if error.code() in _NEEDS_NEW_PRODUCER or error.fatal():
+            if error.code() in NEEDS_NEW_PRODUCER or error.fatal():
                 self._renew = True
             before = self._failures.get(seq)
             counted = counted_failures(

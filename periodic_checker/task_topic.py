@@ -28,6 +28,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from checker_common.kafka import client_config
 from checker_common.task_record import encode
+from periodic_checker.producer import NEEDS_NEW_PRODUCER
 from periodic_checker.service import BrokerUnavailable
 from periodic_checker.settings import CheckerSettings
 from periodic_checker.task_view import record_of
@@ -227,6 +228,7 @@ class RecordProducer:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._renew = False
+        self._retired: list[Any] = []  # replaced producers still holding records
 
     def start(self) -> None:
         self._producer = Producer(self._config)
@@ -236,6 +238,15 @@ class RecordProducer:
     async def produce(self, topic: str, key: bytes, value: bytes | None) -> tuple[int, int]:
         """(partition, offset) of the record once the broker confirmed it; BrokerUnavailable
         when it did not."""
+        try:
+            return await self._produce(topic, key, value)
+        except _Renewed:
+            # The producer's idempotence state was broken (after an outage the local broker
+            # fences the epoch librdkafka bumps): the record was not written; once more with a
+            # new producer.
+            return await self._produce(topic, key, value)
+
+    async def _produce(self, topic: str, key: bytes, value: bytes | None) -> tuple[int, int]:
         if self._renew:
             self._renew_producer()
         loop = asyncio.get_running_loop()
@@ -256,21 +267,28 @@ class RecordProducer:
     ) -> None:
         if error is not None and (error.fatal() or error.code() in _NEEDS_NEW_PRODUCER):
             self._renew = True
+        if error is not None:
+            log.warning("task topic write failed: %s", error.str())
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(_settle, done, error, message)
+            where = (message.partition(), message.offset()) if error is None else (-1, -1)
+            loop.call_soon_threadsafe(_settle, done, error, where)
 
     def _renew_producer(self) -> None:
         self._renew = False
-        old, self._producer = self._producer, Producer(self._config)
-        with contextlib.suppress(Exception):
-            old.purge()
-            old.flush(0)
+        # Not purged: a record it still holds may be written yet, and its client must hear
+        # the truth. The poller serves it until it holds nothing.
+        self._retired.append(self._producer)
+        self._producer = Producer(self._config)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             producer = self._producer
             try:
                 producer.poll(POLL_SECONDS)
+                for old in list(self._retired):
+                    old.poll(0)
+                    if len(old) == 0:
+                        self._retired.remove(old)
             except Exception:
                 log.exception("record producer poll failed")
                 self._stop.wait(POLL_SECONDS)
@@ -284,23 +302,24 @@ class RecordProducer:
             await asyncio.to_thread(self._poller.join)
 
 
-_NEEDS_NEW_PRODUCER = frozenset(
-    {
-        KafkaError.PRODUCER_FENCED,
-        KafkaError.INVALID_PRODUCER_EPOCH,
-        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
-        KafkaError.UNKNOWN_PRODUCER_ID,
-        KafkaError._FATAL,
-    }
-)
+# The producer's idempotence state is broken, or will be: after a record timed out, librdkafka
+# bumps its epoch, which the local broker answers with PRODUCER_FENCED. A new producer (a new
+# producer id) starts clean.
+_NEEDS_NEW_PRODUCER = NEEDS_NEW_PRODUCER | {KafkaError._MSG_TIMED_OUT}
 
 
-def _settle(done: asyncio.Future[tuple[int, int]], error: KafkaError | None, message: Any) -> None:
+class _Renewed(BrokerUnavailable):
+    """The record was refused because the producer had to be replaced; it may be sent again."""
+
+
+def _settle(
+    done: asyncio.Future[tuple[int, int]], error: KafkaError | None, where: tuple[int, int]
+) -> None:
     if done.done():
         return
     if error is None:
-        done.set_result((message.partition(), message.offset()))
-    else:
-        done.set_exception(
-            BrokerUnavailable(f"the broker did not confirm the change: {error.str()}")
-        )
+        done.set_result(where)
+        return
+    fenced = error.fatal() or error.code() in NEEDS_NEW_PRODUCER
+    failed = _Renewed if fenced else BrokerUnavailable
+    done.set_exception(failed(f"the broker did not confirm the change: {error.str()}"))

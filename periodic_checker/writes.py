@@ -196,7 +196,13 @@ class TopicWrites:
         offset = await self._produce_and_apply(
             self.names_topic, key, claim_value(name, task_id, datetime.now(UTC))
         )
-        if not self.names.won(offset):
+        won = self.names.won(name, task_id, offset)
+        log.info(
+            "name %r claimed for task %s at offset %d: %s",
+            name, task_id, offset, "won" if won else "lost",
+            extra={"task_id": str(task_id)},
+        )  # fmt: skip
+        if not won:
             # A lost claim holds nothing; its tombstone only keeps the compacted topic small.
             with contextlib.suppress(BrokerUnavailable):
                 await self.producer.produce(self.names_topic, key, None)

@@ -135,18 +135,21 @@ class Node:
             raw = exc.read()
             return exc.code, json.loads(raw) if raw else None
 
-    def tasks(self) -> dict[str, dict[str, Any]]:
-        """Every task by name (the API's list, all pages)."""
-        found: dict[str, dict[str, Any]] = {}
+    def task_list(self) -> list[dict[str, Any]]:
+        """Every task, as the API lists them (all pages)."""
+        found: list[dict[str, Any]] = []
         cursor = ""
         while True:
             status, page = self.call("GET", f"/tasks?limit=1000{cursor}")
             assert status == 200, page
-            for task in page["tasks"]:
-                found[task["spec"]["name"]] = task
+            found += page["tasks"]
             if not page["next_cursor"]:
                 return found
             cursor = f"&cursor={page['next_cursor']}"
+
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        """Every task by name."""
+        return {task["spec"]["name"]: task for task in self.task_list()}
 
     def status(self) -> dict[str, Any]:
         status, body = self.call("GET", "/status")

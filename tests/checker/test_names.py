@@ -22,7 +22,7 @@ def read(claims: NameClaims, *records: tuple[str, uuid.UUID, bool]) -> list[bool
         offset = claims.next_offset
         value = claim_value(name, task, T0) if claim else None
         claims.apply(offset, claim_key(name, task), value, T0.timestamp())
-        outcomes.append(claims.won(offset) if claim else None)
+        outcomes.append(claims.won(name, task, offset) if claim else None)
     return outcomes
 
 
@@ -63,7 +63,8 @@ def test_names_are_independent() -> None:
 def test_an_offset_not_read_yet_has_no_answer() -> None:
     claims = NameClaims()
     read(claims, ("shop", A, True))
-    assert claims.won(claims.next_offset) is None
+    assert claims.won("shop", A, claims.next_offset) is None
+    assert claims.won("shop", B, 0) is False  # not the claim found there
 
 
 def test_a_key_that_is_not_a_claim_is_ignored() -> None:
