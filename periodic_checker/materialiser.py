@@ -209,7 +209,11 @@ class TaskTopicFollower:
                 "enable.partition.eof": True,
                 # Without it the consumer waits up to a second between fetches (local broker).
                 "fetch.queue.backoff.ms": 10,
-                "fetch.wait.max.ms": 100,
+                # A write through the API waits for its own record to be read back. A real
+                # Kafka answers a fetch as soon as a record arrives; the local broker waits
+                # out this whole time (measured: a create answered in 104 ms at 100, 16 ms at
+                # 10; an idle node 1.3 % of a core at 100, 1.8 % at 25, 2 % at 10).
+                "fetch.wait.max.ms": 25,
             }
         )
         return config
@@ -368,7 +372,7 @@ class TaskTopicFollower:
             await self._open_for_single_mode()
         while not self._stopping.is_set():
             try:
-                messages = await asyncio.to_thread(self._consumer.consume, BATCH, POLL_SECONDS)
+                messages = await asyncio.to_thread(self._next_batch)
             except Exception:
                 log.exception("reading the task topic failed; retrying")
                 await asyncio.sleep(RETRY_SECONDS)
@@ -380,6 +384,14 @@ class TaskTopicFollower:
                     # Not applied, so not saved as read: the records come again after a
                     # restart. Reading on keeps the other tasks current meanwhile.
                     log.exception("applying %d task records failed", len(messages))
+
+    def _next_batch(self) -> list[Any]:
+        """The records there are, once there is one (`consume()` alone would wait for a full
+        batch or its whole time-out, and every write through the API waits for this)."""
+        first = self._consumer.poll(POLL_SECONDS)
+        if first is None:
+            return []
+        return [first, *self._consumer.consume(BATCH - 1, 0)]
 
     async def _open_for_single_mode(self) -> None:
         """The partitions, once the broker answers (single mode starts without it)."""

@@ -53,16 +53,24 @@ def applied(change: TaskChange | InvalidTask, current: Task | None, now: datetim
     record = change.record
     spec = record.spec
     created = record.created_at or (current.created_at if current is not None else now)
-    fields = {
-        "spec": spec,
-        "status": record.status,
-        "status_reason": record.status_reason,
-        "created_at": created,
-        "updated_at": record.updated_at or now,
-    }
+    updated = record.updated_at or now
     if current is None:
-        task = Task(id=change.task_id, **fields)
+        task = Task(
+            id=change.task_id,
+            spec=spec,
+            status=record.status,
+            status_reason=record.status_reason,
+            created_at=created,
+            updated_at=updated,
+        )
     else:
+        fields: dict[str, Any] = {
+            "spec": spec,
+            "status": record.status,
+            "status_reason": record.status_reason,
+            "created_at": created,
+            "updated_at": updated,
+        }
         if not _same_check(current.spec, spec):
             fields.update(health=Health.UNKNOWN, failures_in_a_row=0)
         task = current.model_copy(update=fields)
