@@ -54,7 +54,9 @@ from periodic_checker.settings import CheckerMode, CheckerSettings
 from periodic_checker.store import RuntimeState, ViewBatch, ViewWrite
 from periodic_checker.task_view import (
     INVALID_RECORD,
+    Action,
     Refusals,
+    action_for,
     applied,
     judged,
     republish_after_echo,
@@ -483,23 +485,31 @@ class TaskTopicFollower:
         task_id = decoded.task_id
         current = self.scheduler.tasks.get(task_id)
         single = self.mode is CheckerMode.SINGLE
-        if single and self.own is not None:
-            later = _later(self.own.own_positions.get(task_id), partition, offset) or _later(
+        own = self.own
+        later = pending = False
+        if single and own is not None:
+            later = _later(own.own_positions.get(task_id), partition, offset) or _later(
                 self._positions.get(task_id), partition, offset
             )
-            pending = self.own.pending(task_id)
-            if _origin(decoded) == self.node_id:
-                self.stats.echoes += 1
-                if current is not None and not later:
-                    self._positions[task_id] = (partition, offset)
-                    echoed.add(task_id)
-                echo_at = decoded.record.updated_at if isinstance(decoded, TaskChange) else None
-                if republish_after_echo(echo_at, current, own_pending=pending, own_later=later):
-                    republish[task_id] = current
-                return
-            if pending or later:
-                self.stats.superseded += 1
-                return
+            pending = own.pending(task_id)
+        action = action_for(
+            cluster=not single,
+            own=_origin(decoded) == self.node_id,
+            own_pending=pending,
+            own_later=later,
+        )
+        if action is Action.ECHO:
+            self.stats.echoes += 1
+            if current is not None and not later:
+                self._positions[task_id] = (partition, offset)
+                echoed.add(task_id)
+            echo_at = decoded.record.updated_at if isinstance(decoded, TaskChange) else None
+            if republish_after_echo(echo_at, current, own_pending=pending, own_later=later):
+                republish[task_id] = current
+            return
+        if action is Action.SUPERSEDED:
+            self.stats.superseded += 1
+            return
         self.stats.applied += 1
         APPLIED.inc()
         if isinstance(decoded, TaskRemoved):
@@ -521,8 +531,9 @@ class TaskTopicFollower:
             self.scheduler.replace(task)
         self._positions[task_id] = (partition, offset)
         writes[task_id] = ViewWrite(task, as_recorded, partition, offset)
-        if single and republish_after_foreign(own_pending=False, own_later=False,
-                                              as_recorded=as_recorded):  # fmt: skip
+        if single and republish_after_foreign(
+            own_pending=pending, own_later=later, as_recorded=as_recorded
+        ):
             republish[task_id] = task
         log.info(
             "task %s %s from the task topic (partition %d, offset %d): %s",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from checker_common.contract import Health
@@ -159,6 +160,35 @@ def says_the_same(task: Task, record: TaskRecord) -> bool:
         and task.status_reason == record.status_reason
         and task.spec == record.spec
     )
+
+
+# --- What a checker does with a record -----------------------------------------------------------
+
+
+class Action(StrEnum):
+    APPLY = "apply"  # the record says what the task now is
+    ECHO = "echo"  # this checker's own record read back: nothing to change
+    SUPERSEDED = "superseded"  # a later record of this checker is (or will be) the last word
+
+
+def action_for(*, cluster: bool, own: bool, own_pending: bool, own_later: bool) -> Action:
+    """What a record does, by mode (`own`: written by this checker, by `origin`; a tombstone
+    has none).
+
+    Cluster mode: the topic is the source of truth, every record is applied in topic order,
+    the checker's own included (its writes wait for exactly that). Single mode: SQLite is the
+    source of truth and already has the checker's own records; another program's record is
+    applied unless a record of this checker lands after it (`own_pending`: not confirmed yet;
+    `own_later`: known to have landed at a later offset), which is then the topic's last word,
+    as it is SQLite's.
+    """
+    if cluster:
+        return Action.APPLY
+    if own:
+        return Action.ECHO
+    if own_pending or own_later:
+        return Action.SUPERSEDED
+    return Action.APPLY
 
 
 # --- Single mode: the topic must end with what SQLite holds ------------------------------------

@@ -273,3 +273,43 @@ def test_a_record_without_a_task_id_is_counted_logged_and_changes_nothing(
     assert "task record rejected" in node.text()
     assert "b'not-a-task-id' is not a task id" in node.text()
     assert set(node.tasks()) == {"after"}
+
+
+def test_another_programs_record_is_overridden_by_a_change_of_the_checker_that_lands_after_it(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    broker = kafka.require_local()
+    node = Node("node-a", kafka, topics, tmp_path, extra={"KAFKA_MESSAGE_TIMEOUT_MS": "1000"})
+    node.start()
+    try:
+        status, task = node.call("POST", "/tasks", SPEC)
+        assert status == 201, task
+        wait_for(lambda: records_of(kafka, topics.tasks, task["id"]), "the record", DEADLINE)
+        broker.stop_proxy()
+        try:
+            assert node.call("POST", f"/tasks/{task['id']}/pause")[0] == 200  # in SQLite
+            assert node.stop() == 0  # its record waits in the outbox
+        finally:
+            broker.start_proxy()
+        # Meanwhile another program renames the task: its record lands first.
+        outside = {"spec": {**SPEC, "name": "renamed outside"}, "status": "active"}
+        produce(kafka, topics.tasks, task["id"].encode(), json.dumps(outside).encode())
+
+        node.start()
+
+        def last() -> tuple[str, ...] | None:
+            records = records_of(kafka, topics.tasks, task["id"])
+            return summary(records[-1]) if len(records) == 3 else None
+
+        # The checker's pause lands after the other program's record: it is the last word,
+        # on the topic as in SQLite.
+        assert wait_for(last, "the pause after the rename", DEADLINE) == (
+            "paused", "shop", "60.0", "node-a",
+        )  # fmt: skip
+        wait_for(lambda: node.status()["task_topic_caught_up"], "the topic read", DEADLINE)
+        wait_for(lambda: node.status()["task_records_waiting"] == 0, "nothing waiting", DEADLINE)
+        shown = node.call("GET", f"/tasks/{task['id']}")[1]
+        assert (shown["spec"]["name"], shown["status"]) == ("shop", "paused")
+        assert node.status()["task_records_republished"] == 0
+    finally:
+        node.kill()

@@ -16,7 +16,9 @@ from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.store import RuntimeState
 from periodic_checker.task_view import (
     INVALID_RECORD,
+    Action,
     Refusals,
+    action_for,
     applied,
     judged,
     record_of,
@@ -229,4 +231,30 @@ def test_after_reading_back_its_own_record(
     assert (
         republish_after_echo(echo_at, current, own_pending=own_pending, own_later=own_later)
         is again
+    )
+
+
+# --- what a record does, by mode ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cluster", "own", "own_pending", "own_later", "action"),
+    [
+        # Cluster mode: the topic is the truth; every record is applied, its own included.
+        (True, True, False, False, Action.APPLY),
+        (True, False, True, True, Action.APPLY),
+        # Single mode: SQLite is the truth and has its own records already.
+        (False, True, False, False, Action.ECHO),
+        (False, True, True, True, Action.ECHO),
+        (False, False, False, False, Action.APPLY),
+        # Another program's record, with one of this checker's landing after it.
+        (False, False, True, False, Action.SUPERSEDED),
+        (False, False, False, True, Action.SUPERSEDED),
+    ],
+)
+def test_what_a_record_does_in_each_mode(
+    cluster: bool, own: bool, own_pending: bool, own_later: bool, action: Action
+) -> None:
+    assert (
+        action_for(cluster=cluster, own=own, own_pending=own_pending, own_later=own_later) is action
     )
