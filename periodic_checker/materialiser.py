@@ -383,9 +383,24 @@ class TaskTopicFollower:
                 try:
                     await self._apply(messages)
                 except Exception:
-                    # Not applied, so not saved as read: the records come again after a
-                    # restart. Reading on keeps the other tasks current meanwhile.
-                    log.exception("applying %d task records failed", len(messages))
+                    # Not written (SQLite trouble): read the batch's task records again, later.
+                    # What reached the scheduler meanwhile comes again the same; the name
+                    # claims, kept in memory only, were applied and are not read twice.
+                    log.exception(
+                        "applying %d task records failed; retrying in %.0f s",
+                        len(messages), RETRY_SECONDS,
+                    )  # fmt: skip
+                    await asyncio.to_thread(self._rewind, messages)
+                    await asyncio.sleep(RETRY_SECONDS)
+
+    def _rewind(self, messages: list[Any]) -> None:
+        """Seek each task-topic partition back to the first record of `messages` in it."""
+        first: dict[int, int] = {}
+        for message in messages:
+            if message.error() is None and message.topic() == self.topic:
+                first.setdefault(message.partition(), message.offset())
+        for partition, offset in first.items():
+            self._consumer.seek(TopicPartition(self.topic, partition, offset))
 
     def _next_batch(self) -> list[Any]:
         """The records there are, once there is one (`consume()` alone would wait for a full
