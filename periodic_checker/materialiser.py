@@ -211,10 +211,10 @@ class TaskTopicFollower:
                 "enable.partition.eof": True,
                 # Without it the consumer waits up to a second between fetches (local broker).
                 "fetch.queue.backoff.ms": 10,
-                # A write through the API waits for its own record to be read back. A real
-                # Kafka answers a fetch as soon as a record arrives; the local broker waits
-                # out this whole time (measured: a create answered in 104 ms at 100, 16 ms at
-                # 10; an idle node 1.3 % of a core at 100, 1.8 % at 25, 2 % at 10).
+                # A write through the API waits until its claim and its record are read back.
+                # A real Kafka answers a fetch as soon as a record arrives; the local broker
+                # waits out this whole time, so it bounds the answer time there
+                # (bench/task_topic.py visibility). Shorter costs an idle node more fetches.
                 "fetch.wait.max.ms": 25,
             }
         )
