@@ -313,3 +313,30 @@ def test_another_programs_record_is_overridden_by_a_change_of_the_checker_that_l
         assert node.status()["task_records_republished"] == 0
     finally:
         node.kill()
+
+
+def test_the_readmes_example_producer_creates_pauses_and_removes_a_check(
+    kafka: KafkaTarget, topics: Topics, node: Node
+) -> None:
+    if kafka.password is None:
+        pytest.skip("the README's example opens an encrypted key, as the local stack makes")
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Creating checks through the queue") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    # The example as written, pointed at the test's broker, certificates and topic.
+    config = kafka.client_config()
+    code = (
+        code.replace('"localhost:9093"', repr(config["bootstrap.servers"]))
+        .replace('"certs/dev/ca.pem"', repr(config["ssl.ca.location"]))
+        .replace('"certs/dev/client.pem"', repr(config["ssl.certificate.location"]))
+        .replace('"certs/dev/client.key"', repr(config["ssl.key.location"]))
+        .replace('open("certs/dev/client.pass").read().strip()', repr(kafka.password))
+        .replace('"checker-tasks"', repr(topics.tasks))
+    )
+    node.start()
+
+    exec(compile(code, "README.md", "exec"), {})
+
+    wait_for(lambda: node.status()["task_records_applied"] == 3, "three records applied", DEADLINE)
+    assert node.tasks() == {}  # created, paused, removed
+    assert "task record rejected" not in node.text()
