@@ -3,6 +3,7 @@ through one node is visible through another.
 
     .venv/bin/python bench/task_topic.py startup --records 100000 --runs 3
     .venv/bin/python bench/task_topic.py visibility --changes 200 --runs 3
+    .venv/bin/python bench/task_topic.py build --records 100000
 
 `startup`: a compacted task topic (12 partitions) holding `--records` valid task records (each
 task once; interval 3600 s, so few checks run meanwhile) read by a new cluster-mode checker with
@@ -14,8 +15,13 @@ writing the SQLite view, adding the jobs to the scheduler.
 one at a time; for each, the time from A's answer (201) until node B's API serves the task
 (B is polled every 2 ms over a kept-alive connection), and A's own answer time.
 
-Both print a Markdown table per run and the medians, with the machine (`lscpu` model name) and
-the load average. Everything runs on 127.0.0.1 and is stopped at the end.
+`build`: in-process, no broker: where the view's time goes per record (decoding and validating,
+the policy's check, making the task, the row), and building and writing the whole view with the
+garbage collector running and paused; making a task with and without validation.
+
+Each prints a Markdown table (per run and the medians where there are runs), with the machine
+(`lscpu` model name) and the load average. Everything runs on 127.0.0.1 and is stopped at the
+end.
 """
 
 from __future__ import annotations
@@ -315,6 +321,90 @@ def visibility(args: argparse.Namespace) -> None:
     )
 
 
+def build(args: argparse.Namespace) -> None:
+    import gc
+    import tempfile
+
+    from checker_common.task_record import decode
+    from periodic_checker.materialiser import Snapshot, TaskTopicFollower
+    from periodic_checker.policy import TargetPolicy
+    from periodic_checker.settings import CheckerSettings
+    from periodic_checker.store import SQLiteTaskStore, ViewWrite, _task_to_row
+    from periodic_checker.task_view import Refusals, applied, judged
+    from periodic_checker.tasks import Task
+
+    print(f"machine: {machine()}; lscpu model name: {lscpu_model()}")
+    n = args.records
+    spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
+    now = datetime.now(UTC)
+    snapshot = Snapshot()
+    for i in range(n):
+        record = TaskRecord(
+            id=uuid.UUID(int=i + 1, version=4),
+            spec=spec.model_copy(update={"name": f"bench task {i}"}),
+            created_at=now,
+            updated_at=now,
+            origin="bench",
+        )
+        key, value = encode(record)
+        snapshot.last[key] = (i % PARTITIONS, i, value)
+    policy = TargetPolicy()
+    items = [(key, value) for key, (_, _, value) in snapshot.last.items()]
+
+    def per_record(label: str, work: Any) -> None:
+        started = time.perf_counter()
+        work()
+        print(f"| {label} | {(time.perf_counter() - started) / n * 1e6:.1f} us |")
+
+    gc.collect()
+    gc.disable()
+    print(f"\n{n:,} records, collector paused\n\n| step | per record |\n|---|---|")
+    decoded: list[Any] = []
+    per_record("decode (JSON, TaskSpec)", lambda: decoded.extend(decode(k, v) for k, v in items))
+    tasks: list[Any] = []
+    per_record("make the task", lambda: tasks.extend(applied(d, None, now) for d in decoded))
+    refused: list[Any] = []
+    per_record("target policy", lambda: refused.extend(policy.check_url(t.spec.url) for t in tasks))
+    per_record(
+        "judge",
+        lambda: [judged(t, Refusals(target=r), now) for t, r in zip(tasks, refused, strict=True)],
+    )
+    per_record("the row's values", lambda: [_task_to_row(t) for t in tasks])
+    one = tasks[0]
+    fields = {"id": one.id, "spec": one.spec, "created_at": now, "updated_at": now}
+    per_record("Task(...) (validated)", lambda: [Task(**fields) for _ in range(n)])
+    per_record(
+        "Task.model_construct(...)", lambda: [Task.model_construct(**fields) for _ in range(n)]
+    )
+
+    settings = CheckerSettings.model_construct(
+        checker_mode="cluster", checker_node_id="bench", kafka_tasks_topic="t"
+    )
+    print("\n| whole view | collector running | collector paused |\n|---|---|---|")
+    timings: dict[str, list[float]] = {"build": [], "write": []}
+    for paused in (False, True):
+        gc.collect()
+        if paused:
+            gc.disable()
+        else:
+            gc.enable()
+        with tempfile.TemporaryDirectory() as tmp:
+            store = SQLiteTaskStore(Path(tmp) / "view.sqlite3", max_tasks=n + 1)
+            follower = TaskTopicFollower(settings, store, None, policy=policy)  # type: ignore[arg-type]
+            started = time.perf_counter()
+            writes: list[ViewWrite] = follower.build_view(snapshot, {}, now)
+            built = time.perf_counter()
+            store.replace_view(writes, {})
+            timings["build"].append(built - started)
+            timings["write"].append(time.perf_counter() - built)
+            store.close()
+    gc.enable()
+    for step, label in (("build", "decoding and validating"), ("write", "writing SQLite")):
+        running, paused_s = timings[step]
+        print(f"| {label} | {running:.2f} s | {paused_s:.2f} s |")
+    print(f"\nload average at the end {loadavg()}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -324,9 +414,13 @@ def main() -> int:
     two = sub.add_parser("visibility", help="a change through A, visible through B")
     two.add_argument("--changes", type=int, default=200)
     two.add_argument("--runs", type=int, default=3)
+    three = sub.add_parser("build", help="where the view's time goes, in-process")
+    three.add_argument("--records", type=int, default=100_000)
     args = parser.parse_args()
     if args.what == "startup":
         startup(args)
+    elif args.what == "build":
+        build(args)
     else:
         visibility(args)
     return 0

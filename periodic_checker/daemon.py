@@ -236,8 +236,8 @@ async def _materialise(
     stopping.cancel()
     snapshot = reading.result()
     read_at = time.monotonic()
-    # Hundreds of thousands of objects that all live on: without this the collector walks
-    # them again and again as they pile up.
+    # Hundreds of thousands of objects that all live on: the collector need not walk them
+    # as they pile up (the scheduler freezes them once loaded).
     gc.disable()
     try:
         runtime = await asyncio.to_thread(store.runtime_states)
