@@ -35,7 +35,7 @@ from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.metrics import TaskMap, count_tasks
 from periodic_checker.tasks import Task
 
-from helpers import KafkaTarget, _is_setting
+from helpers import KafkaTarget, _is_setting, tasks_topic_of
 
 pytestmark = pytest.mark.kafka
 
@@ -123,6 +123,7 @@ def started(
         env = {
             **kafka.env(),
             "KAFKA_TOPIC": topic,
+            "KAFKA_TASKS_TOPIC": tasks_topic_of(topic),
             "TASK_STORAGE": str(directory / "tasks.sqlite3"),
             "API_HOST": "127.0.0.1",
             "API_PORT": str(free_port()),
