@@ -215,6 +215,9 @@ class CheckScheduler:
                 self._schedule(loaded, at_load=True)
         if ended:
             self.store.save_states(ended)
+            if self.on_status_change is not None:
+                for task in ended:
+                    self.on_status_change(task)
         # The loaded tasks and jobs live as long as the process: keep them out of the
         # collector's full passes, which otherwise walk every job (0.13 s a pass with 100k jobs
         # and tasks loaded, `bench/micro.py jobs-gc`).

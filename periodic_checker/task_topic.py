@@ -111,8 +111,8 @@ class RecordPublisher:
 
     def publish(self, task: Task) -> None:
         """Put the task as it now is on the topic (after its earlier records and results)."""
-        if self._handed.get(task.id, None) == task.updated_at and task.id in self._handed:
-            return  # this version is on its way already
+        if self._handed.get(task.id) == task.updated_at:
+            return  # this version is on its way already (a task ended at load, then unpublished)
         try:
             _, value = encode(record_of(task, self.node_id))
         except Exception:
