@@ -212,13 +212,30 @@ class Broker:
         (self.run_dir / "tansu.pid").unlink(missing_ok=True)
 
 
-def create_topics(config: dict[str, Any], topics: list[str], partitions: int = 3) -> None:
-    """Create topics (ignoring ones that exist) through the TLS listener."""
+def create_topics(
+    config: dict[str, Any],
+    topics: list[str],
+    partitions: int = 3,
+    *,
+    compacted: frozenset[str] = frozenset(),
+    partitions_of: dict[str, int] | None = None,
+) -> None:
+    """Create topics (ignoring ones that exist) through the TLS listener; those in `compacted`
+    with cleanup.policy=compact (the task topics), `partitions_of` overriding `partitions`."""
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     admin = AdminClient({k: v for k, v in config.items() if k != "logger"})
+    counts = partitions_of or {}
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics],
+        [
+            NewTopic(
+                t,
+                num_partitions=counts.get(t, partitions),
+                replication_factor=1,
+                config={"cleanup.policy": "compact"} if t in compacted else {},
+            )
+            for t in topics
+        ],
         operation_timeout=10,
         request_timeout=15,
     )

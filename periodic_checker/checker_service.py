@@ -1,13 +1,16 @@
 """`CheckerService`: the `TaskService` the API talks to, over the store and the scheduler.
 
-Every change is written to the store first (the source of truth), then applied to the running
-scheduler, so what the API answered is what a restart will load.
+It validates every change here, the same way in both modes, and leaves making it to its
+`TaskWrites` (`writes.py`): in single mode the store first (the source of truth), then the
+running scheduler and the task topic, so what the API answered is what a restart will load; in
+cluster mode the task topic first, answered once this node's view has it.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -28,6 +31,7 @@ from periodic_checker.task_service import (
     TaskPage,
 )
 from periodic_checker.tasks import Task, edited, end_reason, kept_secrets, paused, redacted, resumed
+from periodic_checker.writes import LocalWrites, TaskWrites
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +55,29 @@ class CheckerService:
         policy: HostPolicy | None = None,
         publisher: StatsSource | None = None,
         stalls: StallsView | None = None,
+        writes: TaskWrites | None = None,
+        describe: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
         self.policy = policy
         self.publisher = publisher
         self.stalls = stalls
+        self.writes = writes if writes is not None else LocalWrites(store, scheduler)
+        # More figures for /status (the mode, the task topic).
+        self.describe = describe
 
     async def create(self, spec: TaskSpec) -> Task:
-        return self._create(uuid.uuid4(), kept_secrets(spec, None))
+        return await self._create(uuid.uuid4(), kept_secrets(spec, None))
 
     async def put(self, task_id: uuid.UUID, spec: TaskSpec) -> tuple[Task, bool]:
         existing = self.scheduler.tasks.get(task_id)
         if existing is None:
             try:
-                return self._create(task_id, kept_secrets(spec, None)), True
+                return await self._create(task_id, kept_secrets(spec, None)), True
             except TaskExists:
                 existing = self._stored(task_id)
-        return self._replace(existing, kept_secrets(spec, existing.spec)), False
+        return await self._replace(existing, kept_secrets(spec, existing.spec)), False
 
     async def update(self, task_id: uuid.UUID, changes: dict[str, Any]) -> Task:
         task = await self.get(task_id)
@@ -76,12 +85,11 @@ class CheckerService:
         # a change of origin must give them again (they are never sent where not given).
         merged = {**redacted(task).spec.model_dump(exclude_unset=False), **changes}
         spec = TaskSpec.model_validate(merged)  # ValidationError names the field (422)
-        return self._replace(task, kept_secrets(spec, task.spec))
+        return await self._replace(task, kept_secrets(spec, task.spec))
 
     async def delete(self, task_id: uuid.UUID) -> None:
-        if not self.store.delete(task_id):
+        if not await self.writes.delete(task_id):
             raise TaskNotFound(f"no task {task_id}")
-        self.scheduler.remove(task_id)
         log.info("task %s deleted", task_id, extra={"task_id": str(task_id)})
 
     async def get(self, task_id: uuid.UUID) -> Task:
@@ -99,7 +107,7 @@ class CheckerService:
             changed = paused(task, _now())
         except ValueError as exc:
             raise InvalidChange(str(exc)) from None
-        return self._save_state(changed)
+        return await self._save_state(changed)
 
     async def resume(self, task_id: uuid.UUID) -> Task:
         task = await self.get(task_id)
@@ -115,7 +123,7 @@ class CheckerService:
         except ValueError as exc:
             raise InvalidChange(str(exc)) from None
         self._check_policy(changed.spec)
-        return self._save_state(changed)
+        return await self._save_state(changed)
 
     async def run_now(self, task_id: uuid.UUID) -> CheckResult:
         task = await self.get(task_id)
@@ -155,11 +163,13 @@ class CheckerService:
             status.extra["loop_stall_longest_1m"] = self.stalls.longest(STALL_WINDOW)
         if self.publisher is not None:
             _publisher_status(status, self.publisher.stats())
+        if self.describe is not None:
+            status.extra.update(self.describe())
         return status
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _create(self, task_id: uuid.UUID, spec: TaskSpec) -> Task:
+    async def _create(self, task_id: uuid.UUID, spec: TaskSpec) -> Task:
         self._check_policy(spec)
         now = _now()
         reason = end_reason(spec, 0, now)
@@ -171,25 +181,20 @@ class CheckerService:
             created_at=now,
             updated_at=now,
         )
-        self.store.insert(task)  # NameTaken, TooManyTasks, TaskExists
-        self.scheduler.add(task)
+        made = await self.writes.insert(task)  # NameTaken, TooManyTasks, TaskExists
         log.info("task %s created: %s", task_id, spec.name, extra={"task_id": str(task_id)})
-        return task
+        return made
 
-    def _replace(self, task: Task, spec: TaskSpec) -> Task:
+    async def _replace(self, task: Task, spec: TaskSpec) -> Task:
         self._check_policy(spec)
-        changed = edited(task, spec, _now())
-        self.store.replace(changed)  # NameTaken
-        self.scheduler.replace(changed)
+        changed = await self.writes.replace(task, edited(task, spec, _now()))  # NameTaken
         log.info("task %s changed", task.id, extra={"task_id": str(task.id)})
         return changed
 
-    def _save_state(self, task: Task) -> Task:
-        # A user's pause or resume is written at once, not with the batched check states.
-        self.store.save_states([task])
-        self.scheduler.replace(task)
+    async def _save_state(self, task: Task) -> Task:
+        saved = await self.writes.save_state(task)
         log.info("task %s is now %s", task.id, task.status, extra={"task_id": str(task.id)})
-        return task
+        return saved
 
     def _stored(self, task_id: uuid.UUID) -> Task:
         task = self.store.get(task_id)

@@ -9,7 +9,7 @@ from pathlib import Path
 from checker_common import dependency_checks
 from checker_common.cli import Check, CommandLine
 from periodic_checker.probe_cli import add_probe_parser, run_probe
-from periodic_checker.settings import CheckerSettings
+from periodic_checker.settings import CheckerMode, CheckerSettings
 from periodic_checker.tasks_cli import add_tasks_parser, run_tasks
 
 PROG = "periodic-checker"
@@ -43,8 +43,16 @@ def run_daemon(settings: CheckerSettings) -> int:
 
 def check_config(settings: CheckerSettings) -> int:
     return dependency_checks.check_config(
-        settings, [settings.kafka_topic], lambda: storage_writable(settings.task_storage)
+        settings, checker_topics(settings), lambda: storage_writable(settings.task_storage)
     )
+
+
+def checker_topics(settings: CheckerSettings) -> list[str]:
+    """The topics the checker needs: results and tasks, and the name claims in cluster mode."""
+    topics = [settings.kafka_topic, settings.kafka_tasks_topic]
+    if settings.checker_mode is CheckerMode.CLUSTER:
+        topics.append(settings.kafka_task_names_topic)
+    return topics
 
 
 def storage_writable(path: Path) -> Check:

@@ -10,12 +10,18 @@ budget goes to the outbox); write the last task states; close the store. Exit 0.
 
 Under systemd (Type=notify) it sends READY=1 once the API serves, WATCHDOG=1 from the event
 loop, STATUS= with the figures that matter, and STOPPING=1 on the signal.
+
+The task topic (docs/tasks-topic.md): in single mode (CHECKER_MODE=single) the tasks come from
+the store, every change goes to the topic, and another program's records are followed in the
+background (the broker is not needed to start). In cluster mode the node reads the whole topic
+first, makes its store exactly that view, and only then schedules, serves and says READY.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -29,14 +35,19 @@ from checker_common.cli import EXIT_USAGE
 from checker_common.systemd import Notifier
 from periodic_checker import metrics
 from periodic_checker.checker_service import CheckerService
+from periodic_checker.materialiser import FollowerError, TaskTopicFollower
+from periodic_checker.names import NameClaims
 from periodic_checker.outbox import Outbox
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
 from periodic_checker.producer import ResultPublisher
 from periodic_checker.scheduler import CheckScheduler
-from periodic_checker.settings import CheckerSettings
+from periodic_checker.settings import CheckerMode, CheckerSettings
 from periodic_checker.store import SQLiteTaskStore, StoreError, StoreReadOnly
 from periodic_checker.task_service import TaskService
+from periodic_checker.task_topic import RecordProducer, RecordPublisher
+from periodic_checker.tasks import Task
+from periodic_checker.writes import LocalWrites, TaskWrites, TopicWrites
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +84,11 @@ async def serve(settings: CheckerSettings) -> int:
 async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     notifier = Notifier()
     notifier.status("loading tasks")
+    cluster = settings.checker_mode is CheckerMode.CLUSTER
     try:
         store = SQLiteTaskStore(settings.task_storage, max_tasks=settings.max_tasks)
-        tasks = store.load(datetime.now(UTC))
+        # Cluster mode: the view is made from the topic below, not loaded.
+        tasks = [] if cluster else store.load(datetime.now(UTC))
     except StoreReadOnly as exc:
         log.error("TASK_STORAGE: %s", exc)
         return EXIT_USAGE
@@ -86,8 +99,7 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     prober = Prober(policy=policy, max_connections=settings.max_in_flight)
     outbox = Outbox(settings.task_storage)
     publisher = ResultPublisher(settings, outbox)
-    await prober.start()
-    await publisher.start()
+    records = RecordPublisher(publisher, store, settings.checker_node_id)
     scheduler = CheckScheduler(
         store,
         prober,
@@ -96,11 +108,64 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         per_host_in_flight=settings.per_host_in_flight,
         max_start_lag=settings.max_start_lag,
     )
+    # A task that ends by itself (or that the policy refuses) is news for the task topic.
+    scheduler.on_status_change = records.publish
+    names = NameClaims() if cluster else None
+    follower = TaskTopicFollower(
+        settings, store, scheduler, policy=policy, own=None if cluster else records, names=names
+    )
+    producer: RecordProducer | None = None
+    if cluster:
+        assert names is not None
+        notifier.status("reading the task topic")
+        try:
+            made = await _materialise(settings, store, follower, stop)
+        except FollowerError as exc:
+            log.error("cannot read the task topic %s: %s", settings.kafka_tasks_topic, exc)
+            store.close()
+            return 1
+        if made is None:  # stopped while reading
+            await follower.stop()
+            store.close()
+            return 0
+        tasks = made
+        producer = RecordProducer(settings)
+        producer.start()
+        writes: TaskWrites = TopicWrites(
+            producer,
+            follower,
+            names,
+            store,
+            scheduler,
+            node_id=settings.checker_node_id,
+            tasks_topic=settings.kafka_tasks_topic,
+            names_topic=settings.kafka_task_names_topic,
+            max_tasks=settings.max_tasks,
+        )
+    else:
+        writes = LocalWrites(store, scheduler, records)
+    await prober.start()
+    await publisher.start()
     service = CheckerService(
-        store, scheduler, policy=policy, publisher=publisher, stalls=prober.stalls
+        store,
+        scheduler,
+        policy=policy,
+        publisher=publisher,
+        stalls=prober.stalls,
+        writes=writes,
+        describe=lambda: _topic_status(settings, follower, records, publisher),
     )
     collector = metrics.register(scheduler, publisher, prober.stalls)
+    scheduling = time.monotonic()
     await scheduler.start(tasks)
+    log.info("%d tasks scheduled in %.2f s", len(tasks), time.monotonic() - scheduling)
+    if not cluster:
+        # An upgrade from a release without the task topic publishes every task here, once.
+        records.publish_unpublished()
+    await records.start()
+    await follower.start()
+    if isinstance(writes, TopicWrites):
+        await writes.start()
     runner = api_runner(build_app(service, settings))
     await runner.setup()
     started = False
@@ -113,12 +178,14 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     if started:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(service.status().tasks_by_status.items()))
         log.info(
-            "started: %d tasks (%s), API on http://%s:%d, topic %s",
+            "started: %d tasks (%s), API on http://%s:%d, topic %s, %s mode, task topic %s",
             len(tasks),
             counts or "none",
             settings.api_host,
             settings.api_port,
             settings.kafka_topic,
+            settings.checker_mode,
+            settings.kafka_tasks_topic,
         )
         notifier.ready(f"{len(tasks)} tasks ({counts or 'none'})")
         watchdog = asyncio.create_task(
@@ -131,7 +198,15 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     deadline = time.monotonic() + settings.shutdown_timeout
     await scheduler.stop(grace=settings.shutdown_timeout * CHECKS_SHARE_OF_SHUTDOWN)
     await runner.cleanup()
+    if isinstance(writes, TopicWrites):
+        await writes.stop()
+    if producer is not None:
+        await producer.close(max(MIN_FLUSH_TIME, deadline - time.monotonic()) / 2)
+    # The follower may still republish (single mode): it stops before the publisher closes.
+    await follower.stop()
     await publisher.close(max(MIN_FLUSH_TIME, deadline - time.monotonic()))
+    # After the publisher: every record it held is delivered or in the outbox by now.
+    await records.stop()
     await prober.close()
     outbox.close()
     store.close()
@@ -139,6 +214,70 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     notifier.close()
     log.info("stopped")
     return 0 if started else 1
+
+
+async def _materialise(
+    settings: CheckerSettings,
+    store: SQLiteTaskStore,
+    follower: TaskTopicFollower,
+    stop: asyncio.Event,
+) -> list[Task] | None:
+    """Cluster mode: read the whole task topic and make the store exactly that view; the
+    tasks, or None when stopped meanwhile. FollowerError when the topic cannot be read."""
+    started = time.monotonic()
+    reading = asyncio.create_task(asyncio.to_thread(follower.read_everything))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([reading, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not reading.done():
+        follower.interrupt()
+        with contextlib.suppress(FollowerError):
+            await reading
+        return None
+    stopping.cancel()
+    snapshot = reading.result()
+    read_at = time.monotonic()
+    # Hundreds of thousands of objects that all live on: the collector need not walk them
+    # as they pile up (the scheduler freezes them once loaded).
+    gc.disable()
+    try:
+        runtime = await asyncio.to_thread(store.runtime_states)
+        writes = follower.build_view(snapshot, runtime, datetime.now(UTC))
+        built_at = time.monotonic()
+        await asyncio.to_thread(store.replace_view, writes, snapshot.offsets)
+    finally:
+        gc.enable()
+    log.info(
+        "task topic %s read: %d records, %d tasks in %.2f s (reading %.2f s, decoding and"
+        " validating %.2f s, writing the view %.2f s)",
+        settings.kafka_tasks_topic,
+        snapshot.records,
+        len(writes),
+        time.monotonic() - started,
+        read_at - started,
+        built_at - read_at,
+        time.monotonic() - built_at,
+    )
+    return [write.task for write in writes]
+
+
+def _topic_status(
+    settings: CheckerSettings,
+    follower: TaskTopicFollower,
+    records: RecordPublisher,
+    publisher: ResultPublisher,
+) -> dict[str, object]:
+    """The mode and the task topic's figures, for /status."""
+    stats = follower.stats
+    return {
+        "mode": str(settings.checker_mode),
+        "node_id": settings.checker_node_id,
+        "task_topic_caught_up": follower.caught_up.is_set(),
+        "task_records_applied": stats.applied,
+        "task_records_rejected": stats.rejected,
+        "task_records_published": records.published,
+        "task_records_republished": stats.republished,
+        "task_records_waiting": publisher.stats().records_waiting,
+    }
 
 
 async def _feed_watchdog(

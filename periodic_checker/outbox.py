@@ -1,4 +1,6 @@
-"""The outbox: results the broker has not confirmed yet, kept in SQLite until it does.
+"""The outbox: results and task records the broker has not confirmed yet, kept in SQLite until
+it does. Each row names its topic (none: the results topic); a task's rows of both topics are
+one sequence, so its records and results reach the broker in the order they were made.
 
 The table lives in the same SQLite file as the tasks (its own connection, WAL mode). Each row
 carries a sequence number; rows of one task are sent in that order, so a result never
@@ -32,13 +34,16 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
 
+# A row's topic: NULL is the results topic (KAFKA_TOPIC), which every row of a file made before
+# the task topic holds; task records name theirs. A null value is a tombstone (task removed).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq      INTEGER PRIMARY KEY,
     task_id  TEXT    NOT NULL,
     key      BLOB    NOT NULL,
-    value    BLOB    NOT NULL,
-    added_at REAL    NOT NULL
+    value    BLOB,
+    added_at REAL    NOT NULL,
+    topic    TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_task_seq ON outbox (task_id, seq);
 CREATE TABLE IF NOT EXISTS outbox_set_aside (
@@ -46,21 +51,55 @@ CREATE TABLE IF NOT EXISTS outbox_set_aside (
     seq          INTEGER NOT NULL,
     task_id      TEXT    NOT NULL,
     key          BLOB    NOT NULL,
-    value        BLOB    NOT NULL,
+    value        BLOB,
     reason       TEXT    NOT NULL,
-    set_aside_at REAL    NOT NULL
+    set_aside_at REAL    NOT NULL,
+    topic        TEXT
 );
+"""
+# Files made before the task topic: both tables gain `topic` (NULL for their rows: results) and
+# lose NOT NULL on `value`, which SQLite can only drop by copying the table.
+UPGRADE_TO_TOPICS = """
+CREATE TABLE outbox_v2 (
+    seq      INTEGER PRIMARY KEY,
+    task_id  TEXT    NOT NULL,
+    key      BLOB    NOT NULL,
+    value    BLOB,
+    added_at REAL    NOT NULL,
+    topic    TEXT
+);
+INSERT INTO outbox_v2 (seq, task_id, key, value, added_at)
+    SELECT seq, task_id, key, value, added_at FROM outbox;
+DROP TABLE outbox;
+ALTER TABLE outbox_v2 RENAME TO outbox;
+CREATE INDEX IF NOT EXISTS outbox_task_seq ON outbox (task_id, seq);
+CREATE TABLE outbox_set_aside_v2 (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq          INTEGER NOT NULL,
+    task_id      TEXT    NOT NULL,
+    key          BLOB    NOT NULL,
+    value        BLOB,
+    reason       TEXT    NOT NULL,
+    set_aside_at REAL    NOT NULL,
+    topic        TEXT
+);
+INSERT INTO outbox_set_aside_v2 (id, seq, task_id, key, value, reason, set_aside_at)
+    SELECT id, seq, task_id, key, value, reason, set_aside_at FROM outbox_set_aside;
+DROP TABLE outbox_set_aside;
+ALTER TABLE outbox_set_aside_v2 RENAME TO outbox_set_aside;
 """
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
-    """One stored message: its place in the send order, its task and the Kafka key/value."""
+    """One stored message: its place in the send order, its task, the Kafka key/value (None: a
+    tombstone) and its topic (None: the results topic)."""
 
     seq: int
     task_id: uuid.UUID
     key: bytes
-    value: bytes
+    value: bytes | None
+    topic: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +128,7 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode = WAL")
             # An outbox row is a result nobody else has: make its commit survive power loss.
             self._db.execute("PRAGMA synchronous = FULL")
+            self._upgrade()
             self._db.executescript(SCHEMA)
             (count, last) = self._db.execute("SELECT COUNT(*), MAX(seq) FROM outbox").fetchone()
             (aside,) = self._db.execute("SELECT COUNT(*) FROM outbox_set_aside").fetchone()
@@ -99,6 +139,18 @@ class Outbox:
         self._aside: int = aside
         self._next_seq: int = (last or 0) + 1
 
+    def _upgrade(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if columns and "topic" not in columns:
+            # executescript commits first; the whole copy is one transaction of its own.
+            try:
+                self._db.executescript(f"BEGIN IMMEDIATE;\n{UPGRADE_TO_TOPICS}\nCOMMIT;")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            log.info("outbox upgraded: each row names its topic")
+
     def reserve(self) -> int:
         """The next sequence number: larger than every stored and every reserved one."""
         with self._lock:
@@ -106,9 +158,12 @@ class Outbox:
             self._next_seq += 1
             return seq
 
-    def add(self, items: list[tuple[uuid.UUID, bytes, bytes]]) -> None:
-        """Append messages (task_id, key, value) behind everything reserved so far."""
-        rows = [OutboxRow(self.reserve(), task_id, key, value) for task_id, key, value in items]
+    def add(self, items: list[tuple[uuid.UUID, bytes, bytes]], topic: str | None = None) -> None:
+        """Append messages (task_id, key, value) for `topic` (None: the results topic) behind
+        everything reserved so far."""
+        rows = [
+            OutboxRow(self.reserve(), task_id, key, value, topic) for task_id, key, value in items
+        ]
         self.put(rows)
 
     def put(self, rows: Sequence[OutboxRow]) -> None:
@@ -122,9 +177,9 @@ class Outbox:
                 before = self._db.total_changes
                 # A row stored twice (same seq) is the same message: keep the first copy.
                 self._db.executemany(
-                    "INSERT OR IGNORE INTO outbox (seq, task_id, key, value, added_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [(r.seq, str(r.task_id), r.key, r.value, now) for r in rows],
+                    "INSERT OR IGNORE INTO outbox (seq, task_id, key, value, added_at, topic) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(r.seq, str(r.task_id), r.key, r.value, now, r.topic) for r in rows],
                 )
                 added = self._db.total_changes - before
                 self._db.execute("COMMIT")
@@ -141,9 +196,9 @@ class Outbox:
         """The oldest rows in send order (smallest sequence number first)."""
         with self._lock:
             found = self._db.execute(
-                "SELECT seq, task_id, key, value FROM outbox ORDER BY seq LIMIT ?", (limit,)
+                "SELECT seq, task_id, key, value, topic FROM outbox ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
-        return [OutboxRow(seq, uuid.UUID(task), key, value) for seq, task, key, value in found]
+        return [_row(*row) for row in found]
 
     def heads(self, task_ids: Iterable[uuid.UUID]) -> list[OutboxRow]:
         """The oldest row of each of these tasks (tasks without rows are left out).
@@ -156,13 +211,13 @@ class Outbox:
             return []
         with self._lock:
             found = self._db.execute(
-                "SELECT o.seq, o.task_id, o.key, o.value FROM json_each(?) AS t "
+                "SELECT o.seq, o.task_id, o.key, o.value, o.topic FROM json_each(?) AS t "
                 "JOIN outbox AS o ON o.seq = "
                 "(SELECT MIN(seq) FROM outbox WHERE task_id = t.value) "
                 "ORDER BY o.seq",
                 (ids,),
             ).fetchall()
-        return [OutboxRow(seq, uuid.UUID(task), key, value) for seq, task, key, value in found]
+        return [_row(*row) for row in found]
 
     def delete(self, seqs: Iterable[int]) -> None:
         """Forget rows the broker has confirmed."""
@@ -203,10 +258,19 @@ class Outbox:
                 )
                 removed = self._db.total_changes - before
                 self._db.executemany(
-                    "INSERT INTO outbox_set_aside (seq, task_id, key, value, reason, set_aside_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO outbox_set_aside"
+                    " (seq, task_id, key, value, reason, set_aside_at, topic)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (i.row.seq, str(i.row.task_id), i.row.key, i.row.value, i.reason, now)
+                        (
+                            i.row.seq,
+                            str(i.row.task_id),
+                            i.row.key,
+                            i.row.value,
+                            i.reason,
+                            now,
+                            i.row.topic,
+                        )
                         for i in items
                     ],
                 )
@@ -218,7 +282,7 @@ class Outbox:
             self._count -= removed
             self._aside += len(items)
 
-    def set_aside_rows(self, limit: int = 100) -> list[tuple[int, uuid.UUID, str, bytes]]:
+    def set_aside_rows(self, limit: int = 100) -> list[tuple[int, uuid.UUID, str, bytes | None]]:
         """The messages set aside, oldest first: (seq, task_id, reason, value)."""
         with self._lock:
             found = self._db.execute(
@@ -231,12 +295,18 @@ class Outbox:
         """Messages in `outbox_set_aside` (kept in memory like `size()`)."""
         return self._aside
 
-    def backlog(self) -> Counter[uuid.UUID]:
-        """How many rows each task has waiting."""
+    def backlog(self, topic: str | None = None) -> Counter[uuid.UUID]:
+        """How many rows each task has waiting (only those for `topic`, when it is given)."""
         with self._lock:
-            found = self._db.execute(
-                "SELECT task_id, COUNT(*) FROM outbox GROUP BY task_id"
-            ).fetchall()
+            if topic is None:
+                found = self._db.execute(
+                    "SELECT task_id, COUNT(*) FROM outbox GROUP BY task_id"
+                ).fetchall()
+            else:
+                found = self._db.execute(
+                    "SELECT task_id, COUNT(*) FROM outbox WHERE topic = ? GROUP BY task_id",
+                    (topic,),
+                ).fetchall()
         return Counter({uuid.UUID(task): count for task, count in found})
 
     def size(self) -> int:
@@ -246,6 +316,10 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _row(seq: int, task: str, key: bytes, value: bytes | None, topic: str | None) -> OutboxRow:
+    return OutboxRow(seq, uuid.UUID(task), key, value, topic)
 
 
 def _json_list(items: Iterable[int | str]) -> str:

@@ -1,4 +1,9 @@
-"""Publishes check results to Kafka and loses none: librdkafka first, the SQLite outbox after.
+"""Publishes check results (and task records) to Kafka and loses none: librdkafka first, the
+SQLite outbox after.
+
+Task records (`publish_record()`, the task topic, docs/tasks-topic.md) travel exactly like
+results, in the same chain per task: a task's records and results reach the broker in the
+order they were published, whichever topic each goes to.
 
 How a result travels:
 
@@ -51,7 +56,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -78,7 +83,7 @@ _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 _BROKER_GONE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._MSG_TIMED_OUT})
 # The producer's idempotence state is broken: only a new instance (a new producer id) helps.
 # Seen after an outage when a broker refuses librdkafka's local epoch bump.
-_NEEDS_NEW_PRODUCER = frozenset(
+NEEDS_NEW_PRODUCER = frozenset(
     {
         KafkaError.PRODUCER_FENCED,
         KafkaError.INVALID_PRODUCER_EPOCH,
@@ -102,7 +107,7 @@ REFUSED_FOR_GOOD = frozenset(
 # Failures of one message, each while other results were delivered, before it is set aside.
 MAX_DELIVERY_ATTEMPTS = 5
 # Errors that say nothing about the message itself (the broker away, the producer renewed).
-_NOT_THE_MESSAGE = _PURGED | _BROKER_GONE | _NEEDS_NEW_PRODUCER
+_NOT_THE_MESSAGE = _PURGED | _BROKER_GONE | NEEDS_NEW_PRODUCER
 
 
 def counted_failures(code: int, counted: int, others_delivered: bool) -> int | None:
@@ -126,6 +131,19 @@ class _Handover(Enum):
     SET_ASIDE = "set aside"  # refused for good
 
 
+class RecordEvents(Protocol):
+    """Told what happened to task records (called on the event loop)."""
+
+    def records_safe(self, tags: list[Any]) -> None:
+        """These records (the tags given to `publish_record`) are on the topic or in the
+        outbox: a crash no longer loses them."""
+        ...
+
+    def record_delivered(self, task_id: uuid.UUID, partition: int, offset: int) -> None:
+        """A record of this task landed here on the task topic."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class PublisherStats:
     """What the publisher holds and has done, for /status and /metrics."""
@@ -142,6 +160,7 @@ class PublisherStats:
     dropped: int  # results that could not even be encoded
     set_aside: int = 0  # results set aside since start (they can never be delivered)
     set_aside_size: int = 0  # rows in the outbox's set-aside table
+    records_waiting: int = 0  # task records not yet confirmed by the broker
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +168,17 @@ class _Message:
     seq: int
     task_id: uuid.UUID
     key: bytes
-    value: bytes
+    value: bytes | None  # None: a tombstone (task records only)
     stored: bool  # True: the row is in the outbox already (this is a re-send)
+    topic: str | None = None  # None: the results topic
+
+    def row(self) -> OutboxRow:
+        return OutboxRow(self.seq, self.task_id, self.key, self.value, self.topic)
 
 
 class ResultPublisher:
-    """Sends results to `settings.kafka_topic`, keeping what the broker cannot take yet."""
+    """Sends results to `settings.kafka_topic` and task records to `settings.kafka_tasks_topic`,
+    keeping what the broker cannot take yet."""
 
     def __init__(
         self,
@@ -168,6 +192,12 @@ class ResultPublisher:
         self._settings = settings
         self._outbox = outbox
         self._topic = settings.kafka_topic
+        self._records_topic = settings.kafka_tasks_topic
+        # Task records not yet confirmed, per task (in librdkafka, on the way, in the outbox).
+        self._record_backlog: Counter[uuid.UUID] = Counter()
+        # seq -> the tag of a record not yet safe (delivered or stored), for `record_events`.
+        self._tags: dict[int, Any] = {}
+        self.record_events: RecordEvents | None = None
         self._max_in_flight = max_in_flight
         self._drain_batch = drain_batch
         self._drain_interval = drain_interval
@@ -187,8 +217,9 @@ class ResultPublisher:
         # seq -> (failures counted against it, deliveries seen at its last failure)
         self._failures: dict[int, tuple[int, int]] = {}
         self._set_aside_count = 0
-        # Filled by delivery callbacks on whichever thread serves them; settled on the loop.
-        self._reports: deque[tuple[int, KafkaError | None]] = deque()
+        # Filled by delivery callbacks on whichever thread serves them; settled on the loop:
+        # (seq, error, partition, offset).
+        self._reports: deque[tuple[int, KafkaError | None, int, int]] = deque()
         self._wake = asyncio.Event()
         self._closing = False
         self._stopping = False
@@ -224,6 +255,9 @@ class ResultPublisher:
     async def start(self) -> None:
         """Create the producer, learn the outbox's backlog, start the poller and the pump."""
         self._backlog.update(await asyncio.to_thread(self._outbox.backlog))
+        self._record_backlog.update(
+            await asyncio.to_thread(self._outbox.backlog, self._records_topic)
+        )
         self._ready.update(dict.fromkeys(self._backlog))
         self._producer = Producer(self.producer_config())
         self._renewed_at = time.monotonic()
@@ -259,6 +293,26 @@ class ResultPublisher:
                 result.result_id,
                 extra={"task_id": str(task_id), "result_id": str(result.result_id)},
             )
+
+    def publish_record(self, task_id: uuid.UUID, value: bytes | None, tag: Any = None) -> None:
+        """Hand a task record over (`value` None: the tombstone that removes the task), behind
+        the task's earlier records and results; never blocks on the network, never raises.
+        `record_events` hears of `tag` once the record is safe."""
+        try:
+            seq = self._outbox.reserve()
+            if tag is not None:
+                self._tags[seq] = tag
+            self._record_backlog[task_id] += 1
+            key = str(task_id).encode()
+            self._route(_Message(seq, task_id, key, value, stored=False, topic=self._records_topic))
+        except Exception:
+            log.exception(
+                "task record not handed over: task_id=%s", task_id, extra={"task_id": str(task_id)}
+            )
+
+    def records_pending(self, task_id: uuid.UUID) -> bool:
+        """Whether a record of this task published here has not been confirmed yet."""
+        return self._record_backlog[task_id] > 0
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - the flush's budget
         """Flush for up to `timeout` seconds; put every undelivered message in the outbox."""
@@ -332,6 +386,7 @@ class ResultPublisher:
             dropped=self._dropped,
             set_aside=self._set_aside_count,
             set_aside_size=self._outbox.set_aside_size() + len(self._aside),
+            records_waiting=self._record_backlog.total(),
         )
 
     # -- routing (event loop) ---------------------------------------------------------------
@@ -350,7 +405,7 @@ class ResultPublisher:
     def _send(self, message: _Message) -> _Handover:
         try:
             self._producer.produce(
-                self._topic,
+                message.topic or self._topic,
                 key=message.key,
                 value=message.value,
                 on_delivery=functools.partial(self._on_delivery, message.seq),
@@ -379,12 +434,13 @@ class ResultPublisher:
         """Move a message that can never be delivered out of its task's way: into the
         set-aside table (written by the next pump step), and the task's next row goes."""
         self._failures.pop(message.seq, None)
-        row = OutboxRow(message.seq, message.task_id, message.key, message.value)
-        self._aside[message.seq] = SetAside(row, reason)
+        self._aside[message.seq] = SetAside(message.row(), reason)
         self._set_aside_count += 1
+        self._record_settled(message)
         result_id = _result_id(message.value)
         log.warning(
-            "result set aside, it cannot be delivered: task_id=%s result_id=%s: %s",
+            "%s set aside, it cannot be delivered: task_id=%s result_id=%s: %s",
+            "result" if message.topic is None else "task record",
             message.task_id,
             result_id,
             reason,
@@ -399,12 +455,34 @@ class ResultPublisher:
             self._ready[task] = None
         self._wake.set()
 
+    def _record_settled(self, message: _Message) -> None:
+        """A task record left the publisher's hands (delivered, or set aside for good)."""
+        if message.topic is None:
+            return
+        self._tags.pop(message.seq, None)
+        task = message.task_id
+        self._record_backlog[task] -= 1
+        if self._record_backlog[task] <= 0:
+            del self._record_backlog[task]
+
+    def _safe(self, seqs: list[int]) -> None:
+        """Tell `record_events` that the records with these seqs can no longer be lost."""
+        if not self._tags:
+            return
+        tags = [self._tags.pop(seq) for seq in seqs if seq in self._tags]
+        if tags and self.record_events is not None:
+            try:
+                self.record_events.records_safe(tags)
+            except Exception:
+                log.exception("record_events.records_safe failed")
+
     def _to_outbox(self, message: _Message) -> None:
-        row = OutboxRow(message.seq, message.task_id, message.key, message.value)
+        row = message.row()
         if self._closed:
             # No pump any more: a late result (a check finishing after close) is written now.
             self._outbox.put([row])
             self._stored += 1
+            self._safe([row.seq])
             return
         self._spill.append(row)
         self._backlog[message.task_id] += 1
@@ -415,10 +493,12 @@ class ResultPublisher:
 
     def _settle_reports(self) -> None:
         while self._reports:
-            seq, error = self._reports.popleft()
-            self._settle(seq, error)
+            seq, error, partition, offset = self._reports.popleft()
+            self._settle(seq, error, partition, offset)
 
-    def _settle(self, seq: int, error: KafkaError | None) -> None:
+    def _settle(
+        self, seq: int, error: KafkaError | None, partition: int = -1, offset: int = -1
+    ) -> None:
         message = self._in_flight.pop(seq, None)
         if message is None:
             return
@@ -430,6 +510,14 @@ class ResultPublisher:
             self._delivered += 1
             self._last_delivered_at = datetime.now(UTC)
             self._set_reachable(True)
+            if message.topic is not None:
+                self._safe([seq])
+                self._record_settled(message)
+                if self.record_events is not None:
+                    try:
+                        self.record_events.record_delivered(message.task_id, partition, offset)
+                    except Exception:
+                        log.exception("record_events.record_delivered failed")
             if message.stored:
                 self._confirmed.add(seq)
                 self._backlog[message.task_id] -= 1
@@ -445,7 +533,7 @@ class ResultPublisher:
             self._failed += 1
             if error.code() in _BROKER_GONE:
                 self._set_reachable(False)
-            if error.code() in _NEEDS_NEW_PRODUCER or error.fatal():
+            if error.code() in NEEDS_NEW_PRODUCER or error.fatal():
                 self._renew = True
             before = self._failures.get(seq)
             counted = counted_failures(
@@ -532,6 +620,7 @@ class ResultPublisher:
             self._writing = 0
             if "stored" in done:
                 self._stored += len(rows)
+                self._safe([row.seq for row in rows])
             if "deleted" in done:
                 self._confirmed.difference_update(seqs)
             if "set aside" in done:
@@ -566,6 +655,7 @@ class ResultPublisher:
         finally:
             self._writing = 0
         self._stored += len(rows)
+        self._safe([row.seq for row in rows])
 
     async def _write_aside(self) -> None:
         if not self._aside:
@@ -620,7 +710,9 @@ class ResultPublisher:
                 if self._producer is None
                 or self._closing
                 or len(self._in_flight) >= self._max_in_flight
-                else self._send(_Message(row.seq, row.task_id, row.key, row.value, stored=True))
+                else self._send(
+                    _Message(row.seq, row.task_id, row.key, row.value, stored=True, topic=row.topic)
+                )
             )
             if handed is _Handover.SET_ASIDE:
                 continue  # the task's next row goes once this one is out of the outbox
@@ -663,8 +755,11 @@ class ResultPublisher:
                 except RuntimeError:  # the loop is closed: nobody left to tell
                     return
 
-    def _on_delivery(self, seq: int, error: KafkaError | None, _message: Any) -> None:
-        self._reports.append((seq, error))
+    def _on_delivery(self, seq: int, error: KafkaError | None, message: Any) -> None:
+        if error is None and message is not None:
+            self._reports.append((seq, None, message.partition(), message.offset()))
+        else:
+            self._reports.append((seq, error, -1, -1))
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -697,8 +792,10 @@ def _outbox_io(
     return outbox.heads(tasks) if tasks else []
 
 
-def _result_id(value: bytes) -> str:
+def _result_id(value: bytes | None) -> str:
     """The result_id inside a message value, for log lines."""
+    if value is None:
+        return "-"
     try:
         (body,) = orjson.loads(value).values()
         return str(body.get("result_id", "?"))

@@ -159,6 +159,9 @@ class CheckScheduler:
         self.store = store
         self.checker = checker
         self.publisher = publisher
+        # Told when a task changes its status by itself (it ended, the policy refused its
+        # target), so the change can go where the task list is shared (the task topic).
+        self.on_status_change: Callable[[Task], None] | None = None
         self.per_host_in_flight = per_host_in_flight
         self.max_start_lag = max_start_lag
         # Slots skipped per task since start (tasks removed are forgotten).
@@ -212,6 +215,9 @@ class CheckScheduler:
                 self._schedule(loaded, at_load=True)
         if ended:
             self.store.save_states(ended)
+            if self.on_status_change is not None:
+                for task in ended:
+                    self.on_status_change(task)
         # The loaded tasks and jobs live as long as the process: keep them out of the
         # collector's full passes, which otherwise walk every job (0.13 s a pass with 100k jobs
         # and tasks loaded, `bench/micro.py jobs-gc`).
@@ -476,6 +482,8 @@ class CheckScheduler:
                 )  # fmt: skip
                 if task.status is not TaskStatus.ACTIVE:
                     self._unschedule(task_id)
+                if self.on_status_change is not None:
+                    self.on_status_change(task)
             if task.health is not current.health:
                 log.info(
                     "task %s health %s -> %s", task_id, current.health, task.health,

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
+from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from checker_common.settings import CommonSettings, KafkaSettings, LoggingSettings
+from checker_common.settings import CommonSettings, KafkaSettings, LoggingSettings, topic_name
 
-TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,[::1]"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - names, not a bind
 _HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")
@@ -52,11 +53,39 @@ class ApiSettings(CommonSettings):
         return found
 
 
+class CheckerMode(StrEnum):
+    """Where the list of tasks lives (docs/tasks-topic.md)."""
+
+    SINGLE = "single"  # the SQLite store; the task topic is a copy of it
+    CLUSTER = "cluster"  # the task topic; every node's SQLite store is a view of it
+
+
+# A node id goes into every record the node writes (`origin`); printable, no spaces.
+NODE_ID = re.compile(r"^[!-~]{1,255}$")
+
+
+def default_node_id() -> str:
+    return socket.gethostname() or "checker"
+
+
 class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
     """Everything `periodic-checker run` reads at start."""
 
     task_storage: Path = Field(Path("tasks.sqlite3"), description="SQLite file holding the tasks")
     kafka_topic: str = Field("checker-results", description="topic the checker writes results to")
+    checker_mode: CheckerMode = Field(
+        CheckerMode.SINGLE,
+        description="single: the SQLite store holds the tasks and the task topic is a copy;"
+        " cluster: the task topic holds them and every node keeps a view",
+    )
+    checker_node_id: str = Field(
+        "",
+        description="this checker's name in the records it writes; empty: the host name",
+    )
+    kafka_task_names_topic: str = Field(
+        "checker-task-names",
+        description="topic of the name claims that keep names unique (cluster mode)",
+    )
     api_allowed_hosts: str = Field(
         DEFAULT_ALLOWED_HOSTS,
         description=(
@@ -90,12 +119,27 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
         "", description="networks allowed even inside a denied one, comma separated"
     )
 
-    @field_validator("kafka_topic")
+    @field_validator("kafka_topic", "kafka_task_names_topic")
     @classmethod
     def _topic_name(cls, value: str) -> str:
-        if not TOPIC_NAME.match(value) or value in {".", ".."}:
-            raise ValueError("not a valid Kafka topic name (letters, digits, '.', '_', '-')")
+        return topic_name(value)
+
+    @field_validator("checker_node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        value = value.strip() or default_node_id()
+        if not NODE_ID.match(value):
+            raise ValueError("must be 1-255 printable ASCII characters without spaces")
         return value
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> Self:
+        topics = [self.kafka_topic, self.kafka_tasks_topic, self.kafka_task_names_topic]
+        if len(set(topics)) < len(topics):
+            raise ValueError(
+                "KAFKA_TOPIC, KAFKA_TASKS_TOPIC and KAFKA_TASK_NAMES_TOPIC must be three topics"
+            )
+        return self
 
     @field_validator("task_storage")
     @classmethod

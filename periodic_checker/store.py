@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +34,7 @@ from periodic_checker.task_service import (
     TaskPage,
     TooManyTasks,
 )
+from periodic_checker.task_view import INVALID_RECORD
 from periodic_checker.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,52 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Runs started by hand, counted apart from the scheduled runs that `end_after_runs` counts.
     ("ALTER TABLE tasks ADD COLUMN manual_runs INTEGER NOT NULL DEFAULT 0",),
+    # The task topic (docs/tasks-topic.md). Names are no longer unique in SQL: in cluster mode
+    # the table is a view of the topic, which may hold two tasks of one name (written by
+    # another program); `insert` and `replace` keep names unique for the API. `published_at`
+    # is the `updated_at` of the last record that reached the topic or the outbox (NULL: none,
+    # so the tasks of an older release are published once); the record's place on the topic
+    # is kept for the owner map of several nodes. Removals wait in `unpublished_removals`
+    # until their tombstone is safe; `topic_offsets` is where reading the topic resumes.
+    (
+        """CREATE TABLE tasks_v3 (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            url TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            status TEXT NOT NULL,
+            status_reason TEXT,
+            health TEXT NOT NULL,
+            runs INTEGER NOT NULL DEFAULT 0,
+            failures_in_a_row INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            last_run_at TEXT,
+            manual_runs INTEGER NOT NULL DEFAULT 0,
+            published_at TEXT,
+            record_partition INTEGER,
+            record_offset INTEGER
+        )""",
+        """INSERT INTO tasks_v3 (id, name, url, spec, status, status_reason, health, runs,
+            failures_in_a_row, created_at, updated_at, last_run_at, manual_runs)
+           SELECT id, name, url, spec, status, status_reason, health, runs, failures_in_a_row,
+            created_at, updated_at, last_run_at, manual_runs FROM tasks""",
+        "DROP TABLE tasks",
+        "ALTER TABLE tasks_v3 RENAME TO tasks",
+        "CREATE INDEX IF NOT EXISTS tasks_order ON tasks (created_at, id)",
+        "CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status)",
+        "CREATE INDEX IF NOT EXISTS tasks_name ON tasks (name)",
+        """CREATE TABLE IF NOT EXISTS unpublished_removals (
+            id TEXT PRIMARY KEY,
+            removed_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS topic_offsets (
+            topic TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            next_offset INTEGER NOT NULL,
+            PRIMARY KEY (topic, partition)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
@@ -75,6 +123,45 @@ class StoreReadOnly(StoreError):
 
 class TaskExists(Exception):
     """A task with this id is already stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class ViewWrite:
+    """A task as a record of the task topic left it; `published`: the topic's last record of
+    the task says what the task says (nothing to publish); where that record is, if known."""
+
+    task: Task
+    published: bool = True
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeState:
+    """What a node keeps of a task besides its record: kept when the view is rebuilt."""
+
+    health: Health
+    runs: int
+    manual_runs: int
+    failures_in_a_row: int
+    last_run_at: datetime | None
+    position: tuple[int, int] | None  # (partition, offset) of the record the row was made from
+
+
+@dataclass
+class ViewBatch:
+    """What a batch of task records does to the store, written in one transaction."""
+
+    upserts: list[ViewWrite] = field(default_factory=list)
+    removals: list[uuid.UUID] = field(default_factory=list)
+    # At most one upsert or removal per task (the last record of the task in the batch).
+    # (task id, partition, offset) of records that leave the task as it is (own echoes).
+    positions: list[tuple[uuid.UUID, int, int]] = field(default_factory=list)
+    # (topic, partition) -> next offset to read.
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.upserts or self.removals or self.positions or self.offsets)
 
 
 class TaskStore(Protocol):
@@ -95,13 +182,19 @@ class TaskStore(Protocol):
         """Write definition and state of an existing task; raises NameTaken."""
         ...
 
-    def delete(self, task_id: uuid.UUID) -> bool: ...
+    def delete(self, task_id: uuid.UUID, *, remember: bool = False) -> bool:
+        """With `remember`, the removal waits in the store until its tombstone is published."""
+        ...
 
     def save_states(self, tasks: Sequence[Task]) -> None:
         """Write status, health, runs and times of many tasks in one transaction."""
         ...
 
     def page(self, query: TaskFilter) -> TaskPage: ...
+
+    def named(self, name: str) -> list[uuid.UUID]:
+        """Ids of the tasks with this name."""
+        ...
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """Number of tasks by status and by health."""
@@ -150,9 +243,7 @@ class SQLiteTaskStore:
             broken = []
             for row in rows.fetchall():
                 task, problem = _row_to_task(row)
-                if problem is not None and (
-                    task.status is not TaskStatus.ERROR or task.status_reason != problem
-                ):
+                if problem is not None and _own_reason(task, problem):
                     task = task.model_copy(
                         update={
                             "status": TaskStatus.ERROR,
@@ -227,6 +318,7 @@ class SQLiteTaskStore:
             (count,) = self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()
             if count >= self.max_tasks:
                 raise TooManyTasks(f"the checker holds its maximum of {self.max_tasks} tasks")
+            self._check_name(task)
             try:
                 self._db.execute(
                     f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * _NCOLUMNS)})",
@@ -237,17 +329,193 @@ class SQLiteTaskStore:
 
     def replace(self, task: Task) -> None:
         row = _task_to_row(task)
-        assignments = ", ".join(f"{name} = ?" for name in _COLUMN_NAMES[1:])
         with self._lock, _transaction(self._db):
-            try:
-                self._db.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", (*row[1:], row[0]))
-            except sqlite3.IntegrityError as exc:
-                raise _integrity(exc, task) from None
+            self._check_name(task)
+            self._db.execute(f"UPDATE tasks SET {_ASSIGNMENTS} WHERE id = ?", (*row[1:], row[0]))
 
-    def delete(self, task_id: uuid.UUID) -> bool:
+    def delete(self, task_id: uuid.UUID, *, remember: bool = False) -> bool:
+        """Remove a task; with `remember`, keep its id in `unpublished_removals` (in the same
+        transaction) until its tombstone is safe (`removals_published`)."""
         with self._lock, _transaction(self._db):
             cursor = self._db.execute("DELETE FROM tasks WHERE id = ?", (str(task_id),))
+            if remember and cursor.rowcount > 0:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO unpublished_removals (id, removed_at) VALUES (?, ?)",
+                    (str(task_id), _time(datetime.now(UTC))),
+                )
         return cursor.rowcount > 0
+
+    def _check_name(self, task: Task) -> None:
+        # Kept here rather than as a UNIQUE constraint: a view of the task topic (cluster
+        # mode) must hold what the topic holds, two tasks of one name included.
+        taken = self._db.execute(
+            "SELECT 1 FROM tasks WHERE name = ? AND id != ? LIMIT 1",
+            (task.spec.name, str(task.id)),
+        ).fetchone()
+        if taken is not None:
+            raise NameTaken(f"a task named {task.spec.name!r} already exists")
+
+    # -- the task topic (docs/tasks-topic.md) -----------------------------------------------------
+
+    def apply(self, batch: ViewBatch) -> None:
+        """Write what a batch of task records did to the view, with where reading the topic
+        resumes, in one transaction: a crash leaves both before or both after the batch."""
+        if batch.empty():
+            return
+        upserts = [
+            (
+                *_task_to_row(write.task),
+                _time(write.task.updated_at) if write.published else None,
+                write.partition,
+                write.offset,
+            )
+            for write in batch.upserts
+        ]
+        with self._lock, _transaction(self._db):
+            if upserts:
+                self._db.executemany(_UPSERT, upserts)
+            if batch.removals:
+                self._db.executemany(
+                    "DELETE FROM tasks WHERE id = ?", [(str(i),) for i in batch.removals]
+                )
+            if batch.positions:
+                self._db.executemany(
+                    "UPDATE tasks SET record_partition = ?, record_offset = ? WHERE id = ?",
+                    [(p, o, str(i)) for i, p, o in batch.positions],
+                )
+            self._save_offsets(batch.offsets)
+
+    def replace_view(
+        self, writes: Sequence[ViewWrite], offsets: dict[tuple[str, int], int]
+    ) -> None:
+        """Make the table exactly these tasks (a view rebuilt from the whole topic)."""
+        rows = [
+            (*_task_to_row(w.task), _time(w.task.updated_at), w.partition, w.offset) for w in writes
+        ]
+        with self._lock, _transaction(self._db):
+            self._db.execute("DELETE FROM tasks")
+            self._db.execute("DELETE FROM unpublished_removals")
+            self._db.executemany(_UPSERT, rows)
+            self._save_offsets(offsets)
+
+    def _save_offsets(self, offsets: dict[tuple[str, int], int]) -> None:
+        if offsets:
+            self._db.executemany(
+                "INSERT INTO topic_offsets (topic, partition, next_offset) VALUES (?, ?, ?)"
+                " ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                [(topic, partition, n) for (topic, partition), n in offsets.items()],
+            )
+
+    def topic_offsets(self, topic: str) -> dict[int, int]:
+        """Partition -> the offset reading `topic` resumes from."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT partition, next_offset FROM topic_offsets WHERE topic = ?", (topic,)
+            ).fetchall()
+        return dict(found)
+
+    def unpublished(self) -> list[Task]:
+        """Tasks whose current definition and status have not reached the task topic (or the
+        outbox): changed since, or made by an older release."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE published_at IS NOT updated_at"
+                " ORDER BY created_at, id"
+            ).fetchall()
+        return [_row_to_task(row)[0] for row in rows]
+
+    def mark_published(self, items: Sequence[tuple[uuid.UUID, datetime]]) -> None:
+        """The records of these tasks, as of these `updated_at`, are safe (on the topic or in
+        the outbox). A task changed since keeps differing, so it stays unpublished."""
+        if not items:
+            return
+        with self._lock, _transaction(self._db):
+            for task_id, at in items:
+                row = self._db.execute(
+                    "SELECT updated_at FROM tasks WHERE id = ?", (str(task_id),)
+                ).fetchone()
+                # Compared as times: a file of an older release may spell them differently.
+                if row is not None and _parse_time(row[0]) == at:
+                    self._db.execute(
+                        "UPDATE tasks SET published_at = updated_at WHERE id = ?", (str(task_id),)
+                    )
+
+    def pending_removals(self) -> list[uuid.UUID]:
+        """Tasks removed whose tombstone is not yet safe."""
+        with self._lock:
+            found = self._db.execute("SELECT id FROM unpublished_removals ORDER BY removed_at")
+            return [uuid.UUID(row[0]) for row in found.fetchall()]
+
+    def removals_published(self, task_ids: Sequence[uuid.UUID]) -> None:
+        if not task_ids:
+            return
+        with self._lock, _transaction(self._db):
+            self._db.executemany(
+                "DELETE FROM unpublished_removals WHERE id = ?", [(str(i),) for i in task_ids]
+            )
+
+    def set_positions(self, positions: Sequence[tuple[uuid.UUID, int, int]]) -> None:
+        """Where the latest records of these tasks landed: (task id, partition, offset)."""
+        if not positions:
+            return
+        with self._lock, _transaction(self._db):
+            self._db.executemany(
+                "UPDATE tasks SET record_partition = ?, record_offset = ? WHERE id = ?",
+                [(p, o, str(i)) for i, p, o in positions],
+            )
+
+    def positions(self) -> dict[uuid.UUID, tuple[int, int]]:
+        """(partition, offset) of every task's latest record known here."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, record_partition, record_offset FROM tasks"
+                " WHERE record_partition IS NOT NULL"
+            ).fetchall()
+        return {uuid.UUID(i): (int(p), int(o)) for i, p, o in rows}
+
+    def runtime_states(self) -> dict[uuid.UUID, RuntimeState]:
+        """Every task's state besides its definition and status (no definition is parsed)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, health, runs, manual_runs, failures_in_a_row, last_run_at,"
+                " record_partition, record_offset FROM tasks"
+            ).fetchall()
+        found = {}
+        for task_id, health, runs, manual, failures, last, partition, offset in rows:
+            try:
+                kept = Health(health)
+            except ValueError:
+                kept = Health.UNKNOWN
+            found[uuid.UUID(task_id)] = RuntimeState(
+                health=kept,
+                runs=runs,
+                manual_runs=manual,
+                failures_in_a_row=failures,
+                last_run_at=_parse_time(last) if last else None,
+                position=None if partition is None else (int(partition), int(offset)),
+            )
+        return found
+
+    def record_position(self, task_id: uuid.UUID) -> tuple[int, int] | None:
+        """(partition, offset) of the task's last record read from the topic, if known."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT record_partition, record_offset FROM tasks WHERE id = ?", (str(task_id),)
+            ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return int(row[0]), int(row[1])
+
+    def named(self, name: str) -> list[uuid.UUID]:
+        """Ids of the tasks with this name (two only where the topic holds two)."""
+        with self._lock:
+            found = self._db.execute("SELECT id FROM tasks WHERE name = ?", (name,)).fetchall()
+        return [uuid.UUID(row[0]) for row in found]
+
+    def count(self) -> int:
+        with self._lock:
+            (count,) = self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()
+        return int(count)
 
     def save_states(self, tasks: Sequence[Task]) -> None:
         if not tasks:
@@ -355,6 +623,14 @@ _COLUMN_NAMES = (
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 _NCOLUMNS = len(_COLUMN_NAMES)
+_ASSIGNMENTS = ", ".join(f"{name} = ?" for name in _COLUMN_NAMES[1:])
+_VIEW_COLUMNS = (*_COLUMN_NAMES, "published_at", "record_partition", "record_offset")
+_UPSERT = (
+    f"INSERT INTO tasks ({', '.join(_VIEW_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(_VIEW_COLUMNS))})"
+    " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in _VIEW_COLUMNS[1:])
+)
 _ID = 0
 _CREATED = 9
 
@@ -404,6 +680,15 @@ def _row_to_task(row: Sequence[Any]) -> tuple[Task, str | None]:
     return task, problem
 
 
+def _own_reason(task: Task, problem: str) -> bool:
+    """Whether a task whose definition does not validate must get `problem` as its reason: not
+    when it has it already, nor when its reason says its record did not validate."""
+    if task.status is not TaskStatus.ERROR:
+        return True
+    reason = task.status_reason or ""
+    return reason != problem and not reason.startswith(INVALID_RECORD)
+
+
 def parse_spec(raw: str, *, name: str, url: str) -> tuple[TaskSpec, str | None]:
     """Validate a stored definition. One that fails (after an upgrade tightened a rule) is still
     built, without validation, so it can be shown and edited; the problem names the field."""
@@ -427,8 +712,6 @@ def parse_spec(raw: str, *, name: str, url: str) -> tuple[TaskSpec, str | None]:
 
 def _integrity(exc: sqlite3.IntegrityError, task: Task) -> Exception:
     text = str(exc)
-    if "tasks.name" in text:
-        return NameTaken(f"a task named {task.spec.name!r} already exists")
     if "tasks.id" in text:
         return TaskExists(f"task {task.id} already exists")
     return StoreError(text)

@@ -42,6 +42,15 @@ class InvalidChange(ServiceError):
     """A change that is well-formed but not allowed now (for example resuming a done task)."""
 
 
+class BrokerUnavailable(ServiceError):
+    """Cluster mode: the change could not be put on the task topic; nothing changed."""
+
+
+class ViewBehind(ServiceError):
+    """Cluster mode: the change is on the task topic, but this node has not applied it in
+    time; it will, and every node will."""
+
+
 # Every string of this shape is a position in the list (after a creation time and an id, in
 # digits and hex), so the OpenAPI document states the whole rule as a pattern and a cursor
 # that matches it is never refused. The store makes and reads them.

@@ -43,6 +43,10 @@ CERTS = ROOT / "certs" / "dev"
 ENV_FILE = ROOT / ".env.prod"
 BIN = Path(sys.executable).parent
 TOPIC = "checker-results"
+# Compacted (docs/tasks-topic.md): the tasks with as many partitions as the results, the name
+# claims of cluster mode on one.
+TASKS_TOPIC = "checker-tasks"
+TASK_NAMES_TOPIC = "checker-task-names"
 DATABASE = os.environ.get("STACK_DATABASE", "periodic_checker")
 ADMIN_DSN = os.environ.get("STACK_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 KAFKA_PORT = int(os.environ.get("STACK_KAFKA_PORT", "9093"))
@@ -91,6 +95,7 @@ def write_env(dsn: str) -> None:
         "KAFKA_KEY_FILE": CERTS / "client.key",
         "KAFKA_CERT_PASS": password,
         "KAFKA_TOPIC": TOPIC,
+        "KAFKA_TASKS_TOPIC": TASKS_TOPIC,
         "TASK_STORAGE": RUN / "tasks.sqlite3",
         "API_HOST": "127.0.0.1",
         "API_PORT": API_PORT,
@@ -192,7 +197,9 @@ def up() -> None:
             "ssl.key.location": str(CERTS / "client.key"),
             "ssl.key.password": password,
         },
-        [TOPIC],
+        [TOPIC, TASKS_TOPIC, TASK_NAMES_TOPIC],
+        compacted=frozenset({TASKS_TOPIC, TASK_NAMES_TOPIC}),
+        partitions_of={TASK_NAMES_TOPIC: 1},
     )
     subprocess.run(
         [str(BIN / "checker-processing"), "--env-file", str(ENV_FILE), "migrate"],

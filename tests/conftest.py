@@ -22,7 +22,7 @@ from psycopg2 import sql
 
 from devstack import Broker, create_topics, free_port, make_certs
 
-from helpers import KafkaTarget, _is_setting
+from helpers import KafkaTarget, _is_setting, tasks_topic_of
 
 # Test modules whose async tests run twice: on uvloop (the loop the daemons run on) and on
 # asyncio's default loop (the probe is a library too). Transports differ between the two.
@@ -97,9 +97,15 @@ def kafka(
 
 @pytest.fixture
 def topic(kafka: KafkaTarget) -> str:
-    """A fresh topic with 3 partitions for one test."""
+    """A fresh topic with 3 partitions for one test, and its task topic (`tasks_topic_of`,
+    compacted, 3 partitions), which a checker started by `helpers.start_checker` uses."""
     name = f"test-{uuid.uuid4().hex[:12]}"
-    create_topics(kafka.client_config(), [name], partitions=3)
+    create_topics(
+        kafka.client_config(),
+        [name, tasks_topic_of(name)],
+        partitions=3,
+        compacted=frozenset({tasks_topic_of(name)}),
+    )
     return name
 
 

@@ -154,8 +154,17 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
         time.sleep(0.1)
 
 
+def tasks_topic_of(topic: str) -> str:
+    """The task topic the `topic` fixture makes beside a results topic."""
+    return f"{topic}-tasks"
+
+
 def start_checker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`periodic-checker run` as a process with only the given settings; output to `log`."""
+    """`periodic-checker run` as a process with only the given settings; output to `log`. Its
+    task topic is the one made beside its results topic unless `env` names one: tests do not
+    share the default topic (each test's checkers follow their own tasks)."""
     from daemons import CHECKER, Daemon  # daemons imports this module
 
+    if "KAFKA_TOPIC" in env and "KAFKA_TASKS_TOPIC" not in env:
+        env = {**env, "KAFKA_TASKS_TOPIC": tasks_topic_of(env["KAFKA_TOPIC"])}
     return Daemon(CHECKER, env, log).proc

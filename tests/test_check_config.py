@@ -6,22 +6,46 @@ from pathlib import Path
 
 from devstack import create_topics
 
-from helpers import KafkaTarget, run_cli
+from helpers import KafkaTarget, run_cli, tasks_topic_of
 
 
 def test_checker_check_config_passes_against_real_broker(
     kafka: KafkaTarget, topic: str, tmp_path: Path
 ) -> None:
-    env = {**kafka.env(), "KAFKA_TOPIC": topic, "TASK_STORAGE": str(tmp_path / "t.sqlite3")}
+    env = {
+        **kafka.env(),
+        "KAFKA_TOPIC": topic,
+        "KAFKA_TASKS_TOPIC": tasks_topic_of(topic),
+        "TASK_STORAGE": str(tmp_path / "t.sqlite3"),
+    }
     result = run_cli("periodic_checker.cli", "check-config", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["ok"] * len(lines)
     assert any("mutual TLS handshake" in line for line in lines)
-    assert any(topic in line for line in lines)
+    assert any(topic in line and tasks_topic_of(topic) in line for line in lines)
     assert any("task storage" in line and "writable" in line for line in lines)
     if kafka.password:
         assert kafka.password not in result.stdout + result.stderr
+
+
+def test_checker_check_config_names_a_missing_task_topic_and_in_cluster_mode_names_topic(
+    kafka: KafkaTarget, topic: str, tmp_path: Path
+) -> None:
+    env = {
+        **kafka.env(),
+        "KAFKA_TOPIC": topic,
+        "KAFKA_TASKS_TOPIC": tasks_topic_of(topic),
+        "KAFKA_TASK_NAMES_TOPIC": f"{topic}-no-such-names",
+        "TASK_STORAGE": str(tmp_path / "t.sqlite3"),
+    }
+    single = run_cli("periodic_checker.cli", "check-config", env=env)
+    assert single.returncode == 0, single.stdout  # single mode needs no names topic
+    cluster = run_cli(
+        "periodic_checker.cli", "check-config", env={**env, "CHECKER_MODE": "cluster"}
+    )
+    assert cluster.returncode == 1
+    assert f"FAIL kafka topics: missing on the broker: {topic}-no-such-names" in cluster.stdout
 
 
 def test_processor_check_config_reports_each_failure_and_hides_password(

@@ -13,12 +13,14 @@ from pydantic import ValidationError
 
 from periodic_checker.api.models import MAX_BODY_BYTES, ErrorBody, FieldError
 from periodic_checker.task_service import (
+    BrokerUnavailable,
     InvalidChange,
     NameTaken,
     ServiceError,
     TargetDenied,
     TaskNotFound,
     TooManyTasks,
+    ViewBehind,
 )
 
 # Errors are named by what went wrong; clients switch on this word, people read `message`.
@@ -112,6 +114,11 @@ def from_service(exc: ServiceError) -> ApiError:
         )
     if isinstance(exc, InvalidChange):
         return ApiError(409, "invalid_change", message)
+    if isinstance(exc, BrokerUnavailable):
+        # Cluster mode: nothing changed; the same request may be sent again.
+        return ApiError(503, "broker_unavailable", message, headers={"Retry-After": "5"})
+    if isinstance(exc, ViewBehind):
+        return ApiError(503, "not_applied_yet", message, headers={"Retry-After": "1"})
     return ApiError(409, "conflict", message)
 
 

@@ -53,10 +53,14 @@ ERRORS = {
     415: "Content-Type is not application/json (every change must send it)",
     421: "The Host header is not one this API answers to (API_ALLOWED_HOSTS)",
     422: "Invalid input; `detail` names each field and its problem",
+    503: "Cluster mode only: the task topic cannot take the change (`broker_unavailable`:"
+    " nothing changed) or this node has not applied it in time (`not_applied_yet`: it will)",
 }
 # Every operation can meet a wrong Host; every change a missing JSON Content-Type.
 ANY_ERRORS = (421,)
 CHANGE_ERRORS = (401, 415)
+# Changes of a task's definition or status go through the task topic in cluster mode.
+TOPIC_ERRORS = (503,)
 BODY_ERRORS = (400, 408, 413, 422)
 EXAMPLE_TASK = {
     "name": "example home page",
@@ -207,7 +211,7 @@ def _paths() -> dict[str, Any]:
                     "requestBody": _body("TaskSpec", EXAMPLE_TASK),
                     "responses": {
                         "201": _task("Created", created=True),
-                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 409),
+                        **_errors(*CHANGE_ERRORS, *TOPIC_ERRORS, *BODY_ERRORS, 409),
                     },
                 }
             ),
@@ -227,7 +231,7 @@ def _paths() -> dict[str, Any]:
                     "responses": {
                         "200": _task("Replaced"),
                         "201": _task("Created", created=True),
-                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 409),
+                        **_errors(*CHANGE_ERRORS, *TOPIC_ERRORS, *BODY_ERRORS, 409),
                     },
                 }
             ),
@@ -238,7 +242,7 @@ def _paths() -> dict[str, Any]:
                     "requestBody": _body("TaskPatch", {"interval": 120, "timeout": 20}),
                     "responses": {
                         "200": task,
-                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 404, 409),
+                        **_errors(*CHANGE_ERRORS, *TOPIC_ERRORS, *BODY_ERRORS, 404, 409),
                     },
                 }
             ),
@@ -249,7 +253,7 @@ def _paths() -> dict[str, Any]:
                     "requestBody": NO_BODY,
                     "responses": {
                         "204": {"description": "Deleted"},
-                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 404),
+                        **_errors(*CHANGE_ERRORS, *TOPIC_ERRORS, *BODY_ERRORS, 404),
                     },
                 }
             ),
@@ -279,7 +283,7 @@ def _paths() -> dict[str, Any]:
                     "requestBody": _body("RemoveTaskRequest"),
                     "responses": {
                         "204": {"description": "Deleted"},
-                        **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 404),
+                        **_errors(*CHANGE_ERRORS, *TOPIC_ERRORS, *BODY_ERRORS, 404),
                     },
                 }
             ),
@@ -336,7 +340,7 @@ def _action(operation_id: str, summary: str) -> dict[str, Any]:
                 "requestBody": NO_BODY,
                 "responses": {
                     "200": _json("Task", "The task"),
-                    **_errors(*CHANGE_ERRORS, *BODY_ERRORS, 404, 409),
+                    **_errors(*CHANGE_ERRORS, *TOPIC_ERRORS, *BODY_ERRORS, 404, 409),
                 },
             }
         ),

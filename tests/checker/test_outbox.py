@@ -156,3 +156,51 @@ def test_a_row_set_aside_leaves_the_queue_for_the_side_table_with_its_reason(pat
         (task, "invalid", b"refused when sent directly"),
     ]
     reopened.close()
+
+
+# The outbox as the release before the task topic made it.
+RELEASE_2_SCHEMA = """
+CREATE TABLE outbox (seq INTEGER PRIMARY KEY, task_id TEXT NOT NULL, key BLOB NOT NULL,
+                     value BLOB NOT NULL, added_at REAL NOT NULL);
+CREATE INDEX outbox_task_seq ON outbox (task_id, seq);
+CREATE TABLE outbox_set_aside (id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER NOT NULL,
+                               task_id TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
+                               reason TEXT NOT NULL, set_aside_at REAL NOT NULL);
+"""
+
+
+def test_rows_of_a_file_made_before_the_task_topic_stay_results(path: Path) -> None:
+    task = uuid.uuid4()
+    with sqlite3.connect(path) as db:
+        db.executescript(RELEASE_2_SCHEMA)
+        db.execute(
+            "INSERT INTO outbox VALUES (5, ?, ?, ?, 0)", (str(task), b"k", b'{"r": "result"}')
+        )
+        db.execute(
+            "INSERT INTO outbox_set_aside (seq, task_id, key, value, reason, set_aside_at)"
+            " VALUES (3, ?, ?, ?, 'too large', 0)",
+            (str(task), b"k", b"big"),
+        )
+    db.close()
+
+    box = Outbox(path)
+    try:
+        assert box.head(10) == [OutboxRow(5, task, b"k", b'{"r": "result"}', None)]
+        assert box.set_aside_size() == 1
+        assert box.reserve() == 6
+        # The upgraded tables take task records, tombstones included, behind the old rows.
+        box.add([(task, b"k", b"record")], topic="tasks")
+        box.put([OutboxRow(box.reserve(), task, b"k", None, "tasks")])
+        assert [(r.value, r.topic) for r in box.heads([task])] == [(b'{"r": "result"}', None)]
+        assert [(r.value, r.topic) for r in box.head(10)] == [
+            (b'{"r": "result"}', None),
+            (b"record", "tasks"),
+            (None, "tasks"),
+        ]
+        assert box.backlog() == {task: 3}
+        assert box.backlog("tasks") == {task: 2}
+    finally:
+        box.close()
+    again = Outbox(path)  # opened again: no second upgrade, nothing lost
+    assert again.size() == 3
+    again.close()

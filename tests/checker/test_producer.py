@@ -23,6 +23,7 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
+from checker.nodes import read_topic as read_records
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from checker_common.contract import CheckResult, decode, encode
@@ -32,6 +33,7 @@ from periodic_checker.producer import PublisherStats, ResultPublisher, counted_f
 from periodic_checker.settings import CheckerSettings
 
 from conftest import KafkaTarget
+from helpers import tasks_topic_of
 
 pytestmark = pytest.mark.kafka
 
@@ -474,3 +476,58 @@ def test_a_failure_counts_against_the_message_only_while_others_are_delivered(
     code: int, counted: int, others_delivered: bool, after: int | None
 ) -> None:
     assert counted_failures(code, counted, others_delivered) == after
+
+
+@dataclass
+class Events:
+    """What the publisher tells of task records (`producer.RecordEvents`)."""
+
+    safe: list[Any]
+    delivered: list[tuple[uuid.UUID, int, int]]
+
+    def records_safe(self, tags: list[Any]) -> None:
+        self.safe += tags
+
+    def record_delivered(self, task_id: uuid.UUID, partition: int, offset: int) -> None:
+        self.delivered.append((task_id, partition, offset))
+
+
+async def test_task_records_wait_with_their_tasks_results_and_arrive_in_order(
+    kafka: KafkaTarget, topic: str, settings: CheckerSettings
+) -> None:
+    broker = kafka.require_local()
+    records_topic = tasks_topic_of(topic)
+    settings = settings.model_copy(update={"kafka_tasks_topic": records_topic})
+    outbox = Outbox(settings.task_storage)
+    publisher = ResultPublisher(settings, outbox)
+    events = Events([], [])
+    publisher.record_events = events
+    await publisher.start()
+    task = uuid.uuid4()
+    try:
+        with outage(broker):
+            publisher.publish_record(task, b'{"n": 1}', tag="first")
+            publisher.publish(task, a_result(1))
+            publisher.publish_record(task, b'{"n": 2}', tag="second")
+            publisher.publish_record(task, None, tag="removed")  # a tombstone
+            assert publisher.records_pending(task)
+            # librdkafka gives up on them (a short message time-out): they go to the outbox,
+            # where they are safe from a crash.
+            await wait_for(publisher, lambda s: s.outbox_size == 4, "all four in the outbox")
+            assert sorted(events.safe) == ["first", "removed", "second"]
+        await wait_for(publisher, settled, "the outbox drained")
+        assert not publisher.records_pending(task)
+    finally:
+        await publisher.close(timeout=10)
+        outbox.close()
+
+    records = [(offset, value) for _, offset, key, value in read_any(kafka, records_topic) if key]
+    assert [value for _, value in sorted(records)] == [b'{"n": 1}', b'{"n": 2}', None]
+    assert [offset for _, _, offset in events.delivered] == sorted(o for o, _ in records)
+    assert {t for t, _, _ in events.delivered} == {task}
+    assert len(read_topic(kafka, topic)) == 1  # the result, on the results topic
+
+
+def read_any(kafka: KafkaTarget, topic: str) -> list[tuple[int, int, bytes | None, bytes | None]]:
+    """Every record of a topic, tombstones included (`read_topic` reads results only)."""
+    return read_records(kafka, topic)

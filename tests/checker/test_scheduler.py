@@ -15,7 +15,7 @@ import weakref
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -662,3 +662,32 @@ def test_progress_taken_for_a_prompt_write_leaves_the_queue() -> None:
 
     assert writes.take(since=40.0) == {}
     assert list(writes.take(since=50.0)) == [task.id]
+
+
+async def test_a_task_changing_status_by_itself_is_told_at_load_and_when_it_ends(
+    target: Target, tmp_path: Path
+) -> None:
+    """The task topic hears of these changes through `on_status_change` (single mode publishes
+    them; cluster mode shares them between nodes)."""
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    now = datetime.now(UTC)
+    past = spec(target, end_at=now - timedelta(seconds=1))
+    store.insert(Task(id=uuid.uuid4(), spec=past, created_at=now, updated_at=now))
+    prober = Prober(policy=TargetPolicy())
+    await prober.start()
+    scheduler = CheckScheduler(store, prober, RecordingPublisher(), flush_interval=0.2)
+    told: list[Task] = []
+    scheduler.on_status_change = told.append
+    service = CheckerService(store, scheduler, policy=TargetPolicy())
+    try:
+        await scheduler.start(store.load(now))
+        assert [(t.spec.name, t.status) for t in told] == [(past.name, TaskStatus.DONE)]
+        once = await service.create(spec(target, interval=None))
+        await wait_until(lambda: len(told) == 2)
+        assert (told[1].id, told[1].status, told[1].status_reason) == (
+            once.id, TaskStatus.DONE, "one-shot task ran",
+        )  # fmt: skip
+    finally:
+        await scheduler.stop(grace=5)
+        await prober.close()
+        store.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from checker.nodes import previous_release_store
 
 from checker_common.contract import Health
 from checker_common.task_spec import TaskSpec, TaskStatus
@@ -19,6 +20,8 @@ from periodic_checker.store import (
     SQLiteTaskStore,
     StoreError,
     TaskExists,
+    ViewBatch,
+    ViewWrite,
     decode_cursor,
 )
 from periodic_checker.task_service import NameTaken, TaskFilter, TooManyTasks
@@ -96,7 +99,7 @@ def test_a_file_of_the_first_schema_gains_the_manual_run_counter(path: Path) -> 
         db.execute("PRAGMA user_version = 1")
     db.close()
     store = SQLiteTaskStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION
     (loaded,) = store.load(NOW)
     assert (loaded.runs, loaded.manual_runs, loaded.failures_in_a_row) == (7, 0, 2)
     store.save_states([loaded.model_copy(update={"manual_runs": 1})])
@@ -220,3 +223,134 @@ def test_pages_filter_and_follow_the_cursor(path: Path) -> None:
 def test_a_cursor_the_store_did_not_make_is_refused(cursor: str) -> None:
     with pytest.raises(ValueError, match="not a valid cursor"):
         decode_cursor(cursor)
+
+
+# --- the task topic (schema 3) -------------------------------------------------------------------
+
+
+def test_a_file_of_the_previous_release_keeps_its_tasks_and_publishes_each_once(
+    path: Path,
+) -> None:
+    tasks = [make_task(f"site-{i}", created=NOW + timedelta(seconds=i)) for i in range(3)]
+    previous_release_store(path, tasks)
+
+    store = SQLiteTaskStore(path)
+
+    assert store.schema_version == SCHEMA_VERSION == 3
+    loaded = store.load(NOW)
+    assert [(t.id, t.runs, t.manual_runs, t.health) for t in loaded] == [
+        (t.id, 4, 1, Health.UP) for t in tasks
+    ]
+    assert [t.id for t in store.unpublished()] == [t.id for t in tasks]
+    store.mark_published([(t.id, t.updated_at) for t in loaded])
+    assert store.unpublished() == []
+    store.close()
+    assert SQLiteTaskStore(path).unpublished() == []  # marks survive reopening
+
+
+def test_a_change_after_its_record_was_published_is_unpublished_again(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    task = make_task()
+    store.insert(task)
+    store.mark_published([(task.id, task.updated_at)])
+    paused = task.model_copy(
+        update={"status": TaskStatus.PAUSED, "updated_at": NOW + timedelta(seconds=1)}
+    )
+    store.save_states([paused])
+    # The mark of the older version comes late: the newer one stays to be published.
+    store.mark_published([(task.id, task.updated_at)])
+    assert store.unpublished() == [paused]
+    store.close()
+
+
+def test_names_stay_unique_for_the_api_but_a_view_may_hold_two_tasks_of_one_name(
+    path: Path,
+) -> None:
+    store = SQLiteTaskStore(path)
+    first, second = make_task("site"), make_task("site")
+    store.insert(first)
+    with pytest.raises(NameTaken):
+        store.insert(second)
+    # What the task topic holds (another program wrote both), the view holds.
+    store.apply(ViewBatch(upserts=[ViewWrite(second, True, 1, 7)]))
+    assert sorted(store.named("site")) == sorted([first.id, second.id])
+    assert store.record_position(second.id) == (1, 7)
+    store.close()
+
+
+def test_a_batch_of_records_is_written_with_the_offsets_reached(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    kept, gone = make_task("kept"), make_task("gone")
+    store.insert(kept)
+    store.insert(gone)
+    changed = kept.model_copy(update={"status": TaskStatus.PAUSED})
+    new = make_task("new")
+
+    store.apply(
+        ViewBatch(
+            upserts=[ViewWrite(changed, True, 0, 3), ViewWrite(new, False, 2, 5)],
+            removals=[gone.id],
+            offsets={("tasks", 0): 4, ("tasks", 2): 6},
+        )
+    )
+
+    assert {t.id: t.status for t in store.load(NOW)} == {
+        kept.id: TaskStatus.PAUSED,
+        new.id: TaskStatus.ACTIVE,
+    }
+    assert store.topic_offsets("tasks") == {0: 4, 2: 6}
+    assert store.topic_offsets("other") == {}
+    assert store.unpublished() == [new]  # as the checker judged it, not as recorded
+    assert store.positions() == {kept.id: (0, 3), new.id: (2, 5)}
+    store.close()
+
+
+def test_a_rebuilt_view_is_exactly_the_tasks_given_and_keeps_state_apart(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    old = make_task("old")
+    store.insert(old)
+    store.save_states([old.model_copy(update={"runs": 12, "health": Health.DOWN})])
+    state = store.runtime_states()[old.id]
+    assert (state.runs, state.health, state.position) == (12, Health.DOWN, None)
+
+    fresh = make_task("fresh")
+    store.replace_view([ViewWrite(fresh, True, 1, 0)], {("tasks", 1): 1})
+
+    assert store.load(NOW) == [fresh]
+    assert store.unpublished() == []
+    assert store.topic_offsets("tasks") == {1: 1}
+    store.close()
+
+
+def test_a_removal_is_remembered_until_its_tombstone_is_published(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    task, other = make_task("a"), make_task("b")
+    store.insert(task)
+    store.insert(other)
+    assert store.delete(task.id, remember=True)
+    assert store.delete(other.id)  # not remembered: nothing publishes it
+    store.close()
+    store = SQLiteTaskStore(path)
+    assert store.pending_removals() == [task.id]
+    store.removals_published([task.id])
+    assert store.pending_removals() == []
+    store.close()
+
+
+def test_a_task_from_a_record_that_did_not_validate_keeps_its_reason_at_load(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    bad = Task(
+        id=uuid.uuid4(),
+        spec=TaskSpec.model_construct(name="bad", url="ftp://x/", interval=30.0),
+        status=TaskStatus.ERROR,
+        status_reason="invalid task record: spec.url: scheme must be http or https",
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    store.apply(ViewBatch(upserts=[ViewWrite(bad, True, 0, 0)]))
+    store.close()
+    store = SQLiteTaskStore(path)
+    (loaded,) = store.load(NOW + timedelta(hours=1))
+    assert loaded.status_reason == bad.status_reason
+    assert loaded.updated_at == NOW  # not rewritten, so not published again
+    store.close()

@@ -49,7 +49,7 @@ from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.tasks import Task
 
 from daemons import Daemon
-from helpers import KafkaTarget
+from helpers import KafkaTarget, tasks_topic_of
 from helpers import wait_for as poll_until
 
 FULL = os.environ.get("FAULTS_FULL") == "1"
@@ -72,6 +72,7 @@ def checker_env(
     env = {
         **kafka.env(),
         "KAFKA_TOPIC": topic,
+        "KAFKA_TASKS_TOPIC": tasks_topic_of(topic),
         "TASK_STORAGE": str(storage),
         "API_HOST": "127.0.0.1",
         "API_PORT": str(free_port()),

@@ -32,7 +32,7 @@ from periodic_checker.metrics import TaskMap, count_tasks
 from periodic_checker.tasks import Task
 
 from daemons import CHECKER, Daemon
-from helpers import KafkaTarget
+from helpers import KafkaTarget, tasks_topic_of
 
 pytestmark = pytest.mark.kafka
 
@@ -84,6 +84,7 @@ def started(
         env = {
             **kafka.env(),
             "KAFKA_TOPIC": topic,
+            "KAFKA_TASKS_TOPIC": tasks_topic_of(topic),
             "TASK_STORAGE": str(directory / "tasks.sqlite3"),
             "API_HOST": "127.0.0.1",
             "API_PORT": str(free_port()),

@@ -1,0 +1,430 @@
+"""The task topic in cluster mode: start-up of a node to READY, and how soon a change made
+through one node is visible through another.
+
+    .venv/bin/python bench/task_topic.py startup --records 100000 --runs 3
+    .venv/bin/python bench/task_topic.py visibility --changes 200 --runs 3
+    .venv/bin/python bench/task_topic.py build --records 100000
+
+`startup`: a compacted task topic (12 partitions) holding `--records` valid task records (each
+task once; interval 3600 s, so few checks run meanwhile) read by a new cluster-mode checker with
+an empty store: process start -> READY=1 on a NOTIFY_SOCKET the bench binds. The daemon's own
+log lines split the time: reading the topic to its end, decoding and validating the records,
+writing the SQLite view, adding the jobs to the scheduler.
+
+`visibility`: two cluster-mode nodes on one broker; `--changes` tasks created through node A,
+one at a time; for each, the time from A's answer (201) until node B's API serves the task
+(B is polled every 2 ms over a kept-alive connection), and A's own answer time.
+
+`build`: in-process, no broker: where the view's time goes per record (decoding and validating,
+the policy's check, making the task, the row), and building and writing the whole view with the
+garbage collector running and paused; making a task with and without validation.
+
+Each prints a Markdown table (per run and the medians where there are runs), with the machine
+(`lscpu` model name) and the load average. Everything runs on 127.0.0.1 and is stopped at the
+end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from common import ROOT, Kafka, kafka, machine, workdir
+from confluent_kafka import Producer
+
+from checker_common.devstack import create_topics, free_port
+from checker_common.task_record import TaskRecord, encode
+from checker_common.task_spec import TaskSpec
+
+PYTHON = Path(sys.executable)
+PARTITIONS = 12
+START_TIMEOUT = 600.0
+
+
+def lscpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def make_topics(k: Kafka) -> tuple[str, str, str]:
+    base = f"bench-{uuid.uuid4().hex[:10]}"
+    results, tasks, names = base, f"{base}-tasks", f"{base}-names"
+    create_topics(
+        k.config(),
+        [results, tasks, names],
+        partitions=PARTITIONS,
+        compacted=frozenset({tasks, names}),
+        partitions_of={names: 1},
+    )
+    return results, tasks, names
+
+
+def fill(k: Kafka, topic: str, records: int) -> float:
+    """`records` task records, one per task; seconds taken."""
+    started = time.monotonic()
+    spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
+    now = datetime.now(UTC)
+    producer = Producer(k.config(**{"linger.ms": 50, "queue.buffering.max.messages": 200_000}))
+    for n in range(records):
+        task_id = uuid.UUID(int=n + 1, version=4)
+        record = TaskRecord(
+            id=task_id,
+            spec=spec.model_copy(update={"name": f"bench task {n}"}),
+            created_at=now,
+            updated_at=now,
+            origin="bench",
+        )
+        key, value = encode(record)
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(120) == 0
+    return time.monotonic() - started
+
+
+def node_env(
+    k: Kafka, topics: tuple[str, str, str], store: Path, port: int, node: str
+) -> dict[str, str]:
+    results, tasks, names = topics
+    return {
+        **os.environ,
+        **k.env(),
+        "PYTHONPATH": str(ROOT),
+        "KAFKA_TOPIC": results,
+        "KAFKA_TASKS_TOPIC": tasks,
+        "KAFKA_TASK_NAMES_TOPIC": names,
+        "CHECKER_MODE": "cluster",
+        "CHECKER_NODE_ID": node,
+        "TASK_STORAGE": str(store),
+        "MAX_TASKS": "200000",
+        "API_PORT": str(port),
+        "LOG_LEVEL": "INFO",
+    }
+
+
+def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], started: float) -> float:
+    while time.monotonic() - started < START_TIMEOUT:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} before READY=1")
+        try:
+            data = notify.recv(4096)
+        except TimeoutError:
+            continue
+        if b"READY=1" in data.split(b"\n"):
+            return time.monotonic()
+    raise RuntimeError("no READY=1 within the start time-out")
+
+
+PHASES = re.compile(
+    r"read: (\d+) records, (\d+) tasks in ([\d.]+) s \(reading ([\d.]+) s, decoding and"
+    r" validating ([\d.]+) s, writing the view ([\d.]+) s\)"
+)
+SCHEDULED = re.compile(r"(\d+) tasks scheduled in ([\d.]+) s")
+
+
+def startup_run(k: Kafka, records: int) -> dict[str, Any]:
+    topics = make_topics(k)
+    fill_s = fill(k, topics[1], records)
+    with workdir() as work:
+        notify_path = work / "notify.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.settimeout(1.0)
+        env = {**node_env(k, topics, work / "a.sqlite3", free_port(), "a"),
+               "NOTIFY_SOCKET": str(notify_path)}  # fmt: skip
+        load = loadavg()
+        log_path = work / "a.log"
+        with log_path.open("wb") as log:
+            started = time.monotonic()
+            proc = subprocess.Popen(
+                [str(PYTHON), "-m", "periodic_checker.cli", "run"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work,
+            )  # fmt: skip
+            try:
+                ready = wait_ready(notify, proc, started) - started
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+                notify.close()
+        text = log_path.read_text(errors="replace")
+    phases = PHASES.search(text)
+    scheduled = SCHEDULED.search(text)
+    if phases is None or scheduled is None:
+        raise RuntimeError(f"no phase lines in the log:\n{text[-3000:]}")
+    return {
+        "fill_s": fill_s,
+        "ready_s": ready,
+        "tasks": int(phases.group(2)),
+        "read_s": float(phases.group(4)),
+        "build_s": float(phases.group(5)),
+        "write_s": float(phases.group(6)),
+        "schedule_s": float(scheduled.group(2)),
+        "load": load,
+    }
+
+
+def startup(args: argparse.Namespace) -> None:
+    print(f"machine: {machine()}; lscpu model name: {lscpu_model()}")
+    runs = []
+    with workdir() as work, kafka(work) as k:
+        for n in range(args.runs):
+            run = startup_run(k, args.records)
+            runs.append(run)
+            print(f"run {n + 1}: {run}", file=sys.stderr)
+    columns = [
+        ("ready_s", "process start to READY"),
+        ("read_s", "reading the topic"),
+        ("build_s", "decoding and validating"),
+        ("write_s", "writing the SQLite view"),
+        ("schedule_s", "adding the jobs"),
+    ]
+    print(f"\n{args.records:,} task records, {PARTITIONS} partitions, empty store\n")
+    print("| run | tasks | " + " | ".join(label for _, label in columns) + " | load average |")
+    print("|---|---|" + "---|" * len(columns) + "---|")
+    for n, run in enumerate(runs, 1):
+        cells = " | ".join(f"{run[key]:.2f} s" for key, _ in columns)
+        print(f"| {n} | {run['tasks']:,} | {cells} | {run['load']} |")
+    medians = " | ".join(
+        f"**{statistics.median(r[key] for r in runs):.2f} s**" for key, _ in columns
+    )
+    print(f"| median | | {medians} | |")
+
+
+def visibility_run(k: Kafka, changes: int) -> dict[str, Any]:
+    topics = make_topics(k)
+    with workdir() as work:
+        ports = [free_port(), free_port()]
+        procs = []
+        logs = []
+        for node, port in zip("ab", ports, strict=True):
+            log = (work / f"{node}.log").open("wb")
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(
+                    [str(PYTHON), "-m", "periodic_checker.cli", "run"],
+                    env=node_env(k, topics, work / f"{node}.sqlite3", port, node),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=work,
+                )
+            )
+        try:
+            load = loadavg()
+            answers, seen = asyncio.run(measure(ports, changes))
+            load = f"{load} -> {loadavg()}"
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                proc.wait(60)
+            for log in logs:
+                log.close()
+    return {"answers": answers, "seen": seen, "load": load}
+
+
+async def measure(ports: list[int], changes: int) -> tuple[list[float], list[float]]:
+    """Create through the first node; (its answer times, the times until the second serves
+    each task after that answer)."""
+    async with aiohttp.ClientSession() as http:
+        a, b = (f"http://127.0.0.1:{port}" for port in ports)
+        for url in (a, b):
+            await wait_health(http, url)
+        answers, seen = [], []
+        for n in range(changes):
+            body = {"name": f"v{n}", "url": "http://127.0.0.1:9/", "interval": 3600}
+            sent = time.monotonic()
+            async with http.post(f"{a}/tasks", json=body) as response:
+                assert response.status == 201, await response.text()
+                task_id = (await response.json())["id"]
+            answered = time.monotonic()
+            while True:
+                async with http.get(f"{b}/tasks/{task_id}") as response:
+                    await response.read()
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.002)
+            seen.append(time.monotonic() - answered)
+            answers.append(answered - sent)
+    return answers, seen
+
+
+async def wait_health(http: aiohttp.ClientSession, url: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            async with http.get(f"{url}/health") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not start")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def visibility(args: argparse.Namespace) -> None:
+    print(f"machine: {machine()}; lscpu model name: {lscpu_model()}")
+    runs = []
+    with workdir() as work, kafka(work) as k:
+        for n in range(args.runs):
+            run = visibility_run(k, args.changes)
+            runs.append(run)
+            print(f"run {n + 1}: B p99 {percentile(run['seen'], 99):.3f} s", file=sys.stderr)
+    print(f"\n{args.changes} creates through node A per run; B polled every 2 ms\n")
+    print("| run | A answers, p50 / p99 | visible on B after A's answer, p50 / p99 / max |"
+          " load average (start -> end) |")  # fmt: skip
+    print("|---|---|---|---|")
+    for n, run in enumerate(runs, 1):
+        answers, seen = run["answers"], run["seen"]
+        print(
+            f"| {n} | {percentile(answers, 50) * 1000:.1f} / {percentile(answers, 99) * 1000:.1f}"
+            f" ms | {percentile(seen, 50) * 1000:.1f} / {percentile(seen, 99) * 1000:.1f} /"
+            f" {max(seen) * 1000:.1f} ms | {run['load']} |"
+        )
+    p50 = statistics.median(percentile(r["seen"], 50) for r in runs)
+    p99 = statistics.median(percentile(r["seen"], 99) for r in runs)
+    a50 = statistics.median(percentile(r["answers"], 50) for r in runs)
+    a99 = statistics.median(percentile(r["answers"], 99) for r in runs)
+    print(
+        f"| median | {a50 * 1000:.1f} / {a99 * 1000:.1f} ms |"
+        f" **{p50 * 1000:.1f} / {p99 * 1000:.1f} ms** | |"
+    )
+
+
+def build(args: argparse.Namespace) -> None:
+    import gc
+    import tempfile
+
+    from checker_common.task_record import decode
+    from periodic_checker.materialiser import Snapshot, TaskTopicFollower
+    from periodic_checker.policy import TargetPolicy
+    from periodic_checker.settings import CheckerSettings
+    from periodic_checker.store import SQLiteTaskStore, ViewWrite, _task_to_row
+    from periodic_checker.task_view import Refusals, applied, judged
+    from periodic_checker.tasks import Task
+
+    print(f"machine: {machine()}; lscpu model name: {lscpu_model()}")
+    n = args.records
+    spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
+    now = datetime.now(UTC)
+    snapshot = Snapshot()
+    for i in range(n):
+        record = TaskRecord(
+            id=uuid.UUID(int=i + 1, version=4),
+            spec=spec.model_copy(update={"name": f"bench task {i}"}),
+            created_at=now,
+            updated_at=now,
+            origin="bench",
+        )
+        key, value = encode(record)
+        snapshot.last[key] = (i % PARTITIONS, i, value)
+    policy = TargetPolicy()
+    items = [(key, value) for key, (_, _, value) in snapshot.last.items()]
+
+    def per_record(label: str, work: Any) -> None:
+        started = time.perf_counter()
+        work()
+        print(f"| {label} | {(time.perf_counter() - started) / n * 1e6:.1f} us |")
+
+    gc.collect()
+    gc.disable()
+    print(f"\n{n:,} records, collector paused\n\n| step | per record |\n|---|---|")
+    decoded: list[Any] = []
+    per_record("decode (JSON, TaskSpec)", lambda: decoded.extend(decode(k, v) for k, v in items))
+    tasks: list[Any] = []
+    per_record("make the task", lambda: tasks.extend(applied(d, None, now) for d in decoded))
+    refused: list[Any] = []
+    per_record("target policy", lambda: refused.extend(policy.check_url(t.spec.url) for t in tasks))
+    per_record(
+        "judge",
+        lambda: [judged(t, Refusals(target=r), now) for t, r in zip(tasks, refused, strict=True)],
+    )
+    per_record("the row's values", lambda: [_task_to_row(t) for t in tasks])
+    one = tasks[0]
+    fields = {"id": one.id, "spec": one.spec, "created_at": now, "updated_at": now}
+    per_record("Task(...) (validated)", lambda: [Task(**fields) for _ in range(n)])
+    per_record(
+        "Task.model_construct(...)", lambda: [Task.model_construct(**fields) for _ in range(n)]
+    )
+
+    settings = CheckerSettings.model_construct(
+        checker_mode="cluster", checker_node_id="bench", kafka_tasks_topic="t"
+    )
+    print("\n| whole view | collector running | collector paused |\n|---|---|---|")
+    timings: dict[str, list[float]] = {"build": [], "write": []}
+    for paused in (False, True):
+        gc.collect()
+        if paused:
+            gc.disable()
+        else:
+            gc.enable()
+        with tempfile.TemporaryDirectory() as tmp:
+            store = SQLiteTaskStore(Path(tmp) / "view.sqlite3", max_tasks=n + 1)
+            follower = TaskTopicFollower(settings, store, None, policy=policy)  # type: ignore[arg-type]
+            started = time.perf_counter()
+            writes: list[ViewWrite] = follower.build_view(snapshot, {}, now)
+            built = time.perf_counter()
+            store.replace_view(writes, {})
+            timings["build"].append(built - started)
+            timings["write"].append(time.perf_counter() - built)
+            store.close()
+    gc.enable()
+    for step, label in (("build", "decoding and validating"), ("write", "writing SQLite")):
+        running, paused_s = timings[step]
+        print(f"| {label} | {running:.2f} s | {paused_s:.2f} s |")
+    print(f"\nload average at the end {loadavg()}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    one = sub.add_parser("startup", help="start-up of a cluster node to READY")
+    one.add_argument("--records", type=int, default=100_000)
+    one.add_argument("--runs", type=int, default=3)
+    two = sub.add_parser("visibility", help="a change through A, visible through B")
+    two.add_argument("--changes", type=int, default=200)
+    two.add_argument("--runs", type=int, default=3)
+    three = sub.add_parser("build", help="where the view's time goes, in-process")
+    three.add_argument("--records", type=int, default=100_000)
+    args = parser.parse_args()
+    if args.what == "startup":
+        startup(args)
+    elif args.what == "build":
+        build(args)
+    else:
+        visibility(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The materialiser in-process against the real broker: the whole topic read at start gives the
+last record of each task, a writer's wait ends once its record is applied, and a batch the store
+could not write is read again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from checker.nodes import Topics, produce
+
+from checker_common.task_spec import TaskSpec
+from periodic_checker.materialiser import TaskTopicFollower, TopicMissing
+from periodic_checker.names import NameClaims
+from periodic_checker.settings import CheckerSettings
+from periodic_checker.store import SQLiteTaskStore, ViewBatch
+from periodic_checker.tasks import Task
+
+from conftest import KafkaTarget
+from helpers import wait_for
+
+pytestmark = pytest.mark.kafka
+
+SPEC = {"name": "shop", "url": "http://127.0.0.1:9/", "interval": 60, "timeout": 5}
+
+
+class Scheduler:
+    """The scheduler's live-change calls, recorded."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[uuid.UUID, Task] = {}
+
+    def add(self, task: Task) -> None:
+        self.tasks[task.id] = task
+
+    def replace(self, task: Task) -> None:
+        self.tasks[task.id] = task
+
+    def remove(self, task_id: uuid.UUID) -> None:
+        self.tasks.pop(task_id, None)
+
+
+class FailingOnce(SQLiteTaskStore):
+    """A store whose first write of a batch fails (a locked or full disk)."""
+
+    failed = False
+
+    def apply(self, batch: ViewBatch) -> None:
+        if batch.upserts and not self.failed:
+            self.failed = True
+            raise OSError("disk full")
+        super().apply(batch)
+
+
+@pytest.fixture
+def topics(kafka: KafkaTarget) -> Topics:
+    return Topics.make(kafka)
+
+
+def settings(kafka: KafkaTarget, topics: Topics, tmp_path: Path, mode: str) -> CheckerSettings:
+    env: dict[str, Any] = {k.lower(): v for k, v in kafka.env().items()}
+    return CheckerSettings(
+        **env,
+        kafka_topic=topics.results,
+        kafka_tasks_topic=topics.tasks,
+        kafka_task_names_topic=topics.names,
+        checker_mode=mode,
+        checker_node_id="node-a",
+        task_storage=tmp_path / "tasks.sqlite3",
+    )
+
+
+def record(name: str, **fields: Any) -> bytes:
+    return json.dumps({"spec": {**SPEC, "name": name}, **fields}).encode()
+
+
+async def test_reading_the_whole_topic_gives_the_last_record_of_each_task(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    a, b, c = (str(uuid.uuid4()) for _ in range(3))
+    produce(kafka, topics.tasks, a.encode(), record("a"))
+    produce(kafka, topics.tasks, b.encode(), record("b"))
+    produce(kafka, topics.tasks, a.encode(), record("a", status="paused"))
+    produce(kafka, topics.tasks, b.encode(), None)  # removed
+    produce(kafka, topics.tasks, c.encode(), record("c", status="active"))
+    produce(kafka, topics.tasks, c.encode(), b'{"spec": 1}')  # its last record is invalid
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    names = NameClaims()
+    follower = TaskTopicFollower(
+        settings(kafka, topics, tmp_path, "cluster"), store, Scheduler(), names=names
+    )
+    try:
+        snapshot = await asyncio.to_thread(follower.read_everything)
+        writes = follower.build_view(snapshot, {}, datetime.now(UTC))
+    finally:
+        await follower.stop()
+        store.close()
+
+    assert snapshot.records == 6
+    shown = {str(w.task.id): (w.task.spec.name, str(w.task.status)) for w in writes}
+    assert shown == {a: ("a", "paused"), c: (f"invalid record {c}", "error")}
+    assert sum(snapshot.offsets[(topics.tasks, p)] for p in range(3)) == 6
+
+
+async def test_a_missing_topic_is_said_at_once(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    config = settings(kafka, topics, tmp_path, "cluster")
+    config = config.model_copy(update={"kafka_task_names_topic": f"{topics.names}-missing"})
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    follower = TaskTopicFollower(config, store, Scheduler(), names=NameClaims())
+    try:
+        with pytest.raises(TopicMissing, match="-missing does not exist"):
+            await asyncio.to_thread(follower.read_everything)
+    finally:
+        await follower.stop()
+        store.close()
+
+
+async def test_a_writer_waits_until_its_record_is_applied_and_a_failed_batch_comes_again(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    store = FailingOnce(tmp_path / "tasks.sqlite3")
+    scheduler = Scheduler()
+    follower = TaskTopicFollower(
+        settings(kafka, topics, tmp_path, "cluster"), store, scheduler, names=NameClaims()
+    )
+    try:
+        await asyncio.to_thread(follower.read_everything)
+        await follower.start()
+        task_id = uuid.uuid4()
+        spec = TaskSpec.model_validate(SPEC)
+        produce(kafka, topics.tasks, str(task_id).encode(), record("shop"))
+        await asyncio.wait_for(follower.caught_up.wait(), 30)
+
+        def applied() -> bool:
+            return store.get(task_id) is not None
+
+        # The first write failed; the batch is read again and written.
+        await asyncio.to_thread(wait_for, applied, "the task in the store", 30)
+        assert store.failed
+        stored = store.get(task_id)
+        assert stored is not None
+        assert stored.spec == spec
+        assert scheduler.tasks[task_id].spec == spec
+        partition, offset = store.record_position(task_id) or (-1, -1)
+        await asyncio.wait_for(follower.applied(topics.tasks, partition, offset), 5)
+    finally:
+        await follower.stop()
+        store.close()
