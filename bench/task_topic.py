@@ -45,9 +45,9 @@ import aiohttp
 from common import ROOT, Kafka, kafka, machine, workdir
 from confluent_kafka import Producer
 
-from checker_common.devstack import create_topics, free_port
 from checker_common.task_record import TaskRecord, encode
 from checker_common.task_spec import TaskSpec
+from devstack import create_topics, free_port
 
 PYTHON = Path(sys.executable)
 PARTITIONS = 12

@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from checker_common.devstack import create_topics, free_port, stop_process
+from devstack import create_topics, free_port, stop_process
 from periodic_checker.store import MIGRATIONS
 from periodic_checker.tasks import Task
 
