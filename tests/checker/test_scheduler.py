@@ -310,12 +310,14 @@ def test_a_slot_may_start_late_by_max_start_lag_or_half_its_interval(
 async def test_a_slot_that_cannot_start_in_time_is_skipped_and_counted_not_run_late(
     target: Target, make_checker: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """One check at a time; one task holds the slot 0.7 s of every second, so the others'
-    slots wait for it longer than MAX_START_LAG (0.2 s) and are shed."""
+    """One check at a time; one task holds the slot 0.9 s of every second, so the others whose
+    slots fall in its hold wait longer than MAX_START_LAG (0.2 s) and are shed. Each slot's place
+    on the grid comes from its task id: with eight others, the chance that none lands in the
+    0.7 s window that sheds is 0.3 ** 8 (under 1 in 15,000)."""
     caplog.set_level(logging.WARNING, logger="periodic_checker.scheduler")
     c = await make_checker(max_in_flight=1, max_start_lag=0.2)
-    hog = await c.service.create(spec(target, "/slow", timeout=0.7))
-    others = [await c.service.create(spec(target, "/ok")) for _ in range(4)]
+    hog = await c.service.create(spec(target, "/slow", timeout=0.9))
+    others = [await c.service.create(spec(target, "/ok")) for _ in range(8)]
     await wait_until(lambda: c.scheduler.stats.skipped_late >= 10)
     await wait_until(lambda: "cannot keep up" in caplog.text)
     await stop(c)
