@@ -178,6 +178,7 @@ def test_dot_env_prod_in_working_directory_is_read(
     assert "API_PORT" in result.stderr
 
 
+@pytest.mark.timeout(900)  # runs the settings cases again in a clone: minutes when busy
 def test_the_settings_cases_ignore_the_developers_own_settings(
     good_env: dict[str, str], tmp_path: Path
 ) -> None:
