@@ -13,7 +13,9 @@ is not judged (`checker_overloaded`: the checker held the check up, the site was
 stored but moves neither its task nor its incidents, like a result that arrives after a newer
 one of its task. So is a double: a result of a (task, slot) whose slot an earlier read result
 holds (the first stored decides, `double_of` names it), so a slot checked twice opens or
-closes an incident at most once and counts once. Records that
+closes an incident at most once and counts once. (Two processors storing results of the same
+task at once, only while the processors' group rebalances, could each count their result of
+one slot: the second sees the slot taken only after the first commits.) Records that
 break the contract, results dated outside the stored window (a checker clock far ahead, or
 older than the retention), copies of a stored result with another timestamp, and rows the
 database refuses go to rejected_messages with their raw bytes and the reason. Connection
@@ -149,14 +151,15 @@ class Row(NamedTuple):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one batch did: new rows, rows already stored, records rejected, and task records
+    """What one batch did: new rows, rows already stored, records rejected, task records
     that changed a task (a task record at or before the one its task was set from counts as
-    a duplicate)."""
+    a duplicate), and the new rows that are doubles (of a slot another result holds)."""
 
     inserted: int = 0
     duplicates: int = 0
     rejected: int = 0
     task_changes: int = 0
+    doubles: int = 0
 
     def __add__(self, other: Outcome) -> Outcome:
         return Outcome(
@@ -164,6 +167,7 @@ class Outcome:
             self.duplicates + other.duplicates,
             self.rejected + other.rejected,
             self.task_changes + other.task_changes,
+            self.doubles + other.doubles,
         )
 
 
@@ -529,7 +533,7 @@ class Writer:
         Task records go first: a result of a task removed in the same batch is stored but
         moves nothing, as one arriving in a later batch."""
         conn = self.conn
-        stored = 0
+        stored = doubles = 0
         conflicts: list[Rejection] = []
         applied = task_topic.Applied()
         with conn.cursor() as cur:
@@ -543,7 +547,7 @@ class Writer:
                 else:
                     texts = _Texts(prepared.text, prepared.ids_text, prepared.slots_text)
                     inserted, conflicts = _insert_new(cur, texts, rows, prepared.if_all_new)
-                stored = len(inserted.rows)
+                stored, doubles = len(inserted.rows), inserted.doubles
                 if inserted.newest:  # empty when every new row is not judged
                     _update_tasks_and_incidents(cur, inserted)
                 if conflicts:
@@ -585,6 +589,7 @@ class Writer:
             len(rows) - stored - len(conflicts) + applied.unchanged,
             stored_rejections,
             applied.changed,
+            doubles,
         )
 
 
@@ -602,6 +607,7 @@ class NewRows:
     # update sends when every task is known and no row is older than the stored one (the
     # usual batch), made ahead with the rest of the batch.
     task_columns: list[str] | None = None
+    doubles: int = 0  # rows that are doubles
 
 
 def new_rows(returned: list[tuple[Any, ...]], *, with_task_columns: bool = False) -> NewRows:
@@ -609,9 +615,13 @@ def new_rows(returned: list[tuple[Any, ...]], *, with_task_columns: bool = False
     newest: dict[str, tuple[Any, ...]] = {}
     with_down = set()
     down = Health.DOWN.value
+    doubles = 0
     for row in returned:
-        if row[9] in _NOT_JUDGED or row[11] is not None:
-            continue  # stored (not judged, or a double), but it moves neither task nor incidents
+        if row[11] is not None:
+            doubles += 1
+            continue  # stored, but it moves neither its task nor its incidents
+        if row[9] in _NOT_JUDGED:
+            continue  # the same
         task_id = row[0]
         best = newest.get(task_id)
         if best is None or row[2] > best[2] or (row[2] == best[2] and row[1] > best[1]):
@@ -621,7 +631,7 @@ def new_rows(returned: list[tuple[Any, ...]], *, with_task_columns: bool = False
     columns = None
     if with_task_columns and newest:
         columns = _task_columns([newest[task_id] for task_id in sorted(newest)])
-    return NewRows(returned, newest, frozenset(with_down), columns)
+    return NewRows(returned, newest, frozenset(with_down), columns, doubles)
 
 
 def returning(rows: list[Row]) -> list[tuple[Any, ...]]:

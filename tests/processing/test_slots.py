@@ -15,6 +15,7 @@ from processing.processing_helpers import WIDE_WINDOW, make_result, record_of, r
 
 from checker_common.contract import CheckResult
 from checker_processing import db
+from checker_processing.metrics import Metrics
 from checker_processing.report import availability
 from checker_processing.writer import Outcome, Record, Writer
 
@@ -146,8 +147,12 @@ def test_a_slot_seen_three_times_in_a_redelivered_batch_counts_once(
     three rows, two doubles of the first, one incident."""
     results = [check(node, SLOT, "down") for node in ("node-c", "node-a", "node-b")]
     records = [record_of(TASK, r, offset=n) for n, r in enumerate(results)]
-    assert writer.write(records) == Outcome(inserted=3)
+    outcome = writer.write(records)
+    assert outcome == Outcome(inserted=3, doubles=2)
     assert writer.write(records) == Outcome(duplicates=3)
+    metrics = Metrics.create()
+    metrics.batch(outcome, 0.1)
+    assert metrics.registry.get_sample_value("checker_processing_result_doubles_total") == 2
     assert rows(
         migrated, "SELECT node, double_of::text FROM check_results ORDER BY kafka_offset"
     ) == [
