@@ -158,16 +158,19 @@ def task_id(n: int) -> str:
 
 class MessageTemplate:
     """The JSON of one realistic result from `contract.encode`, with the task id, result id
-    and timestamp swapped in by string formatting (1M messages in seconds, not minutes).
+    and timestamp swapped in by string formatting (1M messages in seconds, not minutes). The
+    slot (`scheduled_at`) is the timestamp, so each result of a task has a slot of its own.
+    `node` is left out unless given: messages every revision of the processor reads alike
+    (one before the field sends a message with it down its slower path).
     `check()` proves a built message still decodes under the contract."""
 
-    def __init__(self, *, down: bool = False) -> None:
+    def __init__(self, *, down: bool = False, node: str | None = None) -> None:
         fields: dict[str, Any] = {
             "result_id": uuid.UUID(RESULT_MARK),
             "name": "shop front page",
             "url": "https://shop.example.test/en/index.html",
             "timestamp": datetime(2000, 1, 1, tzinfo=UTC),
-            "scheduled_at": None,
+            "scheduled_at": datetime(2000, 1, 1, tzinfo=UTC),
             "status": 200,
             "load_time": 0.0123,
             "pattern_search": "match",
@@ -192,12 +195,19 @@ class MessageTemplate:
                 pattern_search=None,
                 error={"kind": "status", "message": "status 503 is not in 200-399"},
             )
-        _, value = encode(uuid.UUID(TASK_MARK), CheckResult.model_validate(fields))
+        if node is not None:
+            fields["node"] = node
+        result = CheckResult.model_validate(fields)
+        body = result.model_dump(mode="json", exclude=None if node else {"node"})
+        value = orjson.dumps({TASK_MARK: body})
+        assert orjson.loads(encode(uuid.UUID(TASK_MARK), result)[1]) == {
+            TASK_MARK: {**body, "node": node}
+        }
         text = value.decode()
         stamp = orjson.loads(value)[TASK_MARK]["timestamp"]
         assert text.count(TASK_MARK) == 1, text
         assert text.count(RESULT_MARK) == 1, text
-        assert text.count(stamp) == 1, text
+        assert text.count(stamp) == 2, text  # timestamp and scheduled_at
         self.format = (
             text.replace("%", "%%")
             .replace(TASK_MARK, "%(task)s")
@@ -216,7 +226,7 @@ class MessageTemplate:
         decoded = decode(self.build(task_id(7), result, now))
         assert str(decoded.task_id) == task_id(7)
         assert str(decoded.result.result_id) == result
-        assert decoded.result.timestamp == now
+        assert decoded.result.timestamp == decoded.result.scheduled_at == now
 
 
 # -- the daemon --------------------------------------------------------------------------------

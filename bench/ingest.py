@@ -211,7 +211,7 @@ def empty_tables(dsn: str) -> None:
     """Same starting point for each contender: empty tables, no dirty pages pending."""
     execute(
         dsn,
-        "TRUNCATE check_results, result_ids, tasks, incidents, rejected_messages",
+        "TRUNCATE check_results, result_ids, result_slots, tasks, incidents, rejected_messages",
         "CHECKPOINT",
     )
 
@@ -662,7 +662,7 @@ def latency(args: argparse.Namespace) -> int:
             }
             rows.append(figures)
             print(f"run {run + 1}: {figures}", file=sys.stderr)
-            execute(dsn, "TRUNCATE check_results, result_ids, tasks, incidents")
+            execute(dsn, "TRUNCATE check_results, result_ids, result_slots, tasks, incidents")
         version = server_version(dsn)
 
     def med(key: str) -> float:

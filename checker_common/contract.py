@@ -9,6 +9,10 @@ with the task id as its only top-level key::
 `encode()` builds that, `decode()` reads it back (also the first version's shape, which had no
 `result_id`), and `json_schema()` describes it. Nothing else spells these fields.
 
+`node` names the checker node that ran the check (its CHECKER_NODE_ID). It came after
+`schema_version` 1 and is optional in it: a result of an earlier checker has none (the
+processor stores NULL), and an earlier processor ignores it (the model ignores unknown fields).
+
 A result carries no secret of its task. `url` and `final_url` have the password of their user
 info replaced by `***` (`https://user:***@host/`), and a user info without a password (often a
 token) as a whole (`https://***@host/`), by `checker_common.redact.redact_url`; the password
@@ -84,6 +88,9 @@ MAX_NAME = 200
 MAX_URL = 8192
 MAX_METHOD = 10
 MAX_ERROR_MESSAGE = 2000
+# A checker node's name (CHECKER_NODE_ID): 1-255 printable ASCII characters, no space.
+MAX_NODE = 255
+NODE_PATTERN = rf"^[!-~]{{1,{MAX_NODE}}}$"
 
 # Text that goes into results and logs holds none of: ASCII and C1 controls (NUL makes
 # PostgreSQL refuse the result, ESC writes ANSI escapes into a terminal), line and paragraph
@@ -175,6 +182,13 @@ class CheckResult(BaseModel):
     )
     redirects: int = Field(0, ge=0)
     cert_expires_at: datetime | None = None
+    node: str | None = Field(
+        None,
+        max_length=MAX_NODE,
+        pattern=NODE_PATTERN,
+        description="the checker node that ran the check (its CHECKER_NODE_ID); absent in"
+        " results of checkers before it was added",
+    )
 
     @field_validator("timestamp", "scheduled_at", "cert_expires_at")
     @classmethod
@@ -325,6 +339,8 @@ class PlainBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
     final_url: Annotated[str, msgspec.Meta(max_length=MAX_URL)] | None = None
     redirects: _Count = 0
     cert_expires_at: str | None = None
+    # \Z, not $: Python's $ also matches before a final newline.
+    node: Annotated[str, msgspec.Meta(pattern=rf"^[!-~]{{1,{MAX_NODE}}}\Z")] | None = None
 
 
 class Plain(NamedTuple):

@@ -66,6 +66,7 @@ class Metrics:
     batch_size: Histogram
     db_retries: Counter
     db_errors: Counter
+    doubles: Counter
     commit_failures: Counter
     lag: Gauge
     server: MetricsServer | None = None
@@ -110,6 +111,12 @@ class Metrics:
                 ["stage"],
                 registry=registry,
             ),
+            doubles=Counter(
+                "checker_processing_result_doubles",
+                "Results stored as doubles: another result of their task and slot, from"
+                " another checker node, was stored first and counts instead",
+                registry=registry,
+            ),
             commit_failures=Counter(
                 "checker_processing_offset_commit_failures",
                 "Offset commits the broker refused or missed (retried later)",
@@ -138,6 +145,7 @@ class Metrics:
         self.results.labels("duplicate").inc(outcome.duplicates)
         self.results.labels("rejected").inc(outcome.rejected)
         self.results.labels("task_applied").inc(outcome.task_changes)
+        self.doubles.inc(outcome.doubles)
         self.batch_seconds.observe(seconds)
         if size is not None:
             self.batch_size.observe(size)

@@ -109,7 +109,9 @@ class TaskAvailability:
 # The window is filtered on checked_at itself (partition pruning, index range scan); the
 # percentiles are exact (percentile_cont over the window's rows). Results not judged
 # (checker_overloaded: the checker held the check up) say nothing about the site: they are
-# left out, and a task with nothing else in the window is not listed. A removed task is
+# left out, and a task with nothing else in the window is not listed. A double (a second
+# result of the same task and slot, from another checker node) is left out: one result
+# counts per (task, slot). A removed task is
 # listed for its results in the window, with no open incident (its removal closed it).
 _QUERY = """
 WITH r AS (
@@ -122,7 +124,7 @@ WITH r AS (
         SELECT task_id, ok, load_time,
                error_kind IS DISTINCT FROM 'checker_overloaded' AS judged
         FROM check_results
-        WHERE checked_at >= %(since)s {task_filter}
+        WHERE checked_at >= %(since)s AND double_of IS NULL {task_filter}
     ) AS c
     GROUP BY task_id
     HAVING count(*) FILTER (WHERE judged) > 0

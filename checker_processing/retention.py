@@ -99,6 +99,12 @@ def maintain(conn: Connection, today: date, retention_days: int) -> list[date]:
             "DELETE FROM result_ids WHERE checked_at < %s",
             (datetime.combine(cutoff, time(), UTC),),
         )
+        # The slots of the dropped rows, a day later: a check starts up to an hour after its
+        # slot (MAX_START_LAG), so a result the window keeps may hold a slot before the cutoff.
+        cur.execute(
+            "DELETE FROM result_slots WHERE scheduled_at < %s",
+            (datetime.combine(cutoff - timedelta(days=1), time(), UTC),),
+        )
         cur.execute(
             "DELETE FROM rejected_messages WHERE rejected_at < %s::date",
             (cutoff,),

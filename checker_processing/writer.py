@@ -1,14 +1,21 @@
 """Writes a batch of Kafka records to PostgreSQL in one transaction, exactly once per result.
 
-A batch is first COPied straight into result_ids (every stored result's id, its primary key)
-and check_results inside a savepoint: a normal batch holds only new results, and then every
-row is new. If any result is already stored (a redelivery), a primary key refuses the COPY;
+A batch is first COPied straight into result_ids (every stored result's id, its primary key),
+result_slots (the result that counts for each task and slot, its primary key) and
+check_results inside a savepoint: a normal batch holds only new results of slots not checked
+yet, and then every row is new and counts. If any result is already stored (a redelivery), or
+a slot already taken (two checker nodes checked it, during a network cut), a primary key
+refuses the COPY;
 the batch then goes back to the savepoint and through a per-connection staging table and one
 INSERT ... ON CONFLICT DO NOTHING RETURNING. Either way only the rows that were really new
 update the tasks table and the incidents, so a redelivered batch changes nothing. A result that
 is not judged (`checker_overloaded`: the checker held the check up, the site was not judged) is
 stored but moves neither its task nor its incidents, like a result that arrives after a newer
-one of its task. Records that
+one of its task. So is a double: a result of a (task, slot) whose slot an earlier read result
+holds (the first stored decides, `double_of` names it), so a slot checked twice opens or
+closes an incident at most once and counts once. (Two processors storing results of the same
+task at once, only while the processors' group rebalances, could each count their result of
+one slot: the second sees the slot taken only after the first commits.) Records that
 break the contract, results dated outside the stored window (a checker clock far ahead, or
 older than the retention), copies of a stored result with another timestamp, and rows the
 database refuses go to rejected_messages with their raw bytes and the reason. Connection
@@ -66,6 +73,7 @@ COLUMNS = (
     "error_message",
     "final_url",
     "cert_expires_at",
+    "node",
     # The numbers side by side: copy_text writes them for a whole batch in one go.
     "attempt",
     "status_code",
@@ -90,8 +98,14 @@ _STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS staging_results"
     " (LIKE check_results INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
+# Results that take their (task, slot) in result_slots: planned (a manual run has no slot)
+# and judged.
+(_OVERLOADED,) = _NOT_JUDGED
+_TAKES_SLOT = f"scheduled_at IS NOT NULL AND error_kind IS DISTINCT FROM '{_OVERLOADED}'"
 # The ids first: a result id already in result_ids is not stored again, whatever its
-# timestamp; within the batch the first copy read wins.
+# timestamp; within the batch the first copy read wins. Then the slots: the first new result
+# of a (task, slot) read takes it unless an earlier batch did (the table as it was before this
+# statement); any other is a double of the one that holds the slot.
 _INSERT = f"""
 WITH fresh AS (
     INSERT INTO result_ids (result_id, checked_at)
@@ -99,14 +113,28 @@ WITH fresh AS (
     ORDER BY result_id, kafka_topic, kafka_partition, kafka_offset
     ON CONFLICT DO NOTHING
     RETURNING result_id, checked_at
+), new AS (
+    SELECT DISTINCT ON (s.result_id) s.*
+    FROM staging_results AS s JOIN fresh USING (result_id, checked_at)
+    ORDER BY s.result_id, s.kafka_topic, s.kafka_partition, s.kafka_offset
+), slots AS (
+    INSERT INTO result_slots (task_id, scheduled_at, result_id)
+    SELECT DISTINCT ON (task_id, scheduled_at) task_id, scheduled_at, result_id FROM new
+    WHERE {_TAKES_SLOT}
+    ORDER BY task_id, scheduled_at, kafka_topic, kafka_partition, kafka_offset
+    ON CONFLICT DO NOTHING
+    RETURNING task_id, scheduled_at, result_id
 )
-INSERT INTO check_results ({_COLS})
-SELECT DISTINCT ON (s.result_id) {", ".join(f"s.{c}" for c in COLUMNS)}
-FROM staging_results AS s JOIN fresh USING (result_id, checked_at)
-ORDER BY s.result_id, s.kafka_topic, s.kafka_partition, s.kafka_offset
+INSERT INTO check_results ({_COLS}, double_of)
+SELECT {", ".join(f"n.{c}" for c in COLUMNS)},
+       CASE WHEN n.scheduled_at IS NOT NULL AND n.error_kind IS DISTINCT FROM '{_OVERLOADED}'
+            THEN nullif(coalesce(taken.result_id, held.result_id), n.result_id) END
+FROM new AS n
+LEFT JOIN slots AS taken ON taken.task_id = n.task_id AND taken.scheduled_at = n.scheduled_at
+LEFT JOIN result_slots AS held ON held.task_id = n.task_id AND held.scheduled_at = n.scheduled_at
 ON CONFLICT DO NOTHING
 RETURNING task_id, result_id, checked_at, name, url, method, status_code, ok, health,
-          error_kind, error_message
+          error_kind, error_message, double_of
 """
 # Copies whose result id is stored with another check time: not redeliveries of it.
 _CONFLICTS = """
@@ -123,14 +151,15 @@ class Row(NamedTuple):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one batch did: new rows, rows already stored, records rejected, and task records
+    """What one batch did: new rows, rows already stored, records rejected, task records
     that changed a task (a task record at or before the one its task was set from counts as
-    a duplicate)."""
+    a duplicate), and the new rows that are doubles (of a slot another result holds)."""
 
     inserted: int = 0
     duplicates: int = 0
     rejected: int = 0
     task_changes: int = 0
+    doubles: int = 0
 
     def __add__(self, other: Outcome) -> Outcome:
         return Outcome(
@@ -138,6 +167,7 @@ class Outcome:
             self.duplicates + other.duplicates,
             self.rejected + other.rejected,
             self.task_changes + other.task_changes,
+            self.doubles + other.doubles,
         )
 
 
@@ -190,6 +220,7 @@ def copy_text(rows: Sequence[Row]) -> str:
             f"\t{'t' if b.ok else 'f'}\t{'t' if b.body_truncated else 'f'}\t{b.health}"
             f"\t{n if e is None else e.kind}\t{n if e is None else _text(e.message)}"
             f"\t{final_url}\t{n if (v := b.cert_expires_at) is None else v}"
+            f"\t{n if (v := b.node) is None else v if bs not in v else _escape(v)}"
             f"\t{numbers}\t{tail}\t{record.offset}\n"
         )
     return "".join(lines)
@@ -258,6 +289,7 @@ class Prepared:
     rejected: list[Rejection]
     text: str
     ids_text: str  # result_id and check time of each row, COPY text for result_ids
+    slots_text: str  # the slot of each row that takes one, COPY text for result_slots
     days: frozenset[date]
     checked: tuple[datetime, datetime] | None  # the earliest and latest check time of the rows
     if_all_new: NewRows  # what the tasks and incidents need when every row is new
@@ -292,12 +324,36 @@ def _prepared(
     if_all_new = new_rows(returning(rows), with_task_columns=True)
     checked = (min(times), max(times)) if times else None
     text = copy_text(rows)
-    return Prepared(records, rows, rejected, text, ids_text(rows), days, checked, if_all_new, tasks)
+    return Prepared(
+        records,
+        rows,
+        rejected,
+        text,
+        ids_text(rows),
+        slots_text(rows),
+        days,
+        checked,
+        if_all_new,
+        tasks,
+    )
 
 
 def ids_text(rows: Sequence[Row]) -> str:
     """Each row's result_id and check time in COPY text, for result_ids (pure)."""
     return "".join([f"{p.body.result_id}\t{p.body.timestamp}\n" for _, p in rows])
+
+
+def slots_text(rows: Sequence[Row]) -> str:
+    """Task id, slot and result id of each row that takes a slot (planned and judged), COPY
+    text for result_slots (pure)."""
+    return "".join(
+        [
+            f"{p.task_id}\t{b.scheduled_at}\t{b.result_id}\n"
+            for _, p in rows
+            for b in (p.body,)
+            if b.scheduled_at is not None and (b.error is None or b.error.kind not in _NOT_JUDGED)
+        ]
+    )
 
 
 def within(rows: list[Row], window: Window, now: datetime) -> tuple[list[Row], list[Rejection]]:
@@ -477,7 +533,7 @@ class Writer:
         Task records go first: a result of a task removed in the same batch is stored but
         moves nothing, as one arriving in a later batch."""
         conn = self.conn
-        stored = 0
+        stored = doubles = 0
         conflicts: list[Rejection] = []
         applied = task_topic.Applied()
         with conn.cursor() as cur:
@@ -489,9 +545,9 @@ class Writer:
                 if prepared is None:
                     inserted, conflicts = _insert_new(cur, _Texts.of(rows), rows, None)
                 else:
-                    texts = _Texts(prepared.text, prepared.ids_text)
+                    texts = _Texts(prepared.text, prepared.ids_text, prepared.slots_text)
                     inserted, conflicts = _insert_new(cur, texts, rows, prepared.if_all_new)
-                stored = len(inserted.rows)
+                stored, doubles = len(inserted.rows), inserted.doubles
                 if inserted.newest:  # empty when every new row is not judged
                     _update_tasks_and_incidents(cur, inserted)
                 if conflicts:
@@ -533,6 +589,7 @@ class Writer:
             len(rows) - stored - len(conflicts) + applied.unchanged,
             stored_rejections,
             applied.changed,
+            doubles,
         )
 
 
@@ -540,7 +597,8 @@ class Writer:
 class NewRows:
     """Rows stored by a batch, in the shape of _INSERT's RETURNING, with what the tasks and
     incidents need of them: each task's newest judged row and the tasks with a judged 'down'
-    result (the only ones besides open incidents whose incidents can change)."""
+    result (the only ones besides open incidents whose incidents can change). Doubles (a
+    result of a slot another result holds: double_of is set) count as neither."""
 
     rows: list[tuple[Any, ...]]
     newest: dict[str, tuple[Any, ...]]
@@ -549,6 +607,7 @@ class NewRows:
     # update sends when every task is known and no row is older than the stored one (the
     # usual batch), made ahead with the rest of the batch.
     task_columns: list[str] | None = None
+    doubles: int = 0  # rows that are doubles
 
 
 def new_rows(returned: list[tuple[Any, ...]], *, with_task_columns: bool = False) -> NewRows:
@@ -556,9 +615,13 @@ def new_rows(returned: list[tuple[Any, ...]], *, with_task_columns: bool = False
     newest: dict[str, tuple[Any, ...]] = {}
     with_down = set()
     down = Health.DOWN.value
+    doubles = 0
     for row in returned:
-        if row[9] in _NOT_JUDGED:
+        if row[11] is not None:
+            doubles += 1
             continue  # stored, but it moves neither its task nor its incidents
+        if row[9] in _NOT_JUDGED:
+            continue  # the same
         task_id = row[0]
         best = newest.get(task_id)
         if best is None or row[2] > best[2] or (row[2] == best[2] and row[1] > best[1]):
@@ -568,7 +631,7 @@ def new_rows(returned: list[tuple[Any, ...]], *, with_task_columns: bool = False
     columns = None
     if with_task_columns and newest:
         columns = _task_columns([newest[task_id] for task_id in sorted(newest)])
-    return NewRows(returned, newest, frozenset(with_down), columns)
+    return NewRows(returned, newest, frozenset(with_down), columns, doubles)
 
 
 def returning(rows: list[Row]) -> list[tuple[Any, ...]]:
@@ -589,20 +652,23 @@ def returning(rows: list[Row]) -> list[tuple[Any, ...]]:
                 b.health,
                 None if e is None else e.kind,
                 None if e is None else e.message,
+                None,  # double_of: a batch whose rows are all new holds no double
             )
         )
     return returned
 
 
 class _Texts(NamedTuple):
-    """A batch's rows in COPY text: for check_results, and their ids for result_ids."""
+    """A batch's rows in COPY text: for check_results, their ids for result_ids and their
+    slots for result_slots."""
 
     rows: str
     ids: str
+    slots: str
 
     @classmethod
     def of(cls, rows: list[Row]) -> _Texts:
-        return cls(copy_text(rows), ids_text(rows))
+        return cls(copy_text(rows), ids_text(rows), slots_text(rows))
 
 
 def _insert_new(
@@ -623,10 +689,18 @@ def _insert_new(
             io.BytesIO(ids_text),
             len(ids_text) + 1,
         )
+        if texts.slots:
+            slots_text = texts.slots.encode()
+            cur.copy_expert(
+                "COPY result_slots (task_id, scheduled_at, result_id) FROM STDIN",
+                io.BytesIO(slots_text),
+                len(slots_text) + 1,
+            )
         cur.copy_expert(f"COPY check_results ({_COLS}) FROM STDIN", io.BytesIO(rows_text), size)
     except psycopg2.errors.UniqueViolation:
-        # Some result is stored already (a redelivery, or twice in this batch): the slow path
-        # sorts out which rows are new.
+        # Some result is stored already (a redelivery, or twice in this batch), or some slot
+        # is taken (another node checked it too): the slow path sorts out which rows are new
+        # and which are doubles.
         cur.execute("ROLLBACK TO SAVEPOINT direct_copy")
         cur.execute(_STAGING)
         cur.copy_expert(f"COPY staging_results ({_COLS}) FROM STDIN", io.BytesIO(rows_text), size)
@@ -699,7 +773,7 @@ def _update_tasks_and_incidents(cur: Any, inserted: NewRows) -> None:
     by_task: dict[str, list[tuple[Any, ...]]] = {}
     if walked:
         for row in inserted.rows:
-            if row[0] in walked and row[9] not in _NOT_JUDGED:
+            if row[0] in walked and row[9] not in _NOT_JUDGED and row[11] is None:
                 by_task.setdefault(row[0], []).append(row)
     for task_id in sorted(by_task):
         previous = last_seen.get(task_id)

@@ -96,7 +96,9 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         log.error("cannot open the task storage: %s", exc)
         return 1
     policy = TargetPolicy.from_settings(settings)
-    prober = Prober(policy=policy, max_connections=settings.max_in_flight)
+    prober = Prober(
+        policy=policy, max_connections=settings.max_in_flight, node=settings.checker_node_id
+    )
     outbox = Outbox(settings.task_storage)
     publisher = ResultPublisher(settings, outbox)
     records = RecordPublisher(publisher, store, settings.checker_node_id)

@@ -406,8 +406,12 @@ class Prober:
         user_agent: str = DEFAULT_USER_AGENT,
         dns_threads: int = DNS_THREADS,
         dns_lookup: Lookup = socket.getaddrinfo,
+        node: str | None = None,
     ) -> None:
+        """`node` is this checker's CHECKER_NODE_ID, put into every result (validated by the
+        settings: the results are built without validation)."""
         self._policy = policy if policy is not None else TargetPolicy()
+        self._node = node
         self._max_connections = max_connections
         self._dns_threads = dns_threads
         self._dns_lookup = dns_lookup
@@ -555,6 +559,7 @@ class Prober:
             final_url=final_url,
             redirects=run.redirects,
             cert_expires_at=run.cert_expires_at,
+            node=self._node,
         )
 
     async def _fetch(self, spec: TaskSpec, run: _Run) -> CheckError | None:

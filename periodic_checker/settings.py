@@ -12,6 +12,7 @@ from typing import Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from checker_common.contract import NODE_PATTERN
 from checker_common.settings import CommonSettings, KafkaSettings, LoggingSettings, topic_name
 
 DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,[::1]"
@@ -61,7 +62,7 @@ class CheckerMode(StrEnum):
 
 
 # A node id goes into every record the node writes (`origin`); printable, no spaces.
-NODE_ID = re.compile(r"^[!-~]{1,255}$")
+NODE_ID = re.compile(NODE_PATTERN)
 
 
 def default_node_id() -> str:
@@ -80,7 +81,8 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
     )
     checker_node_id: str = Field(
         "",
-        description="this checker's name in the records it writes; empty: the host name",
+        description="this checker's name in the task records it writes and in every result;"
+        " empty: the host name",
     )
     kafka_task_names_topic: str = Field(
         "checker-task-names",

@@ -87,6 +87,37 @@ def test_round_trip_keeps_every_field() -> None:
     assert not decoded.legacy
 
 
+def test_a_result_names_the_node_that_ran_it() -> None:
+    task_id = uuid.uuid4()
+    _, value = encode(task_id, a_result(node="checker-b"))
+    assert orjson.loads(value)[str(task_id)]["node"] == "checker-b"
+    assert decode(value).result.node == "checker-b"
+    assert decode_plain(value).body.node == "checker-b"
+
+
+def test_a_result_of_a_checker_before_the_node_field_is_accepted_without_one() -> None:
+    body = a_result().model_dump(mode="json")
+    del body["node"]
+    value = orjson.dumps({str(uuid.uuid4()): body})
+    assert decode(value).result.node is None
+    assert decode_plain(value).body.node is None
+
+
+@pytest.mark.parametrize("node", ["", "node a", "n" * 256, "nöde", "a\tb"])
+def test_a_node_name_that_is_not_a_checker_node_id_is_refused(node: str) -> None:
+    value = changed(MINIMAL, node=node)
+    with pytest.raises(ContractError, match=r"^node: "):
+        decode(value)
+    with pytest.raises(ContractError, match=r"^node: "):
+        decode_plain(value)
+
+
+def test_the_schema_describes_the_node() -> None:
+    node = json.loads(SCHEMA.read_text())["$defs"]["CheckResult"]["properties"]["node"]
+    assert {"type": "string", "maxLength": 255, "pattern": contract.NODE_PATTERN} in node["anyOf"]
+    assert "CHECKER_NODE_ID" in node["description"]
+
+
 def test_committed_json_schema_is_current() -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     from gen_schema import render
@@ -166,6 +197,7 @@ CANONICAL = a_result(
     error=CheckError(kind=ErrorKind.STATUS, message="status 503 is not in 200-399"),
     scheduled_at=datetime(2026, 11, 27, 11, 59, 59, tzinfo=UTC),
     cert_expires_at=datetime(2027, 3, 1, tzinfo=UTC),
+    node="checker-a.example:1",
 ).model_dump(mode="json")
 MINIMAL = {
     "schema_version": 1,
@@ -260,6 +292,15 @@ AGREEMENT = {
     "bytes negative": changed(MINIMAL, bytes=-1),
     "redirects negative": changed(MINIMAL, redirects=-1),
     "final_url too long": changed(MINIMAL, final_url="u" * 8193),
+    "node null": changed(MINIMAL, node=None),
+    "node at its limit": changed(MINIMAL, node="n" * 255),
+    "node with a backslash": changed(MINIMAL, node="dc\\node"),
+    "node too long": changed(MINIMAL, node="n" * 256),
+    "node empty": changed(MINIMAL, node=""),
+    "node with a space": changed(MINIMAL, node="node a"),
+    "node with a newline at its end": changed(MINIMAL, node="node-a\n"),
+    "node not ASCII": changed(MINIMAL, node="nöde"),
+    "node a number": changed(MINIMAL, node=1),
     # where JSON readers could differ: decode() reads with orjson, the fast path does not
     "huge integer count (a float to orjson)": spliced(MINIMAL, b'"bytes":18446744073709551617'),
     "huge integer seconds (a float to orjson)": spliced(

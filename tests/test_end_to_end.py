@@ -25,6 +25,7 @@ from faults.faults_support import (
 )
 
 from checker_common.contract import Decoded, Health, PatternResult
+from periodic_checker.settings import default_node_id
 
 from helpers import KafkaTarget
 
@@ -35,7 +36,7 @@ COLUMNS = (
     "result_id, checked_at, task_id, name, url, method, scheduled_at, attempt, status_code,"
     " load_time, pattern_result, ok, health, error_kind, error_message, dns_time, connect_time,"
     " tls_time, ttfb_time, transfer_time, bytes, final_url, redirects, cert_expires_at, legacy,"
-    " kafka_topic"
+    " kafka_topic, node"
 )
 
 
@@ -75,6 +76,7 @@ def expected_row(message: Decoded, topic: str) -> tuple[object, ...]:
         r.cert_expires_at,
         False,
         topic,
+        r.node,
     )
 
 
@@ -128,6 +130,8 @@ def test_checks_reach_postgresql_with_every_field_and_incidents_follow_the_targe
     tally.report("end_to_end")
     assert tally.lost == tally.duplicates == tally.unknown == tally.outbox_left == 0
     assert tally.rows == tally.produced > 0
+    # Every result names the node that ran it (the checker's host name by default).
+    assert {m.result.node for m in read_topic(kafka, topic)} == {default_node_id()}
 
     messages = {str(m.result.result_id): m for m in read_topic(kafka, topic)}
     rows = query(dsn, f"SELECT {COLUMNS} FROM check_results")

@@ -131,6 +131,7 @@ async def test_daemon_checks_publishes_and_stops_on_sigterm(
         "API_PORT": str(api_port),
         "LOG_LEVEL": "INFO",
         "SHUTDOWN_TIMEOUT": "10",
+        "CHECKER_NODE_ID": "checker-under-test",
     }
     log = tmp_path / "daemon.log"
     proc = start_checker(env, log)
@@ -168,6 +169,8 @@ async def test_daemon_checks_publishes_and_stops_on_sigterm(
                 assert decoded.result.status == 200
                 assert decoded.result.health is Health.UP
                 assert decoded.result.scheduled_at is not None
+                # Every result names the node that ran it.
+                assert decoded.result.node == "checker-under-test"
         first = decode(found[str(stored.id)][0]).result
         assert first.pattern_search is not None
         assert first.pattern_search.value == "match"

@@ -191,6 +191,7 @@ def test_results_and_poison_are_stored_and_sigterm_commits(
         metrics = page.read().decode()
     assert 'checker_processing_messages_total{outcome="stored"} 300.0' in metrics
     assert 'checker_processing_messages_total{outcome="rejected"} 3.0' in metrics
+    assert "checker_processing_result_doubles_total 0.0" in metrics  # one node, no doubles
 
     assert daemon.terminate() == 0
     assert daemon.stored() == 300

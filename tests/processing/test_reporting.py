@@ -254,10 +254,13 @@ def test_retention_drops_only_expired_partitions(schema_dsn: str, migrated: Any)
     today = date(2026, 11, 27)
     kept_day = datetime(2026, 11, 20, 0, 0, 1, tzinfo=UTC)
     old_day = datetime(2026, 11, 19, 23, 59, 59, tzinfo=UTC)
+    # Slots a day before the first kept one are kept: a check starts up to an hour late.
+    slot_kept = datetime(2026, 11, 19, 0, 0, tzinfo=UTC)
+    slot_old = datetime(2026, 11, 18, 23, 59, tzinfo=UTC)
     writer.write(
         [
-            record_of(A, make_result(timestamp=old_day), offset=0),
-            record_of(A, make_result(timestamp=kept_day), offset=1),
+            record_of(A, make_result(timestamp=old_day, scheduled_at=slot_old), offset=0),
+            record_of(A, make_result(timestamp=kept_day, scheduled_at=slot_kept), offset=1),
             record_of(A, make_result(timestamp=datetime(2025, 1, 1, tzinfo=UTC)), offset=2),
         ]
     )
@@ -273,6 +276,7 @@ def test_retention_drops_only_expired_partitions(schema_dsn: str, migrated: Any)
     ]
     assert rows(migrated, "SELECT checked_at FROM check_results") == [(kept_day,)]
     assert rows(migrated, "SELECT checked_at FROM result_ids") == [(kept_day,)]
+    assert rows(migrated, "SELECT scheduled_at FROM result_slots") == [(slot_kept,)]
     assert retention.maintain(migrated, today, retention_days=7) == []
     assert scalar(migrated, "SELECT count(*) FROM check_results") == 1
 

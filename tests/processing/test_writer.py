@@ -60,6 +60,7 @@ def test_every_field_lands_in_its_column(writer: Writer, migrated: Any) -> None:
         final_url="https://shop.test/b",
         redirects=1,
         cert_expires_at=datetime(2027, 1, 2, 3, 4, 5, tzinfo=UTC),
+        node="dc1\\checker-7",
     )
     outcome = writer.write([record_of(task, result, topic="results", partition=2, offset=41)])
     assert outcome == Outcome(inserted=1)
@@ -98,6 +99,8 @@ def test_every_field_lands_in_its_column(writer: Writer, migrated: Any) -> None:
         "kafka_topic": "results",
         "kafka_partition": 2,
         "kafka_offset": 41,
+        "node": "dc1\\checker-7",  # a backslash, escaped in COPY
+        "double_of": None,
     }
     assert rows(migrated, "SELECT task_id::text, name, url, method, last_health FROM tasks") == [
         (str(task), "shop", "https://shop.test/a?b=1", "HEAD", "down")
