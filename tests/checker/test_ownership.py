@@ -6,6 +6,7 @@ start, e.g. inside a handover) must be counted as skipped by a node, never silen
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -30,13 +31,13 @@ SLOTS_AFTER = 3
 
 
 class _Ok(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the handler's name
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"ok")
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -100,7 +101,8 @@ def slots(kafka: KafkaTarget, topic: str) -> dict[str, Counter[float]]:
     """Results per task: how many times each slot (scheduled_at) was checked."""
     found: dict[str, Counter[float]] = {}
     for _, _, key, value in read_topic(kafka, topic):
-        assert key is not None and value is not None
+        assert key is not None
+        assert value is not None
         body = json.loads(value)[key.decode()]  # the contract: {"<task id>": result}
         planned = body.get("scheduled_at")
         if planned is None:
@@ -127,7 +129,7 @@ def gaps(seen: dict[str, Counter[float]], ids: list[str], since: float = 0.0) ->
     missing = 0
     for task_id in ids:
         run = sorted(s for s in seen.get(task_id, {}) if s > since)
-        for before, after in zip(run, run[1:], strict=False):
+        for before, after in itertools.pairwise(run):
             missing += round((after - before) / INTERVAL) - 1
     return missing
 
