@@ -142,7 +142,8 @@ class Ownership:
         self._thread: threading.Thread | None = None
         self._pending: set[Any] = set()
         self._snapshots: asyncio.Task[None] | None = None
-        self._published: dict[uuid.UUID, Task] = {}  # the state last snapshot, by task
+        # What the last state record of each task run here said (`_worth_telling`).
+        self._published: dict[uuid.UUID, tuple[object, ...]] = {}
 
     # -- what the scheduler asks --------------------------------------------------------------
 
@@ -337,12 +338,11 @@ class Ownership:
             changed = []
             continued = skipped = 0
             for task_id in self._tasks_of(new):
-                task, first, missed = self._plan(
-                    self.scheduler.tasks[task_id], prior.get(task_id), now
-                )
+                state = prior.get(task_id)
+                task, first, missed = self._plan(self.scheduler.tasks[task_id], state, now)
                 self.scheduler.take(task, first=first, skipped=missed)
-                self._published[task_id] = task
-                continued += first is not None
+                self._published[task_id] = _worth_telling(task)
+                continued += state is not None and state.kind is StateKind.RELEASED
                 skipped += missed
                 changed.append(task)
             if changed:
@@ -421,8 +421,9 @@ class Ownership:
         return failed
 
     async def _snapshot_loop(self) -> None:
-        """The state of the tasks run here, when it changed, every snapshot interval: what a
-        next owner finds should this node die."""
+        """The state of the tasks run here, when it changed in what a next owner needs, every
+        snapshot interval: what that owner finds should this node die (a new owner after a
+        death starts from now, so mere progress of an open-ended task is not worth a record)."""
         every = self.settings.checker_state_snapshot_interval
         while True:
             await asyncio.sleep(every)
@@ -430,9 +431,12 @@ class Ownership:
                 changed = []
                 for task_id in self._tasks_of(self.owned):
                     task = self.scheduler.tasks.get(task_id)
-                    if task is not None and task is not self._published.get(task_id):
+                    if task is None:
+                        continue
+                    told = _worth_telling(task)
+                    if told != self._published.get(task_id):
                         changed.append(task)
-                        self._published[task_id] = task
+                        self._published[task_id] = told
                 await self._publish(self._states(changed, StateKind.RUNNING), "snapshot")
 
     def _states(self, tasks: Sequence[Task], kind: StateKind) -> list[TaskState]:
@@ -451,3 +455,10 @@ class Ownership:
 
     def _tasks_of(self, partitions: frozenset[int]) -> list[uuid.UUID]:
         return [task_id for task_id in list(self.scheduler.tasks) if self._in(task_id, partitions)]
+
+
+def _worth_telling(task: Task) -> tuple[object, ...]:
+    """What of a task's state a snapshot carries news of: health, failures in a row, its
+    status, and its runs when they end it (`end_after_runs`)."""
+    runs = task.runs if task.spec.end_after_runs is not None else None
+    return task.health, task.failures_in_a_row, task.status, runs
