@@ -50,7 +50,7 @@ from periodic_checker.task_state import (
     state_of,
     with_state,
 )
-from periodic_checker.tasks import Task, next_fire_time, resume_plan
+from periodic_checker.tasks import Task, at_load, next_fire_time, resume_plan
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ PARTITIONS_OWNED = Gauge(
 POLL_SECONDS = 0.2
 # How long a take waits for its fences; past it, the tasks start from now without the state.
 FENCE_TIMEOUT = 15.0
-# Longest a leave (SIGTERM) waits for the group, beyond the handover itself.
-LEAVE_MARGIN = 15.0
+# Longest a revoke waits for the handover beyond its checks' grace (states confirmed).
+PUBLISH_MARGIN = 15.0
 
 
 class Positions(Protocol):
@@ -219,7 +219,7 @@ class Ownership:
         self._stop.set()
         if self._thread is not None:
             try:
-                await asyncio.wait_for(self._left.wait(), self.grace + FENCE_TIMEOUT + LEAVE_MARGIN)
+                await asyncio.wait_for(self._left.wait(), self.settings.shutdown_timeout)
             except TimeoutError:
                 log.warning("the group did not answer the leave in time; stopping anyway")
         if self._pending:
@@ -277,7 +277,7 @@ class Ownership:
         # Waited for: the partitions go on only once their tasks are handed over.
         future = asyncio.run_coroutine_threadsafe(self._release(numbers), self._loop)
         try:
-            future.result(self.grace + FENCE_TIMEOUT + LEAVE_MARGIN)
+            future.result(self.grace + PUBLISH_MARGIN)
         except Exception:
             log.exception("handing over partitions %s failed", numbers)
 
@@ -363,6 +363,9 @@ class Ownership:
         skipped) for a task this node takes."""
         if state is not None and state.node != self.node_id:
             task = with_state(task, state, self.positions.position_of(task.id))
+            # Ended under the previous owner (its runs, a one-shot that ran), whose record of
+            # it may not have arrived yet: not run again.
+            task = at_load(task, datetime.now(UTC))
         interval = task.spec.interval
         if interval is None or task.status is not TaskStatus.ACTIVE:
             return task, None, 0
