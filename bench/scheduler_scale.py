@@ -40,9 +40,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: 
 
 from bench.common import Kafka, kafka, machine, workdir  # noqa: E402
 from bench.probe_engine import PATTERN, start_nginx  # noqa: E402
-from checker_common.task_spec import TaskSpec  # noqa: E402
+from checker_common.task_spec import TaskSpec, checked_digest  # noqa: E402
 from devstack import free_port, stop_process  # noqa: E402
-from periodic_checker.store import _COLUMNS, _NCOLUMNS, SQLiteTaskStore, _task_to_row  # noqa: E402
+from periodic_checker.store import _CHECKED, _COLUMNS, SQLiteTaskStore, _task_to_row  # noqa: E402
 from periodic_checker.tasks import Task  # noqa: E402
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -53,7 +53,8 @@ PARTITIONS = 3
 
 
 def write_tasks(path: Path, count: int, url: str, interval: float) -> float:
-    """Bulk-insert `count` tasks in one transaction (the store's own row shape); seconds."""
+    """Bulk-insert `count` tasks in one transaction (the store's own row shape, each definition
+    marked as validated by this checker, as the checker's own writes mark them); seconds."""
     started = time.monotonic()
     store = SQLiteTaskStore(path, max_tasks=count)  # creates the schema
     now = datetime.now(UTC)
@@ -69,10 +70,12 @@ def write_tasks(path: Path, count: int, url: str, interval: float) -> float:
         row[1] = f"bench-{n}"
         spec_n = spec_json.replace('"name":"x"', f'"name":"bench-{n}"', 1)
         row[3] = spec_n
+        row[-1] = checked_digest(spec_n)
         rows.append(tuple(row))
     db = store._db  # the bench writes in bulk; the store's API inserts one task a transaction
     db.execute("BEGIN")
-    db.executemany(f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * _NCOLUMNS)})", rows)
+    marks = ", ".join("?" * len(rows[0]))
+    db.executemany(f"INSERT INTO tasks ({_COLUMNS}, {_CHECKED}) VALUES ({marks})", rows)
     db.execute("COMMIT")
     store.close()
     return time.monotonic() - started
