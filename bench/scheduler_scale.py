@@ -3,6 +3,10 @@
     .venv/bin/python bench/scheduler_scale.py --tasks 10000 --interval 10 --intervals 3 --runs 3
     .venv/bin/python bench/scheduler_scale.py --tasks 100000 --interval 60 --intervals 3 \
         --plot bench/results/lag-100k.png
+    .venv/bin/python bench/scheduler_scale.py --tasks 100000 --interval 60 --runs 3 --startup-only
+
+`--startup-only`: per run, only start-up to READY=1 and VmRSS at READY and its most over the
+next `--settle` seconds (checks running), then the daemon is stopped; no window, no lag.
 
 Per run: a fresh broker (tansu + stunnel mTLS) and topic, N tasks bulk-written into a new
 SQLite store, then `python -m periodic_checker.cli run` as a subprocess. The bench binds a
@@ -124,7 +128,16 @@ class RunResult:
     daemon_status: dict[str, object] = field(default_factory=dict)  # GET /status at window end
 
 
-def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: int) -> RunResult:
+def one_run(
+    kafka_: Kafka,
+    page: str,
+    tasks: int,
+    interval: float,
+    intervals: int,
+    settle: float | None = None,
+) -> RunResult:
+    """One run; with `settle` (start-up only), the figures of the `settle` seconds after READY
+    and no window."""
     topic = kafka_.topic(partitions=PARTITIONS)
     with workdir() as work:
         store = work / "tasks.sqlite3"
@@ -170,6 +183,8 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
             print(f"  ready after {startup:.1f} s", file=sys.stderr)
             window_start = time.time() + interval
             window_end = window_start + intervals * interval
+            if settle is not None:
+                window_start, window_end = time.time(), time.time() + settle
             _, rss_start = proc_sample(proc.pid)
             rss_max = rss_start
             loads: list[float] = []
@@ -181,7 +196,7 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
             received = duplicates = failed = all_results = 0
             status: dict[str, object] = {}
             next_sample = 0.0
-            stop_at = window_end + DRAIN
+            stop_at = window_end + (DRAIN if settle is None else 1.0)
             while time.time() < stop_at:
                 if proc.poll() is not None:
                     raise RuntimeError(f"daemon exited with {proc.returncode}; see its log")
@@ -222,7 +237,7 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
                     lags.append(lag)
             assert cpu_at_start is not None
             assert cpu_at_end is not None
-            expected = tasks * intervals
+            expected = tasks * intervals if settle is None else 0
             return RunResult(
                 tasks=tasks,
                 interval=interval,
@@ -231,7 +246,7 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
                 write_s=write_s,
                 expected=expected,
                 received=received,
-                missed=expected - received,
+                missed=expected - received if settle is None else 0,
                 duplicates=duplicates,
                 failed=failed,
                 lag_p50=pct(lags, 50),
@@ -328,6 +343,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--plot", type=Path, help="PNG of lag over time")
     parser.add_argument("--json", type=Path, help="also write the figures (no series) here")
+    parser.add_argument(
+        "--startup-only", action="store_true", help="start-up to READY and RSS only (no window)"
+    )
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds after READY")
     args = parser.parse_args()
     print(machine(), file=sys.stderr)
     results: list[RunResult] = []
@@ -342,7 +361,12 @@ def main() -> int:
             for n in range(args.runs):
                 print(f"run {n + 1}/{args.runs}", file=sys.stderr)
                 run = one_run(
-                    kafka_, f"http://127.0.0.1:{port}/", args.tasks, args.interval, args.intervals
+                    kafka_,
+                    f"http://127.0.0.1:{port}/",
+                    args.tasks,
+                    args.interval,
+                    args.intervals,
+                    settle=args.settle if args.startup_only else None,
                 )
                 results.append(run)
                 print(f"  {summary_line(run)}", file=sys.stderr)

@@ -350,6 +350,8 @@ class TaskSpec(BaseModel):
     @cached_property
     def secret_header_names(self) -> frozenset[str]:
         """Lower-case names of the headers whose values are secret."""
+        if not self.secret_headers:
+            return CREDENTIAL_HEADERS  # shared: most tasks name none
         return CREDENTIAL_HEADERS | {name.lower() for name in self.secret_headers}
 
     @cached_property

@@ -416,8 +416,11 @@ class SQLiteTaskStore:
         self, writes: Sequence[ViewWrite], offsets: dict[tuple[str, int], int]
     ) -> None:
         """Make the table exactly these tasks (a view rebuilt from the whole topic)."""
+        # Not marked as checked: a view is rebuilt from the topic, never loaded (`load` marks
+        # what it validates, should the node run in single mode one day).
         rows = [
-            (*_task_to_row(w.task), _time(w.task.updated_at), w.partition, w.offset) for w in writes
+            (*_task_to_row(w.task, checked=False), _time(w.task.updated_at), w.partition, w.offset)
+            for w in writes
         ]
         with self._lock, _transaction(self._db):
             self._db.execute("DELETE FROM tasks")
@@ -668,8 +671,8 @@ _CHECKED_AT = _NCOLUMNS  # where `load` reads spec_checked
 _ALL_TASK_FIELDS = set(Task.model_fields)
 
 
-def _task_to_row(task: Task) -> tuple[Any, ...]:
-    """The task's columns (`_COLUMN_NAMES`), then `spec_checked`."""
+def _task_to_row(task: Task, *, checked: bool = True) -> tuple[Any, ...]:
+    """The task's columns (`_COLUMN_NAMES`), then `spec_checked` (None without `checked`)."""
     spec = task.spec.model_dump_json()
     return (
         str(task.id),
@@ -687,7 +690,7 @@ def _task_to_row(task: Task) -> tuple[Any, ...]:
         task.manual_runs,
         # A task in error may hold a definition that does not validate (built without
         # validation to be shown); every other definition was validated by this process.
-        None if task.status is TaskStatus.ERROR else checked_digest(spec),
+        None if not checked or task.status is TaskStatus.ERROR else checked_digest(spec),
     )
 
 
