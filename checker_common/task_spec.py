@@ -78,8 +78,8 @@ def compile_pattern(pattern: str) -> Any:
     larger than MAX_PATTERN_PROGRAM instructions.
 
     Tasks that look for the same pattern share one compiled pattern (RE2's are safe to use
-    from several threads): a compiled pattern costs a few KB, each of 100,000 tasks holding its
-    own cost hundreds of MB, and compiling was a tenth of validating a definition."""
+    from several threads): each task holding its own is memory, and compiling was about a
+    tenth of validating a definition (py-spy, BENCHMARKS.md "Start-up at 100,000 tasks")."""
     options = re2.Options()
     options.log_errors = False
     try:
@@ -412,8 +412,8 @@ def checked_digest(spec_json: str) -> str:
 
 def checked_spec(fields: dict[str, Any]) -> TaskSpec | None:
     """A stored definition whose `checked_digest` matches, built without validating it again
-    (about 10 x faster than validating): `fields` is its stored JSON, read. None when it does
-    not hold exactly the fields of a definition (then validate it)."""
+    (several times faster than validating): `fields` is its stored JSON, read. None when it
+    does not hold exactly the fields of a definition (then validate it)."""
     if fields.keys() != _ALL_FIELDS:
         return None
     # Keyed by the model's own (interned) field names: the decoder's keys are strings of
@@ -427,9 +427,10 @@ def checked_spec(fields: dict[str, Any]) -> TaskSpec | None:
 
 def assembled(model: type[_Model], values: dict[str, Any], fields_set: set[str]) -> _Model:
     """An instance of `model` holding `values` (every field, already valid) as they are: what
-    `model_construct` makes, without its loop over the fields (a third of loading 100,000
-    stored tasks). `fields_set` may be shared by many instances: pydantic copies it before it
-    changes it (`model_copy`), and a frozen model never changes it in place."""
+    `model_construct` makes, without its loop in Python over the fields (the largest part of
+    loading stored tasks once validation was skipped). `fields_set` may be shared by many
+    instances: pydantic copies it before it changes it (`model_copy`), and a frozen model
+    never changes it in place."""
     instance = model.__new__(model)
     _set = object.__setattr__
     _set(instance, "__dict__", values)

@@ -66,7 +66,7 @@ class InvalidURL(ValueError):
 
 # Each task URL is read when its definition is validated, when the target policy judges it,
 # and when the probe first fetches it: read once, kept for the next (a `yarl.URL` is
-# immutable). Reading one was a third of building the view of 100,000 task records.
+# immutable). Reading them was about a third of building a view of task records (py-spy).
 @functools.lru_cache(maxsize=1 << 17)
 def parse_url(text: str) -> yarl.URL:
     """The URL the probe will fetch for `text`; InvalidURL says why there is none."""

@@ -8,9 +8,9 @@ in it. A due interval entry moves to its task's next slot on its grid after the 
 task once, not once per slot it missed ("coalesce"). A due one-shot entry is removed.
 
 Why not APScheduler: at 100,000 tasks adding its jobs took 10-11 s of the checker's start-up
-(about 100 us a job: a `Job` with its trigger and its checks, each made and stored one by one)
-and about 1 KB a job; here an entry is a tuple in a dict and one in a heap (about 1 us and
-200 bytes), and a fire costs a heap pop and push (bench/scheduler_scale.py, BENCHMARKS.md).
+(a `Job` with its trigger and its checks, made and stored one by one) and about 1 KB a job;
+here an entry is a tuple in a dict and one in a heap, and a fire costs a heap pop and push
+(`bench/timetable.py`, `bench/scheduler_scale.py`; BENCHMARKS.md, "Scheduler at scale").
 What the checker used of APScheduler besides the timer (coalescing, no misfire limit, jobs as
 asyncio tasks) is the few lines of `_on_timer` and `CheckScheduler._launch`.
 
