@@ -126,6 +126,7 @@ class RunResult:
     series: list[tuple[float, float]] = field(default_factory=list)  # (s into window, lag)
     all_results: int = 0  # every result read, planned inside the window or not
     daemon_status: dict[str, object] = field(default_factory=dict)  # GET /status at window end
+    cpu_to_ready_s: float = 0.0  # the daemon's own CPU time (user + system) from start to READY
 
 
 def one_run(
@@ -185,7 +186,7 @@ def one_run(
             window_end = window_start + intervals * interval
             if settle is not None:
                 window_start, window_end = time.time(), time.time() + settle
-            _, rss_start = proc_sample(proc.pid)
+            cpu_to_ready, rss_start = proc_sample(proc.pid)
             rss_max = rss_start
             loads: list[float] = []
             cpu_at_start: float | None = None
@@ -260,6 +261,7 @@ def one_run(
                 series=series,
                 all_results=all_results,
                 daemon_status=status,
+                cpu_to_ready_s=cpu_to_ready,
             )
         finally:
             stop_process(proc, timeout=60)
@@ -388,7 +390,7 @@ def main() -> int:
 
 def summary_line(r: RunResult) -> str:
     return (
-        f"start-up {r.startup_s:.1f} s, expected {r.expected}, received {r.received}, "
+        f"start-up {r.startup_s:.1f} s ({r.cpu_to_ready_s:.1f} s of CPU), expected {r.expected}, received {r.received}, "
         f"missed {r.missed}, failed {r.failed}, lag p50/p99/max "
         f"{r.lag_p50 * 1000:.1f}/{r.lag_p99 * 1000:.1f}/{r.lag_max * 1000:.0f} ms, "
         f"CPU {r.cpu_s / r.window_s:.2f} cores, RSS {r.rss_start_mb:.0f}->{r.rss_max_mb:.0f} MB, "

@@ -205,8 +205,9 @@ class CheckScheduler:
                 for task in ended:
                     self.on_status_change(task)
         # The loaded tasks live as long as the process: keep them out of the collector's full
-        # passes, which otherwise walk every one (`bench/micro.py jobs-gc`).
-        gc.collect()
+        # passes, which otherwise walk every one (`bench/micro.py jobs-gc`). No collection
+        # first: one pass over 100,000 loaded tasks is most of a second, for next to no garbage
+        # (`CollectorPolicy` collects what cycles there are within the hour).
         gc.freeze()
         # Last, so that nothing passes after it: a first fire that fell inside the loading
         # time goes to the task's next slot. Otherwise every task whose slot passed while the
