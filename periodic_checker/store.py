@@ -449,10 +449,10 @@ class SQLiteTaskStore:
         outbox): changed since, or made by an older release."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE published_at IS NOT updated_at"
+                f"SELECT {_COLUMNS}, {_CHECKED} FROM tasks WHERE published_at IS NOT updated_at"
                 " ORDER BY created_at, id"
             ).fetchall()
-        return [_row_to_task(row)[0] for row in rows]
+        return [_checked_row_to_task(row) or _row_to_task(row)[0] for row in rows]
 
     def mark_published(self, items: Sequence[tuple[uuid.UUID, datetime]]) -> None:
         """The records of these tasks, as of these `updated_at`, are safe (on the topic or in
