@@ -3,6 +3,10 @@
     .venv/bin/python bench/scheduler_scale.py --tasks 10000 --interval 10 --intervals 3 --runs 3
     .venv/bin/python bench/scheduler_scale.py --tasks 100000 --interval 60 --intervals 3 \
         --plot bench/results/lag-100k.png
+    .venv/bin/python bench/scheduler_scale.py --tasks 100000 --interval 60 --runs 3 --startup-only
+
+`--startup-only`: per run, only start-up to READY=1 and VmRSS at READY and its most over the
+next `--settle` seconds (checks running), then the daemon is stopped; no window, no lag.
 
 Per run: a fresh broker (tansu + stunnel mTLS) and topic, N tasks bulk-written into a new
 SQLite store, then `python -m periodic_checker.cli run` as a subprocess. The bench binds a
@@ -40,9 +44,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: 
 
 from bench.common import Kafka, kafka, machine, workdir  # noqa: E402
 from bench.probe_engine import PATTERN, start_nginx  # noqa: E402
-from checker_common.task_spec import TaskSpec  # noqa: E402
+from checker_common.task_spec import TaskSpec, checked_digest  # noqa: E402
 from devstack import free_port, stop_process  # noqa: E402
-from periodic_checker.store import _COLUMNS, _NCOLUMNS, SQLiteTaskStore, _task_to_row  # noqa: E402
+from periodic_checker.store import _CHECKED, _COLUMNS, SQLiteTaskStore, _task_to_row  # noqa: E402
 from periodic_checker.tasks import Task  # noqa: E402
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -53,7 +57,10 @@ PARTITIONS = 3
 
 
 def write_tasks(path: Path, count: int, url: str, interval: float) -> float:
-    """Bulk-insert `count` tasks in one transaction (the store's own row shape); seconds."""
+    """Bulk-insert `count` tasks in one transaction, in the store's own row shape and as the
+    checker leaves them once it has run: each definition marked as validated by this checker,
+    each task's record published to the task topic (else the start is an upgrade from a
+    release without the task topic, which publishes every task once); seconds."""
     started = time.monotonic()
     store = SQLiteTaskStore(path, max_tasks=count)  # creates the schema
     now = datetime.now(UTC)
@@ -69,10 +76,13 @@ def write_tasks(path: Path, count: int, url: str, interval: float) -> float:
         row[1] = f"bench-{n}"
         spec_n = spec_json.replace('"name":"x"', f'"name":"bench-{n}"', 1)
         row[3] = spec_n
+        row[-1] = checked_digest(spec_n)
         rows.append(tuple(row))
     db = store._db  # the bench writes in bulk; the store's API inserts one task a transaction
     db.execute("BEGIN")
-    db.executemany(f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * _NCOLUMNS)})", rows)
+    marks = ", ".join("?" * len(rows[0]))
+    db.executemany(f"INSERT INTO tasks ({_COLUMNS}, {_CHECKED}) VALUES ({marks})", rows)
+    db.execute("UPDATE tasks SET published_at = updated_at")
     db.execute("COMMIT")
     store.close()
     return time.monotonic() - started
@@ -119,9 +129,19 @@ class RunResult:
     series: list[tuple[float, float]] = field(default_factory=list)  # (s into window, lag)
     all_results: int = 0  # every result read, planned inside the window or not
     daemon_status: dict[str, object] = field(default_factory=dict)  # GET /status at window end
+    cpu_to_ready_s: float = 0.0  # the daemon's own CPU time (user + system) from start to READY
 
 
-def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: int) -> RunResult:
+def one_run(
+    kafka_: Kafka,
+    page: str,
+    tasks: int,
+    interval: float,
+    intervals: int,
+    settle: float | None = None,
+) -> RunResult:
+    """One run; with `settle` (start-up only), the figures of the `settle` seconds after READY
+    and no window."""
     topic = kafka_.topic(partitions=PARTITIONS)
     with workdir() as work:
         store = work / "tasks.sqlite3"
@@ -167,7 +187,9 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
             print(f"  ready after {startup:.1f} s", file=sys.stderr)
             window_start = time.time() + interval
             window_end = window_start + intervals * interval
-            _, rss_start = proc_sample(proc.pid)
+            if settle is not None:
+                window_start, window_end = time.time(), time.time() + settle
+            cpu_to_ready, rss_start = proc_sample(proc.pid)
             rss_max = rss_start
             loads: list[float] = []
             cpu_at_start: float | None = None
@@ -178,7 +200,7 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
             received = duplicates = failed = all_results = 0
             status: dict[str, object] = {}
             next_sample = 0.0
-            stop_at = window_end + DRAIN
+            stop_at = window_end + (DRAIN if settle is None else 1.0)
             while time.time() < stop_at:
                 if proc.poll() is not None:
                     raise RuntimeError(f"daemon exited with {proc.returncode}; see its log")
@@ -219,7 +241,7 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
                     lags.append(lag)
             assert cpu_at_start is not None
             assert cpu_at_end is not None
-            expected = tasks * intervals
+            expected = tasks * intervals if settle is None else 0
             return RunResult(
                 tasks=tasks,
                 interval=interval,
@@ -228,7 +250,7 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
                 write_s=write_s,
                 expected=expected,
                 received=received,
-                missed=expected - received,
+                missed=expected - received if settle is None else 0,
                 duplicates=duplicates,
                 failed=failed,
                 lag_p50=pct(lags, 50),
@@ -242,6 +264,7 @@ def one_run(kafka_: Kafka, page: str, tasks: int, interval: float, intervals: in
                 series=series,
                 all_results=all_results,
                 daemon_status=status,
+                cpu_to_ready_s=cpu_to_ready,
             )
         finally:
             stop_process(proc, timeout=60)
@@ -325,6 +348,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--plot", type=Path, help="PNG of lag over time")
     parser.add_argument("--json", type=Path, help="also write the figures (no series) here")
+    parser.add_argument(
+        "--startup-only", action="store_true", help="start-up to READY and RSS only (no window)"
+    )
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds after READY")
     args = parser.parse_args()
     print(machine(), file=sys.stderr)
     results: list[RunResult] = []
@@ -339,7 +366,12 @@ def main() -> int:
             for n in range(args.runs):
                 print(f"run {n + 1}/{args.runs}", file=sys.stderr)
                 run = one_run(
-                    kafka_, f"http://127.0.0.1:{port}/", args.tasks, args.interval, args.intervals
+                    kafka_,
+                    f"http://127.0.0.1:{port}/",
+                    args.tasks,
+                    args.interval,
+                    args.intervals,
+                    settle=args.settle if args.startup_only else None,
                 )
                 results.append(run)
                 print(f"  {summary_line(run)}", file=sys.stderr)
@@ -361,7 +393,7 @@ def main() -> int:
 
 def summary_line(r: RunResult) -> str:
     return (
-        f"start-up {r.startup_s:.1f} s, expected {r.expected}, received {r.received}, "
+        f"start-up {r.startup_s:.1f} s ({r.cpu_to_ready_s:.1f} s of CPU), expected {r.expected}, received {r.received}, "
         f"missed {r.missed}, failed {r.failed}, lag p50/p99/max "
         f"{r.lag_p50 * 1000:.1f}/{r.lag_p99 * 1000:.1f}/{r.lag_max * 1000:.0f} ms, "
         f"CPU {r.cpu_s / r.window_s:.2f} cores, RSS {r.rss_start_mb:.0f}->{r.rss_max_mb:.0f} MB, "

@@ -78,6 +78,5 @@ def setup(level: str, fmt: str, secrets: Iterable[str] = (), stream: Any = None)
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # APScheduler logs two lines per run at INFO; librdkafka is chatty at debug.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # librdkafka is chatty at debug.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

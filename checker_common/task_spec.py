@@ -12,11 +12,16 @@ checker only masked (see `periodic_checker.tasks.redacted`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import re
+import sys
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import re2
 import yarl
@@ -67,9 +72,14 @@ MAX_PATTERN_PROGRAM = 1000
 MAX_SEARCH_WORK = 2**32
 
 
+@functools.lru_cache(maxsize=4096)
 def compile_pattern(pattern: str) -> Any:
     """Compile with RE2 (linear time: no catastrophic backtracking); ValueError if invalid or
-    larger than MAX_PATTERN_PROGRAM instructions."""
+    larger than MAX_PATTERN_PROGRAM instructions.
+
+    Tasks that look for the same pattern share one compiled pattern (RE2's are safe to use
+    from several threads): each task holding its own is memory, and compiling was about a
+    tenth of validating a definition (py-spy, BENCHMARKS.md "Start-up at 100,000 tasks")."""
     options = re2.Options()
     options.log_errors = False
     try:
@@ -340,6 +350,8 @@ class TaskSpec(BaseModel):
     @cached_property
     def secret_header_names(self) -> frozenset[str]:
         """Lower-case names of the headers whose values are secret."""
+        if not self.secret_headers:
+            return CREDENTIAL_HEADERS  # shared: most tasks name none
         return CREDENTIAL_HEADERS | {name.lower() for name in self.secret_headers}
 
     @cached_property
@@ -356,6 +368,76 @@ class TaskSpec(BaseModel):
         elif url is not None and url.raw_user is not None:
             found += [url.raw_user, url.user or ""]
         return tuple(sorted({v for v in found if v and v != MASK}, key=len, reverse=True))
+
+
+# -- definitions this validator already validated ---------------------------------------------
+
+# Fields of a definition built from a stored one (all fields are stored): one set shared by
+# every such definition (pydantic copies it before changing it, and a frozen model never does).
+_ALL_FIELDS = set(TaskSpec.model_fields)
+_FIELD_NAMES = tuple(TaskSpec.model_fields)
+_Model = TypeVar("_Model", bound=BaseModel)
+# What a definition's validation depends on besides this module: the URL rules and the limits
+# of the contract, and the libraries that read them.
+_VALIDATION_SOURCES = ("task_spec.py", "urls.py", "contract.py", "redact.py")
+_VALIDATION_LIBRARIES = ("pydantic", "pydantic-core", "google-re2", "yarl", "idna")
+
+
+@functools.cache
+def validator_fingerprint() -> bytes:
+    """A digest of everything that decides whether a definition validates: the source of the
+    modules that hold the rules, the versions of the libraries they use, and Python's. Any
+    change to them (an upgrade) gives another fingerprint, so a definition stored as validated
+    under the old one is validated again."""
+    digest = hashlib.blake2b(digest_size=16)
+    here = Path(__file__).parent
+    for name in _VALIDATION_SOURCES:
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
+    for library in _VALIDATION_LIBRARIES:
+        try:
+            version = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            version = "-"
+        digest.update(f"{library}={version}\0".encode())
+    digest.update(sys.version.encode())
+    return digest.digest()
+
+
+def checked_digest(spec_json: str) -> str:
+    """What a store keeps beside a definition (as `TaskSpec.model_dump_json()` wrote it) that
+    this validator accepted: the definition's text under `validator_fingerprint()`."""
+    digest = hashlib.blake2b(spec_json.encode(), digest_size=16, key=validator_fingerprint())
+    return digest.hexdigest()
+
+
+def checked_spec(fields: dict[str, Any]) -> TaskSpec | None:
+    """A stored definition whose `checked_digest` matches, built without validating it again
+    (several times faster than validating): `fields` is its stored JSON, read. None when it
+    does not hold exactly the fields of a definition (then validate it)."""
+    if fields.keys() != _ALL_FIELDS:
+        return None
+    # Keyed by the model's own (interned) field names: the decoder's keys are strings of
+    # their own in each definition (about 700 bytes a definition).
+    values = {name: fields[name] for name in _FIELD_NAMES}
+    end_at = values["end_at"]
+    if end_at is not None:
+        values["end_at"] = datetime.fromisoformat(end_at)
+    return assembled(TaskSpec, values, _ALL_FIELDS)
+
+
+def assembled(model: type[_Model], values: dict[str, Any], fields_set: set[str]) -> _Model:
+    """An instance of `model` holding `values` (every field, already valid) as they are: what
+    `model_construct` makes, without its loop in Python over the fields (the largest part of
+    loading stored tasks once validation was skipped). `fields_set` may be shared by many
+    instances: pydantic copies it before it changes it (`model_copy`), and a frozen model
+    never changes it in place."""
+    instance = model.__new__(model)
+    _set = object.__setattr__
+    _set(instance, "__dict__", values)
+    _set(instance, "__pydantic_fields_set__", fields_set)
+    _set(instance, "__pydantic_extra__", None)
+    _set(instance, "__pydantic_private__", None)
+    return instance
 
 
 def _first_unsafe(text: str, *, tab: bool = False) -> str:

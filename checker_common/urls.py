@@ -25,6 +25,7 @@ that was not UTF-8 (a surrogate, see http1.py) as itself.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Final
@@ -63,6 +64,10 @@ class InvalidURL(ValueError):
     """A task URL the probe could not fetch; the message is a sentence for people."""
 
 
+# Each task URL is read when its definition is validated, when the target policy judges it,
+# and when the probe first fetches it: read once, kept for the next (a `yarl.URL` is
+# immutable). Reading them was about a third of building a view of task records (py-spy).
+@functools.lru_cache(maxsize=1 << 17)
 def parse_url(text: str) -> yarl.URL:
     """The URL the probe will fetch for `text`; InvalidURL says why there is none."""
     if _EXCLUDED.search(text):

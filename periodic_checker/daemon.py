@@ -90,7 +90,7 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     try:
         store = SQLiteTaskStore(settings.task_storage, max_tasks=settings.max_tasks)
         # Cluster mode: the view is made from the topic below, not loaded.
-        tasks = [] if cluster else store.load(datetime.now(UTC))
+        tasks = [] if cluster else _load(store)
     except StoreReadOnly as exc:
         log.error("TASK_STORAGE: %s", exc)
         return EXIT_USAGE
@@ -250,6 +250,19 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     return 0 if started else 1
 
 
+def _load(store: SQLiteTaskStore) -> list[Task]:
+    """Single mode: the stored tasks. Millions of objects that all live on: the collector is
+    paused while they are made (its full passes over them were a third of loading 100,000
+    tasks, `bench/scheduler_scale.py --startup-only`), and they go straight to its permanent
+    generation."""
+    gc.disable()
+    try:
+        return store.load(datetime.now(UTC))
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 async def _materialise(
     settings: CheckerSettings,
     store: SQLiteTaskStore,
@@ -279,6 +292,7 @@ async def _materialise(
         built_at = time.monotonic()
         await asyncio.to_thread(store.replace_view, writes, snapshot.offsets)
     finally:
+        gc.freeze()  # before the collector runs again: it need not walk them at all
         gc.enable()
     log.info(
         "task topic %s read: %d records, %d tasks in %.2f s (reading %.2f s, decoding and"

@@ -1,12 +1,13 @@
-"""Runs each active task on its cadence: APScheduler 3 fires, caps bound the load, the probe
+"""Runs each active task on its cadence: the timetable fires, caps bound the load, the probe
 checks, the health rules decide, the store and the publisher get the result.
 
-The store is the source of truth; `start()` rebuilds the in-memory job store from it and live
-changes (add, edit, pause, remove) apply without a restart. Each task fires on a fixed grid
-shifted by an offset derived from its id (`tasks.start_offset`), so tasks sharing an interval
-spread over it and keep their phase across restarts. Jobs live in a heap-backed job store
-(`jobstore.HeapJobStore`): a fire costs O(log n), and the scheduler wakes once per
-`schedule_tick` for all the jobs due in it, which adds at most one tick to the schedule lag.
+The store is the source of truth; `start()` rebuilds the timetable from it and live changes
+(add, edit, pause, remove) apply without a restart. Each task fires on a fixed grid shifted by
+an offset derived from its id (`tasks.start_offset`), so tasks sharing an interval spread over
+it and keep their phase across restarts. Next fire times live in `timetable.Timetable` (a dict
+and a heap: a fire costs O(log n)), which wakes once per `schedule_tick` for all the tasks due
+in it, adding at most one tick to the schedule lag. Each fire runs as an asyncio task; a late
+wake-up runs a task once, however many of its slots passed (coalesced).
 
 State changes are written in batches, one short transaction each, instead of one per check:
 changes that matter promptly (status, its reason, health, and any change of a task that has an
@@ -37,15 +38,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.date import DateTrigger
-from apscheduler.triggers.interval import IntervalTrigger
-
 from checker_common.contract import NOT_JUDGED, CheckResult, Health
 from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker import metrics
-from periodic_checker.jobstore import HeapJobStore
 from periodic_checker.store import TaskStore
 from periodic_checker.tasks import (
     Task,
@@ -55,13 +50,14 @@ from periodic_checker.tasks import (
     one_shot_fire_time,
     planned_fire_time,
 )
+from periodic_checker.timetable import Timetable
 
 log = logging.getLogger(__name__)
 
-# A fire is matched to the grid slot it was planned for; APScheduler stores times with
-# microsecond precision, so allow for rounding just before the slot.
+# A fire is matched to the grid slot it was planned for; allow for a timer that goes off a
+# hair before the slot (the event loop's clock has millisecond steps).
 SLOT_TOLERANCE = 0.001
-# The scheduler wakes once for the jobs due within a tick rather than once a job; a check
+# The scheduler wakes once for the tasks due within a tick rather than once a task; a check
 # starts at most this much later than planned because of it.
 SCHEDULE_TICK = 0.005
 LAG_SAMPLES = 10_000
@@ -141,7 +137,7 @@ class SchedulerStats:
 
 
 class CheckScheduler:
-    """The running checker's view of its tasks (`tasks`) and the jobs that run them."""
+    """The running checker's view of its tasks (`tasks`) and the timetable that runs them."""
 
     def __init__(
         self,
@@ -194,28 +190,18 @@ class CheckScheduler:
         self._progress = ProgressWrites()
         self._stopping = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self._aps = AsyncIOScheduler(
-            timezone=UTC,
-            jobstores={"default": HeapJobStore(tick=schedule_tick)},
-            job_defaults={
-                # Late runs (a GC pause, a busy loop) still happen, once.
-                "coalesce": True,
-                "misfire_grace_time": None,
-                # Overlap is prevented by `_running` (which also covers run_now) and counted
-                # quietly; APScheduler's own limit would log a warning per skipped fire.
-                "max_instances": 1_000_000,
-            },
-        )
+        # Late runs (a collector pause, a busy loop) still happen, once; overlap is prevented
+        # by `_running` (which also covers run_now) and counted quietly.
+        self._timetable = Timetable(self._launch, tick=schedule_tick, clock=clock)
+        self._fires: set[asyncio.Task[None]] = set()
 
     # -- life cycle ----------------------------------------------------------------------------
 
     async def start(self, tasks: Iterable[Task]) -> None:
         """Schedule the stored tasks and start firing."""
         now = datetime.now(UTC)
-        # Jobs go straight into the job store of a paused scheduler: nothing fires while they
-        # are added (tens of seconds for 100,000 tasks).
-        self._aps.start(paused=True)
         ended = []
+        # Nothing fires while the timetable is filled: it is paused until resume() below.
         for task in tasks:
             loaded = at_load(task, now)
             if loaded is not task:
@@ -228,52 +214,27 @@ class CheckScheduler:
             if self.on_status_change is not None:
                 for task in ended:
                     self.on_status_change(task)
-        # The loaded tasks and jobs live as long as the process: keep them out of the
-        # collector's full passes, which otherwise walk every job (0.13 s a pass with 100k jobs
-        # and tasks loaded, `bench/micro.py jobs-gc`).
-        gc.collect()
+        # The loaded tasks live as long as the process: keep them out of the collector's full
+        # passes, which otherwise walk every one (`bench/micro.py jobs-gc`). No collection
+        # first: one pass over 100,000 loaded tasks is most of a second, for next to no garbage
+        # (`CollectorPolicy` collects what cycles there are within the hour).
         gc.freeze()
-        moved = self._skip_slots_passed_while_loading()  # last: nothing may pass after it
-        self._aps.resume()
+        # Last, so that nothing passes after it: a first fire that fell inside the loading
+        # time goes to the task's next slot. Otherwise every task whose slot passed while the
+        # others were being added would fire at once: the burst a restart must not cause. Each
+        # keeps its phase; like a slot during downtime, a slot during loading is not made up.
+        moved = self._timetable.move_passed(self.clock())
+        self._timetable.resume()
         self._flusher = asyncio.create_task(self._flush_loop(), name="state-flusher")
         if moved:
             log.info("%d tasks whose slot passed while loading wait for their next one", moved)
-
-    def _skip_slots_passed_while_loading(self) -> int:
-        """Move first fires that fell inside the loading time to the task's next slot.
-
-        Otherwise every task whose slot passed while the others were being added would fire
-        at once when the scheduler starts: the burst a restart must not cause. Each keeps its
-        phase; like a slot during downtime, a slot during loading is not made up for.
-        """
-        total = 0
-        # Moving many jobs takes time too (a job modification each): repeat for the slots
-        # that pass meanwhile, each pass shorter than the one before.
-        for _ in range(5):
-            ready = self.clock()
-            moved = 0
-            for job in self._aps.get_jobs():  # ordered by next run time
-                if job.next_run_time is None or job.next_run_time.timestamp() >= ready:
-                    break
-                task = self.tasks.get(job.args[0])
-                if task is None or task.spec.interval is None:
-                    continue  # a one-shot runs late rather than never
-                fire = next_fire_time(task.id, task.spec.interval, ready)
-                job.modify(next_run_time=datetime.fromtimestamp(fire, UTC))
-                moved += 1
-            total += moved
-            if moved < 100:
-                break
-        return total
 
     async def stop(self, grace: float) -> None:
         """Stop firing, let running checks finish (up to `grace` seconds), write the last states."""
         self._stopping.set()
         for wake in self._retry_wakes.values():
             wake.set()
-        if self._aps.running:
-            # pause, not shutdown: APScheduler's shutdown cancels the running jobs.
-            self._aps.pause()
+        self._timetable.pause()
         running = set(self._running.values())
         if running:
             log.info("waiting up to %.0f s for %d running checks", grace, len(running))
@@ -283,9 +244,9 @@ class CheckScheduler:
             if late:
                 log.warning("cancelled %d checks still running after %.0f s", len(late), grace)
                 await asyncio.wait(late, timeout=5)
-        if self._aps.running:
-            self._aps.shutdown(wait=False)
-            await asyncio.sleep(0)  # its shutdown runs on the loop
+        if self._fires:
+            # Fires that had not started when stopping began end at once.
+            await asyncio.wait(set(self._fires), timeout=5)
         if self._flusher is not None:
             await self._flusher
         await self.flush()
@@ -325,8 +286,8 @@ class CheckScheduler:
         self._unschedule(task_id)
 
     def next_fire(self, task_id: uuid.UUID) -> datetime | None:
-        job = self._aps.get_job(str(task_id))
-        return None if job is None else job.next_run_time
+        fire = self._timetable.next_fire(task_id)
+        return None if fire is None else datetime.fromtimestamp(fire, UTC)
 
     @property
     def in_flight(self) -> int:
@@ -375,33 +336,26 @@ class CheckScheduler:
                 self._unschedule(task.id)
             return
         now = self.clock()
-        trigger: DateTrigger | IntervalTrigger
-        when: dict[str, datetime] = {}
-        if first is not None and task.spec.interval is not None:
-            # A slot that may lie in the past (a handover's missed slot, run late): APScheduler
-            # would otherwise start at the trigger's first time after now.
-            start = datetime.fromtimestamp(first, UTC)
-            trigger = IntervalTrigger(seconds=task.spec.interval, start_date=start, timezone=UTC)
-            when["next_run_time"] = start
-        elif task.spec.interval is None:
+        if task.spec.interval is None:
             fire = one_shot_fire_time(task.id, now, at_load=at_load)
             self._one_shot_at[task.id] = fire
-            trigger = DateTrigger(run_date=datetime.fromtimestamp(fire, UTC), timezone=UTC)
         else:
             fire = next_fire_time(task.id, task.spec.interval, now)
-            trigger = IntervalTrigger(
-                seconds=task.spec.interval,
-                start_date=datetime.fromtimestamp(fire, UTC),
-                timezone=UTC,
-            )
-        self._aps.add_job(
-            self._fire, trigger, args=(task.id,), id=str(task.id), replace_existing=True, **when
-        )
+        if first is not None and task.spec.interval is not None:
+            # A slot that may lie in the past (a handover's missed slot): it fires at once, and
+            # runs late or is skipped by the rule of MAX_START_LAG.
+            fire = first
+        self._timetable.set(task.id, fire, task.spec.interval)
 
     def _unschedule(self, task_id: uuid.UUID) -> None:
         self._one_shot_at.pop(task_id, None)
-        with contextlib.suppress(JobLookupError):
-            self._aps.remove_job(str(task_id))
+        self._timetable.remove(task_id)
+
+    def _launch(self, task_id: uuid.UUID) -> None:
+        """A task's slot is due (called by the timetable): run it as an asyncio task."""
+        fire = asyncio.create_task(self._fire(task_id))
+        self._fires.add(fire)
+        fire.add_done_callback(self._fires.discard)
 
     # -- one run: attempts, caps, health -------------------------------------------------------
 
@@ -430,8 +384,7 @@ class CheckScheduler:
         except asyncio.CancelledError:
             if not self._stopping.is_set():
                 raise
-            # Cancelled by stop() after its grace period, which logged it once for all of them;
-            # ending quietly keeps APScheduler from logging an ERROR for each.
+            # Cancelled by stop() after its grace period, which logged it once for all of them.
         except Exception:
             # Errors are data in results; this is a bug, and it must not end the scheduler.
             log.exception("run of task %s failed", task_id, extra={"task_id": str(task_id)})
@@ -715,9 +668,9 @@ def _log_failure(task_id: uuid.UUID, result: CheckResult) -> None:
 
 
 class CollectorPolicy:
-    """Keeps the garbage collector's full passes short with 100,000 jobs.
+    """Keeps the garbage collector's full passes short with 100,000 tasks.
 
-    Every fire replaces a few long-lived objects per job (the job store's heap entries, the
+    Every fire replaces a few long-lived objects per task (the timetable's entries, the
     task's state); they pile up in the oldest generation, and a full pass then walks them all
     (0.13 s at 100k jobs, `bench/micro.py jobs-gc`: every check due in that time starts late).
     So every `freeze_every` seconds the survivors move to the permanent generation

@@ -26,7 +26,13 @@ from pydantic import ValidationError
 
 from checker_common.contract import Health
 from checker_common.redact import redact_url
-from checker_common.task_spec import TaskSpec, TaskStatus
+from checker_common.task_spec import (
+    TaskSpec,
+    TaskStatus,
+    assembled,
+    checked_digest,
+    checked_spec,
+)
 from periodic_checker.task_service import (
     CURSOR_PATTERN,
     NameTaken,
@@ -107,6 +113,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (topic, partition)
         )""",
     ),
+    # A definition's digest under the validator that accepted it (`checked_digest`): at start
+    # a definition whose digest matches is not validated again; NULL (a row of an older
+    # release) or another digest (another validator, or a definition written by an older
+    # release since) is validated as before.
+    ("ALTER TABLE tasks ADD COLUMN spec_checked TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
@@ -238,12 +249,22 @@ class SQLiteTaskStore:
 
     def load(self, now: datetime) -> list[Task]:
         with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM tasks ORDER BY created_at, id")
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS}, {_CHECKED} FROM tasks ORDER BY created_at, id"
+            ).fetchall()
             tasks = []
             broken = []
-            for row in rows.fetchall():
+            checked = []
+            for row in rows:
+                task = _checked_row_to_task(row)
+                if task is not None:
+                    tasks.append(task)
+                    continue
                 task, problem = _row_to_task(row)
-                if problem is not None and _own_reason(task, problem):
+                if problem is None:
+                    if task.status is not TaskStatus.ERROR:
+                        checked.append((checked_digest(row[_SPEC]), row[_ID]))
+                elif _own_reason(task, problem):
                     task = task.model_copy(
                         update={
                             "status": TaskStatus.ERROR,
@@ -253,8 +274,13 @@ class SQLiteTaskStore:
                     )
                     broken.append(task)
                 tasks.append(task)
+            del rows
             if broken:
                 self._write_states(broken)
+            if checked:
+                # Validated here under this validator: not again at the next start.
+                with _transaction(self._db):
+                    self._db.executemany(f"UPDATE tasks SET {_CHECKED} = ? WHERE id = ?", checked)
         for task in broken:
             log.warning(
                 "task %s no longer validates: %s", task.id, task.status_reason,
@@ -321,7 +347,8 @@ class SQLiteTaskStore:
             self._check_name(task)
             try:
                 self._db.execute(
-                    f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * _NCOLUMNS)})",
+                    f"INSERT INTO tasks ({_COLUMNS}, {_CHECKED})"
+                    f" VALUES ({', '.join('?' * (_NCOLUMNS + 1))})",
                     _task_to_row(task),
                 )
             except sqlite3.IntegrityError as exc:
@@ -389,8 +416,11 @@ class SQLiteTaskStore:
         self, writes: Sequence[ViewWrite], offsets: dict[tuple[str, int], int]
     ) -> None:
         """Make the table exactly these tasks (a view rebuilt from the whole topic)."""
+        # Not marked as checked: a view is rebuilt from the topic, never loaded (`load` marks
+        # what it validates, should the node run in single mode one day).
         rows = [
-            (*_task_to_row(w.task), _time(w.task.updated_at), w.partition, w.offset) for w in writes
+            (*_task_to_row(w.task, checked=False), _time(w.task.updated_at), w.partition, w.offset)
+            for w in writes
         ]
         with self._lock, _transaction(self._db):
             self._db.execute("DELETE FROM tasks")
@@ -419,10 +449,10 @@ class SQLiteTaskStore:
         outbox): changed since, or made by an older release."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE published_at IS NOT updated_at"
+                f"SELECT {_COLUMNS}, {_CHECKED} FROM tasks WHERE published_at IS NOT updated_at"
                 " ORDER BY created_at, id"
             ).fetchall()
-        return [_row_to_task(row)[0] for row in rows]
+        return [_checked_row_to_task(row) or _row_to_task(row)[0] for row in rows]
 
     def mark_published(self, items: Sequence[tuple[uuid.UUID, datetime]]) -> None:
         """The records of these tasks, as of these `updated_at`, are safe (on the topic or in
@@ -622,9 +652,11 @@ _COLUMN_NAMES = (
     "manual_runs",
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
+# Written with a task's row (the last value of `_task_to_row`); only `load` reads it.
+_CHECKED = "spec_checked"
 _NCOLUMNS = len(_COLUMN_NAMES)
-_ASSIGNMENTS = ", ".join(f"{name} = ?" for name in _COLUMN_NAMES[1:])
-_VIEW_COLUMNS = (*_COLUMN_NAMES, "published_at", "record_partition", "record_offset")
+_ASSIGNMENTS = ", ".join(f"{name} = ?" for name in (*_COLUMN_NAMES[1:], _CHECKED))
+_VIEW_COLUMNS = (*_COLUMN_NAMES, _CHECKED, "published_at", "record_partition", "record_offset")
 _UPSERT = (
     f"INSERT INTO tasks ({', '.join(_VIEW_COLUMNS)})"
     f" VALUES ({', '.join('?' * len(_VIEW_COLUMNS))})"
@@ -632,15 +664,21 @@ _UPSERT = (
     + ", ".join(f"{name} = excluded.{name}" for name in _VIEW_COLUMNS[1:])
 )
 _ID = 0
+_SPEC = 3
 _CREATED = 9
+_CHECKED_AT = _NCOLUMNS  # where `load` reads spec_checked
+# Fields of a task built from a checked row (all of them): one set shared by all such tasks.
+_ALL_TASK_FIELDS = set(Task.model_fields)
 
 
-def _task_to_row(task: Task) -> tuple[Any, ...]:
+def _task_to_row(task: Task, *, checked: bool = True) -> tuple[Any, ...]:
+    """The task's columns (`_COLUMN_NAMES`), then `spec_checked` (None without `checked`)."""
+    spec = task.spec.model_dump_json()
     return (
         str(task.id),
         task.spec.name,
         task.spec.url,
-        task.spec.model_dump_json(),
+        spec,
         str(task.status),
         task.status_reason,
         str(task.health),
@@ -650,7 +688,42 @@ def _task_to_row(task: Task) -> tuple[Any, ...]:
         _time(task.updated_at),
         _time(task.last_run_at),
         task.manual_runs,
+        # A task in error may hold a definition that does not validate (built without
+        # validation to be shown); every other definition was validated by this process.
+        None if not checked or task.status is TaskStatus.ERROR else checked_digest(spec),
     )
+
+
+def _checked_row_to_task(row: Sequence[Any]) -> Task | None:
+    """The task in a row whose definition this validator accepted as it is stored (its
+    `spec_checked` matches), built without validating again; None for any other row."""
+    digest = row[_CHECKED_AT]
+    if digest is None or digest != checked_digest(row[_SPEC]):
+        return None
+    try:
+        status = TaskStatus(row[4])
+        health = Health(row[6])
+    except ValueError:
+        return None
+    if status is TaskStatus.ERROR:
+        return None  # its reason may need the validation's message
+    spec = checked_spec(orjson.loads(row[_SPEC]))
+    if spec is None:
+        return None
+    values = {
+        "id": uuid.UUID(row[0]),
+        "spec": spec,
+        "status": status,
+        "status_reason": row[5],
+        "health": health,
+        "runs": row[7],
+        "manual_runs": row[12],
+        "failures_in_a_row": row[8],
+        "created_at": _parse_time(row[9]),
+        "updated_at": _parse_time(row[10]),
+        "last_run_at": _parse_time(row[11]) if row[11] else None,
+    }
+    return assembled(Task, values, _ALL_TASK_FIELDS)
 
 
 def _row_to_task(row: Sequence[Any]) -> tuple[Task, str | None]:

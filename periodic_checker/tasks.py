@@ -22,7 +22,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from checker_common.contract import NOT_JUDGED, ErrorKind, Health
 from checker_common.redact import MASK, redact_headers, redact_url
-from checker_common.task_spec import TaskSpec, TaskStatus
+from checker_common.task_spec import TaskSpec, TaskStatus, assembled
 from checker_common.urls import InvalidURL
 
 
@@ -298,7 +298,18 @@ def after_attempt(
         ended = end_reason(task.spec, counted, now)
         if ended is not None and task.status is TaskStatus.ACTIVE:
             update.update(status=TaskStatus.DONE, status_reason=ended, updated_at=now)
-    return CheckOutcome(task.model_copy(update=update), retry_after=None, changed=True)
+    return CheckOutcome(_with_state(task, update), retry_after=None, changed=True)
+
+
+def _with_state(task: Task, update: dict[str, Any]) -> Task:
+    """`task.model_copy(update=update)` for state the checker computed (valid values), the
+    copy sharing the task's set of fields that were set when `update` adds none to it, rather
+    than a copied set for each task after each check (pydantic copies a set before it changes
+    it, and a frozen model never changes it)."""
+    fields_set = task.__pydantic_fields_set__
+    if not update.keys() <= fields_set:
+        return task.model_copy(update=update)
+    return assembled(Task, {**task.__dict__, **update}, fields_set)
 
 
 def paused(task: Task, now: datetime) -> Task:

@@ -624,7 +624,7 @@ async def test_stop_cancels_late_checks_with_one_warning_and_no_errors(
 
     with caplog.at_level(logging.WARNING):
         await c.scheduler.stop(grace=0.2)
-        await asyncio.sleep(0.1)  # APScheduler reports job outcomes on the loop
+        await asyncio.sleep(0.1)  # the cancelled checks end on the loop
 
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert any("cancelled 3 checks" in r.getMessage() for r in caplog.records)

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from checker.nodes import previous_release_store
 
+from checker_common import task_spec
 from checker_common.contract import Health
-from checker_common.task_spec import TaskSpec, TaskStatus
+from checker_common.task_spec import TaskSpec, TaskStatus, checked_digest
 from periodic_checker.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -190,6 +191,90 @@ def test_a_stored_definition_that_no_longer_validates_becomes_error_with_reason(
     assert reason in stored_reason
 
 
+def varied_tasks() -> list[Task]:
+    return [
+        make_task("plain", created=NOW),
+        make_task(
+            "full",
+            created=NOW + timedelta(seconds=1),
+            method="POST",
+            headers={"Authorization": "Bearer s3cret", "X-Probe": "1"},
+            secret_headers=["X-Probe"],
+            body="{}",
+            pattern="Welcome",
+            pattern_fails_when="present",
+            accepted_statuses="200,204",
+            retries=2,
+            end_after_runs=5,
+            end_at=NOW + timedelta(days=3),
+        ),
+        make_task("once", created=NOW + timedelta(seconds=2), interval=None),
+    ]
+
+
+def test_a_definition_validated_by_this_checker_loads_the_same_without_validating(
+    path: Path,
+) -> None:
+    store = SQLiteTaskStore(path)
+    tasks = varied_tasks()
+    for task in tasks:
+        store.insert(task)
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT spec, spec_checked FROM tasks").fetchall()
+    assert all(checked == checked_digest(spec) for spec, checked in rows)
+    trusted = store.load(NOW)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE tasks SET spec_checked = NULL")  # as an older release leaves it
+    validated = store.load(NOW)
+    assert trusted == validated == tasks
+    for a, b in zip(trusted, validated, strict=True):
+        assert a.spec.model_dump_json() == b.spec.model_dump_json()
+        assert a.model_dump() == b.model_dump()
+    assert isinstance(trusted[1].spec.end_at, datetime)
+    store.close()
+
+
+def test_definitions_loaded_from_an_older_release_are_validated_once_then_marked(
+    path: Path,
+) -> None:
+    store = SQLiteTaskStore(path)
+    store.insert(make_task())
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE tasks SET spec_checked = NULL")
+    store.load(NOW)
+    with sqlite3.connect(path) as db:
+        spec, checked = db.execute("SELECT spec, spec_checked FROM tasks").fetchone()
+    assert checked == checked_digest(spec)
+    store.close()
+
+
+def test_a_definition_an_older_validator_accepted_is_validated_again_and_may_fail(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest holds the validator's fingerprint: a definition marked by another validator
+    (before an upgrade that tightened a rule) is validated again, and turns its task to error."""
+    store = SQLiteTaskStore(path)
+    store.insert(make_task())
+    with sqlite3.connect(path) as db:
+        (raw,) = db.execute("SELECT spec FROM tasks").fetchone()
+        tightened = json.dumps({**json.loads(raw), "timeout": 90.0})  # above the interval
+        with monkeypatch.context() as old:
+            old.setattr(task_spec, "validator_fingerprint", lambda: b"the older validator")
+            marked = checked_digest(tightened)
+        db.execute("UPDATE tasks SET spec = ?, spec_checked = ?", (tightened, marked))
+    (loaded,) = store.load(NOW)
+    assert loaded.status is TaskStatus.ERROR
+    assert "timeout: must be below the interval" in (loaded.status_reason or "")
+    store.close()
+
+
+def test_the_validator_fingerprint_changes_with_the_rules_source() -> None:
+    fingerprint = task_spec.validator_fingerprint()
+    assert isinstance(fingerprint, bytes)
+    assert len(fingerprint) == 16
+    assert checked_digest('{"a":1}') != checked_digest('{"a":2}')
+
+
 def test_pages_filter_and_follow_the_cursor(path: Path) -> None:
     store = SQLiteTaskStore(path)
     tasks = [make_task(f"site-{i:02}", created=NOW + timedelta(seconds=i)) for i in range(25)]
@@ -236,7 +321,7 @@ def test_a_file_of_the_previous_release_keeps_its_tasks_and_publishes_each_once(
 
     store = SQLiteTaskStore(path)
 
-    assert store.schema_version == SCHEMA_VERSION == 3
+    assert store.schema_version == SCHEMA_VERSION == 4
     loaded = store.load(NOW)
     assert [(t.id, t.runs, t.manual_runs, t.health) for t in loaded] == [
         (t.id, 4, 1, Health.UP) for t in tasks
