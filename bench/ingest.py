@@ -4,6 +4,8 @@
         [--batch 10000:500 --batch 20000:500 ...]   (default: the daemon's defaults, 10000:500)
         [--revision REV[@B:MS] --revision REV[@B:MS] ...]   (default: HEAD; several side by side)
     .venv/bin/python bench/ingest.py latency [--rate 1000] [--seconds 30] [--runs 3]
+    .venv/bin/python bench/ingest.py breakdown [--messages 100000] [--batch-size 5000]
+    .venv/bin/python bench/ingest.py dedupe [--messages 300000] [--ids random|sequential]
 
 Both start their own broker (Tansu behind stunnel, mutual TLS, 127.0.0.1) and their own
 PostgreSQL database (migrated with the processor's migrations, dropped at the end), and run the
@@ -845,6 +847,15 @@ def breakdown(args: argparse.Namespace) -> int:
                 tally("Writer.write wall", wall)
                 tally("Writer.write CPU", cpu)
             writer.close()
+            # The database's part alone: the same writes with each batch prepared beforehand
+            # (decode and COPY text not timed), the floor of a processor on one connection.
+            empty_tables(dsn)
+            writer = Writer(lambda: db.connect(dsn), 1_048_576, window=window)
+            for batch in batches:
+                prepared = writer.prepare(batch)
+                _, wall, _ = timed(writer.write, batch, prepared)
+                tally("Writer.write wall, batch prepared beforehand (the database's part)", wall)
+            writer.close()
             for batch in batches:
                 parsed, _, cpu = timed(parse, batch, 1_048_576)
                 rows = parsed[0]
@@ -880,6 +891,120 @@ def breakdown(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dedupe ------------------------------------------------------------------------------------
+
+DEDUPE_VARIANTS = (
+    "primary key only (the raw COPY's table)",
+    "primary key + result_ids (today's writer)",
+    "primary key + UNIQUE (result_id) on each partition",
+    "UNIQUE (result_id) on each partition, no primary key",
+)
+
+
+def dedupe(args: argparse.Namespace) -> int:
+    """What keeping a result id once costs PostgreSQL, per way of keeping it: the same rows
+    COPied in committed batches (the writer's batch size) into check_results with each set of
+    indexes, variants alternated in each round; ratios taken within each round. Random ids
+    (uuid4, as the checker makes them) or the throughput dataset's sequential ones."""
+    import io
+
+    host = machine()
+    data = Dataset(args.messages)
+    text = copy_rows(data, "bench")
+    lines = text.splitlines(keepends=True)
+    if args.ids == "random":
+        lines = [str(uuid.uuid4()) + line[36:] for line in lines]
+    batches = [
+        "".join(lines[i : i + args.batch_size]).encode()
+        for i in range(0, len(lines), args.batch_size)
+    ]
+    ids = [
+        b"".join(b"\t".join(line.split(b"\t", 2)[:2]) + b"\n" for line in batch.splitlines())
+        for batch in batches
+    ]
+    columns = ", ".join(_columns())
+    seconds: dict[str, list[float]] = {}
+    with temp_database("bench_dedupe") as dsn:
+        migrate(dsn)
+        ensure_partitions(dsn, data)
+        conn = psycopg2.connect(dsn, connect_timeout=5)
+        try:
+
+            def partitions() -> list[str]:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT inhrelid::regclass::text FROM pg_inherits"
+                        " WHERE inhparent = 'check_results'::regclass"
+                    )
+                    return [row[0] for row in cur.fetchall()]
+
+            def indexes(variant: str, on: bool) -> None:
+                with conn.cursor() as cur:
+                    no_pk = variant == DEDUPE_VARIANTS[3]
+                    if not on:
+                        cur.execute("TRUNCATE check_results")
+                    if no_pk:
+                        cur.execute(
+                            "ALTER TABLE check_results DROP CONSTRAINT check_results_pkey"
+                            if on
+                            else "ALTER TABLE check_results ADD PRIMARY KEY (result_id, checked_at)"
+                        )
+                    if variant in DEDUPE_VARIANTS[2:]:
+                        for part in partitions():
+                            cur.execute(
+                                f"CREATE UNIQUE INDEX {part}_result_id ON {part} (result_id)"
+                                if on
+                                else f"DROP INDEX {part}_result_id"
+                            )
+                conn.commit()
+
+            for run in range(args.runs):
+                variants = list(DEDUPE_VARIANTS)
+                if run % 2:
+                    variants.reverse()
+                for variant in variants:
+                    empty_tables(dsn)
+                    indexes(variant, on=True)
+                    with_ids = variant == DEDUPE_VARIANTS[1]
+                    started = time.monotonic()
+                    with conn.cursor() as cur:
+                        for rows, id_rows in zip(batches, ids, strict=True):
+                            if with_ids:
+                                cur.copy_expert(
+                                    "COPY result_ids (result_id, checked_at) FROM STDIN",
+                                    io.BytesIO(id_rows),
+                                    len(id_rows) + 1,
+                                )
+                            cur.copy_expert(
+                                f"COPY check_results ({columns}) FROM STDIN",
+                                io.BytesIO(rows),
+                                len(rows) + 1,
+                            )
+                            conn.commit()
+                    took = time.monotonic() - started
+                    indexes(variant, on=False)
+                    seconds.setdefault(variant, []).append(took)
+                    print(f"run {run + 1} {variant}: {took:.2f} s", file=sys.stderr)
+        finally:
+            conn.close()
+        version = server_version(dsn)
+    base = seconds[DEDUPE_VARIANTS[0]]
+    print(
+        f"\n{data.count:,} rows, {args.ids} ids, committed batches of {args.batch_size:,},"
+        f" {args.runs} runs, medians; {host}; PostgreSQL {version}; load average at the end"
+        f" {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
+    )
+    print("| indexes that keep a result id once | us per row | x the primary key alone (runs) |")
+    print("|---|---|---|")
+    for variant, took in seconds.items():
+        ratios = [t / b for t, b in zip(took, base, strict=True)]
+        print(
+            f"| {variant} | {1e6 * statistics.median(took) / data.count:.1f} "
+            f"| {statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)}) |"
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -910,7 +1035,14 @@ def main() -> int:
             default=WORK_TREE if mode is b else "HEAD",
             help=f"git revision of the processor run (HEAD), or {WORK_TREE} for the work tree",
         )
+    d = sub.add_parser("dedupe")
+    d.add_argument("--messages", type=int, default=300_000)
+    d.add_argument("--batch-size", type=int, default=10_000)
+    d.add_argument("--runs", type=int, default=3)
+    d.add_argument("--ids", choices=("random", "sequential"), default="random")
     args = parser.parse_args()
+    if args.mode == "dedupe":
+        return dedupe(args)
     if args.mode == "breakdown":
         return breakdown(args)
     return throughput(args) if args.mode == "throughput" else latency(args)
