@@ -7,6 +7,7 @@
     .venv/bin/python bench/ingest.py latency [--rate 1000] [--seconds 30] [--runs 3]
     .venv/bin/python bench/ingest.py breakdown [--messages 100000] [--batch-size 5000]
     .venv/bin/python bench/ingest.py dedupe [--messages 300000] [--ids random --ids time-ordered]
+    .venv/bin/python bench/ingest.py join [--runs 2]
 
 Both start their own broker (Tansu behind stunnel, mutual TLS, 127.0.0.1) and their own
 PostgreSQL database (migrated with the processor's migrations, dropped at the end), and run the
@@ -1081,6 +1082,60 @@ def dedupe(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- join ----------------------------------------------------------------------------------------
+
+JOIN_CASES: tuple[dict[str, Any], ...] = (
+    {},
+    {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+    {"session.timeout.ms": 6000, "heartbeat.interval.ms": 100},
+    {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "max.poll.interval.ms": 6000},
+    {
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        "partition.assignment.strategy": "roundrobin",
+    },
+    {
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        "partition.assignment.strategy": "cooperative-sticky",
+    },
+    {"session.timeout.ms": 10000, "heartbeat.interval.ms": 1000},
+    {"session.timeout.ms": 2000, "heartbeat.interval.ms": 300},
+)
+
+
+def _assigned_at(into: list[float], consumer: Any, partitions: Any) -> None:
+    into.append(time.monotonic())
+
+
+def join(args: argparse.Namespace) -> int:
+    """How long a new consumer group member waits for its partitions on this broker, per
+    consumer setting: seconds from subscribe() to on_assign."""
+    with workdir() as work, kafka(work) as broker:
+        topic = broker.topic(PARTITIONS)
+        print("| consumer options (beyond the bench's TLS ones) | seconds to on_assign (runs) |")
+        print("|---|---|")
+        for case in JOIN_CASES:
+            took = []
+            for _ in range(args.runs):
+                consumer = Consumer(
+                    broker.config(
+                        **{"group.id": f"join-{uuid.uuid4().hex[:8]}", **case},
+                        **{"enable.auto.commit": False},
+                    )
+                )
+                started = time.monotonic()
+                assigned: list[float] = []
+                consumer.subscribe([topic], on_assign=partial(_assigned_at, assigned))
+                while not assigned and time.monotonic() - started < 120:
+                    consumer.poll(0.05)
+                consumer.close()
+                took.append(assigned[0] - started if assigned else float("nan"))
+            options = ", ".join(f"{k}={v}" for k, v in case.items()) or "librdkafka defaults"
+            print(f"| {options} | {', '.join(f'{t:.2f}' for t in took)} |", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -1119,7 +1174,11 @@ def main() -> int:
     d.add_argument(
         "--ids", choices=IDS, action="append", help="repeat; default random and time-ordered"
     )
+    j = sub.add_parser("join")
+    j.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
+    if args.mode == "join":
+        return join(args)
     if args.mode == "dedupe":
         return dedupe(args)
     if args.mode == "breakdown":
