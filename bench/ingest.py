@@ -3,7 +3,11 @@
     .venv/bin/python bench/ingest.py throughput [--messages 1000000] [--runs 3]
         [--batch 10000:500 --batch 20000:500 ...]   (default: the daemon's defaults, 10000:500)
         [--revision REV[@B:MS] --revision REV[@B:MS] ...]   (default: HEAD; several side by side)
+        [--ids time-ordered|random|sequential]   (result ids; default as the checker makes them)
     .venv/bin/python bench/ingest.py latency [--rate 1000] [--seconds 30] [--runs 3]
+    .venv/bin/python bench/ingest.py breakdown [--messages 100000] [--batch-size 5000]
+    .venv/bin/python bench/ingest.py dedupe [--messages 300000] [--ids random --ids time-ordered]
+    .venv/bin/python bench/ingest.py join [--runs 2]
 
 Both start their own broker (Tansu behind stunnel, mutual TLS, 127.0.0.1) and their own
 PostgreSQL database (migrated with the processor's migrations, dropped at the end), and run the
@@ -40,7 +44,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +71,7 @@ from common import (
 )
 
 from checker_common.contract import decode_plain
+from checker_common.ids import uuid7
 from checker_processing.writer import Record, Row, copy_text
 
 PARTITIONS = 3
@@ -108,16 +113,29 @@ def producer_config(kafka: Kafka, linger_ms: int) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Dataset:
     """The N results of a throughput run: result i is task i % TASKS, timestamps one hour
-    back spread evenly (so all rows land in today's and perhaps yesterday's partition)."""
+    back spread evenly (so all rows land in today's and perhaps yesterday's partition).
+
+    Result ids: `time-ordered` (UUID version 7 from the result's time, as the checker makes
+    them), `random` (version 4, as the checker made them before) or `sequential` (a counter
+    behind a random prefix, the ids of the runs before 2026-12-03 15:00)."""
 
     count: int
+    ids: str = "time-ordered"
     prefix: str = field(default_factory=lambda: str(uuid.uuid4())[:23])
     start: datetime = field(
         default_factory=lambda: datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     )
 
+    @cached_property
+    def _made_ids(self) -> list[str]:
+        if self.ids == "random":
+            return [str(uuid.uuid4()) for _ in range(self.count)]
+        return [str(uuid7(self.stamp(i))) for i in range(self.count)]
+
     def result_id(self, i: int) -> str:
-        return f"{self.prefix}-{i:012x}"
+        if self.ids == "sequential":
+            return f"{self.prefix}-{i:012x}"
+        return self._made_ids[i]
 
     def stamp(self, i: int) -> datetime:
         return self.start + timedelta(seconds=3600 * i / self.count)
@@ -227,20 +245,47 @@ def count_rows(dsn: str) -> int:
         conn.close()
 
 
-def raw_copy(dsn: str, text: str) -> float:
+def raw_copy(dsn: str, text: str) -> tuple[float, float]:
+    """(seconds, CPU seconds of its PostgreSQL backend)."""
     import io
 
     conn = psycopg2.connect(dsn, connect_timeout=5)
     try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            backend = cur.fetchone()[0]
+        conn.commit()
+        cpu = cpu_seconds(backend)
         buffer = io.StringIO(text)
         started = time.monotonic()
         with conn.cursor() as cur:
             columns = ", ".join(_columns())
             cur.copy_expert(f"COPY check_results ({columns}) FROM STDIN", buffer, size=1 << 20)
         conn.commit()
-        return time.monotonic() - started
+        return time.monotonic() - started, cpu_seconds(backend) - cpu
     finally:
         conn.close()
+
+
+def backends_cpu(dsn: str, application_name: str) -> float:
+    """CPU seconds so far of the database's backends serving `application_name`."""
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = %s",
+                (application_name,),
+            )
+            pids = [row[0] for row in cur.fetchall()]
+        return sum(cpu_seconds(pid) for pid in pids)
+    finally:
+        conn.close()
+
+
+def broker_cpu(kafka: Kafka) -> float:
+    """CPU seconds so far of the broker and its TLS proxy."""
+    return sum(cpu_seconds(proc.pid) for proc in kafka.broker.procs.values())
 
 
 def _columns() -> tuple[str, ...]:
@@ -268,6 +313,12 @@ class Drain:
     from_start_s: float
     cpu_s: float
     peak_rss_mib: float
+    pg_cpu_s: float  # the processor's PostgreSQL backends
+    broker_cpu_s: float  # the broker and its TLS proxy, while the processor ran
+    # Seconds from the daemon's start to: its "consuming" log line (imports, settings,
+    # migrations check, consumer made), its first "assigned" line (group joined), its first
+    # committed offset.
+    phases: dict[str, float] = field(default_factory=dict)
 
     def rate(self, count: int) -> float:
         return (count - self.first_rows) / self.from_first_s
@@ -307,7 +358,8 @@ def drain(
     partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
     watcher = Consumer(kafka.config(**{"group.id": group, "enable.auto.commit": False}))
     try:
-        started = time.monotonic()
+        broker_before = broker_cpu(kafka)
+        started, started_wall = time.monotonic(), time.time()
         with daemon(env, log, source) as proc, profiler(proc.proc.pid, profile):
             first_at, first_rows = 0.0, 0
             deadline = started + 1800
@@ -324,9 +376,28 @@ def drain(
             finished = now
             cpu = cpu_seconds(proc.proc.pid)
             rss = peak_rss_mib(proc.proc.pid)
+            pg_cpu = backends_cpu(dsn, "checker-processing")
+            broker = broker_cpu(kafka) - broker_before
     finally:
         watcher.close()
-    return Drain(finished - first_at, first_rows, finished - started, cpu, rss)
+    phases = log_phases(log, started_wall)
+    phases["first commit"] = first_at - started
+    return Drain(
+        finished - first_at, first_rows, finished - started, cpu, rss, pg_cpu, broker, phases
+    )
+
+
+def log_phases(log: Path, started_wall: float) -> dict[str, float]:
+    """Seconds from `started_wall` to the first log line of each phase (the text format's
+    local-time stamps, millisecond resolution)."""
+    marks = {"consuming": ": consuming ", "assigned": ": assigned "}
+    found: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        for name, mark in marks.items():
+            if name not in found and mark in line:
+                stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                found[name] = stamp.timestamp() - started_wall
+    return found
 
 
 @contextlib.contextmanager
@@ -382,7 +453,7 @@ def throughput(args: argparse.Namespace) -> int:
     host = machine()
     batches = [tuple(int(x) for x in b.split(":")) for b in (args.batch or ["10000:500"])]
     revisions = args.revision or ["HEAD"]
-    data = Dataset(args.messages)
+    data = Dataset(args.messages, args.ids)
     figures: dict[str, list[float]] = {"copy": []}
     notes: list[str] = []
     with workdir() as work, kafka(work) as broker, temp_database("bench_ingest") as dsn:
@@ -409,8 +480,9 @@ def throughput(args: argparse.Namespace) -> int:
             for contender in contenders:
                 empty_tables(dsn)
                 if contender is None:
-                    seconds = raw_copy(dsn, text)
+                    seconds, copy_cpu = raw_copy(dsn, text)
                     figures["copy"].append(data.count / seconds)
+                    figures.setdefault("copy pg cpu", []).append(copy_cpu / data.count * 100_000)
                     print(f"run {run + 1} raw COPY: {seconds:.1f} s", file=sys.stderr)
                     continue
                 name = contender.name(named)
@@ -437,10 +509,16 @@ def throughput(args: argparse.Namespace) -> int:
                 figures.setdefault(name + " total", []).append(data.count / result.from_start_s)
                 figures.setdefault(name + " cpu", []).append(result.cpu_s / data.count * 100_000)
                 figures.setdefault(name + " rss", []).append(result.peak_rss_mib)
+                per_100k = 100_000 / data.count
+                figures.setdefault(name + " pg cpu", []).append(result.pg_cpu_s * per_100k)
+                figures.setdefault(name + " broker cpu", []).append(result.broker_cpu_s * per_100k)
+                for phase, at in result.phases.items():
+                    figures.setdefault(f"{name} phase {phase}", []).append(at)
                 print(
                     f"run {run + 1} processor {name}: {result.from_first_s:.1f} s from "
                     f"first commit ({result.first_rows} rows), {result.from_start_s:.1f} s "
-                    f"from start, CPU {result.cpu_s:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB",
+                    f"from start, CPU {result.cpu_s:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB"
+                    f" ({', '.join(f'{k} at {v:.2f} s' for k, v in result.phases.items())})",
                     file=sys.stderr,
                 )
         version = server_version(dsn)
@@ -473,14 +551,45 @@ def throughput(args: argparse.Namespace) -> int:
             f"| {100 * statistics.median(ratios):.0f} % (runs: "
             f"{', '.join(f'{100 * r:.0f}' for r in ratios)}) |"
         )
-    print("\nGoal: processor >= 60 % of raw COPY (ratio taken within each run, median shown).")
-    print_shares_from_start(figures, batches)
+    print("\nGoal: processor >= 75 % of raw COPY (ratio taken within each run, median shown).")
+    print_shares_from_start(figures, [c.name(named) for c in processors])
+    print_phases(figures, [c.name(named) for c in processors])
+    print_cpu(figures, [c.name(named) for c in processors])
     for note in notes:
         print(note)
     return 0
 
 
-def print_shares_from_start(figures: dict[str, list[float]], batches: list[Any]) -> None:
+def print_cpu(figures: dict[str, list[float]], names: list[str]) -> None:
+    """Where the CPU went, per 100k rows (medians): on this machine's cores the sum bounds
+    the drain rate from below whatever overlaps."""
+    print("\nCPU seconds per 100k rows, medians:")
+    print(
+        "\n| contender | processor (Python, librdkafka) | its PostgreSQL backends "
+        "| broker + TLS proxy | sum |"
+    )
+    print("|---|---|---|---|---|")
+    copy = statistics.median(figures["copy pg cpu"])
+    print(f"| raw COPY | - | {copy:.2f} | - | {copy:.2f} |")
+    for name in names:
+        parts = [statistics.median(figures[f"{name} {k}"]) for k in ("cpu", "pg cpu", "broker cpu")]
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in parts) + f" | {sum(parts):.2f} |")
+
+
+def print_phases(figures: dict[str, list[float]], names: list[str]) -> None:
+    """Medians of when each phase began, seconds from the daemon's start."""
+    phases = ("consuming", "assigned", "first commit")
+    print("\n| processor | " + " | ".join(f"{p} at (s from start)" for p in phases) + " |")
+    print("|---|" + "---|" * len(phases))
+    for name in names:
+        cells = []
+        for phase in phases:
+            values = figures.get(f"{name} phase {phase}", [])
+            cells.append(f"{statistics.median(values):.2f}" if values else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def print_shares_from_start(figures: dict[str, list[float]], names: list[str]) -> None:
     """The share of raw COPY with the processor timed from its process start (start-up and
     group join included: what a user waits for) beside the share timed from its first
     committed offset (the steady drain alone), each taken within its run."""
@@ -489,8 +598,7 @@ def print_shares_from_start(figures: dict[str, list[float]], batches: list[Any])
         "daemon's start | share of raw COPY, timed from its first committed offset |"
     )
     print("|---|---|---|")
-    for b in batches:
-        name = f"{b[0]}:{b[1]}"
+    for name in names:
         columns = []
         for key in (name + " total", name):
             shares = [r / c for r, c in zip(figures[key], figures["copy"], strict=True)]
@@ -810,6 +918,15 @@ def breakdown(args: argparse.Namespace) -> int:
                 tally("Writer.write wall", wall)
                 tally("Writer.write CPU", cpu)
             writer.close()
+            # The database's part alone: the same writes with each batch prepared beforehand
+            # (decode and COPY text not timed), the floor of a processor on one connection.
+            empty_tables(dsn)
+            writer = Writer(lambda: db.connect(dsn), 1_048_576, window=window)
+            for batch in batches:
+                prepared = writer.prepare(batch)
+                _, wall, _ = timed(writer.write, batch, prepared)
+                tally("Writer.write wall, batch prepared beforehand (the database's part)", wall)
+            writer.close()
             for batch in batches:
                 parsed, _, cpu = timed(parse, batch, 1_048_576)
                 rows = parsed[0]
@@ -845,6 +962,180 @@ def breakdown(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dedupe ------------------------------------------------------------------------------------
+
+IDS = ("time-ordered", "random", "sequential")
+
+DEDUPE_VARIANTS = (
+    "primary key only (the raw COPY's table)",
+    "primary key + result_ids (today's writer)",
+    "primary key + UNIQUE (result_id) on each partition",
+    "UNIQUE (result_id) on each partition, no primary key",
+)
+
+
+def dedupe(args: argparse.Namespace) -> int:
+    """What keeping a result id once costs PostgreSQL, per way of keeping it and per kind of
+    result id: the same rows COPied in committed batches (the writer's batch size) into
+    check_results with each set of indexes; every (ids, indexes) pair once per round, order
+    alternated; ratios to the primary key alone with the first kind of ids, within each
+    round."""
+    import io
+
+    host = machine()
+    kinds = args.ids or ["random", "time-ordered"]
+    start = Dataset(1).start
+    texts: dict[str, tuple[list[bytes], list[bytes]]] = {}
+    for kind in kinds:
+        data = Dataset(args.messages, kind, start=start)
+        lines = copy_rows(data, "bench").splitlines(keepends=True)
+        batches = [
+            "".join(lines[i : i + args.batch_size]).encode()
+            for i in range(0, len(lines), args.batch_size)
+        ]
+        ids = [
+            b"".join(b"\t".join(line.split(b"\t", 2)[:2]) + b"\n" for line in batch.splitlines())
+            for batch in batches
+        ]
+        texts[kind] = (batches, ids)
+    columns = ", ".join(_columns())
+    seconds: dict[tuple[str, str], list[float]] = {}
+    with temp_database("bench_dedupe") as dsn:
+        migrate(dsn)
+        ensure_partitions(dsn, data)
+        conn = psycopg2.connect(dsn, connect_timeout=5)
+        try:
+
+            def partitions() -> list[str]:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT inhrelid::regclass::text FROM pg_inherits"
+                        " WHERE inhparent = 'check_results'::regclass"
+                    )
+                    return [row[0] for row in cur.fetchall()]
+
+            def indexes(variant: str, on: bool) -> None:
+                with conn.cursor() as cur:
+                    if not on:
+                        cur.execute("TRUNCATE check_results")
+                    if variant == DEDUPE_VARIANTS[3]:
+                        cur.execute(
+                            "ALTER TABLE check_results DROP CONSTRAINT check_results_pkey"
+                            if on
+                            else "ALTER TABLE check_results ADD PRIMARY KEY (result_id, checked_at)"
+                        )
+                    if variant in DEDUPE_VARIANTS[2:]:
+                        for part in partitions():
+                            cur.execute(
+                                f"CREATE UNIQUE INDEX {part}_result_id ON {part} (result_id)"
+                                if on
+                                else f"DROP INDEX {part}_result_id"
+                            )
+                conn.commit()
+
+            pairs = [(kind, variant) for kind in kinds for variant in DEDUPE_VARIANTS]
+            for run in range(args.runs):
+                for kind, variant in pairs if run % 2 == 0 else reversed(pairs):
+                    batches, ids = texts[kind]
+                    empty_tables(dsn)
+                    indexes(variant, on=True)
+                    with_ids = variant == DEDUPE_VARIANTS[1]
+                    started = time.monotonic()
+                    with conn.cursor() as cur:
+                        for rows, id_rows in zip(batches, ids, strict=True):
+                            if with_ids:
+                                cur.copy_expert(
+                                    "COPY result_ids (result_id, checked_at) FROM STDIN",
+                                    io.BytesIO(id_rows),
+                                    len(id_rows) + 1,
+                                )
+                            cur.copy_expert(
+                                f"COPY check_results ({columns}) FROM STDIN",
+                                io.BytesIO(rows),
+                                len(rows) + 1,
+                            )
+                            conn.commit()
+                    took = time.monotonic() - started
+                    indexes(variant, on=False)
+                    seconds.setdefault((kind, variant), []).append(took)
+                    print(f"run {run + 1} {kind} ids, {variant}: {took:.2f} s", file=sys.stderr)
+        finally:
+            conn.close()
+        version = server_version(dsn)
+    base = seconds[(kinds[0], DEDUPE_VARIANTS[0])]
+    print(
+        f"\n{args.messages:,} rows, committed batches of {args.batch_size:,},"
+        f" {args.runs} runs, medians; {host}; PostgreSQL {version}; load average at the end"
+        f" {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
+    )
+    print(
+        f"| result ids | indexes that keep a result id once | us per row "
+        f"| x the primary key alone with {kinds[0]} ids (runs) |"
+    )
+    print("|---|---|---|---|")
+    for (kind, variant), took in seconds.items():
+        ratios = [t / b for t, b in zip(took, base, strict=True)]
+        print(
+            f"| {kind} | {variant} | {1e6 * statistics.median(took) / args.messages:.1f} "
+            f"| {statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)}) |"
+        )
+    return 0
+
+
+# -- join ----------------------------------------------------------------------------------------
+
+JOIN_CASES: tuple[dict[str, Any], ...] = (
+    {},
+    {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+    {"session.timeout.ms": 6000, "heartbeat.interval.ms": 100},
+    {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "max.poll.interval.ms": 6000},
+    {
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        "partition.assignment.strategy": "roundrobin",
+    },
+    {
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        "partition.assignment.strategy": "cooperative-sticky",
+    },
+    {"session.timeout.ms": 10000, "heartbeat.interval.ms": 1000},
+    {"session.timeout.ms": 2000, "heartbeat.interval.ms": 300},
+)
+
+
+def _assigned_at(into: list[float], consumer: Any, partitions: Any) -> None:
+    into.append(time.monotonic())
+
+
+def join(args: argparse.Namespace) -> int:
+    """How long a new consumer group member waits for its partitions on this broker, per
+    consumer setting: seconds from subscribe() to on_assign."""
+    with workdir() as work, kafka(work) as broker:
+        topic = broker.topic(PARTITIONS)
+        print("| consumer options (beyond the bench's TLS ones) | seconds to on_assign (runs) |")
+        print("|---|---|")
+        for case in JOIN_CASES:
+            took = []
+            for _ in range(args.runs):
+                consumer = Consumer(
+                    broker.config(
+                        **{"group.id": f"join-{uuid.uuid4().hex[:8]}", **case},
+                        **{"enable.auto.commit": False},
+                    )
+                )
+                started = time.monotonic()
+                assigned: list[float] = []
+                consumer.subscribe([topic], on_assign=partial(_assigned_at, assigned))
+                while not assigned and time.monotonic() - started < 120:
+                    consumer.poll(0.05)
+                consumer.close()
+                took.append(assigned[0] - started if assigned else float("nan"))
+            options = ", ".join(f"{k}={v}" for k, v in case.items()) or "librdkafka defaults"
+            print(f"| {options} | {', '.join(f'{t:.2f}' for t in took)} |", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -853,6 +1144,7 @@ def main() -> int:
     t.add_argument("--runs", type=int, default=3)
     t.add_argument("--batch", action="append", help="BATCH_MAX_MESSAGES:BATCH_MAX_MS")
     t.add_argument("--profile", type=Path, help="py-spy the first run's drains into this dir")
+    t.add_argument("--ids", choices=IDS, default="time-ordered", help="result ids (Dataset)")
     lat = sub.add_parser("latency")
     lat.add_argument("--rate", type=int, default=1000)
     lat.add_argument("--seconds", type=int, default=30)
@@ -875,7 +1167,20 @@ def main() -> int:
             default=WORK_TREE if mode is b else "HEAD",
             help=f"git revision of the processor run (HEAD), or {WORK_TREE} for the work tree",
         )
+    d = sub.add_parser("dedupe")
+    d.add_argument("--messages", type=int, default=300_000)
+    d.add_argument("--batch-size", type=int, default=10_000)
+    d.add_argument("--runs", type=int, default=3)
+    d.add_argument(
+        "--ids", choices=IDS, action="append", help="repeat; default random and time-ordered"
+    )
+    j = sub.add_parser("join")
+    j.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
+    if args.mode == "join":
+        return join(args)
+    if args.mode == "dedupe":
+        return dedupe(args)
     if args.mode == "breakdown":
         return breakdown(args)
     return throughput(args) if args.mode == "throughput" else latency(args)

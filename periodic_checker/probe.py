@@ -67,6 +67,7 @@ from checker_common.contract import (
     PatternResult,
     Timings,
 )
+from checker_common.ids import uuid7
 from checker_common.redact import redact_text, redact_url
 from checker_common.task_spec import TaskSpec, status_accepted
 from checker_common.urls import InvalidURL, redirect_target
@@ -541,7 +542,8 @@ class Prober:
                 if masked != error.message:
                     error = CheckError(kind=error.kind, message=masked)
         return _result(
-            result_id=uuid.uuid4(),
+            # Time-ordered, from the check's start: appended to the processor's indexes.
+            result_id=uuid7(timestamp),
             name=spec.name,
             url=redact_url(spec.url),
             method=spec.method,

@@ -24,6 +24,7 @@ from checker.targets import HOSTILE_PATTERN, SEEN, make_app, serve, silent_serve
 from yarl import URL
 
 from checker_common.contract import ErrorKind, PatternResult, decode, encode
+from checker_common.ids import uuid7_millis
 from checker_common.task_spec import TaskSpec
 from devstack import free_port
 from periodic_checker import probe_cli
@@ -324,6 +325,19 @@ async def test_target(row: Row, targets: Targets, prober: Prober) -> None:
     assert result.load_time >= 0
     assert result.timestamp.tzinfo is not None
     assert result.health.value == "unknown"  # the scheduler decides health
+
+
+async def test_result_ids_are_time_ordered_from_the_checks_start(
+    targets: Targets, prober: Prober
+) -> None:
+    first = await prober.check(TASK, spec(f"{targets.http}/ok"))
+    second = await prober.check(TASK, spec(f"{targets.http}/ok"))
+
+    for result in (first, second):
+        assert result.result_id.version == 7
+        assert uuid7_millis(result.result_id) == int(result.timestamp.timestamp() * 1000)
+    assert first.result_id != second.result_id
+    assert first.timestamp <= second.timestamp
 
 
 async def test_redirects_are_counted_and_final_url_reported(
