@@ -24,9 +24,10 @@ ALTER TABLE check_results ADD COLUMN IF NOT EXISTS double_of uuid;
 -- writer inserts here in the same transaction as the rows; the primary key is the rule.
 -- The key starts with the slot's time: results arrive roughly in time order, so its entries go
 -- in at the right edge of the index, which costs half as much as (task_id, scheduled_at), whose
--- entries go in at one place per task (COPY of 200,000 slots of 1,000 tasks, 5 runs: 2.6 s
--- against 5.1 s beside 3.4 s for result_ids; bench/results/ingest.md). Retention deletes the
--- slots before the first kept day (a range of the key: no other index needed).
+-- entries go in at one place per task (`bench/slots.py`: COPY of 200,000 slots of 1,000 tasks
+-- beside their result ids, medians of 5 runs, 2.7 s more against 5.5 s more, where the ids
+-- alone took 4.2 s; BENCHMARKS.md). Retention deletes the slots before the first kept day (a
+-- range of the key: no other index needed).
 CREATE TABLE IF NOT EXISTS result_slots (
     scheduled_at  timestamptz NOT NULL,
     task_id       uuid        NOT NULL,
