@@ -118,8 +118,8 @@ WITH fresh AS (
     FROM staging_results AS s JOIN fresh USING (result_id, checked_at)
     ORDER BY s.result_id, s.kafka_topic, s.kafka_partition, s.kafka_offset
 ), slots AS (
-    INSERT INTO result_slots (task_id, scheduled_at, result_id)
-    SELECT DISTINCT ON (task_id, scheduled_at) task_id, scheduled_at, result_id FROM new
+    INSERT INTO result_slots (scheduled_at, task_id, result_id)
+    SELECT DISTINCT ON (task_id, scheduled_at) scheduled_at, task_id, result_id FROM new
     WHERE {_TAKES_SLOT}
     ORDER BY task_id, scheduled_at, kafka_topic, kafka_partition, kafka_offset
     ON CONFLICT DO NOTHING
@@ -344,11 +344,11 @@ def ids_text(rows: Sequence[Row]) -> str:
 
 
 def slots_text(rows: Sequence[Row]) -> str:
-    """Task id, slot and result id of each row that takes a slot (planned and judged), COPY
+    """Slot, task id and result id of each row that takes a slot (planned and judged), COPY
     text for result_slots (pure)."""
     return "".join(
         [
-            f"{p.task_id}\t{b.scheduled_at}\t{b.result_id}\n"
+            f"{b.scheduled_at}\t{p.task_id}\t{b.result_id}\n"
             for _, p in rows
             for b in (p.body,)
             if b.scheduled_at is not None and (b.error is None or b.error.kind not in _NOT_JUDGED)
@@ -692,7 +692,7 @@ def _insert_new(
         if texts.slots:
             slots_text = texts.slots.encode()
             cur.copy_expert(
-                "COPY result_slots (task_id, scheduled_at, result_id) FROM STDIN",
+                "COPY result_slots (scheduled_at, task_id, result_id) FROM STDIN",
                 io.BytesIO(slots_text),
                 len(slots_text) + 1,
             )
