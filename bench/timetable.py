@@ -65,6 +65,7 @@ def worker(
     import uvloop
 
     from periodic_checker.scheduler import SCHEDULE_TICK
+    from periodic_checker.tasks import next_fire_time
     from periodic_checker.timetable import Timetable
 
     fires = 0
@@ -107,8 +108,10 @@ def worker(
             stop = lambda: scheduler.shutdown(wait=False)  # noqa: E731
         else:
             table = Timetable(launch, tick=SCHEDULE_TICK)
-            for n in range(jobs):
-                table.set(uuid.uuid4(), first + interval * n / jobs, interval)
+            for _ in range(jobs):
+                # On each task's own grid, as the checker places them (spread by the id).
+                task_id = uuid.uuid4()
+                table.set(task_id, next_fire_time(task_id, interval, first), interval)
             add_s = time.monotonic() - added
             table.resume()
             stop = table.pause
