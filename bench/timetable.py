@@ -1,7 +1,8 @@
 """The scheduler's own cost with many interval tasks: APScheduler 3 against the checker's
 timetable (`periodic_checker/timetable.py`), which replaced it.
 
-    .venv/bin/python bench/timetable.py [--jobs 100000] [--interval 60] [--seconds 15] [--runs 3]
+    .venv/bin/python bench/timetable.py [--jobs 100000] [--interval 60] [--seconds 15] \
+        [--runs 3] [--lead 10]
 
 APScheduler is not a dependency of the checker any more: `pip install -e '.[bench]'`.
 
@@ -43,7 +44,7 @@ NAMES = {
     "timetable": "the checker's timetable, 5 ms tick",
 }
 # Time to add every job before the first fires (MemoryJobStore inserts one at a time into its
-# sorted list); jobs start firing this long after the scheduler starts.
+# sorted list); jobs start firing this long after the scheduler starts (`--lead`).
 LEAD_S = 10.0
 
 
@@ -55,13 +56,16 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def worker(contender: str, jobs: int, interval: float, seconds: float) -> dict[str, float]:
+def worker(
+    contender: str, jobs: int, interval: float, seconds: float, lead: float = LEAD_S
+) -> dict[str, float]:
     """One contender in this process: the figures of its window."""
     import uuid
 
     import uvloop
 
     from periodic_checker.scheduler import SCHEDULE_TICK
+    from periodic_checker.tasks import next_fire_time
     from periodic_checker.timetable import Timetable
 
     fires = 0
@@ -79,7 +83,7 @@ def worker(contender: str, jobs: int, interval: float, seconds: float) -> dict[s
     async def main() -> dict[str, float]:
         before = rss_mb()
         added = time.monotonic()
-        first = time.time() + LEAD_S
+        first = time.time() + lead
         if contender == "apscheduler":
             from apscheduler.jobstores.memory import MemoryJobStore
             from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -104,13 +108,15 @@ def worker(contender: str, jobs: int, interval: float, seconds: float) -> dict[s
             stop = lambda: scheduler.shutdown(wait=False)  # noqa: E731
         else:
             table = Timetable(launch, tick=SCHEDULE_TICK)
-            for n in range(jobs):
-                table.set(uuid.uuid4(), first + interval * n / jobs, interval)
+            for _ in range(jobs):
+                # On each task's own grid, as the checker places them (spread by the id).
+                task_id = uuid.uuid4()
+                table.set(task_id, next_fire_time(task_id, interval, first), interval)
             add_s = time.monotonic() - added
             table.resume()
             stop = table.pause
         added_mb = rss_mb() - before
-        if add_s > LEAD_S - 1:
+        if add_s > lead - 1:
             raise RuntimeError(f"adding the jobs took {add_s:.1f} s: first fires already passed")
         # Open the window once the jobs fire at their steady rate.
         await asyncio.sleep(max(0.0, first - time.time()) + 1.0)
@@ -136,6 +142,8 @@ def run_worker(contender: str, args: argparse.Namespace) -> dict[str, float]:
             str(args.interval),
             "--seconds",
             str(args.seconds),
+            "--lead",
+            str(args.lead),
         ],
         capture_output=True,
         text=True,
@@ -150,10 +158,11 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=60.0)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--lead", type=float, default=LEAD_S, help="seconds to add the jobs in")
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.jobs, args.interval, args.seconds)))
+        print(json.dumps(worker(args.worker, args.jobs, args.interval, args.seconds, args.lead)))
         return 0
 
     host = machine()
