@@ -19,7 +19,11 @@ the machine's mood:
   around it (no phases kept, redirects, result or message), on uvloop: beside bare aiohttp on
   the same loop it is what choosing that exchange over aiohttp's session saves per check,
 - `blackbox_exporter`: Prometheus' prober (Debian package), driven through its `/probe`
-  endpoint; its CPU is read from its own process, not the driver's.
+  endpoint; its CPU is read from its own process, not the driver's,
+- with `--https`, `openssl s_time -new -www /` of the OpenSSL the checker's Python is linked
+  with: a C loop of one connection, full handshake (certificate verified against the same CA)
+  and one GET each, nothing else: the floor of this TLS library on this machine, beside the
+  others in the same run (its count is what it did in `--s-time-seconds`).
 
 CPU is each process's own user+system time. Prints the machine (`lscpu` model name, load
 average before and after each run) and a Markdown table of medians.
@@ -30,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -301,6 +307,7 @@ CONTENDERS: dict[str, tuple[str, str]] = {
 }
 
 NAMES = {
+    "s_time": "`openssl s_time -new -www /` (C, the TLS library's floor)",
     "ours": "periodic-checker Prober",
     "bare-uvloop": "bare aiohttp loop",
     "bare": "bare aiohttp loop",
@@ -361,13 +368,33 @@ def run_worker(
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def run_s_time(port: int, ca: Path, seconds: int) -> dict[str, float]:
+    """`openssl s_time`: new connections with a full, verified handshake and one GET each,
+    for `seconds`; its CPU (user+system) from the kernel's account of the child."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    out = subprocess.run(
+        ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-www", "/",
+         "-CAfile", str(ca), "-verify", "2", "-time", str(seconds)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    found = re.search(r"(\d+) connections in [\d.]+ real seconds", out.stdout)
+    if found is None or "verify error" in out.stdout + out.stderr:
+        raise RuntimeError(f"openssl s_time: {out.stdout[-500:]} {out.stderr[-500:]}")
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    count = int(found.group(1))
+    return {"ok": count, "n": count, "wall": wall, "cpu": cpu}
+
+
 def ratios(results: dict[str, list[dict[str, float]]], num: str, den: str, key: str) -> list[float]:
     """Per run, `num`'s figure over `den`'s (checks/s for "rate", CPU per check for "cpu"):
     taken within each run, so both saw the same machine."""
     pairs = zip(results[num], results[den], strict=True)
     if key == "rate":
-        return [b["wall"] / a["wall"] for a, b in pairs]  # same checks: rate ratio = 1/wall
-    return [a["cpu"] / b["cpu"] for a, b in pairs]
+        return [(a["n"] / a["wall"]) / (b["n"] / b["wall"]) for a, b in pairs]
+    return [(a["cpu"] / a["n"]) / (b["cpu"] / b["n"]) for a, b in pairs]
 
 
 def main() -> int:
@@ -381,11 +408,14 @@ def main() -> int:
         action="store_true",
         help="TLS 1.3 target, a full handshake and certificate verification per check",
     )
+    parser.add_argument("--s-time-seconds", type=int, default=10)
     parser.add_argument(
         "--only", help="comma-separated contenders to run (default all): " + ", ".join(CONTENDERS)
     )
     args = parser.parse_args()
     contenders = args.only.split(",") if args.only else list(CONTENDERS)
+    if args.https and not args.only:
+        contenders.append("s_time")
 
     results: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
     loads: list[str] = []
@@ -412,15 +442,19 @@ def main() -> int:
             for run in range(args.runs):
                 before = load_average()
                 for mode in contenders:
-                    worker, loop = CONTENDERS[mode]
-                    if mode == "blackbox":
+                    if mode == "s_time":
+                        assert ca is not None
+                        figures = run_s_time(nginx_port, ca, args.s_time_seconds)
+                    elif mode == "blackbox":
                         cpu0 = cpu_seconds(blackbox.pid)
-                        figures = run_worker(worker, probe, args.checks, args.concurrency)
+                        figures = run_worker("blackbox", probe, args.checks, args.concurrency)
                         figures["cpu"] = cpu_seconds(blackbox.pid) - cpu0
                     else:
+                        worker, loop = CONTENDERS[mode]
                         figures = run_worker(
                             worker, page, args.checks, args.concurrency, loop, ca=ca
                         )
+                    figures.setdefault("n", args.checks)
                     results[mode].append(figures)
                     print(f"run {run + 1} {mode}: {figures}", file=sys.stderr)
                 loads.append(f"run {run + 1}: {before} -> {load_average()}")
@@ -430,9 +464,9 @@ def main() -> int:
 
     summary = {}
     for mode, runs in results.items():
-        rate = statistics.median(args.checks / r["wall"] for r in runs)
-        cpu = statistics.median(r["cpu"] / args.checks * 1000 for r in runs)
-        ok = min(r["ok"] for r in runs)
+        rate = statistics.median(r["n"] / r["wall"] for r in runs)
+        cpu = statistics.median(r["cpu"] / r["n"] * 1000 for r in runs)
+        ok = min(r["ok"] / r["n"] * args.checks for r in runs)
         summary[mode] = {"checks_per_s": rate, "cpu_s_per_1000": cpu, "min_ok": ok}
     print(
         f"\n{'HTTPS (TLS 1.3, full handshake, verified)' if args.https else 'HTTP'}: "
@@ -443,7 +477,7 @@ def main() -> int:
     print("| prober | event loop | checks/s | CPU s per 1,000 checks | successful checks (min) |")
     print("|---|---|---|---|---|")
     for mode, row in summary.items():
-        loop = "Go" if mode == "blackbox" else CONTENDERS[mode][1]
+        loop = {"blackbox": "Go", "s_time": "-"}.get(mode) or CONTENDERS[mode][1]
         print(
             f"| {NAMES[mode]} | {loop} | {row['checks_per_s']:.0f} "
             f"| {row['cpu_s_per_1000']:.3f} | {row['min_ok']:.0f} / {args.checks} |"
@@ -472,6 +506,14 @@ def main() -> int:
             " (goal <= 0.60)" if args.https else " (goal <= 0.70)",
         ),
         ("CPU per check, Prober / bare aiohttp on the same loop", "ours", "bare-uvloop", "cpu", ""),
+        (
+            "CPU per check, the TLS library's floor (openssl s_time) / blackbox_exporter",
+            "s_time",
+            "blackbox",
+            "cpu",
+            "",
+        ),
+        ("CPU per check, Prober / the TLS library's floor", "ours", "s_time", "cpu", ""),
         (
             "CPU per check, bare http1.exchange / bare aiohttp session (both uvloop)",
             "bare-http1",
