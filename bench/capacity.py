@@ -26,6 +26,7 @@ CA setting.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -144,6 +145,7 @@ def main() -> int:
                     )
                     results[n].append(result)
                     print(f"  {line(result)}", file=sys.stderr)
+                    print(f"  /status: {json.dumps(result.daemon_status)}", file=sys.stderr)
         finally:
             for server in reversed(servers):
                 stop_process(server)
