@@ -26,6 +26,8 @@
               against `loop.run_in_executor`, on uvloop, and the search alone (`search.py`).
 - `stalls`    CPU of the `LoopStalls` watcher (100 wake-ups a second) on an idle uvloop loop,
               against the loop alone (`overload.py`).
+- `cert-expiry` reading a certificate's notAfter from its DER (`probe.cert_not_after`)
+              against looking it up by the certificate's bytes (`probe.certificate_expiry`).
 - `bombs`     compression ratios of 64 MiB of zeros in gzip, brotli and zstd, and the least
               output brotli's decompressor hands back per call (`decoding.py`).
 
@@ -125,6 +127,30 @@ def validate() -> None:
     print(
         f"validate, one check's result: CheckResult.model_validate {us(validated)}, "
         f"probe._result (checks only status and scheduled_at) {us(built)}"
+    )
+
+
+def cert_expiry() -> None:
+    import ssl
+    import subprocess
+    import tempfile
+
+    from periodic_checker.probe import _cert_not_after_seen, cert_not_after
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{tmp}/k.pem",
+             "-out", f"{tmp}/c.pem", "-days", "90", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        der = ssl.PEM_cert_to_DER_cert(Path(f"{tmp}/c.pem").read_text())
+    parsed = cpu_per_item(lambda: [cert_not_after(der) for _ in range(5000)], 5000)
+    seen = cpu_per_item(lambda: [_cert_not_after_seen(der) for _ in range(5000)], 5000)
+    print(
+        f"cert-expiry, one {len(der)}-byte certificate: read from DER {us(parsed)}, "
+        f"looked up by its bytes {us(seen)}"
     )
 
 
@@ -574,6 +600,7 @@ BENCHES: dict[str, Callable[[], None]] = {
     "handoff": handoff,
     "stalls": stalls,
     "bombs": bombs,
+    "cert-expiry": cert_expiry,
 }
 
 

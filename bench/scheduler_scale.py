@@ -56,7 +56,9 @@ DRAIN = 15.0
 PARTITIONS = 3
 
 
-def write_tasks(path: Path, count: int, url: str, interval: float) -> float:
+def write_tasks(
+    path: Path, count: int, url: str, interval: float, *, keepalive: bool = False
+) -> float:
     """Bulk-insert `count` tasks in one transaction, in the store's own row shape and as the
     checker leaves them once it has run: each definition marked as validated by this checker,
     each task's record published to the task topic (else the start is an upgrade from a
@@ -65,7 +67,12 @@ def write_tasks(path: Path, count: int, url: str, interval: float) -> float:
     store = SQLiteTaskStore(path, max_tasks=count)  # creates the schema
     now = datetime.now(UTC)
     spec = TaskSpec(
-        name="x", url=url, pattern=PATTERN, interval=interval, timeout=min(5, interval / 2)
+        name="x",
+        url=url,
+        pattern=PATTERN,
+        interval=interval,
+        timeout=min(5, interval / 2),
+        keepalive=keepalive,
     )
     template = Task(id=uuid.uuid4(), spec=spec, created_at=now, updated_at=now)
     spec_json = spec.model_dump_json()
@@ -139,13 +146,17 @@ def one_run(
     interval: float,
     intervals: int,
     settle: float | None = None,
+    *,
+    keepalive: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> RunResult:
-    """One run; with `settle` (start-up only), the figures of the `settle` seconds after READY
-    and no window."""
+    """One daemon on `tasks` tasks of `page`; with `settle` (start-up only), the figures of the
+    `settle` seconds after READY and no window; `extra_env` adds to (or overrides) its settings
+    (bench/capacity.py: SSL_CERT_FILE for an https page)."""
     topic = kafka_.topic(partitions=PARTITIONS)
     with workdir() as work:
         store = work / "tasks.sqlite3"
-        write_s = write_tasks(store, tasks, page, interval)
+        write_s = write_tasks(store, tasks, page, interval, keepalive=keepalive)
         notify_path = work / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -164,6 +175,7 @@ def one_run(
             "PER_HOST_IN_FLIGHT": "500",
             "LOG_LEVEL": "WARNING",
             "NOTIFY_SOCKET": str(notify_path),
+            **(extra_env or {}),
         }
         # Partitions assigned by hand: a group join takes about 20 s with this broker.
         consumer = Consumer(

@@ -441,6 +441,29 @@ async def test_https_measures_every_phase_and_the_certificate_expiry(
     assert result.cert_expires_at == openssl_not_after(certs.good[0])
 
 
+async def test_each_server_reports_its_own_certificate_expiry_and_verification_still_runs(
+    targets: Targets, prober: Prober, certs: Certs
+) -> None:
+    # The expiry is remembered by the certificate's bytes: two servers with certificates that
+    # end on different dates, checked in turn, each get their own date back, and a
+    # certificate whose date is remembered is still refused when it is not trusted.
+    good = f"{targets.https}/ok"
+    self_signed = targets.url("self-signed", "/ok")
+    assert openssl_not_after(certs.good[0]) != openssl_not_after(certs.self_signed[0])
+
+    seen = []
+    for _ in range(2):
+        for url, pem in ((good, certs.good[0]), (self_signed, certs.self_signed[0])):
+            result = await prober.check(TASK, spec(url, verify_tls=False))
+            seen.append(result.cert_expires_at == openssl_not_after(pem))
+    refused = await prober.check(TASK, spec(self_signed))
+
+    assert seen == [True] * 4
+    assert refused.error is not None
+    assert refused.error.kind is ErrorKind.TLS, refused.error
+    assert refused.cert_expires_at is None
+
+
 async def test_http_has_no_tls_phase_and_no_certificate(targets: Targets, prober: Prober) -> None:
     result = await prober.check(TASK, spec(f"{targets.http}/ok"))
 
