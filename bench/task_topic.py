@@ -74,9 +74,9 @@ def make_topics(k: Kafka) -> tuple[str, str, str]:
     results, tasks, names = base, f"{base}-tasks", f"{base}-names"
     create_topics(
         k.config(),
-        [results, tasks, names],
+        [results, tasks, names, f"{base}-state"],
         partitions=PARTITIONS,
-        compacted=frozenset({tasks, names}),
+        compacted=frozenset({tasks, names, f"{base}-state"}),
         partitions_of={names: 1},
     )
     return results, tasks, names
@@ -119,6 +119,7 @@ def node_env(
         "KAFKA_TOPIC": results,
         "KAFKA_TASKS_TOPIC": tasks,
         "KAFKA_TASK_NAMES_TOPIC": names,
+        "KAFKA_TASK_STATE_TOPIC": f"{results}-state",
         "CHECKER_MODE": "cluster",
         "CHECKER_NODE_ID": node,
         "TASK_STORAGE": str(store),

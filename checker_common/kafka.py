@@ -51,6 +51,16 @@ def client_config(settings: KafkaSettings, *, client_id: str) -> dict[str, Any]:
     return config
 
 
+def group_timing(session_timeout_ms: int) -> dict[str, Any]:
+    """A consumer group member's session and heartbeat: the heartbeat a sixth of the session
+    (1 s at 6 s), so a member misses several before it is taken for dead, and hears of a
+    rebalance within about a heartbeat."""
+    return {
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": max(100, min(3000, session_timeout_ms // 6)),
+    }
+
+
 def bootstrap_addresses(settings: KafkaSettings) -> list[tuple[str, int]]:
     result = []
     for server in settings.kafka_connection.split(","):

@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaException
 
 from checker_common import logs
 from checker_common.errors import first_line
-from checker_common.kafka import client_config
+from checker_common.kafka import client_config, group_timing
 from checker_common.metrics import MetricsServerError
 from checker_common.systemd import Notifier
 from checker_processing import db, migrate, retention
@@ -61,10 +61,7 @@ def consumer_config(settings: ProcessorSettings) -> dict[str, Any]:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
-            "session.timeout.ms": session,
-            # A sixth of the session (1 s at the default 6 s): a member misses several
-            # heartbeats before it is taken for dead, and hears of a rebalance within a second.
-            "heartbeat.interval.ms": max(100, min(3000, session // 6)),
+            **group_timing(session),
             "fetch.queue.backoff.ms": 10,
             "fetch.message.max.bytes": max(1_048_576, settings.max_message_bytes + 1024),
             "fetch.max.bytes": FETCH_MAX_BYTES,

@@ -48,10 +48,11 @@ def check_config(settings: CheckerSettings) -> int:
 
 
 def checker_topics(settings: CheckerSettings) -> list[str]:
-    """The topics the checker needs: results and tasks, and the name claims in cluster mode."""
+    """The topics the checker needs: results and tasks, and in cluster mode the name claims
+    and the tasks' state."""
     topics = [settings.kafka_topic, settings.kafka_tasks_topic]
     if settings.checker_mode is CheckerMode.CLUSTER:
-        topics.append(settings.kafka_task_names_topic)
+        topics += [settings.kafka_task_names_topic, settings.kafka_task_state_topic]
     return topics
 
 

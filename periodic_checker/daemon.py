@@ -38,6 +38,7 @@ from periodic_checker.checker_service import CheckerService
 from periodic_checker.materialiser import FollowerError, TaskTopicFollower
 from periodic_checker.names import NameClaims
 from periodic_checker.outbox import Outbox
+from periodic_checker.ownership import Ownership
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
 from periodic_checker.producer import ResultPublisher
@@ -45,6 +46,7 @@ from periodic_checker.scheduler import CheckScheduler
 from periodic_checker.settings import CheckerMode, CheckerSettings
 from periodic_checker.store import SQLiteTaskStore, StoreError, StoreReadOnly
 from periodic_checker.task_service import TaskService
+from periodic_checker.task_state import StateTopicMissing, TaskStates
 from periodic_checker.task_topic import RecordProducer, RecordPublisher
 from periodic_checker.tasks import Task
 from periodic_checker.writes import LocalWrites, TaskWrites, TopicWrites
@@ -115,6 +117,8 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         settings, store, scheduler, policy=policy, own=None if cluster else records, names=names
     )
     producer: RecordProducer | None = None
+    ownership: Ownership | None = None
+    states: TaskStates | None = None
     if cluster:
         assert names is not None
         notifier.status("reading the task topic")
@@ -131,6 +135,26 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         tasks = made
         producer = RecordProducer(settings)
         producer.start()
+        states = TaskStates(settings)
+        try:
+            await states.start()
+        except StateTopicMissing as exc:
+            log.error("KAFKA_TASK_STATE_TOPIC: %s", exc)
+            await follower.stop()
+            await producer.close()
+            store.close()
+            return 1
+        # This node runs the tasks of the partitions it owns, from the first assignment on.
+        ownership = Ownership(
+            settings,
+            scheduler,
+            follower,
+            states,
+            producer,
+            store,
+            grace=settings.shutdown_timeout * CHECKS_SHARE_OF_SHUTDOWN,
+        )
+        scheduler.owns = ownership.owns
         writes: TaskWrites = TopicWrites(
             producer,
             follower,
@@ -153,7 +177,7 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         publisher=publisher,
         stalls=prober.stalls,
         writes=writes,
-        describe=lambda: _topic_status(settings, follower, records, publisher),
+        describe=lambda: _topic_status(settings, follower, records, publisher, ownership),
     )
     collector = metrics.register(scheduler, publisher, prober.stalls)
     scheduling = time.monotonic()
@@ -166,6 +190,8 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     await follower.start()
     if isinstance(writes, TopicWrites):
         await writes.start()
+    if ownership is not None:
+        await ownership.start()
     runner = api_runner(build_app(service, settings))
     await runner.setup()
     started = False
@@ -196,10 +222,16 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         notifier.stopping("stopping")
         await watchdog
     deadline = time.monotonic() + settings.shutdown_timeout
+    if ownership is not None:
+        # Leave the group first: its tasks are handed over cleanly (running checks end, their
+        # states are published), then the others take them.
+        await ownership.stop()
     await scheduler.stop(grace=settings.shutdown_timeout * CHECKS_SHARE_OF_SHUTDOWN)
     await runner.cleanup()
     if isinstance(writes, TopicWrites):
         await writes.stop()
+    if states is not None:
+        await states.stop()
     if producer is not None:
         await producer.close(max(MIN_FLUSH_TIME, deadline - time.monotonic()) / 2)
     # The follower may still republish (single mode): it stops before the publisher closes.
@@ -265,10 +297,13 @@ def _topic_status(
     follower: TaskTopicFollower,
     records: RecordPublisher,
     publisher: ResultPublisher,
+    ownership: Ownership | None,
 ) -> dict[str, object]:
-    """The mode and the task topic's figures, for /status."""
+    """The mode, the task topic's figures and (cluster mode) what this node owns, for /status."""
     stats = follower.stats
+    owned = ownership.status() if ownership is not None else {}
     return {
+        **owned,
         "mode": str(settings.checker_mode),
         "node_id": settings.checker_node_id,
         "task_topic_caught_up": follower.caught_up.is_set(),

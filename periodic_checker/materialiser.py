@@ -356,6 +356,16 @@ class TaskTopicFollower:
                 waiter.cancel()
         self._waiters.clear()
 
+    def partition_of(self, task_id: uuid.UUID) -> int | None:
+        """The task topic's partition the task's last record is in (cluster mode: which node
+        owns the task), None when not known."""
+        where = self._positions.get(task_id)
+        return None if where is None else where[0]
+
+    def position_of(self, task_id: uuid.UUID) -> tuple[int, int] | None:
+        """(partition, offset) of the task's last record, None when not known."""
+        return self._positions.get(task_id)
+
     async def applied(self, topic: str, partition: int, offset: int) -> None:
         """Return once the record at (topic, partition, offset) is part of the view."""
         key = (topic, partition)
@@ -540,11 +550,12 @@ class TaskTopicFollower:
         task = applied(decoded, current, now)
         task = judged(task, self._refusals(task, current, single=single, writes=writes), now)
         as_recorded = isinstance(decoded, InvalidTask) or says_the_same(task, decoded.record)
+        # Known before the scheduler hears of the task: its partition says which node runs it.
+        self._positions[task_id] = (partition, offset)
         if current is None:
             self.scheduler.add(task)
         else:
             self.scheduler.replace(task)
-        self._positions[task_id] = (partition, offset)
         writes[task_id] = ViewWrite(task, as_recorded, partition, offset)
         if single and republish_after_foreign(
             own_pending=pending, own_later=later, as_recorded=as_recorded

@@ -162,6 +162,13 @@ class CheckScheduler:
         # Told when a task changes its status by itself (it ended, the policy refused its
         # target), so the change can go where the task list is shared (the task topic).
         self.on_status_change: Callable[[Task], None] | None = None
+        # Cluster mode: whether this node runs a task now (it owns the task's partition,
+        # `ownership.py`). A task it does not own stays in `tasks` (the API shows it) with no
+        # job. None: every task is this node's.
+        self.owns: Callable[[uuid.UUID], bool] | None = None
+        # The latest slot (planned time) each task fired for here: where a next owner
+        # continues after a handover (`ownership.py`).
+        self.last_slots: dict[uuid.UUID, float] = {}
         self.per_host_in_flight = per_host_in_flight
         self.max_start_lag = max_start_lag
         # Slots skipped per task since start (tasks removed are forgotten).
@@ -178,6 +185,8 @@ class CheckScheduler:
         self._hosts: dict[str, _HostSlot] = {}
         self._running: dict[uuid.UUID, asyncio.Task[Any]] = {}
         self._one_shot_at: dict[uuid.UUID, float] = {}
+        # Runs waiting to retry, woken early by stop() or release().
+        self._retry_wakes: dict[uuid.UUID, asyncio.Event] = {}
         # States to write: `_dirty` within flush_interval, `_progress` (mere progress of
         # open-ended tasks) within progress_flush_interval. A task is in one of them at most.
         self._dirty: dict[uuid.UUID, Task] = {}
@@ -259,6 +268,8 @@ class CheckScheduler:
     async def stop(self, grace: float) -> None:
         """Stop firing, let running checks finish (up to `grace` seconds), write the last states."""
         self._stopping.set()
+        for wake in self._retry_wakes.values():
+            wake.set()
         if self._aps.running:
             # pause, not shutdown: APScheduler's shutdown cancels the running jobs.
             self._aps.pause()
@@ -307,6 +318,7 @@ class CheckScheduler:
     def remove(self, task_id: uuid.UUID) -> None:
         self.tasks.pop(task_id, None)
         self.skipped_slots.pop(task_id, None)
+        self.last_slots.pop(task_id, None)
         self._dirty.pop(task_id, None)
         self._progress.pop(task_id)
         self._unschedule(task_id)
@@ -322,10 +334,53 @@ class CheckScheduler:
     def running(self, task_id: uuid.UUID) -> bool:
         return task_id in self._running
 
-    def _schedule(self, task: Task, *, at_load: bool) -> None:
+    # -- cluster mode: tasks that move between nodes (`ownership.py`) ---------------------------
+
+    def take(self, task: Task, *, first: float | None = None, skipped: int = 0) -> None:
+        """Run a task this node now owns, with the state it came with. `first`: the slot to
+        start at (it may have passed: it runs late, or is skipped, by the rule of
+        MAX_START_LAG); None: the first slot from now. `skipped`: slots of the handover
+        window that could not run in time, counted as skipped here."""
+        self.tasks[task.id] = task
+        if skipped:
+            self.stats.skipped_late += skipped
+            self.skipped_slots[task.id] += skipped
+        if task.status is TaskStatus.ACTIVE:
+            self._schedule(task, at_load=False, first=first)
+
+    async def release(self, task_ids: Iterable[uuid.UUID], grace: float) -> int:
+        """Stop running tasks here (another node takes them): call once `owns` says no. No
+        slot of theirs starts any more, a retry waiting is dropped, and their running checks
+        may finish for up to `grace` seconds (their results are published and their states
+        kept). The number still running after that: they finish later, unwaited."""
+        running = []
+        for task_id in task_ids:
+            self._unschedule(task_id)
+            wake = self._retry_wakes.get(task_id)
+            if wake is not None:
+                wake.set()
+            run = self._running.get(task_id)
+            if run is not None:
+                running.append(run)
+        if not running:
+            return 0
+        _, late = await asyncio.wait(running, timeout=grace)
+        return len(late)
+
+    def _schedule(self, task: Task, *, at_load: bool, first: float | None = None) -> None:
+        if self.owns is not None and not self.owns(task.id):
+            self._unschedule(task.id)
+            return
         now = self.clock()
         trigger: DateTrigger | IntervalTrigger
-        if task.spec.interval is None:
+        when: dict[str, datetime] = {}
+        if first is not None and task.spec.interval is not None:
+            # A slot that may lie in the past (a handover's missed slot, run late): APScheduler
+            # would otherwise start at the trigger's first time after now.
+            start = datetime.fromtimestamp(first, UTC)
+            trigger = IntervalTrigger(seconds=task.spec.interval, start_date=start, timezone=UTC)
+            when["next_run_time"] = start
+        elif task.spec.interval is None:
             fire = one_shot_fire_time(task.id, now, at_load=at_load)
             self._one_shot_at[task.id] = fire
             trigger = DateTrigger(run_date=datetime.fromtimestamp(fire, UTC), timezone=UTC)
@@ -337,7 +392,7 @@ class CheckScheduler:
                 timezone=UTC,
             )
         self._aps.add_job(
-            self._fire, trigger, args=(task.id,), id=str(task.id), replace_existing=True
+            self._fire, trigger, args=(task.id,), id=str(task.id), replace_existing=True, **when
         )
 
     def _unschedule(self, task_id: uuid.UUID) -> None:
@@ -352,6 +407,8 @@ class CheckScheduler:
         task = self.tasks.get(task_id)
         if task is None or task.status is not TaskStatus.ACTIVE or self._stopping.is_set():
             return
+        if self.owns is not None and not self.owns(task_id):
+            return  # released while this fire was on its way
         self.stats.fired += 1
         if task_id in self._running:
             self.stats.skipped_overlap += 1
@@ -361,6 +418,7 @@ class CheckScheduler:
             planned = self._one_shot_at.pop(task_id, now)
         else:
             planned = planned_fire_time(task_id, task.spec.interval, now + SLOT_TOLERANCE)
+            self.last_slots[task_id] = planned
         current = asyncio.current_task()
         assert current is not None
         self._running[task_id] = current
@@ -384,6 +442,8 @@ class CheckScheduler:
             task = self.tasks.get(task_id)
             if task is None or task.status is not TaskStatus.ACTIVE:
                 return
+            if attempt > 1 and self.owns is not None and not self.owns(task_id):
+                return  # released: the retry is dropped, as at stop
             spec = task.spec
             result = await self._check(
                 task_id, spec, scheduled_at, attempt, planned if attempt == 1 else None
@@ -395,10 +455,21 @@ class CheckScheduler:
                 return
             self.stats.retries += 1
             scheduled_at = datetime.fromtimestamp(self.clock() + retry_after, UTC)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), retry_after)
-                return  # stopping: the retry is dropped, health stays as it was
+            if not await self._retry_wait(task_id, retry_after):
+                return  # stopping or released: the retry is dropped, health stays as it was
             attempt += 1
+
+    async def _retry_wait(self, task_id: uuid.UUID, delay: float) -> bool:
+        """Wait `delay` seconds for a retry; False when woken by stop() or release()."""
+        wake = self._retry_wakes[task_id] = asyncio.Event()
+        if self._stopping.is_set():
+            return False
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)
+        finally:
+            self._retry_wakes.pop(task_id, None)
+        return not wake.is_set()
 
     async def _check(
         self,

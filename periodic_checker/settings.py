@@ -86,6 +86,31 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
         "checker-task-names",
         description="topic of the name claims that keep names unique (cluster mode)",
     )
+    kafka_task_state_topic: str = Field(
+        "checker-task-state",
+        description="topic of the tasks' run state handed from node to node (cluster mode)",
+    )
+    checker_group_id: str = Field(
+        "periodic-checker",
+        min_length=1,
+        max_length=249,
+        description="consumer group of the cluster's nodes: its partitions of the task topic"
+        " say which node runs which tasks (cluster mode)",
+    )
+    kafka_session_timeout_ms: int = Field(
+        6_000,
+        ge=1_000,
+        le=300_000,
+        description="consumer group session time-out: how long a dead node's tasks wait"
+        " before another node takes them (cluster mode)",
+    )
+    checker_state_snapshot_interval: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="seconds between snapshots of the run state of the tasks a node runs, for"
+        " the node that takes them should it die (cluster mode)",
+    )
     api_allowed_hosts: str = Field(
         DEFAULT_ALLOWED_HOSTS,
         description=(
@@ -119,7 +144,7 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
         "", description="networks allowed even inside a denied one, comma separated"
     )
 
-    @field_validator("kafka_topic", "kafka_task_names_topic")
+    @field_validator("kafka_topic", "kafka_task_names_topic", "kafka_task_state_topic")
     @classmethod
     def _topic_name(cls, value: str) -> str:
         return topic_name(value)
@@ -134,10 +159,16 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> Self:
-        topics = [self.kafka_topic, self.kafka_tasks_topic, self.kafka_task_names_topic]
+        topics = [
+            self.kafka_topic,
+            self.kafka_tasks_topic,
+            self.kafka_task_names_topic,
+            self.kafka_task_state_topic,
+        ]
         if len(set(topics)) < len(topics):
             raise ValueError(
-                "KAFKA_TOPIC, KAFKA_TASKS_TOPIC and KAFKA_TASK_NAMES_TOPIC must be three topics"
+                "KAFKA_TOPIC, KAFKA_TASKS_TOPIC, KAFKA_TASK_NAMES_TOPIC and KAFKA_TASK_STATE_TOPIC"
+                " must be four topics"
             )
         return self
 

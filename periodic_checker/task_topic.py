@@ -235,25 +235,30 @@ class RecordProducer:
         self._poller = threading.Thread(target=self._poll, name="record-producer", daemon=True)
         self._poller.start()
 
-    async def produce(self, topic: str, key: bytes, value: bytes | None) -> tuple[int, int]:
+    async def produce(
+        self, topic: str, key: bytes, value: bytes | None, partition: int | None = None
+    ) -> tuple[int, int]:
         """(partition, offset) of the record once the broker confirmed it; BrokerUnavailable
-        when it did not."""
+        when it did not. `partition`: a given one, else the key's."""
         try:
-            return await self._produce(topic, key, value)
+            return await self._produce(topic, key, value, partition)
         except _Renewed:
             # The producer's idempotence state was broken (after an outage the local broker
             # fences the epoch librdkafka bumps): the record was not written; once more with a
             # new producer.
-            return await self._produce(topic, key, value)
+            return await self._produce(topic, key, value, partition)
 
-    async def _produce(self, topic: str, key: bytes, value: bytes | None) -> tuple[int, int]:
+    async def _produce(
+        self, topic: str, key: bytes, value: bytes | None, partition: int | None
+    ) -> tuple[int, int]:
         if self._renew:
             self._renew_producer()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[int, int]] = loop.create_future()
         report = functools.partial(self._report, loop, done)
         try:
-            self._producer.produce(topic, key=key, value=value, on_delivery=report)
+            where = {} if partition is None else {"partition": partition}
+            self._producer.produce(topic, key=key, value=value, on_delivery=report, **where)
         except (BufferError, KafkaException) as exc:
             raise BrokerUnavailable(f"the task topic cannot take the change now: {exc}") from None
         return await done

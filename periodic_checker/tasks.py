@@ -196,6 +196,27 @@ def planned_fire_time(task_id: uuid.UUID, interval: float, now: float) -> float:
     return cycles * interval + offset
 
 
+def resume_plan(
+    task_id: uuid.UUID, interval: float, last_slot: float, now: float, bound: float
+) -> tuple[float, int]:
+    """Where a new owner continues a task whose previous owner ran up to `last_slot` and
+    handed it over: (the first slot to fire, how many slots are skipped).
+
+    The slots after `last_slot` that have passed (the handover took longer than an interval)
+    are run late if they can still start within `bound` seconds of their plan (only the latest
+    can: the bound is at most half the interval), else skipped and counted; none is run twice.
+    """
+    after = next_fire_time(task_id, interval, last_slot + interval / 2)
+    upcoming = next_fire_time(task_id, interval, now)
+    if after >= upcoming:
+        return after, 0
+    passed = round((upcoming - after) / interval)  # slots in [after, now)
+    latest = upcoming - interval
+    if now - latest <= bound:
+        return latest, passed - 1
+    return upcoming, passed
+
+
 def one_shot_fire_time(task_id: uuid.UUID, now: float, *, at_load: bool) -> float:
     """A one-shot task runs at once when created, or spread over a few seconds after a restart."""
     return now + phase_fraction(task_id) * ONE_SHOT_SPREAD if at_load else now

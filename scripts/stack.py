@@ -54,6 +54,8 @@ TOPIC = "checker-results"
 # claims of cluster mode on one.
 TASKS_TOPIC = "checker-tasks"
 TASK_NAMES_TOPIC = "checker-task-names"
+# Cluster mode: the tasks' run state handed from node to node (docs/ownership.md), compacted.
+TASK_STATE_TOPIC = "checker-task-state"
 DATABASE = os.environ.get("STACK_DATABASE", "periodic_checker")
 ADMIN_DSN = os.environ.get("STACK_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 KAFKA_PORT = int(os.environ.get("STACK_KAFKA_PORT", "9093"))
@@ -287,8 +289,8 @@ def up(nodes: int | None = None) -> None:
             "ssl.key.location": str(CERTS / "client.key"),
             "ssl.key.password": password,
         },
-        [TOPIC, TASKS_TOPIC, TASK_NAMES_TOPIC],
-        compacted=frozenset({TASKS_TOPIC, TASK_NAMES_TOPIC}),
+        [TOPIC, TASKS_TOPIC, TASK_NAMES_TOPIC, TASK_STATE_TOPIC],
+        compacted=frozenset({TASKS_TOPIC, TASK_NAMES_TOPIC, TASK_STATE_TOPIC}),
         partitions_of={TASK_NAMES_TOPIC: 1},
     )
     subprocess.run(

@@ -29,21 +29,22 @@ DEADLINE = 60.0
 
 @dataclass
 class Topics:
-    """A test's own results, task and names topics."""
+    """A test's own results, task, names and state topics."""
 
     results: str
     tasks: str
     names: str
+    states: str
 
     @classmethod
     def make(cls, kafka: KafkaTarget) -> Topics:
         base = f"test-{uuid.uuid4().hex[:12]}"
-        topics = cls(base, f"{base}-tasks", f"{base}-names")
+        topics = cls(base, f"{base}-tasks", f"{base}-names", f"{base}-state")
         create_topics(
             kafka.client_config(),
-            [topics.results, topics.tasks, topics.names],
+            [topics.results, topics.tasks, topics.names, topics.states],
             partitions=3,
-            compacted=frozenset({topics.tasks, topics.names}),
+            compacted=frozenset({topics.tasks, topics.names, topics.states}),
             partitions_of={topics.names: 1},
         )
         return topics
@@ -76,6 +77,11 @@ class Node:
             "KAFKA_TOPIC": self.topics.results,
             "KAFKA_TASKS_TOPIC": self.topics.tasks,
             "KAFKA_TASK_NAMES_TOPIC": self.topics.names,
+            "KAFKA_TASK_STATE_TOPIC": self.topics.states,
+            # A group per test: nodes of other tests follow other topics.
+            "CHECKER_GROUP_ID": f"{self.topics.tasks}-nodes",
+            # Short, as in the other group tests: joins and failover in seconds here.
+            "KAFKA_SESSION_TIMEOUT_MS": "3000",
             "CHECKER_MODE": self.mode,
             "CHECKER_NODE_ID": self.name,
             "TASK_STORAGE": str(self.storage),

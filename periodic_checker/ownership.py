@@ -1,0 +1,453 @@
+"""Cluster mode: which tasks this node runs. The nodes share one consumer group on the task
+topic; a node runs exactly the tasks whose partition it owns (docs/ownership.md).
+
+The group consumer fetches nothing: in `on_assign` it assigns its new partitions and pauses
+them at once (a bare pause there is undone by the automatic assign after it). Every task is in
+every node's view (the materialiser reads the whole topic on its own); the scheduler asks
+`owns()` before it schedules or starts a task, so the materialiser's adds and changes of tasks
+of other partitions are shown but never run here.
+
+- Assigned (`_take`): fence the state topic (every release written before is read), then for
+  each task of the new partitions: its state from the previous owner, and its first slot: after
+  a clean release the slot after the last one run (a passed slot runs late within
+  MAX_START_LAG, older ones are skipped and counted); otherwise (the owner died or was cut
+  off) the first slot from now. A `running` state record says the task is this node's now.
+- Revoked (`_release`, inside the rebalance callback, which does not return before): no slot
+  of those tasks starts any more, running checks finish (up to half SHUTDOWN_TIMEOUT), their
+  states are written, a `released` record per task (with its last slot) is confirmed by the
+  broker; only then does the group hand the partitions on. SIGTERM leaves the group this way.
+- Lost (cut off from the group longer than the session time-out): the node keeps running the
+  tasks it last owned; once back in the group it follows the assignment it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from checker_common.kafka import client_config, group_timing
+from checker_common.task_spec import TaskStatus
+from periodic_checker.scheduler import CheckScheduler, start_bound
+from periodic_checker.settings import CheckerSettings
+from periodic_checker.task_service import BrokerUnavailable
+from periodic_checker.task_state import (
+    Producing,
+    StateKind,
+    TaskState,
+    TaskStates,
+    encode_state,
+    state_of,
+    with_state,
+)
+from periodic_checker.tasks import Task, next_fire_time, resume_plan
+
+log = logging.getLogger(__name__)
+
+REBALANCES = Counter(
+    "periodic_checker_rebalances",
+    "Changes of this node's partitions of the task topic (cluster mode): assigned, revoked,"
+    " lost (cut off from the group; the node keeps running its tasks)",
+    ["event"],
+)
+HANDOVER_SECONDS = Histogram(
+    "periodic_checker_handover_seconds",
+    "Time a handover took on this node: release (revoked until the last check ended and the"
+    " released states were confirmed), take (assigned until the tasks were scheduled)",
+    ["side"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+TASKS_OWNED = Gauge(
+    "periodic_checker_tasks_owned",
+    "Tasks in the task-topic partitions this node owns (cluster mode): the tasks it runs",
+)
+PARTITIONS_OWNED = Gauge(
+    "periodic_checker_partitions_owned", "Task-topic partitions this node owns (cluster mode)"
+)
+POLL_SECONDS = 0.2
+# How long a take waits for its fences; past it, the tasks start from now without the state.
+FENCE_TIMEOUT = 15.0
+# Longest a leave (SIGTERM) waits for the group, beyond the handover itself.
+LEAVE_MARGIN = 15.0
+
+
+class Positions(Protocol):
+    """Where each task's record is (`materialiser.TaskTopicFollower`)."""
+
+    def partition_of(self, task_id: uuid.UUID) -> int | None: ...
+
+    def position_of(self, task_id: uuid.UUID) -> tuple[int, int] | None: ...
+
+
+class StateStore(Protocol):
+    def save_states(self, tasks: Sequence[Task]) -> None: ...
+
+
+def group_generation(metadata: bytes) -> int | None:
+    """The generation in librdkafka's serialised consumer group metadata (`CGMDv2:` and the
+    generation as a native int32); None when it is not that."""
+    prefix = b"CGMDv2:"
+    if not metadata.startswith(prefix) or len(metadata) < len(prefix) + 4:
+        return None
+    raw = metadata[len(prefix) : len(prefix) + 4]
+    return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
+class Ownership:
+    """This node's part of the task topic (see the module doc)."""
+
+    def __init__(
+        self,
+        settings: CheckerSettings,
+        scheduler: CheckScheduler,
+        positions: Positions,
+        states: TaskStates,
+        producer: Producing,
+        store: StateStore,
+        *,
+        grace: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.checker_node_id
+        self.scheduler = scheduler
+        self.positions = positions
+        self.states = states
+        self.producer = producer
+        self.store = store
+        self.grace = grace
+        self.clock = clock
+        self.owned: frozenset[int] = frozenset()
+        self.generation: int | None = None
+        self.member_id: str | None = None
+        self.rebalanced_at: datetime | None = None
+        self.rebalances = 0
+        self.cut_off = False  # partitions lost; running the last ones owned until back
+        self.last_take_seconds: float | None = None
+        self.last_release_seconds: float | None = None
+        self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._left = asyncio.Event()  # the consumer closed: out of the group
+        self._thread: threading.Thread | None = None
+        self._pending: set[Any] = set()
+        self._snapshots: asyncio.Task[None] | None = None
+        self._published: dict[uuid.UUID, Task] = {}  # the state last snapshot, by task
+
+    # -- what the scheduler asks --------------------------------------------------------------
+
+    def owns(self, task_id: uuid.UUID) -> bool:
+        return self.positions.partition_of(task_id) in self.owned
+
+    def tasks_owned(self) -> int:
+        owned = self.owned
+        if not owned:
+            return 0
+        partition_of = self.positions.partition_of
+        return sum(1 for task_id in list(self.scheduler.tasks) if partition_of(task_id) in owned)
+
+    def status(self) -> dict[str, object]:
+        """The figures of /status."""
+        return {
+            "owned_partitions": sorted(self.owned),
+            "tasks_owned": self.tasks_owned(),
+            "group_id": self.settings.checker_group_id,
+            "group_generation": self.generation,
+            "last_rebalance_at": None
+            if self.rebalanced_at is None
+            else self.rebalanced_at.isoformat(),
+            "rebalances": self.rebalances,
+            "group_cut_off": self.cut_off,
+            "last_take_seconds": self.last_take_seconds,
+            "last_release_seconds": self.last_release_seconds,
+        }
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def consumer_config(self) -> dict[str, Any]:
+        config = client_config(self.settings, client_id=f"periodic-checker-{self.node_id}")
+        config.update(
+            {
+                "group.id": self.settings.checker_group_id,
+                "partition.assignment.strategy": "cooperative-sticky",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                **group_timing(self.settings.kafka_session_timeout_ms),
+            }
+        )
+        return config
+
+    async def start(self) -> None:
+        """Join the group (in a thread of its own, which serves the rebalances)."""
+        self._loop = asyncio.get_running_loop()
+        TASKS_OWNED.set_function(self.tasks_owned)
+        PARTITIONS_OWNED.set_function(lambda: len(self.owned))
+        consumer = Consumer(self.consumer_config())
+        consumer.subscribe(
+            [self.settings.kafka_tasks_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._thread = threading.Thread(
+            target=self._serve, args=(consumer,), name="task-ownership", daemon=True
+        )
+        self._thread.start()
+        self._snapshots = asyncio.create_task(self._snapshot_loop(), name="state-snapshots")
+        log.info(
+            "joining group %s on %s as %s",
+            self.settings.checker_group_id, self.settings.kafka_tasks_topic, self.node_id,
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Leave the group: the revoke hands every owned task over cleanly (see `_release`)."""
+        if self._snapshots is not None:
+            self._snapshots.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._snapshots
+        self._stop.set()
+        if self._thread is not None:
+            try:
+                await asyncio.wait_for(self._left.wait(), self.grace + FENCE_TIMEOUT + LEAVE_MARGIN)
+            except TimeoutError:
+                log.warning("the group did not answer the leave in time; stopping anyway")
+        if self._pending:
+            pending = [asyncio.wrap_future(f) for f in list(self._pending)]
+            await asyncio.wait(pending, timeout=FENCE_TIMEOUT)
+
+    def _serve(self, consumer: Any) -> None:
+        """The group consumer's thread: poll (nothing is fetched) so rebalances are served,
+        then close, which revokes what is owned and leaves the group."""
+        while not self._stop.is_set():
+            try:
+                consumer.poll(POLL_SECONDS)
+            except Exception:
+                log.exception("the group consumer's poll failed")
+                self._stop.wait(1.0)
+        try:
+            consumer.close()
+        except Exception:
+            log.exception("leaving the group failed")
+        finally:
+            if self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    self._loop.call_soon_threadsafe(self._left.set)
+
+    # -- rebalance callbacks (the consumer's thread) -----------------------------------------
+
+    def _rebalanced(self, consumer: Any, event: str) -> None:
+        REBALANCES.labels(event).inc()
+        self.rebalances += 1
+        self.rebalanced_at = datetime.now(UTC)
+        with contextlib.suppress(Exception):
+            self.generation = group_generation(consumer.consumer_group_metadata())
+            self.member_id = consumer.memberid()
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        consumer.incremental_assign(partitions)
+        consumer.pause(partitions)
+        self._rebalanced(consumer, "assigned")
+        follow = self.cut_off
+        self.cut_off = False
+        numbers = sorted(p.partition for p in partitions)
+        if not numbers and not follow:
+            return
+        assert self._loop is not None
+        # Not awaited here: the take waits for the state topic, and the thread keeps serving.
+        future = asyncio.run_coroutine_threadsafe(self._take(numbers, follow), self._loop)
+        self._pending.add(future)
+        future.add_done_callback(self._done)
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._rebalanced(consumer, "revoked")
+        numbers = sorted(p.partition for p in partitions)
+        if not numbers or self._loop is None:
+            return
+        # Waited for: the partitions go on only once their tasks are handed over.
+        future = asyncio.run_coroutine_threadsafe(self._release(numbers), self._loop)
+        try:
+            future.result(self.grace + FENCE_TIMEOUT + LEAVE_MARGIN)
+        except Exception:
+            log.exception("handing over partitions %s failed", numbers)
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._rebalanced(consumer, "lost")
+        self.cut_off = True
+        log.warning(
+            "partitions %s lost (cut off from the group): their tasks keep running here until"
+            " the node is back in the group",
+            sorted(p.partition for p in partitions),
+        )
+
+    def _done(self, future: Any) -> None:
+        self._pending.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("taking partitions failed", exc_info=future.exception())
+
+    # -- handovers (the event loop) -------------------------------------------------------------
+
+    async def _take(self, partitions: list[int], follow: bool) -> None:
+        """Run the tasks of newly assigned partitions. `follow`: back in the group after being
+        cut off: `partitions` is the whole assignment, and what is not in it goes."""
+        async with self._lock:
+            started = time.monotonic()
+            given = frozenset(partitions)
+            if follow:
+                dropped = self.owned - given
+                self.owned = self.owned & given
+                if dropped:
+                    # Another node has run them since the cut: no release to write.
+                    ids = self._tasks_of(dropped)
+                    await self.scheduler.release(ids, 0)
+                    log.info(
+                        "back in the group: partitions %s are another node's now (%d tasks)",
+                        sorted(dropped), len(ids),
+                    )  # fmt: skip
+            new = given - self.owned
+            if not new:
+                return
+            try:
+                await asyncio.wait_for(self.states.fence(self.producer), FENCE_TIMEOUT)
+                fenced = True
+            except (BrokerUnavailable, TimeoutError) as exc:
+                fenced = False
+                log.warning("state topic not read to its end (%s): tasks start from now", exc)
+            # The states as the previous owners left them (this node's own records of the
+            # take below are read into `latest` too).
+            latest = self.states.latest
+            prior = {i: latest.get(i) for i in self._tasks_of(new)} if fenced else {}
+            # Say first that this node runs them: a later owner must not continue after an old
+            # release once this node has run slots past it.
+            merged = [
+                self._plan(self.scheduler.tasks[i], s, self.clock())[0] for i, s in prior.items()
+            ]
+            await self._publish(self._states(merged, StateKind.RUNNING), "taken")
+            self.owned = self.owned | new
+            now = self.clock()
+            changed = []
+            continued = skipped = 0
+            for task_id in self._tasks_of(new):
+                task, first, missed = self._plan(
+                    self.scheduler.tasks[task_id], prior.get(task_id), now
+                )
+                self.scheduler.take(task, first=first, skipped=missed)
+                self._published[task_id] = task
+                continued += first is not None
+                skipped += missed
+                changed.append(task)
+            if changed:
+                await asyncio.to_thread(self.store.save_states, changed)
+            took = time.monotonic() - started
+            self.last_take_seconds = took
+            HANDOVER_SECONDS.labels("take").observe(took)
+            log.info(
+                "partitions %s taken: %d tasks (%d continued after a release, %d slots of the"
+                " handover skipped) in %.3f s; generation %s",
+                sorted(new), len(changed), continued, skipped, took, self.generation,
+            )  # fmt: skip
+
+    def _plan(
+        self, task: Task, state: TaskState | None, now: float
+    ) -> tuple[Task, float | None, int]:
+        """(the task with its state, its first slot or None for the first from now, slots
+        skipped) for a task this node takes."""
+        if state is not None and state.node != self.node_id:
+            task = with_state(task, state, self.positions.position_of(task.id))
+        interval = task.spec.interval
+        if interval is None or task.status is not TaskStatus.ACTIVE:
+            return task, None, 0
+        ran_here = self.scheduler.last_slots.get(task.id)
+        if state is not None and state.kind is StateKind.RELEASED and state.last_slot is not None:
+            last = max(state.last_slot, ran_here or state.last_slot)
+            bound = start_bound(interval, self.scheduler.max_start_lag) or 0.0
+            first, skipped = resume_plan(task.id, interval, last, now, bound)
+            return task, first, skipped
+        known = [s for s in (ran_here, state.last_slot if state else None) if s is not None]
+        if known:
+            # Never a slot that was run already.
+            return task, next_fire_time(task.id, interval, max(now, max(known) + interval / 2)), 0
+        return task, None, 0
+
+    async def _release(self, partitions: list[int]) -> None:
+        """Hand the tasks of revoked partitions over (see the module doc)."""
+        async with self._lock:
+            started = time.monotonic()
+            gone = self.owned & frozenset(partitions)
+            if not gone:
+                return
+            self.owned = self.owned - gone
+            ids = self._tasks_of(gone)
+            late = await self.scheduler.release(ids, self.grace)
+            if late:
+                log.warning(
+                    "%d checks still running after %.0f s: handed over anyway", late, self.grace
+                )
+            await self.scheduler.flush()
+            tasks = [self.scheduler.tasks.get(i) for i in ids]
+            released = self._states([t for t in tasks if t is not None], StateKind.RELEASED)
+            await self._publish(released, "released")
+            for task_id in ids:
+                self._published.pop(task_id, None)
+            took = time.monotonic() - started
+            self.last_release_seconds = took
+            HANDOVER_SECONDS.labels("release").observe(took)
+            log.info(
+                "partitions %s handed over: %d tasks released in %.3f s",
+                sorted(gone), len(released), took,
+            )  # fmt: skip
+
+    async def _publish(self, states: list[TaskState], what: str) -> int:
+        """Write state records and wait for the broker; the number it did not confirm."""
+        if not states:
+            return 0
+        topic = self.states.topic
+        answers = await asyncio.gather(
+            *(self.producer.produce(topic, *encode_state(s)) for s in states),
+            return_exceptions=True,
+        )
+        failed = sum(1 for answer in answers if isinstance(answer, BaseException))
+        if failed:
+            log.warning("%d of %d %s states not confirmed by the broker", failed, len(states), what)
+        return failed
+
+    async def _snapshot_loop(self) -> None:
+        """The state of the tasks run here, when it changed, every snapshot interval: what a
+        next owner finds should this node die."""
+        every = self.settings.checker_state_snapshot_interval
+        while True:
+            await asyncio.sleep(every)
+            async with self._lock:  # never after a release of the same task
+                changed = []
+                for task_id in self._tasks_of(self.owned):
+                    task = self.scheduler.tasks.get(task_id)
+                    if task is not None and task is not self._published.get(task_id):
+                        changed.append(task)
+                        self._published[task_id] = task
+                await self._publish(self._states(changed, StateKind.RUNNING), "snapshot")
+
+    def _states(self, tasks: Sequence[Task], kind: StateKind) -> list[TaskState]:
+        at = datetime.now(UTC)
+        return [
+            state_of(
+                task, kind, node=self.node_id, at=at,
+                last_slot=self.scheduler.last_slots.get(task.id),
+                record=self.positions.position_of(task.id),
+            )
+            for task in tasks
+        ]  # fmt: skip
+
+    def _in(self, task_id: uuid.UUID, partitions: frozenset[int]) -> bool:
+        return self.positions.partition_of(task_id) in partitions
+
+    def _tasks_of(self, partitions: frozenset[int]) -> list[uuid.UUID]:
+        return [task_id for task_id in list(self.scheduler.tasks) if self._in(task_id, partitions)]

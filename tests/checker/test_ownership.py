@@ -1,0 +1,221 @@
+"""Cluster mode with real checker nodes, the real broker over mutual TLS and a real HTTP target:
+each node runs exactly the tasks of the task-topic partitions it owns in the nodes' consumer
+group, and tasks move between nodes without a slot checked twice. Every count is made per
+(task, slot) from the results topic; a slot the checkers skipped (MAX_START_LAG: too late to
+start, e.g. inside a handover) must be counted as skipped by a node, never silently missing."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from checker.nodes import DEADLINE, Node, Topics, read_topic
+
+from conftest import KafkaTarget
+from helpers import wait_for
+
+pytestmark = pytest.mark.kafka
+
+TASKS = 40
+INTERVAL = 2
+# Slots after a moment that every task must have before the results are counted.
+SLOTS_AFTER = 3
+
+
+class _Ok(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def topics(kafka: KafkaTarget) -> Topics:
+    return Topics.make(kafka)
+
+
+@pytest.fixture
+def make_node(kafka: KafkaTarget, topics: Topics, tmp_path: Path) -> Iterator[type[Node]]:
+    made: list[Node] = []
+
+    def factory(name: str) -> Node:
+        node = Node(name, kafka, topics, tmp_path, mode="cluster")
+        made.append(node)
+        return node
+
+    try:
+        yield factory  # type: ignore[misc]
+    finally:
+        for node in made:
+            node.kill()
+
+
+def create_tasks(node: Node, target: str) -> list[str]:
+    ids = []
+    for n in range(TASKS):
+        spec = {"name": f"t{n}", "url": target, "interval": INTERVAL, "timeout": 1}
+        status, made = node.call("POST", "/tasks", spec)
+        assert status == 201, made
+        ids.append(made["id"])
+    return ids
+
+
+def owners(*nodes: Node) -> list[tuple[list[int], int]]:
+    return [(n.status()["owned_partitions"], n.status()["tasks_owned"]) for n in nodes]
+
+
+def settled(*nodes: Node) -> bool:
+    """Every partition owned by exactly one of `nodes`, each of them owning some, and every
+    task counted once."""
+    shares = owners(*nodes)
+    parts = sorted(p for owned, _ in shares for p in owned)
+    each = all(owned for owned, _ in shares)
+    return each and parts == [0, 1, 2] and sum(count for _, count in shares) == TASKS
+
+
+def slots(kafka: KafkaTarget, topic: str) -> dict[str, Counter[float]]:
+    """Results per task: how many times each slot (scheduled_at) was checked."""
+    found: dict[str, Counter[float]] = {}
+    for _, _, key, value in read_topic(kafka, topic):
+        assert key is not None
+        assert value is not None
+        body = json.loads(value)[key.decode()]  # the contract: {"<task id>": result}
+        planned = body.get("scheduled_at")
+        if planned is None:
+            continue
+        at = round(datetime.fromisoformat(planned.replace("Z", "+00:00")).timestamp(), 3)
+        found.setdefault(key.decode(), Counter())[at] += 1
+    return found
+
+
+def wait_for_slots_after(kafka: KafkaTarget, topic: str, ids: list[str], since: float) -> None:
+    def enough() -> bool:
+        seen = slots(kafka, topic)
+        return all(sum(1 for s in seen.get(i, {}) if s > since) >= SLOTS_AFTER for i in ids)
+
+    wait_for(enough, f"{SLOTS_AFTER} slots of every task after the change", DEADLINE * 2)
+
+
+def doubles(seen: dict[str, Counter[float]]) -> list[tuple[str, float, int]]:
+    return [(t, s, n) for t, c in seen.items() for s, n in c.items() if n > 1]
+
+
+def gaps(seen: dict[str, Counter[float]], ids: list[str], since: float = 0.0) -> int:
+    """Slots missing between each task's first slot (after `since`) and its last one."""
+    missing = 0
+    for task_id in ids:
+        run = sorted(s for s in seen.get(task_id, {}) if s > since)
+        for before, after in itertools.pairwise(run):
+            missing += round((after - before) / INTERVAL) - 1
+    return missing
+
+
+def skipped(*nodes: Node) -> int:
+    return sum(int(n.status()["slots_skipped"]) for n in nodes)
+
+
+def test_two_nodes_share_the_tasks_and_check_every_slot_once(
+    kafka: KafkaTarget, topics: Topics, make_node: type[Node], target: str
+) -> None:
+    a, b = make_node("node-a").start(), make_node("node-b").start()
+    ids = create_tasks(a, target)
+    wait_for(lambda: settled(a, b), "every partition owned by one node", DEADLINE)
+    wait_for_slots_after(kafka, topics.results, ids, time.time())
+
+    seen = slots(kafka, topics.results)
+    assert doubles(seen) == []
+    assert gaps(seen, ids) <= skipped(a, b)
+    status = a.status()
+    assert status["node_id"] == "node-a"
+    assert status["group_generation"] is not None
+    assert status["last_rebalance_at"] is not None
+
+
+def test_a_node_joining_takes_tasks_over_without_a_double(
+    kafka: KafkaTarget, topics: Topics, make_node: type[Node], target: str
+) -> None:
+    a = make_node("node-a").start()
+    ids = create_tasks(a, target)
+    wait_for(lambda: settled(a), "node A owning everything", DEADLINE)
+    wait_for_slots_after(kafka, topics.results, ids, time.time())
+
+    b = make_node("node-b").start()
+    wait_for(lambda: settled(a, b), "node B owning a share", DEADLINE)
+    wait_for_slots_after(kafka, topics.results, ids, time.time())
+
+    seen = slots(kafka, topics.results)
+    assert doubles(seen) == []
+    # A slot of the handover either ran (late, within MAX_START_LAG) or was counted skipped.
+    assert gaps(seen, ids) <= skipped(a, b)
+    assert "continued after a release" in b.text()
+    assert "handed over" in a.text()
+
+
+def test_a_node_leaving_with_sigterm_hands_its_tasks_over_cleanly(
+    kafka: KafkaTarget, topics: Topics, make_node: type[Node], target: str
+) -> None:
+    a, b = make_node("node-a").start(), make_node("node-b").start()
+    ids = create_tasks(a, target)
+    wait_for(lambda: settled(a, b), "every partition owned by one node", DEADLINE)
+    wait_for_slots_after(kafka, topics.results, ids, time.time())
+    skipped_by_b = skipped(b)
+    moved = len(owners(b)[0][0])
+
+    assert b.stop() == 0
+    wait_for(lambda: settled(a), "node A owning everything", DEADLINE)
+    wait_for_slots_after(kafka, topics.results, ids, time.time())
+
+    seen = slots(kafka, topics.results)
+    assert doubles(seen) == []
+    assert gaps(seen, ids) <= skipped(a) + skipped_by_b
+    assert moved > 0
+    assert "handed over" in b.text()
+    assert "continued after a release" in a.text()
+
+
+def test_a_killed_nodes_tasks_run_on_the_other_without_a_double(
+    kafka: KafkaTarget, topics: Topics, make_node: type[Node], target: str
+) -> None:
+    a, b = make_node("node-a").start(), make_node("node-b").start()
+    ids = create_tasks(a, target)
+    wait_for(lambda: settled(a, b), "every partition owned by one node", DEADLINE)
+    wait_for_slots_after(kafka, topics.results, ids, time.time())
+
+    assert b.proc is not None
+    b.proc.kill()
+    b.proc.wait()
+    killed_at = time.time()
+    wait_for(lambda: settled(a), "node A owning everything", DEADLINE)
+    took_over_at = time.time()
+    wait_for_slots_after(kafka, topics.results, ids, took_over_at)
+
+    seen = slots(kafka, topics.results)
+    assert doubles(seen) == []
+    # Slots are missed only inside the failover window (measured, not asserted: the machine
+    # is shared); after it, every slot is checked or counted as skipped.
+    print(f"failover: {took_over_at - killed_at:.1f} s (session time-out 3 s)")
+    assert gaps(seen, ids, since=took_over_at) <= skipped(a)
