@@ -50,7 +50,7 @@ from periodic_checker.task_state import (
     state_of,
     with_state,
 )
-from periodic_checker.tasks import Task, next_fire_time, resume_plan
+from periodic_checker.tasks import Task, at_load, next_fire_time, resume_plan
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ PARTITIONS_OWNED = Gauge(
 POLL_SECONDS = 0.2
 # How long a take waits for its fences; past it, the tasks start from now without the state.
 FENCE_TIMEOUT = 15.0
-# Longest a leave (SIGTERM) waits for the group, beyond the handover itself.
-LEAVE_MARGIN = 15.0
+# Longest a revoke waits for the handover beyond its checks' grace (states confirmed).
+PUBLISH_MARGIN = 15.0
 
 
 class Positions(Protocol):
@@ -142,7 +142,8 @@ class Ownership:
         self._thread: threading.Thread | None = None
         self._pending: set[Any] = set()
         self._snapshots: asyncio.Task[None] | None = None
-        self._published: dict[uuid.UUID, Task] = {}  # the state last snapshot, by task
+        # What the last state record of each task run here said (`_worth_telling`).
+        self._published: dict[uuid.UUID, tuple[object, ...]] = {}
 
     # -- what the scheduler asks --------------------------------------------------------------
 
@@ -218,7 +219,7 @@ class Ownership:
         self._stop.set()
         if self._thread is not None:
             try:
-                await asyncio.wait_for(self._left.wait(), self.grace + FENCE_TIMEOUT + LEAVE_MARGIN)
+                await asyncio.wait_for(self._left.wait(), self.settings.shutdown_timeout)
             except TimeoutError:
                 log.warning("the group did not answer the leave in time; stopping anyway")
         if self._pending:
@@ -276,7 +277,7 @@ class Ownership:
         # Waited for: the partitions go on only once their tasks are handed over.
         future = asyncio.run_coroutine_threadsafe(self._release(numbers), self._loop)
         try:
-            future.result(self.grace + FENCE_TIMEOUT + LEAVE_MARGIN)
+            future.result(self.grace + PUBLISH_MARGIN)
         except Exception:
             log.exception("handing over partitions %s failed", numbers)
 
@@ -337,12 +338,11 @@ class Ownership:
             changed = []
             continued = skipped = 0
             for task_id in self._tasks_of(new):
-                task, first, missed = self._plan(
-                    self.scheduler.tasks[task_id], prior.get(task_id), now
-                )
+                state = prior.get(task_id)
+                task, first, missed = self._plan(self.scheduler.tasks[task_id], state, now)
                 self.scheduler.take(task, first=first, skipped=missed)
-                self._published[task_id] = task
-                continued += first is not None
+                self._published[task_id] = _worth_telling(task)
+                continued += state is not None and state.kind is StateKind.RELEASED
                 skipped += missed
                 changed.append(task)
             if changed:
@@ -363,6 +363,9 @@ class Ownership:
         skipped) for a task this node takes."""
         if state is not None and state.node != self.node_id:
             task = with_state(task, state, self.positions.position_of(task.id))
+            # Ended under the previous owner (its runs, a one-shot that ran), whose record of
+            # it may not have arrived yet: not run again.
+            task = at_load(task, datetime.now(UTC))
         interval = task.spec.interval
         if interval is None or task.status is not TaskStatus.ACTIVE:
             return task, None, 0
@@ -421,8 +424,9 @@ class Ownership:
         return failed
 
     async def _snapshot_loop(self) -> None:
-        """The state of the tasks run here, when it changed, every snapshot interval: what a
-        next owner finds should this node die."""
+        """The state of the tasks run here, when it changed in what a next owner needs, every
+        snapshot interval: what that owner finds should this node die (a new owner after a
+        death starts from now, so mere progress of an open-ended task is not worth a record)."""
         every = self.settings.checker_state_snapshot_interval
         while True:
             await asyncio.sleep(every)
@@ -430,9 +434,12 @@ class Ownership:
                 changed = []
                 for task_id in self._tasks_of(self.owned):
                     task = self.scheduler.tasks.get(task_id)
-                    if task is not None and task is not self._published.get(task_id):
+                    if task is None:
+                        continue
+                    told = _worth_telling(task)
+                    if told != self._published.get(task_id):
                         changed.append(task)
-                        self._published[task_id] = task
+                        self._published[task_id] = told
                 await self._publish(self._states(changed, StateKind.RUNNING), "snapshot")
 
     def _states(self, tasks: Sequence[Task], kind: StateKind) -> list[TaskState]:
@@ -451,3 +458,10 @@ class Ownership:
 
     def _tasks_of(self, partitions: frozenset[int]) -> list[uuid.UUID]:
         return [task_id for task_id in list(self.scheduler.tasks) if self._in(task_id, partitions)]
+
+
+def _worth_telling(task: Task) -> tuple[object, ...]:
+    """What of a task's state a snapshot carries news of: health, failures in a row, its
+    status, and its runs when they end it (`end_after_runs`)."""
+    runs = task.runs if task.spec.end_after_runs is not None else None
+    return task.health, task.failures_in_a_row, task.status, runs

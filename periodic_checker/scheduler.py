@@ -369,7 +369,8 @@ class CheckScheduler:
 
     def _schedule(self, task: Task, *, at_load: bool, first: float | None = None) -> None:
         if self.owns is not None and not self.owns(task.id):
-            self._unschedule(task.id)
+            if not at_load:  # at load no job exists yet
+                self._unschedule(task.id)
             return
         now = self.clock()
         trigger: DateTrigger | IntervalTrigger
