@@ -5,7 +5,8 @@ checker doing the same work, side by side in each run.
 
 Per run, on one broker (tansu + stunnel mTLS) and one local nginx page:
 
-- *single*: `periodic-checker run` in single mode, the N tasks bulk-written into its SQLite file;
+- *single*: `periodic-checker run` in single mode, the N tasks written into its SQLite file;
+- *share*: the same with N / nodes of those tasks: the work one node of the cluster has;
 - *cluster*: three `periodic-checker run` nodes in cluster mode (`--nodes`), the same N tasks
   (the same ids and intervals) written to their task topic as another program would; each
   node reads them all, and runs the ones it owns (every one of them before ownership).
@@ -15,7 +16,10 @@ owns every task between them when they say what they own), CPU seconds (user + s
 /proc/PID/stat) and checks run (`periodic_checker_checks_total` from each node's /metrics) are
 sampled at the start and the end of a `--window` of seconds; CPU per check = CPU / checks, for
 the single checker and for the cluster's nodes together (and per node). The load average is
-sampled during the windows. Medians over `--runs`; one Markdown table on stdout.
+sampled during the windows. The ratio that tells the cost of cluster mode is the nodes' CPU per
+check against *share* (the same checks a second per process); against *single* it also holds
+the fixed cost of three processes instead of one. Medians over `--runs`; one Markdown table on
+stdout.
 """
 
 from __future__ import annotations
@@ -214,24 +218,26 @@ def run_arm(
             notify.close()
 
 
+def single_arm(
+    name: str, k: Kafka, work: Path, made: list[Task], interval: float, window: float
+) -> Arm:
+    topics = Topics.make(k)
+    path = work / f"{name}.sqlite3"
+    store = SQLiteTaskStore(path, max_tasks=len(made))
+    for task in made:
+        store.insert(task)
+    store.close()
+    env = env_of(k, topics, path, work / f"{name}.sock")
+    return run_arm(name, [env], work, len(made), interval, window)
+
+
 def one_run(
     k: Kafka, url: str, tasks: int, interval: float, window: float, nodes: int
-) -> tuple[Arm, Arm]:
+) -> tuple[Arm, Arm, Arm]:
     made = specs(tasks, url, interval)
     with workdir() as work:
-        topics = Topics.make(k)
-        store = SQLiteTaskStore(work / "single.sqlite3", max_tasks=tasks)
-        for task in made:
-            store.insert(task)
-        store.close()
-        single = run_arm(
-            "single",
-            [env_of(k, topics, work / "single.sqlite3", work / "single.sock")],
-            work,
-            tasks,
-            interval,
-            window,
-        )
+        single = single_arm("single", k, work, made, interval, window)
+        share = single_arm("share", k, work, made[: tasks // nodes], interval, window)
 
         topics = Topics.make(k)
         producer = Producer(k.config(**{"linger.ms": 50}))
@@ -255,7 +261,7 @@ def one_run(
             for n in range(1, nodes + 1)
         ]
         cluster = run_arm("cluster", envs, work, tasks, interval, window)
-    return single, cluster
+    return single, share, cluster
 
 
 def main() -> int:
@@ -267,7 +273,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     print(machine(), file=sys.stderr)
-    rows = []
+    rows: list[tuple[Arm, Arm, Arm]] = []
     with workdir() as work, kafka(work) as k:
         www = work / "nginx"
         www.mkdir()
@@ -277,43 +283,51 @@ def main() -> int:
         nginx = start_nginx(www, port)
         try:
             for n in range(args.runs):
-                single, cluster = one_run(
+                arms = one_run(
                     k, f"http://127.0.0.1:{port}/", args.tasks, args.interval, args.window,
                     args.nodes,
                 )  # fmt: skip
-                rows.append((single, cluster))
-                print(
-                    f"run {n + 1}: single {single.per_check_ms:.3f} ms/check"
-                    f" ({sum(single.checks):.0f} checks, load {single.load:.2f});"
-                    f" cluster {cluster.per_check_ms:.3f} ms/check"
-                    f" ({sum(cluster.checks):.0f} checks, per node"
-                    f" {', '.join(f'{x:.3f}' for x in cluster.per_node_ms())}, load"
-                    f" {cluster.load:.2f})",
-                    file=sys.stderr,
-                )
+                rows.append(arms)
+                print(f"run {n + 1}: " + "; ".join(describe(arm) for arm in arms), file=sys.stderr)
         finally:
             stop_process(nginx)
     print(
-        f"| run | single: checks / CPU per check | {args.nodes} nodes: checks (all nodes) /"
-        " CPU per check | per node | ratio | load average (single / cluster) |"
+        f"| run | single ({args.tasks:,} tasks): checks / CPU per check"
+        f" | share ({args.tasks // args.nodes:,} tasks): checks / CPU per check"
+        f" | {args.nodes} nodes: checks (all) / CPU per check (per node)"
+        " | nodes / share | nodes / single | load average (single / share / nodes) |"
     )
-    print("|---|---|---|---|---|---|")
-    ratios = []
-    for n, (single, cluster) in enumerate(rows, start=1):
-        ratio = cluster.per_check_ms / single.per_check_ms
-        ratios.append(ratio)
+    print("|---|---|---|---|---|---|---|")
+    for n, (single, share, cluster) in enumerate(rows, start=1):
         per_node = " / ".join(f"{x:.3f}" for x in cluster.per_node_ms())
         print(
             f"| {n} | {sum(single.checks):,.0f} / {single.per_check_ms:.3f} ms"
-            f" | {sum(cluster.checks):,.0f} / {cluster.per_check_ms:.3f} ms | {per_node} ms"
-            f" | {ratio:.2f} | {single.load:.2f} / {cluster.load:.2f} |"
+            f" | {sum(share.checks):,.0f} / {share.per_check_ms:.3f} ms"
+            f" | {sum(cluster.checks):,.0f} / {cluster.per_check_ms:.3f} ms ({per_node})"
+            f" | {cluster.per_check_ms / share.per_check_ms:.2f}"
+            f" | {cluster.per_check_ms / single.per_check_ms:.2f}"
+            f" | {single.load:.1f} / {share.load:.1f} / {cluster.load:.1f} |"
         )
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
     print(
-        f"| **median** | {statistics.median(s.per_check_ms for s, _ in rows):.3f} ms"
-        f" | {statistics.median(c.per_check_ms for _, c in rows):.3f} ms | |"
-        f" **{statistics.median(ratios):.2f}** | |"
+        f"| **median** | {median([r[0].per_check_ms for r in rows]):.3f} ms"
+        f" | {median([r[1].per_check_ms for r in rows]):.3f} ms"
+        f" | {median([r[2].per_check_ms for r in rows]):.3f} ms"
+        f" | **{median([r[2].per_check_ms / r[1].per_check_ms for r in rows]):.2f}**"
+        f" | {median([r[2].per_check_ms / r[0].per_check_ms for r in rows]):.2f} | |"
     )
     return 0
+
+
+def describe(arm: Arm) -> str:
+    nodes = ", ".join(f"{x:.3f}" for x in arm.per_node_ms())
+    return (
+        f"{arm.name} {arm.per_check_ms:.3f} ms/check ({sum(arm.checks):.0f} checks,"
+        f" per process {nodes}, load {arm.load:.2f})"
+    )
 
 
 if __name__ == "__main__":

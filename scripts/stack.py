@@ -389,10 +389,22 @@ def status() -> int:
     nodes = recorded_layout()
     for node in checkers(nodes):
         state = "running" if running(pid_name(node)) else "stopped"
-        say(f"{pid_name(node)}: {state}, API {node.url}/")
+        say(f"{pid_name(node)}: {state}, API {node.url}/{owns(node) if nodes else ''}")
     for name in OTHERS:
         say(f"{name}: {'running' if running(name) else 'stopped'}")
     return 0 if all(running(name) for name in process_names(nodes)) else 1
+
+
+def owns(node: Node) -> str:
+    """What a cluster node says it owns (its /status), or nothing when it does not answer."""
+    try:
+        found = api("GET", "/status", port=node.port)
+    except (OSError, ValueError):
+        return ""
+    extra = found.get("extra") if isinstance(found, dict) else None
+    if not isinstance(extra, dict) or "owned_partitions" not in extra:
+        return ""
+    return f", owns partitions {extra['owned_partitions']} ({extra.get('tasks_owned')} tasks)"
 
 
 def nodes_of(args: list[str]) -> int | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -110,6 +111,12 @@ def test_status_names_every_node_and_its_address(cluster: Stack) -> None:
     for i, name in enumerate(NODES):
         line = f"periodic-checker-{name}: running, API http://127.0.0.1:{api_port(cluster, i)}/"
         assert line in done.stdout, done.stdout
+    # The nodes share the task topic's partitions: each owns some, none twice.
+    owned = re.findall(r"owns partitions \[([\d, ]*)\]", done.stdout)
+    assert len(owned) == len(NODES), done.stdout
+    partitions = [int(p) for one in owned for p in one.split(",") if p.strip()]
+    assert partitions, done.stdout
+    assert len(partitions) == len(set(partitions)), done.stdout
 
 
 def test_up_of_another_layout_is_refused_while_the_cluster_runs(cluster: Stack) -> None:
