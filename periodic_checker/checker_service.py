@@ -153,6 +153,8 @@ class CheckerService:
             skipped_overlap=stats.skipped_overlap,
             # The load signals (README, "Reading the load signals").
             slots_skipped=stats.skipped_late,
+            # Cluster mode: slots that passed while their task moved between nodes.
+            slots_skipped_handover=stats.skipped_handover,
             slots_skipped_by_task={
                 str(task_id): n for task_id, n in self.scheduler.skipped_slots.most_common(10)
             },

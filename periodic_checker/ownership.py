@@ -67,6 +67,11 @@ HANDOVER_SECONDS = Histogram(
     ["side"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
+HANDOVER_SLOTS_SKIPPED = Counter(
+    "periodic_checker_handover_slots_skipped",
+    "Slots that passed while their task moved to this node and could no longer start within"
+    " MAX_START_LAG: not run, counted (cluster mode)",
+)
 TASKS_OWNED = Gauge(
     "periodic_checker_tasks_owned",
     "Tasks in the task-topic partitions this node owns (cluster mode): the tasks it runs",
@@ -345,6 +350,7 @@ class Ownership:
                 continued += state is not None and state.kind is StateKind.RELEASED
                 skipped += missed
                 changed.append(task)
+            HANDOVER_SLOTS_SKIPPED.inc(skipped)
             if changed:
                 await asyncio.to_thread(self.store.save_states, changed)
             took = time.monotonic() - started

@@ -135,6 +135,7 @@ class SchedulerStats:
     retries: int = 0
     skipped_overlap: int = 0
     skipped_late: int = 0  # slots not started: they would have started too late
+    skipped_handover: int = 0  # slots that passed while a task moved between nodes
     not_judged: int = 0  # checks the checker held up past twice their time-out
     in_flight: int = 0
 
@@ -340,10 +341,11 @@ class CheckScheduler:
         """Run a task this node now owns, with the state it came with. `first`: the slot to
         start at (it may have passed: it runs late, or is skipped, by the rule of
         MAX_START_LAG); None: the first slot from now. `skipped`: slots of the handover
-        window that could not run in time, counted as skipped here."""
+        window that could not run in time, counted here (`skipped_handover`, and per task)."""
         self.tasks[task.id] = task
         if skipped:
-            self.stats.skipped_late += skipped
+            # Not load shedding: counted apart from skipped_late (and its WARNING).
+            self.stats.skipped_handover += skipped
             self.skipped_slots[task.id] += skipped
         if task.status is TaskStatus.ACTIVE:
             self._schedule(task, at_load=False, first=first)

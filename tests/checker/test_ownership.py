@@ -135,7 +135,10 @@ def gaps(seen: dict[str, Counter[float]], ids: list[str], since: float = 0.0) ->
 
 
 def skipped(*nodes: Node) -> int:
-    return sum(int(n.status()["slots_skipped"]) for n in nodes)
+    """Slots the nodes counted as skipped: too late to start (load), or passed in a handover."""
+    return sum(
+        int(n.status()["slots_skipped"]) + int(n.status()["slots_skipped_handover"]) for n in nodes
+    )
 
 
 def test_two_nodes_share_the_tasks_and_check_every_slot_once(

@@ -36,7 +36,7 @@ from periodic_checker.scheduler import (
 )
 from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.task_service import InvalidChange, NameTaken, TaskFilter, TooManyTasks
-from periodic_checker.tasks import Task, start_offset
+from periodic_checker.tasks import Task, next_fire_time, start_offset
 
 DEADLINE = 30.0  # generous: the machine is shared
 
@@ -691,3 +691,36 @@ async def test_a_task_changing_status_by_itself_is_told_at_load_and_when_it_ends
         await scheduler.stop(grace=5)
         await prober.close()
         store.close()
+
+
+# -- cluster mode: tasks this node owns (ownership.py) ---------------------------------------
+
+
+async def test_a_task_not_owned_is_kept_but_never_scheduled_and_take_release_move_it(
+    target: Target, make_checker: Any
+) -> None:
+    c = await make_checker()
+    owned: set[uuid.UUID] = set()
+    c.scheduler.owns = lambda task_id: task_id in owned
+    task = await c.service.create(spec(target, "/slow", interval=2.0, timeout=1.5))
+    assert c.scheduler.tasks[task.id] == task  # shown, as every node shows every task
+    assert c.scheduler.next_fire(task.id) is None  # but not run here
+
+    owned.add(task.id)
+    passed = next_fire_time(task.id, 2.0, time.time())
+    await asyncio.sleep(passed - time.time() + 0.1)  # a slot just passed, within the bound
+    c.scheduler.take(task, first=passed, skipped=2)  # a slot of the handover, run late
+    fire = c.scheduler.next_fire(task.id)
+    assert fire is not None
+    assert fire.timestamp() == pytest.approx(passed, abs=0.001)
+    assert c.scheduler.stats.skipped_handover == 2
+    assert c.scheduler.skipped_slots[task.id] == 2
+    assert c.scheduler.stats.skipped_late == 0  # not load shedding
+    await wait_until(lambda: c.scheduler.running(task.id))
+    assert c.scheduler.last_slots[task.id] == pytest.approx(passed, abs=0.001)
+
+    owned.discard(task.id)
+    still = await c.scheduler.release([task.id], grace=0.1)  # /slow answers after 10 s
+    assert still == 1  # handed over anyway; it finishes here, unwaited
+    assert c.scheduler.next_fire(task.id) is None
+    assert task.id in c.scheduler.tasks
