@@ -2,12 +2,17 @@
 
     scripts/stack.sh up            certificates, broker behind mutual TLS, topics, database,
                                    .env.prod, both daemons, an example page and a check of it
+    scripts/stack.sh up --nodes N  the same with N checker nodes in cluster mode (N >= 1;
+                                   docs/cluster.md): node-1 .. node-N, each with its own
+                                   settings file .run/node-I.env, SQLite file and API port
+                                   (STACK_API_PORT + I - 1); one processor
     scripts/stack.sh down          stop every process it started, by PID; keep the data
     scripts/stack.sh down --purge  stop them, then remove what `up` made but the certificates:
                                    .env.prod, .run/ and the database
-    scripts/stack.sh status        which of them run
+    scripts/stack.sh status        which of them run, and each checker's API address
 
-Run state (PID files, logs, the task SQLite file) lives in `.run/`, which git ignores.
+Run state (PID files, logs, the task SQLite files, the nodes' settings, `layout`: how many
+nodes `up` started) lives in `.run/`, which git ignores.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
@@ -56,8 +63,46 @@ KAFKA_PLAIN_PORT = int(os.environ.get("STACK_KAFKA_PLAIN_PORT", "19092"))
 API_PORT = int(os.environ.get("STACK_API_PORT", "8080"))
 METRICS_PORT = int(os.environ.get("STACK_METRICS_PORT", "9108"))
 PAGE_PORT = int(os.environ.get("STACK_PAGE_PORT", "8089"))
-# Stopped in this order: the checker first so it can flush, the broker last.
-ORDER = ["periodic-checker", "checker-processing", "example-page", "stunnel", "tansu"]
+CHECKER = "periodic-checker"
+# Stopped in this order after the checker(s), which go first so they can flush; the broker last.
+OTHERS = ["checker-processing", "example-page", "stunnel", "tansu"]
+# What `up` started: "single", or the number of cluster nodes.
+LAYOUT = RUN / "layout"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One checker process of the stack: the single-mode checker, or cluster node `node-I`."""
+
+    name: str  # the process name (PID and log files); CHECKER_NODE_ID in cluster mode
+    port: int
+    env_file: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def checkers(nodes: int | None) -> list[Node]:
+    """The checker(s) of a layout: None is the single-mode checker, N the cluster's N nodes."""
+    if nodes is None:
+        return [Node(CHECKER, API_PORT, ENV_FILE)]
+    return [Node(f"node-{i}", API_PORT + i - 1, RUN / f"node-{i}.env") for i in range(1, nodes + 1)]
+
+
+def recorded_layout() -> int | None:
+    """How many cluster nodes the last `up` started (None: the single-mode checker)."""
+    text = LAYOUT.read_text().strip() if LAYOUT.exists() else "single"
+    return int(text) if text.isdigit() else None
+
+
+def process_names(nodes: int | None) -> list[str]:
+    """Every process of a layout, in the order `down` stops them."""
+    return [pid_name(node) for node in checkers(nodes)] + OTHERS
+
+
+def pid_name(node: Node) -> str:
+    return node.name if node.name == CHECKER else f"{CHECKER}-{node.name}"
 
 
 def say(message: str) -> None:
@@ -114,11 +159,13 @@ def write_env(dsn: str) -> None:
     ENV_FILE.chmod(0o600)
 
 
-def start_daemon(name: str, *args: str) -> None:
+def start_daemon(name: str, *args: str, program: str | None = None) -> None:
+    """Start `program` (by default the command `name`) unless `name` runs already."""
     if running(name):
         say(f"{name} already runs")
         return
-    start_process([str(BIN / name), *args], RUN / f"{name}.log", RUN / f"{name}.pid")
+    command = [str(BIN / (program or name)), *args]
+    start_process(command, RUN / f"{name}.log", RUN / f"{name}.pid")
 
 
 def activate_line() -> str:
@@ -126,10 +173,39 @@ def activate_line() -> str:
     return f". {BIN / 'activate'}"
 
 
-def api(method: str, path: str, body: dict[str, object] | None = None) -> object:
+def write_node_env(node: Node) -> None:
+    """A cluster node's settings: the stack's, plus its mode, id, SQLite file and API port."""
+    own = {
+        "CHECKER_MODE": "cluster",
+        "CHECKER_NODE_ID": node.name,
+        "TASK_STORAGE": RUN / f"{node.name}.sqlite3",
+        "API_PORT": node.port,
+    }
+    kept = [
+        line
+        for line in ENV_FILE.read_text().splitlines()
+        if line.split("=", 1)[0] not in own and not line.startswith("#")
+    ]
+    lines = [f"# Written by scripts/stack.sh up --nodes: {ENV_FILE.name} and {node.name}'s own."]
+    lines += kept + [f"{key}={value}" for key, value in own.items()]
+    node.env_file.write_text("\n".join(lines) + "\n")
+    node.env_file.chmod(0o600)
+
+
+def port_taken(port: int) -> bool:
+    try:
+        with socket.create_server(("127.0.0.1", port)):
+            return False
+    except OSError:
+        return True
+
+
+def api(
+    method: str, path: str, body: dict[str, object] | None = None, port: int = API_PORT
+) -> object:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
-        f"http://127.0.0.1:{API_PORT}{path}",
+        f"http://127.0.0.1:{port}{path}",
         data=data,
         method=method,
         headers={"Content-Type": "application/json"},
@@ -151,8 +227,8 @@ def wait_for(what: str, probe: object, timeout: float) -> None:
     raise StackError(f"{what} did not happen within {timeout:.0f} s (logs in {RUN})")
 
 
-def add_example_check() -> None:
-    tasks = api("GET", "/tasks?q=local%20example")
+def add_example_check(port: int) -> None:
+    tasks = api("GET", "/tasks?q=local%20example", port=port)
     if isinstance(tasks, dict) and tasks.get("tasks"):
         return
     api(
@@ -165,6 +241,7 @@ def add_example_check() -> None:
             "interval": 10,
             "timeout": 5,
         },
+        port=port,
     )
     say("added the check 'local example'")
 
@@ -177,8 +254,21 @@ def count_rows(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def up() -> None:
+def check_layout(nodes: int | None) -> None:
+    """Refuse to mix layouts: a running stack of another layout is taken down first."""
+    recorded = recorded_layout()
+    if recorded != nodes and any(running(pid_name(n)) for n in checkers(recorded)):
+        now = "one checker (single mode)" if recorded is None else f"{recorded} cluster nodes"
+        raise StackError(f"the stack runs {now}; run `scripts/stack.sh down` first")
+    for node in checkers(nodes):
+        if not running(pid_name(node)) and port_taken(node.port):
+            raise StackError(f"{node.name}'s API port {node.port} is taken (STACK_API_PORT)")
+
+
+def up(nodes: int | None = None) -> None:
     RUN.mkdir(exist_ok=True)
+    check_layout(nodes)
+    LAYOUT.write_text(f"{'single' if nodes is None else nodes}\n")
     make_certs(CERTS)
     if running("tansu") and running("stunnel"):
         say(f"broker already runs on localhost:{KAFKA_PORT}")
@@ -225,11 +315,24 @@ def up() -> None:
         )
     wait_for_port(PAGE_PORT)
     start_daemon("checker-processing", "--env-file", str(ENV_FILE), "run")
-    start_daemon("periodic-checker", "--env-file", str(ENV_FILE), "run")
-    wait_for("the checker's API to answer", lambda: api("GET", "/health") is not None, 60)
-    add_example_check()
+    started = checkers(nodes)
+    for node in started:
+        if nodes is not None:
+            write_node_env(node)
+        start_daemon(pid_name(node), "--env-file", str(node.env_file), "run", program=CHECKER)
+    for node in started:
+        wait_for(
+            f"{node.name}'s API to answer",
+            lambda node=node: api("GET", "/health", port=node.port) is not None,
+            120,
+        )
+    add_example_check(started[0].port)
     wait_for("a first result in PostgreSQL", lambda: count_rows(dsn) > 0, 90)
     say("the pipeline is up and results are flowing into PostgreSQL")
+    if nodes is not None:
+        say(f"{nodes} checker node(s) in cluster mode (docs/cluster.md):")
+        for node in started:
+            print(f"  {node.name}: API {node.url}/  settings {node.env_file}")
     print(
         f"""
   API (and /docs, /metrics):  http://127.0.0.1:{API_PORT}/
@@ -253,7 +356,9 @@ def up() -> None:
 
 
 def down(purge: bool) -> None:
-    for name in ORDER:
+    # Whatever checker PID files there are (any layout), then the rest.
+    names = sorted(p.stem for p in RUN.glob(f"{CHECKER}*.pid")) + OTHERS
+    for name in names:
         pid_file = RUN / f"{name}.pid"
         if pid_file.exists():
             stop_pid_file(pid_file)
@@ -281,22 +386,54 @@ def drop_database() -> None:
 
 
 def status() -> int:
-    for name in ORDER:
+    nodes = recorded_layout()
+    for node in checkers(nodes):
+        state = "running" if running(pid_name(node)) else "stopped"
+        say(f"{pid_name(node)}: {state}, API {node.url}/{owns(node) if nodes else ''}")
+    for name in OTHERS:
         say(f"{name}: {'running' if running(name) else 'stopped'}")
-    return 0 if all(running(name) for name in ORDER) else 1
+    return 0 if all(running(name) for name in process_names(nodes)) else 1
+
+
+def owns(node: Node) -> str:
+    """What a cluster node says it owns (its /status), or nothing when it does not answer."""
+    try:
+        found = api("GET", "/status", port=node.port)
+    except (OSError, ValueError):
+        return ""
+    extra = found.get("extra") if isinstance(found, dict) else None
+    if not isinstance(extra, dict) or "owned_partitions" not in extra:
+        return ""
+    return f", owns partitions {extra['owned_partitions']} ({extra.get('tasks_owned')} tasks)"
+
+
+def nodes_of(args: list[str]) -> int | None:
+    """`--nodes N` of `up` (N >= 1); None without it (the single-mode checker)."""
+    if not args:
+        return None
+    if len(args) == 2 and args[0] == "--nodes" and args[1].isdigit() and int(args[1]) >= 1:
+        return int(args[1])
+    raise ValueError("--nodes takes a whole number >= 1")
 
 
 def main(argv: list[str]) -> int:
     command = argv or ["up"]
     try:
-        if command == ["up"]:
-            up()
+        if command[0] == "up":
+            try:
+                nodes = nodes_of(command[1:])
+            except ValueError as exc:
+                print(f"stack: error: {exc}", file=sys.stderr)
+                return 2
+            up(nodes)
         elif command in (["down"], ["down", "--purge"]):
             down(purge="--purge" in command)
         elif command == ["status"]:
             return status()
         else:
-            print("usage: scripts/stack.sh up | down [--purge] | status", file=sys.stderr)
+            print(
+                "usage: scripts/stack.sh up [--nodes N] | down [--purge] | status", file=sys.stderr
+            )
             return 2
     except (StackError, subprocess.CalledProcessError, psycopg2.Error) as exc:
         print(f"stack: error: {exc}", file=sys.stderr)

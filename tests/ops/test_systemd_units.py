@@ -22,8 +22,9 @@ BIN = Path(sys.executable).parent
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_unit_passes_systemd_analyze_verify(unit: Path, tmp_path: Path) -> None:
-    # verify checks that ExecStart exists: point it at this virtual environment.
-    local = tmp_path / unit.name
+    # verify checks that ExecStart exists: point it at this virtual environment. A template is
+    # verified as an instance of it (its %i filled in).
+    local = tmp_path / unit.name.replace("@.", "@node-1.")
     local.write_text(unit.read_text().replace("/opt/periodic-checker/bin/", f"{BIN}/"))
     result = subprocess.run(
         ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60
@@ -62,8 +63,50 @@ def test_the_checker_unit_denies_the_default_target_networks_in_the_kernel() -> 
         assert not any(ipaddress.ip_address(reachable) in ipaddress.ip_network(n) for n in denied)
 
 
-def test_units_exist_for_both_daemons() -> None:
-    assert [u.name for u in UNITS] == ["checker-processing.service", "periodic-checker.service"]
+def test_units_exist_for_both_daemons_and_checker_nodes() -> None:
+    assert [u.name for u in UNITS] == [
+        "checker-processing.service",
+        "periodic-checker.service",
+        "periodic-checker@.service",
+    ]
+
+
+def directives(unit: Path) -> list[tuple[str, str]]:
+    return [
+        (key, value)
+        for line in unit.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+        for key, value in [line.split("=", 1)]
+    ]
+
+
+def test_the_node_template_is_the_checker_unit_with_the_instance_as_the_node() -> None:
+    single = directives(ROOT / "deploy" / "systemd" / "periodic-checker.service")
+    node = directives(ROOT / "deploy" / "systemd" / "periodic-checker@.service")
+    per_node = {
+        ("ExecStart", "/opt/periodic-checker/bin/periodic-checker"
+         " --env-file /etc/periodic-checker/%i.env run"),
+        ("EnvironmentFile", "/etc/periodic-checker/%i.env"),
+        ("StateDirectory", "periodic-checker/%i"),
+        ("WorkingDirectory", "/var/lib/periodic-checker/%i"),
+        ("Environment", "CHECKER_MODE=cluster"),
+        ("Environment", "CHECKER_NODE_ID=%i"),
+        ("Environment", "TASK_STORAGE=/var/lib/periodic-checker/%i/tasks.sqlite3"),
+    }  # fmt: skip
+
+    assert per_node <= set(node)
+    # Everything else (watchdog, restart, hardening, the kernel's deny list) as the checker's
+    # unit has it; the shared settings file still comes first.
+    described = {"Description", "Documentation"}
+    assert [d for d in node if d not in per_node and d[0] not in described] == [
+        d
+        for d in single
+        if d[0] not in described
+        and d[0] not in {"ExecStart", "StateDirectory", "WorkingDirectory", "Environment"}
+    ]
+    assert node.index(("EnvironmentFile", "-/etc/periodic-checker/checker.env")) < node.index(
+        ("EnvironmentFile", "/etc/periodic-checker/%i.env")
+    )
 
 
 def test_notifier_sends_datagrams_to_notify_socket(tmp_path: Path) -> None:

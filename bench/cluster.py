@@ -1,0 +1,334 @@
+"""Several checker nodes: CPU per check of a node in a 3-node cluster against one single-mode
+checker doing the same work, side by side in each run.
+
+    .venv/bin/python bench/cluster.py --tasks 3000 --interval 10 --window 40 --runs 3
+
+Per run, on one broker (tansu + stunnel mTLS) and one local nginx page:
+
+- *single*: `periodic-checker run` in single mode, the N tasks written into its SQLite file;
+- *share*: the same with N / nodes of those tasks: the work one node of the cluster has;
+- *cluster*: three `periodic-checker run` nodes in cluster mode (`--nodes`), the same N tasks
+  (the same ids and intervals) written to their task topic as another program would; each
+  node reads them all, and runs the ones it owns (every one of them before ownership).
+
+Each arm runs alone. After READY and a warm-up (one interval, plus until the nodes' `/status`
+owns every task between them when they say what they own), CPU seconds (user + system, from
+/proc/PID/stat) and checks run (`periodic_checker_checks_total` from each node's /metrics) are
+sampled at the start and the end of a `--window` of seconds; CPU per check = CPU / checks, for
+the single checker and for the cluster's nodes together (and per node). The load average is
+sampled during the windows. The ratio that tells the cost of cluster mode is the nodes' CPU per
+check against *share* (the same checks a second per process); against *single* it also holds
+the fixed cost of three processes instead of one. Medians over `--runs`; one Markdown table on
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from confluent_kafka import Producer  # noqa: E402
+
+from bench.common import Kafka, kafka, machine, workdir  # noqa: E402
+from bench.probe_engine import PATTERN, start_nginx  # noqa: E402
+from bench.scheduler_scale import proc_sample, wait_ready  # noqa: E402
+from checker_common.task_record import TaskRecord, encode  # noqa: E402
+from checker_common.task_spec import TaskSpec  # noqa: E402
+from devstack import create_topics, free_port, stop_process  # noqa: E402
+from periodic_checker.store import SQLiteTaskStore  # noqa: E402
+from periodic_checker.tasks import Task  # noqa: E402
+
+PYTHON = ROOT / ".venv" / "bin" / "python"
+PARTITIONS = 12
+SESSION_MS = 6000
+
+
+@dataclass(frozen=True)
+class Topics:
+    results: str
+    tasks: str
+    names: str
+    state: str
+
+    @classmethod
+    def make(cls, k: Kafka) -> Topics:
+        base = f"bench-{uuid.uuid4().hex[:10]}"
+        topics = cls(base, f"{base}-tasks", f"{base}-names", f"{base}-state")
+        create_topics(
+            k.config(),
+            [topics.results, topics.tasks, topics.names, topics.state],
+            partitions=PARTITIONS,
+            compacted=frozenset({topics.tasks, topics.names, topics.state}),
+            partitions_of={topics.names: 1},
+        )
+        return topics
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a run: CPU seconds and checks in the window, per process."""
+
+    name: str
+    cpu: list[float]
+    checks: list[float]
+    load: float
+
+    @property
+    def per_check_ms(self) -> float:
+        return 1000 * sum(self.cpu) / max(1.0, sum(self.checks))
+
+    def per_node_ms(self) -> list[float]:
+        return [1000 * c / max(1.0, n) for c, n in zip(self.cpu, self.checks, strict=True)]
+
+
+def specs(tasks: int, url: str, interval: float) -> list[Task]:
+    now = datetime.now(UTC)
+    return [
+        Task(
+            id=uuid.uuid4(),
+            spec=TaskSpec(
+                name=f"bench-{n}",
+                url=url,
+                pattern=PATTERN,
+                interval=interval,
+                timeout=min(5.0, interval / 2),
+            ),
+            created_at=now,
+            updated_at=now,
+        )
+        for n in range(tasks)
+    ]
+
+
+def env_of(k: Kafka, topics: Topics, store: Path, notify: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        **k.env(),
+        "PYTHONPATH": str(ROOT),
+        "KAFKA_TOPIC": topics.results,
+        "KAFKA_TASKS_TOPIC": topics.tasks,
+        "KAFKA_TASK_NAMES_TOPIC": topics.names,
+        "TASK_STORAGE": str(store),
+        "MAX_TASKS": "200000",
+        "API_PORT": str(free_port()),
+        "PER_HOST_IN_FLIGHT": "500",
+        "LOG_LEVEL": "WARNING",
+        "NOTIFY_SOCKET": str(notify),
+        **extra,
+    }
+
+
+def get(port: str, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as page:
+        return bytes(page.read())
+
+
+def checks_run(port: str) -> float:
+    total = 0.0
+    for line in get(port, "/metrics").decode().splitlines():
+        if line.startswith("periodic_checker_checks_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def owned(ports: list[str]) -> int | None:
+    """Tasks owned over the nodes, None when a node does not say."""
+    total = 0
+    for port in ports:
+        body = json.loads(get(port, "/status"))
+        found = {**body, **(body.get("extra") or {})}
+        if "tasks_owned" not in found:
+            return None
+        total += int(found["tasks_owned"])
+    return total
+
+
+def run_arm(
+    name: str, envs: list[dict[str, str]], work: Path, tasks: int, interval: float, window: float
+) -> Arm:
+    procs: list[subprocess.Popen[bytes]] = []
+    sockets = []
+    try:
+        for n, env in enumerate(envs):
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify.bind(env["NOTIFY_SOCKET"])
+            notify.settimeout(1.0)
+            sockets.append(notify)
+            log = (work / f"{name}-{n}.log").open("wb")
+            procs.append(
+                subprocess.Popen(
+                    [str(PYTHON), "-m", "periodic_checker.cli", "run"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=work,
+                )
+            )
+        for notify, proc in zip(sockets, procs, strict=True):
+            wait_ready(notify, proc, time.monotonic())
+        ports = [env["API_PORT"] for env in envs]
+        deadline = time.monotonic() + 300
+        while len(envs) > 1 and time.monotonic() < deadline:
+            total = owned(ports)
+            if total is None or total == tasks:
+                break
+            time.sleep(1)
+        time.sleep(interval)
+        before = [
+            (proc_sample(p.pid)[0], checks_run(port)) for p, port in zip(procs, ports, strict=True)
+        ]
+        loads = []
+        end = time.monotonic() + window
+        while time.monotonic() < end:
+            loads.append(os.getloadavg()[0])
+            for notify in sockets:  # STATUS= updates block a daemon once the queue is full
+                try:
+                    while notify.recv(4096, socket.MSG_DONTWAIT):
+                        pass
+                except (BlockingIOError, TimeoutError):
+                    pass
+            time.sleep(1)
+        after = [
+            (proc_sample(p.pid)[0], checks_run(port)) for p, port in zip(procs, ports, strict=True)
+        ]
+        return Arm(
+            name,
+            cpu=[a[0] - b[0] for a, b in zip(after, before, strict=True)],
+            checks=[a[1] - b[1] for a, b in zip(after, before, strict=True)],
+            load=statistics.median(loads),
+        )
+    finally:
+        for proc in procs:
+            stop_process(proc, timeout=60)
+        for notify in sockets:
+            notify.close()
+
+
+def single_arm(
+    name: str, k: Kafka, work: Path, made: list[Task], interval: float, window: float
+) -> Arm:
+    topics = Topics.make(k)
+    path = work / f"{name}.sqlite3"
+    store = SQLiteTaskStore(path, max_tasks=len(made))
+    for task in made:
+        store.insert(task)
+    store.close()
+    env = env_of(k, topics, path, work / f"{name}.sock")
+    return run_arm(name, [env], work, len(made), interval, window)
+
+
+def one_run(
+    k: Kafka, url: str, tasks: int, interval: float, window: float, nodes: int
+) -> tuple[Arm, Arm, Arm]:
+    made = specs(tasks, url, interval)
+    with workdir() as work:
+        single = single_arm("single", k, work, made, interval, window)
+        share = single_arm("share", k, work, made[: tasks // nodes], interval, window)
+
+        topics = Topics.make(k)
+        producer = Producer(k.config(**{"linger.ms": 50}))
+        for task in made:
+            key, value = encode(TaskRecord(id=task.id, spec=task.spec))
+            producer.produce(topics.tasks, key=key, value=value)
+        assert producer.flush(120) == 0
+        group = f"bench-nodes-{uuid.uuid4().hex[:8]}"
+        envs = [
+            env_of(
+                k,
+                topics,
+                work / f"node-{n}.sqlite3",
+                work / f"node-{n}.sock",
+                CHECKER_MODE="cluster",
+                CHECKER_NODE_ID=f"node-{n}",
+                CHECKER_GROUP_ID=group,
+                KAFKA_TASK_STATE_TOPIC=topics.state,
+                KAFKA_SESSION_TIMEOUT_MS=str(SESSION_MS),
+            )
+            for n in range(1, nodes + 1)
+        ]
+        cluster = run_arm("cluster", envs, work, tasks, interval, window)
+    return single, share, cluster
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=3000)
+    parser.add_argument("--interval", type=float, default=10.0)
+    parser.add_argument("--window", type=float, default=40.0)
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    print(machine(), file=sys.stderr)
+    rows: list[tuple[Arm, Arm, Arm]] = []
+    with workdir() as work, kafka(work) as k:
+        www = work / "nginx"
+        www.mkdir()
+        www.chmod(0o755)
+        work.chmod(0o755)  # nginx workers run as an unprivileged user
+        port = free_port()
+        nginx = start_nginx(www, port)
+        try:
+            for n in range(args.runs):
+                arms = one_run(
+                    k, f"http://127.0.0.1:{port}/", args.tasks, args.interval, args.window,
+                    args.nodes,
+                )  # fmt: skip
+                rows.append(arms)
+                print(f"run {n + 1}: " + "; ".join(describe(arm) for arm in arms), file=sys.stderr)
+        finally:
+            stop_process(nginx)
+    print(
+        f"| run | single ({args.tasks:,} tasks): checks / CPU per check"
+        f" | share ({args.tasks // args.nodes:,} tasks): checks / CPU per check"
+        f" | {args.nodes} nodes: checks (all) / CPU per check (per node)"
+        " | nodes / share | nodes / single | load average (single / share / nodes) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n, (single, share, cluster) in enumerate(rows, start=1):
+        per_node = " / ".join(f"{x:.3f}" for x in cluster.per_node_ms())
+        print(
+            f"| {n} | {sum(single.checks):,.0f} / {single.per_check_ms:.3f} ms"
+            f" | {sum(share.checks):,.0f} / {share.per_check_ms:.3f} ms"
+            f" | {sum(cluster.checks):,.0f} / {cluster.per_check_ms:.3f} ms ({per_node})"
+            f" | {cluster.per_check_ms / share.per_check_ms:.2f}"
+            f" | {cluster.per_check_ms / single.per_check_ms:.2f}"
+            f" | {single.load:.1f} / {share.load:.1f} / {cluster.load:.1f} |"
+        )
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
+    print(
+        f"| **median** | {median([r[0].per_check_ms for r in rows]):.3f} ms"
+        f" | {median([r[1].per_check_ms for r in rows]):.3f} ms"
+        f" | {median([r[2].per_check_ms for r in rows]):.3f} ms"
+        f" | **{median([r[2].per_check_ms / r[1].per_check_ms for r in rows]):.2f}**"
+        f" | {median([r[2].per_check_ms / r[0].per_check_ms for r in rows]):.2f} | |"
+    )
+    return 0
+
+
+def describe(arm: Arm) -> str:
+    nodes = ", ".join(f"{x:.3f}" for x in arm.per_node_ms())
+    return (
+        f"{arm.name} {arm.per_check_ms:.3f} ms/check ({sum(arm.checks):.0f} checks,"
+        f" per process {nodes}, load {arm.load:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
