@@ -4,7 +4,7 @@
 
 Targets: one local nginx page of about 1 KB; every check opens a new connection and looks for a
 pattern in the body. With `--https` the page is served over TLS 1.3 only, with a certificate
-(ECDSA P-256, like most sites' today) signed by a CA made for the run, the server's session
+(ECDSA P-256) signed by a CA made for the run, the server's session
 cache and tickets off: every check is a new connection with a full handshake, certificate and
 host name verified against that CA (the checker trusts it through `SSL_CERT_FILE`, its CA
 setting; blackbox_exporter through its module's `tls_config.ca_file`; the bare loops through
