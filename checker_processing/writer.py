@@ -98,10 +98,18 @@ _STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS staging_results"
     " (LIKE check_results INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
-# Results that take their (task, slot) in result_slots: planned (a manual run has no slot)
-# and judged.
-(_OVERLOADED,) = _NOT_JUDGED
-_TAKES_SLOT = f"scheduled_at IS NOT NULL AND error_kind IS DISTINCT FROM '{_OVERLOADED}'"
+
+
+def _takes_slot(alias: str) -> str:
+    """SQL: whether a result takes its (task, slot) in result_slots: planned (a manual run has
+    no slot) and judged."""
+    kinds = ", ".join(f"'{kind}'" for kind in sorted(_NOT_JUDGED))
+    return (
+        f"{alias}.scheduled_at IS NOT NULL"
+        f" AND ({alias}.error_kind IS NULL OR {alias}.error_kind NOT IN ({kinds}))"
+    )
+
+
 # The ids first: a result id already in result_ids is not stored again, whatever its
 # timestamp; within the batch the first copy read wins. Then the slots: the first new result
 # of a (task, slot) read takes it unless an earlier batch did (the table as it was before this
@@ -119,15 +127,15 @@ WITH fresh AS (
     ORDER BY s.result_id, s.kafka_topic, s.kafka_partition, s.kafka_offset
 ), slots AS (
     INSERT INTO result_slots (scheduled_at, task_id, result_id)
-    SELECT DISTINCT ON (task_id, scheduled_at) scheduled_at, task_id, result_id FROM new
-    WHERE {_TAKES_SLOT}
+    SELECT DISTINCT ON (task_id, scheduled_at) scheduled_at, task_id, result_id FROM new AS n
+    WHERE {_takes_slot("n")}
     ORDER BY task_id, scheduled_at, kafka_topic, kafka_partition, kafka_offset
     ON CONFLICT DO NOTHING
     RETURNING task_id, scheduled_at, result_id
 )
 INSERT INTO check_results ({_COLS}, double_of)
 SELECT {", ".join(f"n.{c}" for c in COLUMNS)},
-       CASE WHEN n.scheduled_at IS NOT NULL AND n.error_kind IS DISTINCT FROM '{_OVERLOADED}'
+       CASE WHEN {_takes_slot("n")}
             THEN nullif(coalesce(taken.result_id, held.result_id), n.result_id) END
 FROM new AS n
 LEFT JOIN slots AS taken ON taken.task_id = n.task_id AND taken.scheduled_at = n.scheduled_at
