@@ -8,9 +8,10 @@ changes of tasks of other partitions are shown but never run here.
 
 - Assigned (`_take`): fence the state topic (every release written before is read), then for
   each task of the new partitions: its state from the previous owner, and its first slot: after
-  a clean release the slot after the last one run (a passed slot runs late within
-  MAX_START_LAG, older ones are skipped and counted); otherwise (the owner died or was cut
-  off) the first slot from now. A `running` state record says the task is this node's now.
+  a clean release the slot after the last one run (the slots that passed meanwhile run late,
+  each once, up to CHECKER_HANDOVER_CATCH_UP old; older ones are skipped and counted);
+  otherwise (the owner died or was cut off) the first slot from now. A `running` state record
+  says the task is this node's now.
 - Revoked (`_release`, inside the rebalance callback, which does not return before): no slot
   of those tasks starts any more, running checks finish (up to half SHUTDOWN_TIMEOUT), their
   states are written, a `released` record per task (with its last slot) is confirmed by the
@@ -46,7 +47,7 @@ from periodic_checker.task_state import (
     state_of,
     with_state,
 )
-from periodic_checker.tasks import Task, at_load, next_fire_time, resume_plan
+from periodic_checker.tasks import ResumePlan, Task, at_load, next_fire_time, resume_plan
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ HANDOVER_SECONDS = Histogram(
 )
 HANDOVER_SLOTS_SKIPPED = Counter(
     "periodic_checker_handover_slots_skipped",
-    "Slots that passed while their task moved to this node and could no longer start within"
-    " MAX_START_LAG: not run, counted (cluster mode)",
+    "Slots that passed while their task moved to this node and were older than"
+    " CHECKER_HANDOVER_CATCH_UP: not run, counted (cluster mode)",
 )
 TASKS_OWNED = Gauge(
     "periodic_checker_tasks_owned",
@@ -200,14 +201,26 @@ class Ownership:
             self.owned = self.owned | new
             now = self.clock()
             changed = []
-            continued = skipped = 0
+            continued = skipped = late = 0
             for task_id in self._tasks_of(new):
                 state = prior.get(task_id)
-                task, first, missed = self._plan(self.scheduler.tasks[task_id], state, now)
-                self.scheduler.take(task, first=first, skipped=missed)
+                task, plan = self._plan(self.scheduler.tasks[task_id], state, now)
+                released = state is not None and state.kind is StateKind.RELEASED
+                if released and state is not None and state.last_slot is not None:
+                    # What a release before the late slots ran hands on from (not an older
+                    # slot this node ran the last time it owned the task).
+                    ran = self.scheduler.last_slots.get(task_id, state.last_slot)
+                    self.scheduler.last_slots[task_id] = max(state.last_slot, ran)
+                if plan is None:
+                    self.scheduler.take(task)
+                else:
+                    self.scheduler.take(
+                        task, first=plan.first, skipped=plan.skipped, late=plan.late
+                    )
+                    skipped += plan.skipped
+                    late += len(plan.late)
                 self._published[task_id] = _worth_telling(task)
-                continued += state is not None and state.kind is StateKind.RELEASED
-                skipped += missed
+                continued += released
                 changed.append(task)
             HANDOVER_SLOTS_SKIPPED.inc(skipped)
             if changed:
@@ -217,15 +230,16 @@ class Ownership:
             HANDOVER_SECONDS.labels("take").observe(took)
             log.info(
                 "partitions %s taken: %d tasks (%d continued after a release, %d slots of the"
-                " handover skipped) in %.3f s; generation %s",
-                sorted(new), len(changed), continued, skipped, took, self.member.generation,
+                " handover to run late, %d skipped) in %.3f s; generation %s",
+                sorted(new), len(changed), continued, late, skipped, took,
+                self.member.generation,
             )  # fmt: skip
 
     def _plan(
         self, task: Task, state: TaskState | None, now: float
-    ) -> tuple[Task, float | None, int]:
-        """(the task with its state, its first slot or None for the first from now, slots
-        skipped) for a task this node takes."""
+    ) -> tuple[Task, ResumePlan | None]:
+        """(the task with its state, where it continues: None for the first slot from now)
+        for a task this node takes."""
         if state is not None and state.node != self.node_id:
             task = with_state(task, state, self.positions.position_of(task.id))
             # Ended under the previous owner (its runs, a one-shot that ran), whose record of
@@ -233,18 +247,19 @@ class Ownership:
             task = at_load(task, datetime.now(UTC))
         interval = task.spec.interval
         if interval is None or task.status is not TaskStatus.ACTIVE:
-            return task, None, 0
+            return task, None
         ran_here = self.scheduler.last_slots.get(task.id)
         if state is not None and state.kind is StateKind.RELEASED and state.last_slot is not None:
             last = max(state.last_slot, ran_here or state.last_slot)
             bound = start_bound(interval, self.scheduler.max_start_lag) or 0.0
-            first, skipped = resume_plan(task.id, interval, last, now, bound)
-            return task, first, skipped
+            limit = max(self.settings.checker_handover_catch_up, bound)
+            return task, resume_plan(task.id, interval, last, now, limit)
         known = [s for s in (ran_here, state.last_slot if state else None) if s is not None]
         if known:
             # Never a slot that was run already.
-            return task, next_fire_time(task.id, interval, max(now, max(known) + interval / 2)), 0
-        return task, None, 0
+            first = next_fire_time(task.id, interval, max(now, max(known) + interval / 2))
+            return task, ResumePlan(first, (), 0)
+        return task, None
 
     async def _release(self, partitions: list[int]) -> None:
         """Hand the tasks of revoked partitions over (see the module doc)."""

@@ -166,6 +166,9 @@ class CheckScheduler:
         # The latest slot (planned time) each task fired for here: where a next owner
         # continues after a handover (`ownership.py`).
         self.last_slots: dict[uuid.UUID, float] = {}
+        # Slots of a handover that passed and run late, oldest first (`take`), with whether
+        # each is held to MAX_START_LAG (a slot of the task that came while they ran is).
+        self._late: dict[uuid.UUID, deque[tuple[float, bool]]] = {}
         self.per_host_in_flight = per_host_in_flight
         self.max_start_lag = max_start_lag
         # Slots skipped per task since start (tasks removed are forgotten).
@@ -275,6 +278,7 @@ class CheckScheduler:
             or old.spec.interval != task.spec.interval
             or task.spec.interval is None
         ):
+            self._late.pop(task.id, None)  # slots of another grid
             self._schedule(task, at_load=False)
 
     def remove(self, task_id: uuid.UUID) -> None:
@@ -298,11 +302,20 @@ class CheckScheduler:
 
     # -- cluster mode: tasks that move between nodes (`ownership.py`) ---------------------------
 
-    def take(self, task: Task, *, first: float | None = None, skipped: int = 0) -> None:
-        """Run a task this node now owns, with the state it came with. `first`: the slot to
-        start at (it may have passed: it runs late, or is skipped, by the rule of
-        MAX_START_LAG); None: the first slot from now. `skipped`: slots of the handover
-        window that could not run in time, counted here (`skipped_handover`, and per task)."""
+    def take(
+        self,
+        task: Task,
+        *,
+        first: float | None = None,
+        skipped: int = 0,
+        late: Iterable[float] = (),
+    ) -> None:
+        """Run a task this node now owns, with the state it came with. `first`: when it
+        fires first (a slot that passed runs late, or is skipped, by the rule of
+        MAX_START_LAG); None: the first slot from now. `late`: slots of the handover that
+        passed, run at `first` one after the other, each with its own `scheduled_at` and not
+        held to MAX_START_LAG (`tasks.resume_plan` bounds them). `skipped`: slots of the
+        handover too old to run, counted here (`skipped_handover`, and per task)."""
         self.tasks[task.id] = task
         if skipped:
             # Not load shedding: counted apart from skipped_late (and its WARNING).
@@ -310,6 +323,9 @@ class CheckScheduler:
             self.skipped_slots[task.id] += skipped
         if task.status is TaskStatus.ACTIVE:
             self._schedule(task, at_load=False, first=first)
+            slots = deque((slot, False) for slot in late)
+            if slots and task.spec.interval is not None:
+                self._late[task.id] = slots
 
     async def release(self, task_ids: Iterable[uuid.UUID], grace: float) -> int:
         """Stop running tasks here (another node takes them): call once `owns` says no. No
@@ -349,6 +365,7 @@ class CheckScheduler:
 
     def _unschedule(self, task_id: uuid.UUID) -> None:
         self._one_shot_at.pop(task_id, None)
+        self._late.pop(task_id, None)
         self._timetable.remove(task_id)
 
     def _launch(self, task_id: uuid.UUID) -> None:
@@ -367,7 +384,13 @@ class CheckScheduler:
         if self.owns is not None and not self.owns(task_id):
             return  # released while this fire was on its way
         self.stats.fired += 1
+        late = self._late.get(task_id)
         if task_id in self._running:
+            if late is not None and task.spec.interval is not None:
+                # Its handover's late slots are running: this slot runs after them.
+                slot = planned_fire_time(task_id, task.spec.interval, now + SLOT_TOLERANCE)
+                late.append((slot, True))
+                return
             self.stats.skipped_overlap += 1
             log.debug("task %s still running; this fire is skipped", task_id)
             return
@@ -375,12 +398,16 @@ class CheckScheduler:
             planned = self._one_shot_at.pop(task_id, now)
         else:
             planned = planned_fire_time(task_id, task.spec.interval, now + SLOT_TOLERANCE)
-            self.last_slots[task_id] = planned
+            if late is None:
+                self.last_slots[task_id] = planned
         current = asyncio.current_task()
         assert current is not None
         self._running[task_id] = current
         try:
-            await self._attempts(task_id, planned)
+            if late is None:
+                await self._attempts(task_id, planned)
+            else:
+                await self._run_late(task_id, planned, late)
         except asyncio.CancelledError:
             if not self._stopping.is_set():
                 raise
@@ -391,7 +418,30 @@ class CheckScheduler:
         finally:
             self._running.pop(task_id, None)
 
-    async def _attempts(self, task_id: uuid.UUID, planned: float) -> None:
+    async def _run_late(
+        self, task_id: uuid.UUID, planned: float, slots: deque[tuple[float, bool]]
+    ) -> None:
+        """Run a handover's late slots (`take`), oldest first, then `planned` if it is a later
+        slot, and any slot of the task that comes meanwhile. Each is the last slot run once it
+        starts, so a release in between hands the rest on to the next owner."""
+        interval = self.tasks[task_id].spec.interval
+        assert interval is not None
+        if not slots or planned > slots[-1][0] + interval / 2:
+            slots.append((planned, True))
+        try:
+            while slots and not self._stopping.is_set():
+                if self.owns is not None and not self.owns(task_id):
+                    return  # released: the next owner runs the rest
+                slot, held = slots.popleft()
+                self.last_slots[task_id] = slot
+                await self._attempts(task_id, slot, held=held)
+        finally:
+            if self._late.get(task_id) is slots:
+                del self._late[task_id]
+
+    async def _attempts(self, task_id: uuid.UUID, planned: float, *, held: bool = True) -> None:
+        """A slot's check and its retries; `held`: the slot is skipped if it cannot start
+        within MAX_START_LAG of `planned` (a handover's late slot is not)."""
         attempt = 1
         scheduled_at = datetime.fromtimestamp(planned, UTC)
         while True:
@@ -402,7 +452,7 @@ class CheckScheduler:
                 return  # released: the retry is dropped, as at stop
             spec = task.spec
             result = await self._check(
-                task_id, spec, scheduled_at, attempt, planned if attempt == 1 else None
+                task_id, spec, scheduled_at, attempt, planned if attempt == 1 and held else None
             )
             if result is None:
                 return  # the slot was skipped: too late to start

@@ -113,6 +113,14 @@ class CheckerSettings(ApiSettings, KafkaSettings, LoggingSettings):
         description="seconds between snapshots of the run state of the tasks a node runs, for"
         " the node that takes them should it die (cluster mode)",
     )
+    checker_handover_catch_up: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="seconds back a node that takes a task after a clean handover runs the"
+        " slots that passed meanwhile, late, each once; older ones are skipped and counted"
+        " (cluster mode)",
+    )
     api_allowed_hosts: str = Field(
         DEFAULT_ALLOWED_HOSTS,
         description=(

@@ -196,25 +196,42 @@ def planned_fire_time(task_id: uuid.UUID, interval: float, now: float) -> float:
     return cycles * interval + offset
 
 
-def resume_plan(
-    task_id: uuid.UUID, interval: float, last_slot: float, now: float, bound: float
-) -> tuple[float, int]:
-    """Where a new owner continues a task whose previous owner ran up to `last_slot` and
-    handed it over: (the first slot to fire, how many slots are skipped).
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a new owner continues a task after a clean handover (`resume_plan`)."""
 
-    The slots after `last_slot` that have passed (the handover took longer than an interval)
-    are run late if they can still start within `bound` seconds of their plan (only the latest
-    can: the bound is at most half the interval), else skipped and counted; none is run twice.
+    first: float  # when the task fires first: its late slots' turn, or its next slot
+    late: tuple[float, ...]  # passed slots run late, oldest first, each as its own slot
+    skipped: int  # passed slots too old to run: not run, counted
+
+
+def resume_plan(
+    task_id: uuid.UUID, interval: float, last_slot: float, now: float, limit: float
+) -> ResumePlan:
+    """Where a new owner continues a task whose previous owner ran up to `last_slot` and
+    handed it over.
+
+    Every slot after `last_slot` that passed before `now` (the handover took longer than an
+    interval) is run late, once, if it is at most `limit` seconds old; older ones are skipped
+    and counted. None is run twice. The late slots run at `first`, a time between `now` and the
+    task's next slot set by the task's id, so a node that takes thousands of tasks spreads
+    their late runs over up to an interval instead of starting them all at once.
     """
     after = next_fire_time(task_id, interval, last_slot + interval / 2)
     upcoming = next_fire_time(task_id, interval, now)
     if after >= upcoming:
-        return after, 0
+        return ResumePlan(after, (), 0)
     passed = round((upcoming - after) / interval)  # slots in [after, now)
-    latest = upcoming - interval
-    if now - latest <= bound:
-        return latest, passed - 1
-    return upcoming, passed
+    # Each as a node running the task all along plans it (`planned_fire_time`), to the bit: a
+    # result's scheduled_at is what "per (task, slot)" counts.
+    slots = [
+        planned_fire_time(task_id, interval, after + (k + 0.5) * interval) for k in range(passed)
+    ]
+    late = tuple(slot for slot in slots if now - slot <= limit)
+    if not late:
+        return ResumePlan(upcoming, (), passed)
+    first = now + phase_fraction(task_id) * (upcoming - now)
+    return ResumePlan(first, late, passed - len(late))
 
 
 def one_shot_fire_time(task_id: uuid.UUID, now: float, *, at_load: bool) -> float:

@@ -36,7 +36,7 @@ from periodic_checker.scheduler import (
 )
 from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.task_service import InvalidChange, NameTaken, TaskFilter, TooManyTasks
-from periodic_checker.tasks import Task, next_fire_time, start_offset
+from periodic_checker.tasks import Task, next_fire_time, planned_fire_time, start_offset
 
 DEADLINE = 30.0  # generous: the machine is shared
 
@@ -726,3 +726,30 @@ async def test_a_task_not_owned_is_kept_but_never_scheduled_and_take_release_mov
     assert still == 1  # handed over anyway; it finishes here, unwaited
     assert c.scheduler.next_fire(task.id) is None
     assert task.id in c.scheduler.tasks
+
+
+async def test_a_handovers_late_slots_run_once_each_with_their_own_slot(
+    target: Target, make_checker: Any
+) -> None:
+    c = await make_checker()
+    owned: set[uuid.UUID] = set()
+    c.scheduler.owns = lambda task_id: task_id in owned
+    task = await c.service.create(spec(target, "/ok", interval=2.0, timeout=1.5))
+    owned.add(task.id)
+    now = time.time()
+    upcoming = next_fire_time(task.id, 2.0, now)
+    # Five slots that passed while the task moved, 2-10 s old: far beyond MAX_START_LAG
+    # (half the interval, 1 s), run all the same, each as the slot it stands for.
+    late = [planned_fire_time(task.id, 2.0, upcoming - k * 2.0 + 1.0) for k in range(5, 0, -1)]
+    c.scheduler.take(task, first=now, late=late)
+
+    def planned() -> list[float]:
+        return [r.scheduled_at.timestamp() for r in c.publisher.of(task.id) if r.scheduled_at]
+
+    await c.publisher.wait_for(lambda: len(planned()) >= 7, "the late slots and two more")
+    ran = planned()
+    assert ran[:5] == pytest.approx(late, abs=1e-6)  # oldest first, each once
+    # Then the task's own slots, on time (one shed under load would be counted, not run late).
+    assert all(r >= upcoming - 1e-6 for r in ran[5:])
+    assert len(set(ran)) == len(ran)
+    assert c.scheduler.last_slots[task.id] >= upcoming

@@ -19,14 +19,20 @@ from periodic_checker.task_state import (
     state_of,
     with_state,
 )
-from periodic_checker.tasks import Task, next_fire_time, resume_plan, start_offset
+from periodic_checker.tasks import (
+    Task,
+    next_fire_time,
+    phase_fraction,
+    resume_plan,
+    start_offset,
+)
 
 TASK = uuid.UUID("3f1c8a52-6a8e-4c39-9a44-5d2b1f0e7c11")
 INTERVAL = 10.0
 BASE = 1_796_300_000.0
 # A slot of the task's grid (the grid is the same on every node).
 SLOT = next_fire_time(TASK, INTERVAL, BASE)
-BOUND = 5.0
+LIMIT = 30.0  # the catch-up limit of the tests below: late slots at most 30 s old run
 
 
 def test_the_grid_is_a_pure_function_of_the_id_and_the_interval() -> None:
@@ -35,32 +41,54 @@ def test_the_grid_is_a_pure_function_of_the_id_and_the_interval() -> None:
 
 
 @pytest.mark.parametrize(
-    ("now", "first", "skipped"),
+    ("now", "limit", "late", "skipped", "next_slot"),
     [
-        # The handover ended before the next slot: it runs on time, nothing is skipped.
-        (SLOT + 3.0, SLOT + 10.0, 0),
-        # The next slot passed 2 s ago (within the bound): it runs late.
-        (SLOT + 12.0, SLOT + 10.0, 0),
-        # It passed 6 s ago (beyond the bound of 5 s): skipped and counted; the next on time.
-        (SLOT + 16.0, SLOT + 20.0, 1),
-        # Three slots passed, the latest 1 s ago: two skipped, the latest runs late.
-        (SLOT + 31.0, SLOT + 30.0, 2),
-        # Exactly on a slot: it runs now.
-        (SLOT + 20.0, SLOT + 20.0, 1),
+        # The handover ended before the next slot: it runs on time, nothing late or skipped.
+        (SLOT + 3.0, LIMIT, [], 0, SLOT + 10.0),
+        # The next slot passed 2 s ago: it runs late.
+        (SLOT + 12.0, LIMIT, [10.0], 0, SLOT + 20.0),
+        # Exactly on a slot: the one before runs late, this one on time.
+        (SLOT + 20.0, LIMIT, [10.0], 0, SLOT + 20.0),
+        # Three slots passed, the oldest 21 s ago: all three run late, each once.
+        (SLOT + 31.0, LIMIT, [10.0, 20.0, 30.0], 0, SLOT + 40.0),
+        # Five passed; the two older than the limit are skipped and counted.
+        (SLOT + 55.0, LIMIT, [30.0, 40.0, 50.0], 2, SLOT + 60.0),
+        # A slot exactly as old as the limit still runs.
+        (SLOT + 40.0, LIMIT, [10.0, 20.0, 30.0], 0, SLOT + 40.0),
+        # All passed slots older than the limit: all skipped, the next on time.
+        (SLOT + 48.0, 5.0, [], 4, SLOT + 50.0),
+        # No catch-up (a limit of 0): every passed slot is skipped.
+        (SLOT + 31.0, 0.0, [], 3, SLOT + 40.0),
     ],
 )
-def test_a_new_owner_continues_after_the_last_slot_run(
-    now: float, first: float, skipped: int
+def test_a_new_owner_runs_the_slots_of_the_handover_late_within_the_limit(
+    now: float, limit: float, late: list[float], skipped: int, next_slot: float
 ) -> None:
-    plan = resume_plan(TASK, INTERVAL, SLOT, now, BOUND)
-    assert plan[0] == pytest.approx(first)
-    assert plan[1] == skipped
+    plan = resume_plan(TASK, INTERVAL, SLOT, now, limit)
+    assert list(plan.late) == pytest.approx([SLOT + d for d in late])
+    assert plan.skipped == skipped
+    if late:
+        # Their turn comes between now and the next slot, at a point set by the task's id.
+        assert now <= plan.first <= next_slot
+        assert plan.first == pytest.approx(now + phase_fraction(TASK) * (next_slot - now))
+    else:
+        assert plan.first == pytest.approx(next_slot)
 
 
 def test_a_new_owner_never_runs_the_last_slot_again() -> None:
-    for now in (SLOT, SLOT + 0.001, SLOT + 4.9):
-        first, _ = resume_plan(TASK, INTERVAL, SLOT, now, BOUND)
-        assert first > SLOT
+    for now in (SLOT, SLOT + 0.001, SLOT + 4.9, SLOT + 10.5, SLOT + 100.0):
+        plan = resume_plan(TASK, INTERVAL, SLOT, now, LIMIT)
+        assert plan.first > SLOT
+        assert all(slot > SLOT + INTERVAL / 2 for slot in plan.late)
+
+
+def test_every_slot_after_the_last_is_either_late_skipped_or_still_to_come() -> None:
+    for step in range(200):
+        now = SLOT + 0.1 + step * 0.7
+        plan = resume_plan(TASK, INTERVAL, SLOT, now, LIMIT)
+        passed = round((next_fire_time(TASK, INTERVAL, now) - SLOT) / INTERVAL) - 1
+        assert len(plan.late) + plan.skipped == passed
+        assert len(set(plan.late)) == len(plan.late)
 
 
 def task(**update: object) -> Task:
