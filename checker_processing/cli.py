@@ -72,8 +72,22 @@ def postgres_check(settings: ProcessorSettings) -> Check:
 
 
 def check_config(settings: ProcessorSettings) -> int:
-    return dependency_checks.check_config(
-        settings, settings.subscribed_topics, lambda: postgres_check(settings)
+    def storage() -> list[Check]:
+        return [postgres_check(settings), alerting_check(settings)]
+
+    return dependency_checks.check_config(settings, settings.subscribed_topics, storage)
+
+
+def alerting_check(settings: ProcessorSettings) -> Check:
+    """The alerting file was read and validated with the settings: say what it holds."""
+    config = settings.alerting
+    if config is None:
+        return Check("alerting", True, "off (ALERTING_CONFIG is not set)")
+    channels = ", ".join(f"{name} ({c.type})" for name, c in config.channels.items())
+    return Check(
+        "alerting",
+        True,
+        f"{settings.alerting_config}: channels {channels}; {len(config.rules)} rules",
     )
 
 
