@@ -93,7 +93,9 @@ def summary(kind: str, task: TaskInfo, incident: IncidentInfo) -> str:
         if incident.end_reason == "task_removed":
             return f"[ENDED] {name}{where}: the task was removed after {lasted} down"
         return f"[RECOVERED] {name}{where} is up again after {lasted} down"
-    label = {"opened": "DOWN", "reminder": "STILL DOWN", "test": "TEST"}[kind]
+    if kind == "test":
+        return f"[TEST] {name}: a test notification; nothing is down"
+    label = {"opened": "DOWN", "reminder": "STILL DOWN"}[kind]
     return f"[{label}] {name}{where}{why} since {since}"
 
 
