@@ -19,7 +19,7 @@ from checker_processing.alerting.sender import send
 STATES = ("pending", "sent", "failed", "cancelled")
 
 
-def test_body(channel: str) -> NotificationBody:
+def sample_notification(channel: str) -> NotificationBody:
     """A notification of kind `test` (a fresh id each time: every test is sent)."""
     task = TaskInfo(
         id=uuid.UUID(int=0), name="checker-processing test notification", url=None, tags=[]
@@ -41,7 +41,7 @@ def send_test(config: AlertingConfig, channel: str) -> Outcome:
 
     async def once() -> Outcome:
         async with aiohttp.ClientSession() as session:
-            return await send(session, config, channel, test_body(channel))
+            return await send(session, config, channel, sample_notification(channel))
 
     return asyncio.run(once())
 

@@ -72,7 +72,37 @@ class SlackChannel(_Strict):
         return self
 
 
-Channel = Annotated[WebhookChannel | SlackChannel, Field(discriminator="type")]
+class EmailChannel(_Strict):
+    """E-mail over SMTP: STARTTLS (port 587), implicit TLS (465) or none (a relay on the same
+    host), with a login when `username` is set; a plain-text and an HTML part."""
+
+    type: Literal["email"]
+    host: str = Field(min_length=1, max_length=253)
+    port: int | None = Field(None, ge=1, le=65535, description="default 587, 465 for tls, 25")
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = Field(None, min_length=1, max_length=256)
+    password: SecretStr | None = None
+    ca_file: str | None = Field(None, description="PEM CA file (default: the system's CAs)")
+    from_address: str = Field(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    to: list[Annotated[str, Field(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(
+        min_length=1, max_length=100
+    )
+    timeout_seconds: float = Field(30.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _login(self) -> EmailChannel:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("password: username and password go together")
+        if self.password is not None and self.security == "none":
+            raise ValueError("security: a login needs starttls or tls (the password is sent)")
+        return self
+
+    @property
+    def smtp_port(self) -> int:
+        return self.port or {"starttls": 587, "tls": 465, "none": 25}[self.security]
+
+
+Channel = Annotated[WebhookChannel | SlackChannel | EmailChannel, Field(discriminator="type")]
 
 
 class Rule(_Strict):
@@ -158,6 +188,8 @@ class AlertingConfig(_Strict):
                 found.append(channel.secret.get_secret_value())
             if isinstance(channel, SlackChannel):
                 found.append(channel.url.get_secret_value())
+            if isinstance(channel, EmailChannel) and channel.password is not None:
+                found.append(channel.password.get_secret_value())
         return [s for s in found if s]
 
 
@@ -188,7 +220,7 @@ def parse(text: str, where: str = "alerting file") -> AlertingConfig:
 
 def _describe(exc: ValidationError, text: str, where: str) -> str:
     first = exc.errors(include_url=False, include_input=False)[0]
-    loc = [part for part in first.get("loc", ()) if part not in ("webhook", "slack")]
+    loc = [part for part in first.get("loc", ()) if part not in ("webhook", "slack", "email")]
     message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     if first.get("type") == "missing":
         message = "is required"

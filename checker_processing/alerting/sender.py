@@ -28,8 +28,13 @@ from psycopg2.extensions import connection as Connection
 
 from checker_common.errors import first_line
 from checker_processing import db
-from checker_processing.alerting import outbox, slack, webhook
-from checker_processing.alerting.config import AlertingConfig, SlackChannel, WebhookChannel
+from checker_processing.alerting import mail, outbox, slack, webhook
+from checker_processing.alerting.config import (
+    AlertingConfig,
+    EmailChannel,
+    SlackChannel,
+    WebhookChannel,
+)
 from checker_processing.alerting.delivery import (
     Delivered,
     Outcome,
@@ -56,6 +61,8 @@ async def send(
         return await webhook.send(session, target, notification)
     if isinstance(target, SlackChannel):
         return await slack.send(session, target, notification)
+    if isinstance(target, EmailChannel):
+        return await mail.send(target, notification)
     return Refused(f"channel {channel!r} is not in the alerting file")
 
 
