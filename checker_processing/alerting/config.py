@@ -102,7 +102,30 @@ class EmailChannel(_Strict):
         return self.port or {"starttls": 587, "tls": 465, "none": 25}[self.security]
 
 
-Channel = Annotated[WebhookChannel | SlackChannel | EmailChannel, Field(discriminator="type")]
+class AlertmanagerChannel(_Strict):
+    """Prometheus Alertmanager's v2 API: an incident is an alert (labels alertname, task, name,
+    url, tags) firing from its start, resolved through `endsAt` when it closes."""
+
+    type: Literal["alertmanager"]
+    url: str = Field(min_length=1, max_length=2048, description="base URL, e.g. http://am:9093")
+    alert_name: str = Field("PeriodicCheckDown", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Alertmanager resolves an alert by itself at its endsAt: a firing alert says when that is.
+    firing_seconds: float = Field(7 * 86400.0, ge=300, le=365 * 86400)
+    timeout_seconds: float = Field(10.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _url(self) -> AlertmanagerChannel:
+        try:
+            _http_url(self.url)
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
+        return self
+
+
+Channel = Annotated[
+    WebhookChannel | SlackChannel | EmailChannel | AlertmanagerChannel,
+    Field(discriminator="type"),
+]
 
 
 class Rule(_Strict):
@@ -220,7 +243,8 @@ def parse(text: str, where: str = "alerting file") -> AlertingConfig:
 
 def _describe(exc: ValidationError, text: str, where: str) -> str:
     first = exc.errors(include_url=False, include_input=False)[0]
-    loc = [part for part in first.get("loc", ()) if part not in ("webhook", "slack", "email")]
+    channel_types = ("webhook", "slack", "email", "alertmanager")
+    loc = [part for part in first.get("loc", ()) if part not in channel_types]
     message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     if first.get("type") == "missing":
         message = "is required"

@@ -28,9 +28,10 @@ from psycopg2.extensions import connection as Connection
 
 from checker_common.errors import first_line
 from checker_processing import db
-from checker_processing.alerting import mail, outbox, slack, webhook
+from checker_processing.alerting import alertmanager, mail, outbox, slack, webhook
 from checker_processing.alerting.config import (
     AlertingConfig,
+    AlertmanagerChannel,
     EmailChannel,
     SlackChannel,
     WebhookChannel,
@@ -63,6 +64,8 @@ async def send(
         return await slack.send(session, target, notification)
     if isinstance(target, EmailChannel):
         return await mail.send(target, notification)
+    if isinstance(target, AlertmanagerChannel):
+        return await alertmanager.send(session, target, notification)
     return Refused(f"channel {channel!r} is not in the alerting file")
 
 
