@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a fresh Debian machine, idempotently:
 # Debian packages (stunnel4, openssl, curl, nginx-light and prometheus-alertmanager for the
-# tests, PostgreSQL if none answers), a virtual environment in .venv with the package and its dev extra at the versions
-# of constraints.txt, and a running PostgreSQL on 127.0.0.1:5432.
+# tests, PostgreSQL if none answers), a virtual environment in .venv with the package and its
+# dev extra at the versions of constraints.txt, and a running PostgreSQL on 127.0.0.1:5432.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

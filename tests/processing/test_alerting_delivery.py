@@ -418,3 +418,35 @@ all = true
         await runner.cleanup()
     assert [t["text"].split(" (")[0] for t in texts] == ["[DOWN] task-a1", "[RECOVERED] task-a1"]
     assert texts[1]["text"].endswith("is up again after 5m 0s down")
+
+
+async def test_reminders_repeat_while_down_and_stop_when_it_closes(
+    writer: Writer, migrated: Any, receiver: Receiver, senders: Senders
+) -> None:
+    senders.start(config_for(receiver.port, repeat_seconds=3600))
+    writer.write([result(A, 0, 0, "down")])
+    await until(lambda: len(receiver.received) == 1, "the opening")
+    reminder = "SELECT sequence, due_at > now() + interval '59 minutes' FROM notifications"
+    await until(
+        lambda: (1, True) in rows(migrated, reminder + " WHERE state = 'pending'"),
+        "the first reminder, an hour ahead",
+    )
+    # An hour passes (the database's clock is the sender's): the reminder is due now.
+    with migrated.cursor() as cur:
+        cur.execute("UPDATE notifications SET due_at = now() WHERE state = 'pending'")
+    await until(lambda: len(receiver.received) == 2, "the first reminder")
+    await until(
+        lambda: (2, True) in rows(migrated, reminder + " WHERE state = 'pending'"),
+        "the second reminder, an hour ahead",
+    )
+    writer.write([result(A, 1, 30, "up")])
+    await until(settled(migrated, 4), "the recovery")
+
+    assert [(b["kind"], b["sequence"]) for b in receiver.received] == [
+        ("opened", 0),
+        ("reminder", 1),
+        ("closed", 0),
+    ]
+    assert receiver.received[1]["summary"].startswith("[STILL DOWN] task-a1")
+    assert rows(migrated, "SELECT sequence, state FROM notifications WHERE kind = 'reminder'"
+                " ORDER BY sequence") == [(1, "sent"), (2, "cancelled")]  # fmt: skip
