@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -170,12 +171,84 @@ class Delivery(_Strict):
     batch_size: int = Field(50, ge=1, le=1000)
 
 
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+class Maintenance(_Strict):
+    """A window that holds notifications back for the tasks it selects (like a rule: `tags`,
+    `tasks` or `all`): one-off (`start`, `end`) or weekly (`weekly` days, `at` HH:MM UTC,
+    `duration_minutes`). A notification due inside it waits for its end; an incident that
+    closes inside it is told to nobody."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=CHANNEL_NAME_PATTERN)
+    tags: list[Annotated[str, Field(pattern=TAG_PATTERN)]] = Field(default_factory=list)
+    tasks: list[Annotated[str, Field(min_length=1, max_length=255)]] = Field(default_factory=list)
+    all: bool = False
+    start: datetime | None = None
+    end: datetime | None = None
+    weekly: list[Weekday] = Field(default_factory=list, max_length=7)
+    at: str | None = Field(None, pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", description="UTC")
+    duration_minutes: int | None = Field(None, ge=1, le=7 * 24 * 60)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Maintenance:
+        if not (self.all or self.tags or self.tasks):
+            raise ValueError("selects no task: give tags, tasks or all = true")
+        one_off = self.start is not None or self.end is not None
+        weekly = bool(self.weekly) or self.at is not None or self.duration_minutes is not None
+        if one_off == weekly:
+            raise ValueError(
+                "give either start and end (one-off) or weekly, at and duration_minutes"
+            )
+        if one_off:
+            if self.start is None or self.end is None:
+                raise ValueError("end: a one-off window needs start and end")
+            if _utc(self.end) <= _utc(self.start):
+                raise ValueError("end: must be after start")
+        elif not (self.weekly and self.at and self.duration_minutes):
+            raise ValueError("weekly: a weekly window needs weekly, at and duration_minutes")
+        return self
+
+    def matches(self, name: str | None, tags: list[str] | None) -> bool:
+        if self.all:
+            return True
+        if name is not None and name in self.tasks:
+            return True
+        return bool(tags) and not set(self.tags).isdisjoint(tags or ())
+
+    def active_until(self, now: datetime) -> datetime | None:
+        """The end of this window if it is open at `now` (pure)."""
+        if self.start is not None and self.end is not None:
+            start, end = _utc(self.start), _utc(self.end)
+            return end if start <= now < end else None
+        assert self.at is not None
+        assert self.duration_minutes is not None
+        hour, minute = map(int, self.at.split(":"))
+        length = timedelta(minutes=self.duration_minutes)
+        # A window that opened on one of the last seven days may still be open (up to 7 days).
+        for back in range(8):
+            day = (now - timedelta(days=back)).date()
+            if WEEKDAYS[day.weekday()] not in self.weekly:
+                continue
+            start = datetime(day.year, day.month, day.day, hour, minute, tzinfo=UTC)
+            if start <= now < start + length:
+                return start + length
+        return None
+
+
+def _utc(when: datetime) -> datetime:
+    """A time without a zone is UTC."""
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
 class AlertingConfig(_Strict):
     delivery: Delivery = Field(default_factory=Delivery)
     channels: dict[Annotated[str, Field(pattern=CHANNEL_NAME_PATTERN)], Channel] = Field(
         min_length=1
     )
     rules: list[Rule] = Field(default_factory=list)
+    maintenance: list[Maintenance] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> AlertingConfig:
@@ -190,6 +263,17 @@ class AlertingConfig(_Strict):
                         f"rules[{index}].channels: {channel!r} is not a channel of [channels]"
                     )
         return self
+
+    def held_until(
+        self, name: str | None, tags: list[str] | None, now: datetime
+    ) -> datetime | None:
+        """The end of the latest maintenance window open at `now` for this task (pure)."""
+        ends = [
+            end
+            for window in self.maintenance
+            if window.matches(name, tags) and (end := window.active_until(now)) is not None
+        ]
+        return max(ends, default=None)
 
     def rule(self, name: str) -> Rule | None:
         return next((rule for rule in self.rules if rule.name == name), None)

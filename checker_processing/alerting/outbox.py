@@ -128,14 +128,15 @@ def _closed(
 ) -> None:
     # Waits for a sender that holds one of these rows: then its outcome is known here.
     cur.execute(
-        "SELECT channel, rule, kind, state FROM notifications WHERE incident_id = %s"
+        "SELECT channel, rule, kind, state, held FROM notifications WHERE incident_id = %s"
         " AND kind IN ('opened', 'reminder') ORDER BY notification_id FOR UPDATE",
         (incident_id,),
     )
     opened: dict[str, tuple[str, str]] = {}
-    for channel, rule_name, kind, state in cur.fetchall():
+    for channel, rule_name, kind, state, held in cur.fetchall():
         if kind == "opened":
-            opened[channel] = (rule_name, state)
+            # Held back by a maintenance window and over before it ended: told to nobody.
+            opened[channel] = (rule_name, "held" if state == "pending" and held else state)
     # Reminders still to come are moot now.
     cur.execute(
         "UPDATE notifications SET state = 'cancelled', finished_at = now(),"
@@ -147,11 +148,11 @@ def _closed(
     for channel, (rule_name, state) in sorted(opened.items()):
         rule = config.rule(rule_name)
         after = rule.after_seconds if rule is not None else 0.0
-        if state == "pending" and lasted < after:
+        if state == "held" or (state == "pending" and lasted < after):
             # Down for less than the rule waits: nobody hears of it, neither of the recovery.
             cur.execute(
                 "UPDATE notifications SET state = 'cancelled', finished_at = now(),"
-                " last_error = 'the incident closed before it was due'"
+                " last_error = 'the incident closed before it was due (or in maintenance)'"
                 " WHERE notification_id = %s",
                 (str(notification_id(incident_id, "opened", channel)),),
             )
@@ -226,6 +227,14 @@ def sent(cur: Any, n: Notification, repeat_seconds: float | None) -> None:
             (str(nid), n.incident_id, n.task_id, n.channel, n.rule, sequence, Json(n.details),
              repeat_seconds, repeat_seconds, n.incident_id),
         )  # fmt: skip
+
+
+def hold(cur: Any, n: Notification, until: datetime) -> None:
+    """Hold `n` back until a maintenance window ends (not a try: no attempt counted)."""
+    cur.execute(
+        "UPDATE notifications SET held = true, due_at = %s WHERE notification_id = %s",
+        (until, str(n.notification_id)),
+    )
 
 
 def retry(cur: Any, n: Notification, delay: float, error: str) -> None:

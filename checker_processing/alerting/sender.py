@@ -143,7 +143,7 @@ class Sender:
                 expanded = outbox.expand(cur, self._config)
             conn.commit()
             with conn.cursor() as cur:
-                claimed = outbox.claim(cur, self._config.delivery.batch_size)
+                claimed = self._not_held(cur, outbox.claim(cur, self._config.delivery.batch_size))
                 if claimed:
                     outcomes = await asyncio.gather(*(self._deliver(session, n) for n in claimed))
                     for n, outcome in zip(claimed, outcomes, strict=True):
@@ -154,6 +154,26 @@ class Sender:
                 conn.rollback()
             raise
         return expanded + len(claimed)
+
+    def _not_held(self, cur: Any, claimed: list[outbox.Notification]) -> list[outbox.Notification]:
+        """The claimed notifications no maintenance window holds back; the others wait for
+        their window's end."""
+        if not self._config.maintenance:
+            return claimed
+        now = datetime.now(UTC)
+        free = []
+        for n in claimed:
+            task = n.details.get("task", {})
+            until = self._config.held_until(task.get("name"), task.get("tags"), now)
+            if until is None:
+                free.append(n)
+            else:
+                outbox.hold(cur, n, until)
+                log.info(
+                    "notification %s to %s held by maintenance until %s",
+                    n.notification_id, n.channel, until.isoformat(),
+                )  # fmt: skip
+        return free
 
     async def _deliver(
         self, session: aiohttp.ClientSession, n: outbox.Notification

@@ -361,7 +361,7 @@ def test_incidents_closed_by_a_result_say_recovered(writer: Writer, migrated: An
     assert incidents(migrated, A) == [(at(1), at(2), "recovered"), (at(3), at(4), "recovered")]
 
 
-@pytest.mark.parametrize("version", [7, 8, 11, 12])
+@pytest.mark.parametrize("version", [7, 8, 11, 12, 13])
 def test_the_migration_can_run_again(migrated: Any, version: int) -> None:
     (migration,) = [m for m in migrate.available() if m.version == version]
     with migrated.cursor() as cur:
