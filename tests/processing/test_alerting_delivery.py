@@ -450,3 +450,30 @@ async def test_reminders_repeat_while_down_and_stop_when_it_closes(
     assert receiver.received[1]["summary"].startswith("[STILL DOWN] task-a1")
     assert rows(migrated, "SELECT sequence, state FROM notifications WHERE kind = 'reminder'"
                 " ORDER BY sequence") == [(1, "sent"), (2, "cancelled")]  # fmt: skip
+
+
+def test_retention_empties_the_outbox_of_what_is_older_than_it_keeps(
+    writer: Writer, migrated: Any
+) -> None:
+    from checker_processing import retention
+
+    writer.write([result(A, 0, 0, "down"), result(A, 1, 1, "up"), result(B, 2, 2, "down")])
+    with migrated.cursor() as cur:
+        cur.execute(
+            "INSERT INTO notifications (notification_id, incident_id, task_id, channel, rule,"
+            " kind, details, first_due_at, due_at, state, finished_at) VALUES"
+            " (gen_random_uuid(), 1, %s, 'ops', 'r', 'opened', '{}', now(), now(), 'sent',"
+            "  now() - interval '100 days'),"
+            " (gen_random_uuid(), 1, %s, 'ops', 'r', 'closed', '{}', now(), now(), 'sent', now()),"
+            " (gen_random_uuid(), 2, %s, 'ops', 'r', 'opened', '{}', now(), now(), 'pending',"
+            "  NULL)",
+            (str(A), str(A), str(B)),
+        )
+        cur.execute("UPDATE alert_events SET created_at = now() - interval '100 days'"
+                    " WHERE kind = 'opened' AND task_id = %s", (str(A),))  # fmt: skip
+    retention.maintain(migrated, datetime.now(UTC).date(), 90)
+    assert rows(migrated, "SELECT kind, state FROM notifications ORDER BY kind") == [
+        ("closed", "sent"),
+        ("opened", "pending"),
+    ]
+    assert rows(migrated, "SELECT count(*) FROM alert_events") == [(2,)]
