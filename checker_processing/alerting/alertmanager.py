@@ -38,6 +38,9 @@ def alerts(
         ends = incident.ended_at
     elif body.kind == "test":
         ends = now + timedelta(minutes=5)
+    elif body.kind == "flapping" and body.flapping is not None:
+        labels["flapping"] = "true"  # no recovery follows: it resolves at the window's end
+        ends = now + timedelta(seconds=body.flapping.window_seconds)
     else:
         ends = now + timedelta(seconds=channel.firing_seconds)
     return [

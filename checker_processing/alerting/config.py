@@ -171,6 +171,15 @@ class Delivery(_Strict):
     batch_size: int = Field(50, ge=1, le=1000)
 
 
+class Flapping(_Strict):
+    """A task whose incidents open `changes` times within `window_seconds` is flapping: it is
+    reported once as flapping (kind `flapping`), and its further incidents in the window are
+    not reported (nor their recoveries)."""
+
+    changes: int = Field(3, ge=2, le=100)
+    window_seconds: float = Field(900.0, ge=60, le=86400)
+
+
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
@@ -249,6 +258,7 @@ class AlertingConfig(_Strict):
     )
     rules: list[Rule] = Field(default_factory=list)
     maintenance: list[Maintenance] = Field(default_factory=list)
+    flapping: Flapping | None = None
 
     @model_validator(mode="after")
     def _references(self) -> AlertingConfig:

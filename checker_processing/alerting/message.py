@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION: Literal[1] = 1
-Kind = Literal["opened", "reminder", "closed", "test"]
+Kind = Literal["opened", "reminder", "closed", "flapping", "test"]
 
 
 class _Model(BaseModel):
@@ -30,6 +30,11 @@ class IncidentInfo(_Model):
     first_error: FirstError | None = None
 
 
+class FlappingInfo(_Model):
+    changes: int = Field(description="incidents the task opened within the window")
+    window_seconds: float
+
+
 class TaskInfo(_Model):
     id: uuid.UUID
     name: str | None = Field(description="null when the processor has not heard the name")
@@ -47,7 +52,9 @@ class NotificationBody(_Model):
     )
     kind: Kind = Field(
         description="opened: the incident is reported; reminder: still down (repeat_seconds);"
-        " closed: it is over; test: sent by `checker-processing alerts test`"
+        " closed: it is over; flapping: it went down `flapping.changes` times within"
+        " `flapping.window_seconds` (its further incidents in that window are not reported);"
+        " test: sent by `checker-processing alerts test`"
     )
     sequence: int = Field(0, ge=0, description="1, 2, ... for reminders; 0 otherwise")
     channel: str
@@ -55,6 +62,7 @@ class NotificationBody(_Model):
     summary: str = Field(description="one line for people")
     task: TaskInfo
     incident: IncidentInfo
+    flapping: FlappingInfo | None = Field(None, description="set for kind flapping")
 
 
 def body(
@@ -68,19 +76,24 @@ def body(
     """The body of a notification from the details stored with it (pure)."""
     task = TaskInfo.model_validate(details["task"])
     incident = IncidentInfo.model_validate(details["incident"])
+    flapping = details.get("flapping")
+    flap = FlappingInfo.model_validate(flapping) if flapping is not None else None
     return NotificationBody(
         notification_id=notification_id,
         kind=kind,
         sequence=sequence,
         channel=channel,
         rule=rule,
-        summary=summary(kind, task, incident),
+        summary=summary(kind, task, incident, flap),
         task=task,
         incident=incident,
+        flapping=flap,
     )
 
 
-def summary(kind: str, task: TaskInfo, incident: IncidentInfo) -> str:
+def summary(
+    kind: str, task: TaskInfo, incident: IncidentInfo, flapping: FlappingInfo | None = None
+) -> str:
     """'[DOWN] shop (https://shop.test/): status: 503 since 2026-12-03T15:00:00+00:00' (pure)."""
     name = task.name or str(task.id)
     where = f" ({task.url})" if task.url else ""
@@ -93,6 +106,9 @@ def summary(kind: str, task: TaskInfo, incident: IncidentInfo) -> str:
         if incident.end_reason == "task_removed":
             return f"[ENDED] {name}{where}: the task was removed after {lasted} down"
         return f"[RECOVERED] {name}{where} is up again after {lasted} down"
+    if kind == "flapping" and flapping is not None:
+        window = _duration(flapping.window_seconds)
+        return f"[FLAPPING] {name}{where} went down {flapping.changes} times in {window}{why}"
     if kind == "test":
         return f"[TEST] {name}: a test notification; nothing is down"
     label = {"opened": "DOWN", "reminder": "STILL DOWN"}[kind]

@@ -107,7 +107,11 @@ def _opened(
     tags: list[str] | None,
     details: dict[str, Any],
 ) -> None:
+    flapping = _flapping(cur, config, task_id, at)
     for channel, rule in config.routes(name, tags):
+        if flapping is not None:
+            _flapped(cur, config, incident_id, task_id, at, channel, rule.name, flapping, details)
+            continue
         due = at + timedelta(seconds=rule.after_seconds)
         nid = notification_id(incident_id, "opened", channel)
         cur.execute(
@@ -115,6 +119,50 @@ def _opened(
             (str(nid), incident_id, task_id, channel, rule.name, "opened", 0, Json(details),
              due, due),
         )  # fmt: skip
+
+
+def _flapping(cur: Any, config: AlertingConfig, task_id: str, at: datetime) -> int | None:
+    """How many incidents the task opened within the flapping window up to `at`, when that
+    makes it flapping; None otherwise."""
+    if config.flapping is None:
+        return None
+    window = timedelta(seconds=config.flapping.window_seconds)
+    cur.execute(
+        "SELECT count(*) FROM incidents WHERE task_id = %s::uuid AND started_at > %s"
+        " AND started_at <= %s",
+        (task_id, at - window, at),
+    )
+    (count,) = cur.fetchone()
+    return int(count) if count >= config.flapping.changes else None
+
+
+def _flapped(
+    cur: Any,
+    config: AlertingConfig,
+    incident_id: int,
+    task_id: str,
+    at: datetime,
+    channel: str,
+    rule: str,
+    changes: int,
+    details: dict[str, Any],
+) -> None:
+    """Report the task as flapping to `channel`, once per window: nothing if it was already."""
+    assert config.flapping is not None
+    window = config.flapping.window_seconds
+    cur.execute(
+        "SELECT 1 FROM notifications WHERE task_id = %s::uuid AND channel = %s"
+        " AND kind = 'flapping' AND first_due_at > %s",
+        (task_id, channel, at - timedelta(seconds=window)),
+    )
+    if cur.fetchone() is not None:
+        return
+    nid = notification_id(incident_id, "flapping", channel)
+    flapped = {**details, "flapping": {"changes": changes, "window_seconds": window}}
+    cur.execute(
+        _INSERT,
+        (str(nid), incident_id, task_id, channel, rule, "flapping", 0, Json(flapped), at, at),
+    )
 
 
 def _closed(

@@ -122,6 +122,9 @@ poll_seconds = 0.05
 type = "webhook"
 url = "http://127.0.0.1:{port}/hook"
 secret = "{SECRET}"
+# The most: on a loaded machine a slow answer must not be taken for a lost one (a retry of a
+# request that did arrive is a repeat, which receivers drop by the id, but this test counts).
+timeout_seconds = 60
 
 [[rules]]
 name = "everything"
@@ -477,3 +480,26 @@ def test_retention_empties_the_outbox_of_what_is_older_than_it_keeps(
         ("opened", "pending"),
     ]
     assert rows(migrated, "SELECT count(*) FROM alert_events") == [(2,)]
+
+
+async def test_a_flapping_task_is_reported_once_as_flapping(
+    writer: Writer, migrated: Any, receiver: Receiver, senders: Senders
+) -> None:
+    config = config_for(receiver.port)
+    flapping = parse(
+        "[channels.x]\ntype = 'webhook'\nurl = 'http://127.0.0.1:9/'\n"
+        "[flapping]\nchanges = 3\nwindow_seconds = 900\n"
+    ).flapping
+    senders.start(config.model_copy(update={"flapping": flapping}))
+    # Down and up four times in eight minutes: incidents open at minutes 0, 2, 4 and 6.
+    healths = ["down", "up"] * 4
+    writer.write([result(A, i, i, health) for i, health in enumerate(healths)])
+    await until(settled(migrated, 5), "every notification")
+
+    assert [b["kind"] for b in sorted(receiver.received, key=lambda b: b["incident"]["id"])] == [
+        "opened", "closed", "opened", "closed", "flapping",
+    ]  # fmt: skip
+    (flapped,) = [b for b in receiver.received if b["kind"] == "flapping"]
+    assert flapped["flapping"] == {"changes": 3, "window_seconds": 900.0}
+    assert flapped["summary"].startswith("[FLAPPING] task-a1 (https://example.test/) went down 3")
+    assert rows(migrated, "SELECT count(*) FROM incidents") == [(4,)]
