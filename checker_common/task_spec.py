@@ -219,7 +219,10 @@ class TaskSpec(BaseModel):
         max_length=MAX_TAGS,
         description=f"labels that alerting rules select tasks by: at most {MAX_TAGS}, each 1-64"
         " letters, digits and _ . : / = - (starting with a letter or digit), no repeats",
-        json_schema_extra={"items": {"type": "string", "pattern": TAG_PATTERN}},
+        json_schema_extra={
+            "items": {"type": "string", "pattern": TAG_PATTERN},
+            "uniqueItems": True,
+        },
     )
 
     @field_validator(*INTEGER_FIELDS, mode="before")
