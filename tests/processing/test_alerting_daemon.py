@@ -20,6 +20,7 @@ from processing.processing_helpers import make_result
 from processing.test_daemon import (  # noqa: F401 (fixtures)
     again_group,
     committed,
+    count,
     daemons,
     env,
     high_watermarks,
@@ -29,6 +30,7 @@ from processing.test_daemon import (  # noqa: F401 (fixtures)
 )
 
 from checker_common.contract import encode
+from devstack import free_port
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -38,10 +40,10 @@ SECRET = b"whsec-daemon-test"
 class Receiver(ThreadingHTTPServer):
     """A webhook receiver in a thread: keeps each body whose signature holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.forged = 0
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -72,6 +74,27 @@ def receiver() -> Iterator[Receiver]:
     server.shutdown()
     thread.join()
     server.server_close()
+
+
+def alerting_file(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "alerting.toml"
+    path.write_text(
+        f"""
+[delivery]
+poll_seconds = 0.1
+retry_initial_seconds = 0.1
+retry_max_seconds = 0.5
+[channels.ops]
+type = "webhook"
+url = "http://127.0.0.1:{port}/hook"
+secret = "{SECRET.decode()}"
+[[rules]]
+name = "all"
+channels = ["ops"]
+all = true
+"""
+    )
+    return path
 
 
 def test_the_processor_notifies_once_per_incident_change(
@@ -125,3 +148,40 @@ all = true
     )
     assert again.terminate() == 0
     assert len(receiver.bodies) == 2
+
+
+def test_a_processor_killed_before_the_send_sends_after_its_restart(
+    kafka: Any,
+    topic: str,
+    env: dict[str, str],  # noqa: F811
+    daemons: Any,  # noqa: F811
+    observer: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # nothing listens there yet: every try is refused
+    alerting = alerting_file(tmp_path, port)
+    task = uuid.uuid4()
+    down = make_result(ok=False, health="down", name="shop",
+                       error={"kind": "status", "message": "status 503"})  # fmt: skip
+    produce(kafka, topic, [encode(task, down)])
+    first = daemons(env, ALERTING_CONFIG=str(alerting))
+    tried = "SELECT count(*) FROM notifications WHERE attempts >= 2 AND state = 'pending'"
+    wait_for(lambda: count(observer, tried) == 1, "the incident stored and its send failing")
+    first.kill()  # SIGKILL: no goodbye
+
+    receiver = Receiver(port)
+    thread = threading.Thread(target=receiver.serve_forever)
+    thread.start()
+    try:
+        second = daemons(env, ALERTING_CONFIG=str(alerting))
+        wait_for(lambda: len(receiver.bodies) == 1, "the notification after the restart")
+        wait_for(
+            lambda: count(observer, "SELECT count(*) FROM notifications WHERE state = 'sent'") == 1,
+            "the row marked sent",
+        )
+        assert second.terminate() == 0
+    finally:
+        receiver.shutdown()
+        thread.join()
+        receiver.server_close()
+    assert [b["kind"] for b in receiver.bodies] == ["opened"]
