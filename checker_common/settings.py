@@ -151,7 +151,9 @@ def readable_file(value: Path) -> Path:
     return path
 
 
-class _FieldError(ValueError):
+class FieldError(ValueError):
+    """A problem that belongs to a named setting (raised by a validator of several fields)."""
+
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
@@ -163,7 +165,7 @@ def check_tls_material(settings: KafkaSettings) -> None:
     try:
         context.load_verify_locations(cafile=str(settings.kafka_ca_path))
     except (ssl.SSLError, OSError) as exc:
-        raise _FieldError("kafka_ca_path", f"not a PEM CA certificate ({_reason(exc)})") from None
+        raise FieldError("kafka_ca_path", f"not a PEM CA certificate ({_reason(exc)})") from None
     password = settings.kafka_cert_pass.get_secret_value() if settings.kafka_cert_pass else None
     try:
         # An empty passphrase callback result makes OpenSSL fail fast instead of prompting.
@@ -174,17 +176,17 @@ def check_tls_material(settings: KafkaSettings) -> None:
         reason = _reason(exc)
         if _looks_like_passphrase_problem(settings.kafka_key_file, reason):
             if password:
-                raise _FieldError(
+                raise FieldError(
                     "kafka_cert_pass", "wrong passphrase for the key in KAFKA_KEY_FILE"
                 ) from None
-            raise _FieldError(
+            raise FieldError(
                 "kafka_cert_pass", "KAFKA_KEY_FILE is encrypted; set its passphrase"
             ) from None
         if "KEY_VALUES_MISMATCH" in reason.upper() or "key values mismatch" in reason:
-            raise _FieldError(
+            raise FieldError(
                 "kafka_key_file", "key does not match the certificate in KAFKA_CERT_PATH"
             ) from None
-        raise _FieldError(
+        raise FieldError(
             "kafka_cert_path", f"certificate or key cannot be loaded ({reason})"
         ) from None
 
@@ -222,7 +224,7 @@ def load_settings(cls: type[S], env_file: str | os.PathLike[str] | None = None) 
         return cls(_env_file=chosen)
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
-    except _FieldError as exc:
+    except FieldError as exc:
         raise SettingsError(f"{exc.field.upper()}: {exc}") from None
 
 
@@ -232,7 +234,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     loc = first.get("loc") or ()
     ctx = first.get("ctx") or {}
     inner = ctx.get("error")
-    if isinstance(inner, _FieldError):
+    if isinstance(inner, FieldError):
         return f"{inner.field.upper()}: {inner}"
     name = str(loc[0]).upper() if loc else "settings"
     message = str(first.get("msg", "invalid"))

@@ -44,6 +44,9 @@ _CODE = "[1-5][0-9][0-9]"
 _RANGE = f"{_CODE}(?: *- *{_CODE})?"
 STATUS_RANGES_PATTERN = rf"^ *{_RANGE}(?: *, *{_RANGE})* *$"
 MAX_HEADER_VALUE = 8192
+# A tag: a label that alerting rules (and people) select tasks by, e.g. `prod`, `team:web`.
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/=-]{0,63}$"
+MAX_TAGS = 20
 # The integer fields of TaskSpec (a test keeps this in step with the model).
 INTEGER_FIELDS = ("max_redirects", "max_body_bytes", "retries", "end_after_runs")
 
@@ -51,6 +54,7 @@ NAME_TEXT = re.compile(NAME_PATTERN)
 HEADER_NAME = re.compile(HEADER_NAME_PATTERN)
 HEADER_VALUE = re.compile(HEADER_VALUE_PATTERN)
 STATUS_RANGES = re.compile(STATUS_RANGES_PATTERN)
+TAG = re.compile(TAG_PATTERN)
 MAX_INTERVAL = 7 * 24 * 3600.0
 MIN_INTERVAL = 1.0
 MAX_TIMEOUT = 300.0
@@ -220,6 +224,16 @@ class TaskSpec(BaseModel):
     retry_interval: float = Field(5.0, gt=0, le=3600)
     end_after_runs: int | None = Field(None, ge=1)
     end_at: datetime | None = None
+    tags: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_TAGS,
+        description=f"labels that alerting rules select tasks by: at most {MAX_TAGS}, each 1-64"
+        " letters, digits and _ . : / = - (starting with a letter or digit), no repeats",
+        json_schema_extra={
+            "items": {"type": "string", "pattern": TAG_PATTERN},
+            "uniqueItems": True,
+        },
+    )
 
     @field_validator(*INTEGER_FIELDS, mode="before")
     @classmethod
@@ -276,6 +290,21 @@ class TaskSpec(BaseModel):
             # A misspelt name would leave the real header unprotected: refuse it.
             if names is not None and name.lower() not in names:
                 raise ValueError(f"{name!r} is not one of the task's headers")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        seen = set()
+        for tag in value:
+            if not TAG.match(tag):
+                raise ValueError(
+                    f"tag {tag[:70]!r} must be 1-64 letters, digits and _ . : / = -,"
+                    " starting with a letter or digit"
+                )
+            if tag in seen:
+                raise ValueError(f"tag {tag!r} is given twice")
+            seen.add(tag)
         return value
 
     @field_validator("pattern")

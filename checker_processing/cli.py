@@ -6,9 +6,17 @@ import argparse
 import sys
 
 from checker_common import dependency_checks
-from checker_common.cli import EXIT_OK, EXIT_UNAVAILABLE, Check, CommandLine, fail
+from checker_common.cli import (
+    EXIT_CHECK_FAILED,
+    EXIT_EPILOG,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    Check,
+    CommandLine,
+    fail,
+)
 from checker_common.errors import first_line
-from checker_processing.settings import DatabaseSettings, ProcessorSettings
+from checker_processing.settings import AlertingSettings, DatabaseSettings, ProcessorSettings
 
 PROG = "checker-processing"
 
@@ -40,6 +48,31 @@ def command_line() -> CommandLine:
         "--task", default=None, metavar="ID|NAME", help="only this task: its id or exact name"
     )
     report.add_argument("--format", default="table", help="table, json or csv (default table)")
+    alerts = line.add(
+        "alerts",
+        lambda args: alerts_command(line, args),
+        help="alerting: send a test notification, list pending and failed notifications",
+    )
+    which = alerts.add_subparsers(dest="alerts_command", required=True, metavar="ACTION")
+    test = which.add_parser(
+        "test",
+        parents=[line.common],
+        epilog=EXIT_EPILOG,
+        help="send a test notification to a channel (reads only ALERTING_CONFIG)",
+    )
+    test.add_argument("channel", help="a channel of the alerting file")
+    listed = which.add_parser(
+        "list",
+        parents=[line.common],
+        epilog=EXIT_EPILOG,
+        help="list notifications (reads only POSTGRESQL_CONNECTION)",
+    )
+    listed.add_argument(
+        "--state",
+        default="pending,failed",
+        help="pending, sent, failed, cancelled, comma separated (default pending,failed)",
+    )
+    listed.add_argument("--format", default="table", help="table or json (default table)")
     return line
 
 
@@ -72,8 +105,22 @@ def postgres_check(settings: ProcessorSettings) -> Check:
 
 
 def check_config(settings: ProcessorSettings) -> int:
-    return dependency_checks.check_config(
-        settings, settings.subscribed_topics, lambda: postgres_check(settings)
+    def storage() -> list[Check]:
+        return [postgres_check(settings), alerting_check(settings)]
+
+    return dependency_checks.check_config(settings, settings.subscribed_topics, storage)
+
+
+def alerting_check(settings: ProcessorSettings) -> Check:
+    """The alerting file was read and validated with the settings: say what it holds."""
+    config = settings.alerting
+    if config is None:
+        return Check("alerting", True, "off (ALERTING_CONFIG is not set)")
+    channels = ", ".join(f"{name} ({c.type})" for name, c in config.channels.items())
+    return Check(
+        "alerting",
+        True,
+        f"{settings.alerting_config}: channels {channels}; {len(config.rules)} rules",
     )
 
 
@@ -121,6 +168,45 @@ def report_command(line: CommandLine, args: argparse.Namespace) -> int:
     except report.ReportArgumentError as exc:
         line.fail(str(exc))
     print(report.render(rows, fmt))
+    return EXIT_OK
+
+
+def alerts_command(line: CommandLine, args: argparse.Namespace) -> int:
+    from checker_processing.alerting import commands
+
+    if args.alerts_command == "test":
+        settings = line.settings(AlertingSettings, args)
+        if settings.alerting is None:
+            line.fail("ALERTING_CONFIG: is required but not set")
+        if args.channel not in settings.alerting.channels:
+            known = ", ".join(settings.alerting.channels)
+            line.fail(f"alerts test: {args.channel!r} is not a channel of the file ({known})")
+        outcome = commands.send_test(settings.alerting, args.channel)
+        text = f"test notification to {args.channel}: {commands.describe(outcome)}"
+        from checker_common.redact import redact_text
+
+        print(redact_text(text, settings.secrets()))
+        return EXIT_OK if commands.delivered(outcome) else EXIT_CHECK_FAILED
+    try:
+        states = commands.parse_states(args.state)
+    except ValueError as exc:
+        line.fail(str(exc))
+    if args.format not in ("table", "json"):
+        line.fail(f"--format: {args.format!r} is not table or json")
+    import psycopg2
+
+    from checker_processing import db
+
+    database = line.settings(DatabaseSettings, args)
+    try:
+        conn = db.connect(database.postgresql_connection)
+        try:
+            found = commands.listing(conn, states)
+        finally:
+            conn.close()
+    except psycopg2.Error as exc:
+        line.fail(f"alerts list: {_first_line(exc, database)}", code=EXIT_UNAVAILABLE)
+    print(commands.render(found, args.format))
     return EXIT_OK
 
 

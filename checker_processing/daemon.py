@@ -315,6 +315,7 @@ def _serve(
         maintenance=maintain,
         events=Supervision(notifier, metrics, ping_database, serving),
     )
+    sender = _start_sender(settings, connect, stop)
     notifier.status("joining the consumer group")
     log.info(
         "consuming %s as group %s",
@@ -330,3 +331,26 @@ def _serve(
         return EXIT_SETUP
     finally:
         writer.close()
+        if sender is not None:
+            # The consume loop is done (SIGTERM, or an error): the sender finishes the
+            # notifications in hand and stops too.
+            stop.set()
+            sender.join()
+
+
+def _start_sender(
+    settings: ProcessorSettings, connect: Callable[[], Any], stop: threading.Event
+) -> threading.Thread | None:
+    """The alerting sender in a thread of its own, when ALERTING_CONFIG is set."""
+    if settings.alerting is None:
+        return None
+    from checker_processing.alerting.sender import Sender
+
+    sender = Sender(connect, settings.alerting, stop)
+    thread = threading.Thread(target=sender.run, name="alerting-sender")
+    thread.start()
+    log.info(
+        "alerting: sending notifications to %d channels",
+        len(settings.alerting.channels),
+    )
+    return thread

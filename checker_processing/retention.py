@@ -119,5 +119,12 @@ def maintain(conn: Connection, today: date, retention_days: int) -> list[date]:
             "DELETE FROM tasks WHERE removed_at < %s::date",
             (cutoff,),
         )
+        # Alerting's outbox: events as old as that (expanded or not: with alerting off nobody
+        # expands them) and notifications finished before it.
+        cur.execute("DELETE FROM alert_events WHERE created_at < %s::date", (cutoff,))
+        cur.execute(
+            "DELETE FROM notifications WHERE state <> 'pending' AND finished_at < %s::date",
+            (cutoff,),
+        )
     conn.commit()
     return dropped

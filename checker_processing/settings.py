@@ -3,10 +3,19 @@ what the daemon adds to it."""
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationInfo, field_validator
+from pathlib import Path
+
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from checker_common.redact import dsn_password
-from checker_common.settings import CommonSettings, KafkaSettings, LoggingSettings
+from checker_common.settings import (
+    CommonSettings,
+    FieldError,
+    KafkaSettings,
+    LoggingSettings,
+    readable_file,
+)
+from checker_processing.alerting.config import AlertingConfig, AlertingConfigError, load
 
 
 class DatabaseSettings(CommonSettings):
@@ -36,7 +45,49 @@ class DatabaseSettings(CommonSettings):
         return found
 
 
-class ProcessorSettings(DatabaseSettings, KafkaSettings, LoggingSettings):
+class AlertingSettings(CommonSettings):
+    """The alerting file: all that `alerts test` needs."""
+
+    alerting_config: Path | None = Field(
+        None,
+        description="TOML file of alerting channels and rules (README, Alerting); unset: no"
+        " notifications are sent",
+    )
+    _alerting: AlertingConfig | None = PrivateAttr(None)
+
+    @field_validator("alerting_config", mode="before")
+    @classmethod
+    def _alerting_path(cls, value: object) -> object:
+        # An empty line in the env file means "not set".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("alerting_config")
+    @classmethod
+    def _alerting_file(cls, value: Path | None) -> Path | None:
+        return None if value is None else readable_file(value)
+
+    @model_validator(mode="after")
+    def _load_alerting(self) -> AlertingSettings:
+        if self.alerting_config is not None:
+            try:
+                self._alerting = load(self.alerting_config)
+            except AlertingConfigError as exc:
+                raise FieldError("alerting_config", str(exc)) from None
+        return self
+
+    @property
+    def alerting(self) -> AlertingConfig | None:
+        """The alerting file, read and validated at start; None when ALERTING_CONFIG is unset."""
+        return self._alerting
+
+    def secrets(self) -> list[str]:
+        found = super().secrets()
+        if self._alerting is not None:
+            found.extend(self._alerting.secrets())
+        return found
+
+
+class ProcessorSettings(DatabaseSettings, KafkaSettings, LoggingSettings, AlertingSettings):
     """Everything `checker-processing run` reads at start."""
 
     kafka_consumer_group: str = Field(

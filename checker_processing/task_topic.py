@@ -6,7 +6,7 @@ results, and applies a batch's task records in the same transaction as its resul
 them, so the offsets of both are committed after the rows of both:
 
 - a valid record (`TaskChange`) sets the task's name, URL (password masked), method, interval,
-  status and status reason, and clears `removed_at` (a task created again under its old id);
+  tags, status and status reason, and clears `removed_at` (a task created again under its old id);
 - a record that does not validate (`InvalidTask`) puts the task in `error` with the reason,
   with what could be read of its name and URL, as every checker node does;
 - a tombstone (`TaskRemoved`) sets `removed_at` to the record's Kafka time and closes the
@@ -58,6 +58,7 @@ class TaskRow:
     status: str | None = None
     status_reason: str | None = None
     changed_at: datetime | None = None
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ def _row(record: Record) -> TaskRow | Rejection:
         status=decoded.record.status.value,
         status_reason=_text(decoded.record.status_reason),
         changed_at=decoded.record.updated_at or at,
+        tags=tuple(spec.tags),
     )
 
 
@@ -222,10 +224,10 @@ _AFTER_STORED = (
 )
 _SET_TASKS = f"""
 INSERT INTO tasks (task_id, name, url, method, interval_seconds, status, status_reason,
-                   changed_at, record_topic, record_partition, record_offset)
+                   changed_at, record_topic, record_partition, record_offset, tags)
 VALUES %s
 ON CONFLICT (task_id) DO UPDATE SET
-    name = EXCLUDED.name, url = EXCLUDED.url, method = EXCLUDED.method,
+    name = EXCLUDED.name, url = EXCLUDED.url, method = EXCLUDED.method, tags = EXCLUDED.tags,
     interval_seconds = EXCLUDED.interval_seconds, status = EXCLUDED.status,
     status_reason = EXCLUDED.status_reason, changed_at = EXCLUDED.changed_at, removed_at = NULL,
     record_topic = EXCLUDED.record_topic, record_partition = EXCLUDED.record_partition,
@@ -266,6 +268,7 @@ def _write(cur: Any, rows: list[TaskRow]) -> None:
             row.record.topic,
             row.record.partition,
             row.record.offset,
+            [_text(tag) for tag in row.tags],
         )
         for row in rows
         if not row.removed
@@ -275,7 +278,7 @@ def _write(cur: Any, rows: list[TaskRow]) -> None:
             cur,
             _SET_TASKS,
             changes,
-            template="(%s::uuid, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            template="(%s::uuid, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[])",
             page_size=_PAGE,
         )
     removals = [

@@ -160,6 +160,24 @@ def _spec_flags(parser: argparse.ArgumentParser, skip: Sequence[str]) -> None:
                 " not sent on after a redirect to another origin (repeat; on edit, replaces"
                 " the list; a value of *** keeps the stored one)",
             )
+        elif name == "tags":
+            group.add_argument(
+                "--tag",
+                dest="spec_tags",
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar="TAG",
+                help="a label alerting rules select tasks by (repeat; on edit, replaces the"
+                " list; --no-tags clears it)",
+            )
+            group.add_argument(
+                "--no-tags",
+                dest="spec_tags",
+                action="store_const",
+                const=[],
+                default=argparse.SUPPRESS,
+                help="no tags (on edit: remove them all)",
+            )
         elif _is_bool(info.annotation):
             group.add_argument(
                 flag,
@@ -502,6 +520,8 @@ def render_task(task: Mapping[str, Any]) -> str:
         f" (failures in a row: {task['failures_in_a_row']})",
         f"last run:  {task.get('last_run_at') or '-'}",
     ]
+    if spec.get("tags"):
+        lines.append(f"tags:      {', '.join(spec['tags'])}")
     if spec.get("pattern"):
         lines.append(f"pattern:   {spec['pattern']} (fails when {spec['pattern_fails_when']})")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a fresh Debian machine, idempotently:
-# Debian packages (stunnel4, openssl, curl and nginx-light for the tests, PostgreSQL if none
-# answers), a virtual environment in .venv with the package and its dev extra at the versions
-# of constraints.txt, and a running PostgreSQL on 127.0.0.1:5432.
+# Debian packages (stunnel4, openssl, curl, nginx-light and prometheus-alertmanager for the
+# tests, PostgreSQL if none answers), a virtual environment in .venv with the package and its
+# dev extra at the versions of constraints.txt, and a running PostgreSQL on 127.0.0.1:5432.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,7 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # the probe is tested against curl
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)  # a target
 command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql postgresql-client)
+command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)  # a receiver
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"

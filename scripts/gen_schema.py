@@ -1,5 +1,6 @@
-"""Write the JSON Schemas of the two messages, generated from their models: the result message
-(checker_common/contract.py) and the task record (checker_common/task_record.py)."""
+"""Write the JSON Schemas generated from their models: the result message
+(checker_common/contract.py), the task record (checker_common/task_record.py) and the webhook
+notification (checker_processing/alerting/message.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from checker_common import contract, task_record
+from checker_processing.alerting import message
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 TARGET = SCHEMA_DIR / "result-message.schema.json"
 SCHEMAS: dict[Path, Callable[[], dict[str, Any]]] = {
     TARGET: contract.json_schema,
     SCHEMA_DIR / "task-record.schema.json": task_record.json_schema,
+    SCHEMA_DIR / "notification.schema.json": message.json_schema,
 }
 
 

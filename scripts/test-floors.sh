@@ -35,6 +35,7 @@ echo "== floors: pytest"
 set +e
 python -m pytest -p no:cacheprovider \
   --deselect tests/test_contract.py::test_committed_json_schema_is_current \
+  --deselect tests/processing/test_alerting_delivery.py::test_the_committed_schema_is_current \
   tests/test_contract.py tests/test_settings.py tests/test_dependencies.py tests/test_mtls.py \
   tests/checker/test_tasks.py tests/checker/test_policy.py tests/checker/test_dns.py \
   tests/checker/test_http1.py tests/checker/test_probe.py tests/checker/test_store.py \
@@ -44,6 +45,8 @@ python -m pytest -p no:cacheprovider \
   tests/api/test_api_auth_and_docs.py tests/api/test_api_schemathesis.py \
   tests/processing/test_writer.py tests/processing/test_batching.py \
   tests/processing/test_reporting.py \
+  tests/processing/test_alerting_config.py tests/processing/test_alerting_backoff.py \
+  tests/processing/test_alerting_delivery.py tests/processing/test_alerting_mail.py \
   tests/processing/test_daemon.py::test_results_and_poison_are_stored_and_sigterm_commits \
   "$@"
 status=$?

@@ -28,6 +28,8 @@ COMMANDS: list[tuple[Callable[[], argparse.ArgumentParser], list[str]]] = [
     (processing_cli.build_parser, ["check-config"]),
     (processing_cli.build_parser, ["migrate"]),
     (processing_cli.build_parser, ["report"]),
+    (processing_cli.build_parser, ["alerts", "test"]),
+    (processing_cli.build_parser, ["alerts", "list"]),
 ]
 
 

@@ -15,6 +15,7 @@ from checker_common.task_spec import (
     HEADER_VALUE_PATTERN,
     NAME_PATTERN,
     STATUS_RANGES_PATTERN,
+    TAG_PATTERN,
 )
 from checker_common.urls import URL_PATTERN
 from periodic_checker.api.openapi import build_openapi
@@ -229,6 +230,7 @@ def test_every_pattern_in_the_document_is_one_the_validators_use() -> None:
         HEADER_VALUE_PATTERN,
         STATUS_RANGES_PATTERN,
         CURSOR_PATTERN,
+        TAG_PATTERN,
     }
     for pattern in patterns:  # a pattern a JSON Schema validator cannot read is ignored by it
         jsonschema_rs.validator_for({"type": "string", "pattern": pattern})

@@ -181,6 +181,17 @@ async def test_task_flags_reach_the_definition(cli: Cli) -> None:
     assert spec["accepted_statuses"] == "200,204"
 
 
+async def test_tags_are_set_shown_replaced_and_cleared_with_flags(cli: Cli) -> None:
+    added = await cli.ok("add", "tagged", "https://127.0.0.1:9/", "--tag", "prod", "--tag",
+                         "team:web", "--json")  # fmt: skip
+    assert added.json()["spec"]["tags"] == ["prod", "team:web"]
+    assert "tags:      prod, team:web" in (await cli.ok("show", "tagged")).out
+    edited = await cli.ok("edit", "tagged", "--tag", "staging", "--json")
+    assert edited.json()["spec"]["tags"] == ["staging"]
+    cleared = await cli.ok("edit", "tagged", "--no-tags", "--json")
+    assert cleared.json()["spec"]["tags"] == []
+
+
 async def test_secrets_are_marked_with_flags_and_never_printed(cli: Cli) -> None:
     url = "https://alice:hunter2@127.0.0.1:9/"
     added = await cli.ok(

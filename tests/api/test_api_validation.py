@@ -112,6 +112,13 @@ BODY_CASES: list[tuple[str, Any, int, str, str]] = [
     ("status code 600", {**OK, "accepted_statuses": "200-600"}, 422, STATUSES, "100-599"),
     ("status code 000", {**OK, "accepted_statuses": "000"}, 422, STATUSES, "100-599"),
     ("status range with tab", {**OK, "accepted_statuses": "200,\t204"}, 422, STATUSES, "ranges"),
+    # Tags: a few short labels of letters, digits and punctuation that reads in a rule.
+    ("tag with a space", {**OK, "tags": ["a b"]}, 422, "tags", "letters"),
+    ("empty tag", {**OK, "tags": [""]}, 422, "tags", "letters"),
+    ("tag of 65 characters", {**OK, "tags": ["a" * 65]}, 422, "tags", "1-64"),
+    ("tag twice", {**OK, "tags": ["prod", "prod"]}, 422, "tags", "twice"),
+    ("21 tags", {**OK, "tags": [f"t{i}" for i in range(21)]}, 422, "tags", "20"),
+    ("tags not a list", {**OK, "tags": "prod"}, 422, "tags", "array"),
 ]  # fmt: skip
 
 # Near misses of the rules above that are valid, so the rules are not too wide.
@@ -131,6 +138,8 @@ ACCEPTED_CASES: list[tuple[str, dict[str, Any]]] = [
     ("port 65535", {**OK, "url": "http://example.com:65535/"}),
     ("status range written high to low", {**OK, "accepted_statuses": "399-200, 418"}),
     ("end_at as text", {**OK, "end_at": "2099-01-01T00:00:00Z"}),
+    ("20 tags of 64 characters", {**OK, "tags": [f"{i:02d}" + "x" * 62 for i in range(20)]}),
+    ("tags with punctuation", {**OK, "tags": ["team:web", "env=prod", "a/b_c.d-e"]}),
 ]  # fmt: skip
 
 

@@ -159,6 +159,15 @@ def test_renames_interval_changes_and_pauses_follow_the_records(
     assert (row["status"], row["status_reason"]) == ("done", "ended after 3 runs")
 
 
+def test_tags_follow_the_records(writer: Writer, migrated: Any) -> None:
+    writer.write([change(A, 0, tags=["prod", "team:web"])])
+    assert task(migrated, A)["tags"] == ["prod", "team:web"]
+    writer.write([change(A, 1, tags=["staging"])])
+    assert task(migrated, A)["tags"] == ["staging"]
+    writer.write([change(A, 2)])
+    assert task(migrated, A)["tags"] == []
+
+
 def test_an_invalid_record_puts_the_task_in_error_with_the_reason(
     writer: Writer, migrated: Any
 ) -> None:
@@ -352,7 +361,7 @@ def test_incidents_closed_by_a_result_say_recovered(writer: Writer, migrated: An
     assert incidents(migrated, A) == [(at(1), at(2), "recovered"), (at(3), at(4), "recovered")]
 
 
-@pytest.mark.parametrize("version", [7, 8])
+@pytest.mark.parametrize("version", [7, 8, 11, 12, 13])
 def test_the_migration_can_run_again(migrated: Any, version: int) -> None:
     (migration,) = [m for m in migrate.available() if m.version == version]
     with migrated.cursor() as cur:
