@@ -1,11 +1,10 @@
 """Cluster mode: which tasks this node runs. The nodes share one consumer group on the task
-topic; a node runs exactly the tasks whose partition it owns (docs/ownership.md).
+topic (`group_member.GroupMember`); a node runs exactly the tasks whose partition it owns
+(docs/ownership.md), and hands them over as the group moves partitions.
 
-The group consumer fetches nothing: in `on_assign` it assigns its new partitions and pauses
-them at once (a bare pause there is undone by the automatic assign after it). Every task is in
-every node's view (the materialiser reads the whole topic on its own); the scheduler asks
-`owns()` before it schedules or starts a task, so the materialiser's adds and changes of tasks
-of other partitions are shown but never run here.
+Every task is in every node's view (the materialiser reads the whole topic on its own); the
+scheduler asks `owns()` before it schedules or starts a task, so the materialiser's adds and
+changes of tasks of other partitions are shown but never run here.
 
 - Assigned (`_take`): fence the state topic (every release written before is read), then for
   each task of the new partitions: its state from the previous owner, and its first slot: after
@@ -25,19 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
-from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from checker_common.kafka import client_config, group_timing
 from checker_common.task_spec import TaskStatus
+from periodic_checker.group_member import GroupMember
 from periodic_checker.scheduler import CheckScheduler, start_bound
 from periodic_checker.settings import CheckerSettings
 from periodic_checker.task_service import BrokerUnavailable
@@ -54,12 +50,6 @@ from periodic_checker.tasks import Task, at_load, next_fire_time, resume_plan
 
 log = logging.getLogger(__name__)
 
-REBALANCES = Counter(
-    "periodic_checker_rebalances",
-    "Changes of this node's partitions of the task topic (cluster mode): assigned, revoked,"
-    " lost (cut off from the group; the node keeps running its tasks)",
-    ["event"],
-)
 HANDOVER_SECONDS = Histogram(
     "periodic_checker_handover_seconds",
     "Time a handover took on this node: release (revoked until the last check ended and the"
@@ -79,7 +69,6 @@ TASKS_OWNED = Gauge(
 PARTITIONS_OWNED = Gauge(
     "periodic_checker_partitions_owned", "Task-topic partitions this node owns (cluster mode)"
 )
-POLL_SECONDS = 0.2
 # How long a take waits for its fences; past it, the tasks start from now without the state.
 FENCE_TIMEOUT = 15.0
 # Longest a revoke waits for the handover beyond its checks' grace (states confirmed).
@@ -96,16 +85,6 @@ class Positions(Protocol):
 
 class StateStore(Protocol):
     def save_states(self, tasks: Sequence[Task]) -> None: ...
-
-
-def group_generation(metadata: bytes) -> int | None:
-    """The generation in librdkafka's serialised consumer group metadata (`CGMDv2:` and the
-    generation as a native int32); None when it is not that."""
-    prefix = b"CGMDv2:"
-    if not metadata.startswith(prefix) or len(metadata) < len(prefix) + 4:
-        return None
-    raw = metadata[len(prefix) : len(prefix) + 4]
-    return int.from_bytes(raw, sys.byteorder, signed=True)
 
 
 class Ownership:
@@ -132,20 +111,11 @@ class Ownership:
         self.store = store
         self.grace = grace
         self.clock = clock
+        self.member = GroupMember(settings, handover_timeout=grace + PUBLISH_MARGIN)
         self.owned: frozenset[int] = frozenset()
-        self.generation: int | None = None
-        self.member_id: str | None = None
-        self.rebalanced_at: datetime | None = None
-        self.rebalances = 0
-        self.cut_off = False  # partitions lost; running the last ones owned until back
         self.last_take_seconds: float | None = None
         self.last_release_seconds: float | None = None
         self._lock = asyncio.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop = threading.Event()
-        self._left = asyncio.Event()  # the consumer closed: out of the group
-        self._thread: threading.Thread | None = None
-        self._pending: set[Any] = set()
         self._snapshots: asyncio.Task[None] | None = None
         # What the last state record of each task run here said (`_worth_telling`).
         self._published: dict[uuid.UUID, tuple[object, ...]] = {}
@@ -167,53 +137,19 @@ class Ownership:
         return {
             "owned_partitions": sorted(self.owned),
             "tasks_owned": self.tasks_owned(),
-            "group_id": self.settings.checker_group_id,
-            "group_generation": self.generation,
-            "last_rebalance_at": None
-            if self.rebalanced_at is None
-            else self.rebalanced_at.isoformat(),
-            "rebalances": self.rebalances,
-            "group_cut_off": self.cut_off,
+            **self.member.status(),
             "last_take_seconds": self.last_take_seconds,
             "last_release_seconds": self.last_release_seconds,
         }
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def consumer_config(self) -> dict[str, Any]:
-        config = client_config(self.settings, client_id=f"periodic-checker-{self.node_id}")
-        config.update(
-            {
-                "group.id": self.settings.checker_group_id,
-                "partition.assignment.strategy": "cooperative-sticky",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                **group_timing(self.settings.kafka_session_timeout_ms),
-            }
-        )
-        return config
-
     async def start(self) -> None:
-        """Join the group (in a thread of its own, which serves the rebalances)."""
-        self._loop = asyncio.get_running_loop()
+        """Join the group; tasks are taken and released as it assigns and revokes."""
         TASKS_OWNED.set_function(self.tasks_owned)
         PARTITIONS_OWNED.set_function(lambda: len(self.owned))
-        consumer = Consumer(self.consumer_config())
-        consumer.subscribe(
-            [self.settings.kafka_tasks_topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
-        self._thread = threading.Thread(
-            target=self._serve, args=(consumer,), name="task-ownership", daemon=True
-        )
-        self._thread.start()
+        await self.member.start(take=self._take, release=self._release)
         self._snapshots = asyncio.create_task(self._snapshot_loop(), name="state-snapshots")
-        log.info(
-            "joining group %s on %s as %s",
-            self.settings.checker_group_id, self.settings.kafka_tasks_topic, self.node_id,
-        )  # fmt: skip
 
     async def stop(self) -> None:
         """Leave the group: the revoke hands every owned task over cleanly (see `_release`)."""
@@ -221,86 +157,9 @@ class Ownership:
             self._snapshots.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._snapshots
-        self._stop.set()
-        if self._thread is not None:
-            try:
-                await asyncio.wait_for(self._left.wait(), self.settings.shutdown_timeout)
-            except TimeoutError:
-                log.warning("the group did not answer the leave in time; stopping anyway")
-        if self._pending:
-            pending = [asyncio.wrap_future(f) for f in list(self._pending)]
-            await asyncio.wait(pending, timeout=FENCE_TIMEOUT)
+        await self.member.stop(self.settings.shutdown_timeout)
 
-    def _serve(self, consumer: Any) -> None:
-        """The group consumer's thread: poll (nothing is fetched) so rebalances are served,
-        then close, which revokes what is owned and leaves the group."""
-        while not self._stop.is_set():
-            try:
-                consumer.poll(POLL_SECONDS)
-            except Exception:
-                log.exception("the group consumer's poll failed")
-                self._stop.wait(1.0)
-        try:
-            consumer.close()
-        except Exception:
-            log.exception("leaving the group failed")
-        finally:
-            if self._loop is not None:
-                with contextlib.suppress(RuntimeError):  # the loop is closed
-                    self._loop.call_soon_threadsafe(self._left.set)
-
-    # -- rebalance callbacks (the consumer's thread) -----------------------------------------
-
-    def _rebalanced(self, consumer: Any, event: str) -> None:
-        REBALANCES.labels(event).inc()
-        self.rebalances += 1
-        self.rebalanced_at = datetime.now(UTC)
-        with contextlib.suppress(Exception):
-            self.generation = group_generation(consumer.consumer_group_metadata())
-            self.member_id = consumer.memberid()
-
-    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        consumer.incremental_assign(partitions)
-        consumer.pause(partitions)
-        self._rebalanced(consumer, "assigned")
-        follow = self.cut_off
-        self.cut_off = False
-        numbers = sorted(p.partition for p in partitions)
-        if not numbers and not follow:
-            return
-        assert self._loop is not None
-        # Not awaited here: the take waits for the state topic, and the thread keeps serving.
-        future = asyncio.run_coroutine_threadsafe(self._take(numbers, follow), self._loop)
-        self._pending.add(future)
-        future.add_done_callback(self._done)
-
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._rebalanced(consumer, "revoked")
-        numbers = sorted(p.partition for p in partitions)
-        if not numbers or self._loop is None:
-            return
-        # Waited for: the partitions go on only once their tasks are handed over.
-        future = asyncio.run_coroutine_threadsafe(self._release(numbers), self._loop)
-        try:
-            future.result(self.grace + PUBLISH_MARGIN)
-        except Exception:
-            log.exception("handing over partitions %s failed", numbers)
-
-    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._rebalanced(consumer, "lost")
-        self.cut_off = True
-        log.warning(
-            "partitions %s lost (cut off from the group): their tasks keep running here until"
-            " the node is back in the group",
-            sorted(p.partition for p in partitions),
-        )
-
-    def _done(self, future: Any) -> None:
-        self._pending.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("taking partitions failed", exc_info=future.exception())
-
-    # -- handovers (the event loop) -------------------------------------------------------------
+    # -- handovers (the event loop, called by the group member) ----------------------------------
 
     async def _take(self, partitions: list[int], follow: bool) -> None:
         """Run the tasks of newly assigned partitions. `follow`: back in the group after being
@@ -359,7 +218,7 @@ class Ownership:
             log.info(
                 "partitions %s taken: %d tasks (%d continued after a release, %d slots of the"
                 " handover skipped) in %.3f s; generation %s",
-                sorted(new), len(changed), continued, skipped, took, self.generation,
+                sorted(new), len(changed), continued, skipped, took, self.member.generation,
             )  # fmt: skip
 
     def _plan(

@@ -257,3 +257,34 @@ def test_with_the_broker_away_every_node_keeps_running_what_it_owned(
     # Nobody took another's tasks while the broker was away; at the return a slot may be
     # checked by the old owner and the new one (the issue accepts a double over silence).
     print(f"doubles around the broker's return: {len(doubles(seen))}")
+
+
+def test_runs_travel_with_a_task_so_it_ends_after_its_runs_on_another_node(
+    kafka: KafkaTarget, topics: Topics, make_node: type[Node], target: str
+) -> None:
+    a, b = make_node("node-a").start(), make_node("node-b").start()
+    runs = 8
+    ids = []
+    for n in range(20):
+        spec = {"name": f"e{n}", "url": target, "interval": INTERVAL, "timeout": 1,
+                "end_after_runs": runs}  # fmt: skip
+        status, made = a.call("POST", "/tasks", spec)
+        assert status == 201, made
+        ids.append(made["id"])
+    wait_for(lambda: all(o for o, _ in owners(a, b)), "both nodes owning partitions", DEADLINE)
+    wait_for(
+        lambda: all(len(slots(kafka, topics.results).get(i, {})) >= 3 for i in ids),
+        "three runs of every task",
+        DEADLINE,
+    )
+
+    moved = b.status()["tasks_owned"]
+    assert b.stop() == 0  # B's tasks go to A with the runs they made there
+    wait_for(
+        lambda: all(t["status"] == "done" for t in a.task_list()), "every task done", DEADLINE * 2
+    )
+
+    seen = slots(kafka, topics.results)
+    assert moved > 0
+    assert doubles(seen) == []
+    assert {i: sum(seen[i].values()) for i in ids} == dict.fromkeys(ids, runs)

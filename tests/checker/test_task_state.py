@@ -11,7 +11,7 @@ import pytest
 
 from checker_common.contract import Health
 from checker_common.task_spec import TaskSpec
-from periodic_checker.ownership import group_generation
+from periodic_checker.group_member import group_generation
 from periodic_checker.task_state import (
     StateKind,
     decode_state,
