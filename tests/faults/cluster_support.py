@@ -229,7 +229,8 @@ def results(kafka: KafkaTarget, topic: str) -> list[Result]:
 
 
 def tally(window: Window, tasks: dict[uuid.UUID, float], found: list[Result]) -> SlotTally:
-    """Count every slot of every task inside the window."""
+    """Count every slot of every task inside the window: the checks of a slot are its distinct
+    result_ids (a message the producer sent twice is one check)."""
     expected: dict[tuple[uuid.UUID, int], float] = {}
     for task_id, interval in tasks.items():
         at = next_fire_time(task_id, interval, window.start)
@@ -238,10 +239,13 @@ def tally(window: Window, tasks: dict[uuid.UUID, float], found: list[Result]) ->
             at += interval
     checked: Counter[tuple[uuid.UUID, int]] = Counter()
     by_node: Counter[str] = Counter()
+    seen: set[str] = set()
     for one in found:
         interval = tasks.get(one.task_id)
-        if interval is None:
+        # A result sent again (the outbox after an outage) is one check, not two.
+        if interval is None or one.result_id in seen:
             continue
+        seen.add(one.result_id)
         key = (one.task_id, slot_number(one.task_id, one.scheduled_at, interval))
         if key in expected:
             checked[key] += 1

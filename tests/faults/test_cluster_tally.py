@@ -1,5 +1,6 @@
 """The cluster scenarios' tally per (task, slot), on results made up here: a slot checked once,
-twice, missed; results outside the window or of other tasks left out; the failover time."""
+twice, missed; a result sent twice is one check; results outside the window or of other tasks
+left out; the failover time."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def test_slots_checked_once_twice_and_missed_are_told_apart() -> None:
     found += [Result(task, slots[1], "a", "r1"), Result(task, slots[1] + 0.0004, "b", "r1b")]
     found += [Result(task, at, "b", f"r{n}") for n, at in enumerate(slots[4:], start=4)]
     found += [Result(task, first - 5, "a", "before"), Result(uuid.uuid4(), slots[2], "a", "x")]
+    found += [Result(task, slots[0], "a", "r0")]  # the same result sent again: one check
 
     counted = tally(window, {task: 5.0}, found)
 

@@ -49,14 +49,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     clone = copy_of_the_repository(tmp_path_factory.mktemp("clone"))
     (clone / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     database = f"pc_cluster_{uuid.uuid4().hex[:8]}"
+    api = free_ports(len(NODES))
+
+    def other_port() -> str:
+        """A free port outside the nodes' API ports (free_port may hand one of them out)."""
+        while (port := free_port()) in range(api, api + len(NODES)):
+            pass
+        return str(port)
+
     env = {
         **os.environ,
         "STACK_DATABASE": database,
-        "STACK_KAFKA_PORT": str(free_port()),
-        "STACK_KAFKA_PLAIN_PORT": str(free_port()),
-        "STACK_API_PORT": str(free_ports(len(NODES))),
-        "STACK_METRICS_PORT": str(free_port()),
-        "STACK_PAGE_PORT": str(free_port()),
+        "STACK_KAFKA_PORT": other_port(),
+        "STACK_KAFKA_PLAIN_PORT": other_port(),
+        "STACK_API_PORT": str(api),
+        "STACK_METRICS_PORT": other_port(),
+        "STACK_PAGE_PORT": other_port(),
     }
     stack = Stack(clone, env, database, subprocess.CompletedProcess([], 0))
     try:
