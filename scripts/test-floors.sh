@@ -39,7 +39,7 @@ python -m pytest -p no:cacheprovider \
   tests/test_contract.py tests/test_settings.py tests/test_dependencies.py tests/test_mtls.py \
   tests/checker/test_tasks.py tests/checker/test_policy.py tests/checker/test_dns.py \
   tests/checker/test_http1.py tests/checker/test_probe.py tests/checker/test_store.py \
-  tests/checker/test_outbox.py tests/checker/test_jobstore.py tests/checker/test_scheduler.py \
+  tests/checker/test_outbox.py tests/checker/test_timetable.py tests/checker/test_scheduler.py \
   tests/checker/test_daemon.py \
   tests/api/test_api_tasks.py tests/api/test_api_validation.py \
   tests/api/test_api_auth_and_docs.py tests/api/test_api_schemathesis.py \

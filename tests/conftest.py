@@ -38,6 +38,18 @@ def pytest_asyncio_loop_factories(
     return {"asyncio": asyncio.new_event_loop}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `long` (scenarios of several minutes, whose figures are in RELIABILITY.md)
+    run only when asked for by name: `scripts/test.sh -m long` (or any -m naming `long`).
+    The default run, which CI makes, stays within its time budget."""
+    if "long" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="long scenario: run it by hand with scripts/test.sh -m long")
+    for item in items:
+        if item.get_closest_marker("long") is not None:
+            item.add_marker(skip)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -175,6 +175,7 @@ def test_two_nodes_share_the_tasks_and_check_every_slot_once(
     assert status["last_rebalance_at"] is not None
 
 
+@pytest.mark.long  # minutes: `scripts/test.sh -m long`
 def test_a_node_joining_takes_tasks_over_without_a_double(
     kafka: KafkaTarget, topics: Topics, make_node: type[Node], target: str
 ) -> None:
@@ -223,6 +224,7 @@ def test_a_node_leaving_with_sigterm_hands_its_tasks_over_cleanly(
     assert "continued after a release" in a.text()
 
 
+@pytest.mark.long  # minutes: `scripts/test.sh -m long`
 def test_a_killed_nodes_tasks_run_on_the_other_without_a_double(
     kafka: KafkaTarget, topics: Topics, make_node: type[Node], target: str
 ) -> None:
@@ -247,6 +249,7 @@ def test_a_killed_nodes_tasks_run_on_the_other_without_a_double(
     assert gaps(seen, ids, since=took_over_at) <= skipped(a)
 
 
+@pytest.mark.long  # minutes: `scripts/test.sh -m long`
 def test_with_the_broker_away_every_node_keeps_running_what_it_owned(
     kafka: KafkaTarget, topics: Topics, make_node: type[Node], target: str
 ) -> None:
@@ -282,6 +285,7 @@ def test_with_the_broker_away_every_node_keeps_running_what_it_owned(
     print(f"doubles around the broker's return: {len(doubles(seen))}")
 
 
+@pytest.mark.long  # minutes: `scripts/test.sh -m long`
 def test_runs_travel_with_a_task_so_it_ends_after_its_runs_on_another_node(
     kafka: KafkaTarget, topics: Topics, make_node: type[Node], target: str
 ) -> None:

@@ -55,6 +55,7 @@ def test_broker_outage_longer_than_the_message_timeout_loses_nothing(
     assert tally.rows == tally.produced
 
 
+@pytest.mark.long  # minutes: `scripts/test.sh -m long`
 def test_broker_flapping_loses_nothing(
     kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
 ) -> None:

@@ -45,7 +45,8 @@ from faults.faults_support import Target, fresh_schema
 
 from helpers import KafkaTarget
 
-pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres]
+# Several minutes: run by hand (`scripts/test.sh -m long -k cluster`), figures in RELIABILITY.md.
+pytestmark = [pytest.mark.faults, pytest.mark.long, pytest.mark.kafka, pytest.mark.postgres]
 
 SESSION_S = SESSION_MS / 1000
 # How long each phase runs once the cluster settled after its event.

@@ -66,6 +66,7 @@ def test_missing_slots_counts_holes_in_the_grid() -> None:
     assert missing_slots([], 1.0, 12.0) == 0
 
 
+@pytest.mark.long  # minutes: `scripts/test.sh -m long`
 def test_processor_killed_at_random_points_stores_everything_once(
     kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
 ) -> None:
@@ -193,6 +194,7 @@ def defaults(*names: str) -> dict[str, str]:
     return {name: str(ProcessorSettings.model_fields[name.lower()].default) for name in names}
 
 
+@pytest.mark.long  # minutes: `scripts/test.sh -m long`
 def test_processor_killed_with_the_default_settings_stores_again_within_seconds(
     kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
 ) -> None:

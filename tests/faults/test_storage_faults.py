@@ -71,6 +71,7 @@ def full(path: Path) -> Iterator[None]:
         filler.unlink()
 
 
+@pytest.mark.long  # minutes: `scripts/test.sh -m long`
 def test_full_task_storage_loses_no_result(
     kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
 ) -> None:
