@@ -152,11 +152,7 @@ class Rule(_Strict):
 
     def matches(self, name: str | None, tags: list[str] | None) -> bool:
         """Whether this rule selects a task with this name and these tags (pure)."""
-        if self.all:
-            return True
-        if name is not None and name in self.tasks:
-            return True
-        return bool(tags) and not set(self.tags).isdisjoint(tags or ())
+        return selects(self.all, self.tasks, self.tags, name, tags)
 
 
 class Delivery(_Strict):
@@ -220,11 +216,7 @@ class Maintenance(_Strict):
         return self
 
     def matches(self, name: str | None, tags: list[str] | None) -> bool:
-        if self.all:
-            return True
-        if name is not None and name in self.tasks:
-            return True
-        return bool(tags) and not set(self.tags).isdisjoint(tags or ())
+        return selects(self.all, self.tasks, self.tags, name, tags)
 
     def active_until(self, now: datetime) -> datetime | None:
         """The end of this window if it is open at `now` (pure)."""
@@ -244,6 +236,18 @@ class Maintenance(_Strict):
             if start <= now < start + length:
                 return start + length
         return None
+
+
+def selects(
+    every: bool, names: list[str], labels: list[str], name: str | None, tags: list[str] | None
+) -> bool:
+    """Whether a selection (a rule's or a maintenance window's: all, task names, tags) takes a
+    task with this name and these tags (pure)."""
+    if every:
+        return True
+    if name is not None and name in names:
+        return True
+    return bool(tags) and not set(labels).isdisjoint(tags or ())
 
 
 def _utc(when: datetime) -> datetime:
