@@ -2,13 +2,15 @@
 in a real PostgreSQL; real senders (one, then two at once) deliver to a real HTTP receiver that
 checks each request's signature. The channel's rate limit holds: at most `max_per_minute`
 notifications one by one in a minute, the others told in one summary; every notification ends
-sent or summarised, none twice, none lost, and the processor's metrics count them."""
+sent or summarised, none twice, none lost, and the processor's metrics count them. A
+notification told in a summary is told: its reminders follow, and so does its recovery."""
 
 from __future__ import annotations
 
 import json
 import threading
 import uuid
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -42,25 +44,30 @@ TASKS = 1000
 LIMIT = 50
 
 
-def down_at_once(into: Writer) -> None:
-    """1,000 tasks, each with a name of its own, down in one batch."""
-    error = {"kind": "connect", "message": "connection refused"}
+def down_at_once(into: Writer, tasks: int = TASKS, health: str = "down", minutes: int = 0) -> None:
+    """1,000 tasks, each with a name of its own, down in one batch (or up again)."""
+    down = health == "down"
+    error = {"kind": "connect", "message": "connection refused"} if down else None
     into.write(
         [
             record_of(
                 uuid.UUID(int=0x4000_8000_0000_0000_0000 + i),
                 make_result(
-                    timestamp=START, ok=False, health="down", error=error, name=f"task-{i:04d}"
+                    timestamp=START + timedelta(minutes=minutes),
+                    ok=not down,
+                    health=health,
+                    error=error,
+                    name=f"task-{i:04d}",
                 ),
-                offset=i,
+                offset=minutes * tasks + i,
             )
-            for i in range(TASKS)
+            for i in range(tasks)
         ]
     )
 
 
-def limited(port: int, limit: int = LIMIT) -> AlertingConfig:
-    config = config_for(port)
+def limited(port: int, limit: int = LIMIT, **rule: Any) -> AlertingConfig:
+    config = config_for(port, **rule)
     ops = config.channels["ops"].model_copy(update={"max_per_minute": limit})
     return config.model_copy(update={"channels": {"ops": ops}})
 
@@ -99,11 +106,11 @@ def a_minute_passes(conn: Any) -> None:
         cur.execute("UPDATE notifications SET due_at = now() WHERE state = 'pending'")
 
 
-def settled_in_minutes(conn: Any) -> Any:
+def settled_in_minutes(conn: Any, count: int = TASKS) -> Any:
     """Whether every notification is sent or summarised; whenever all that is left waits for
     the next minute (two senders: one folded the rest while the other held a batch, which then
     found the minute's summary spent), that minute comes at once."""
-    done = settled(conn, TASKS)
+    done = settled(conn, count)
     due = "SELECT count(*) FILTER (WHERE due_at <= now()), count(*) FROM notifications"
     due += " WHERE state = 'pending'"
 
@@ -258,3 +265,30 @@ async def test_a_failed_summary_loses_none_of_its_notifications(
     _, summaries = accounted(refusing.received, migrated)
     assert len(summaries) >= 1
     assert counted(metrics, "summary", "sent") == len(summaries)
+
+
+async def test_a_summarised_opening_is_reminded_of_and_its_recovery_told(
+    writer: Writer,  # noqa: F811
+    migrated: Any,
+    receiver: Receiver,  # noqa: F811
+    senders: Senders,  # noqa: F811
+    metrics: Metrics,
+) -> None:
+    down_at_once(writer, tasks=3)
+    start(senders, limited(receiver.port, 1, repeat_seconds=3600), 1, metrics)
+    reminders = "SELECT count(*) FROM notifications WHERE kind = 'reminder' AND state = 'pending'"
+    # Told in the summary as much as on its own: each opening has its reminder an hour ahead.
+    await until(lambda: rows(migrated, reminders) == [(3,)], "three reminders")
+    down_at_once(writer, tasks=3, health="up", minutes=5)
+    await until(settled_in_minutes(migrated, 9), "the recoveries")
+
+    assert rows(migrated, "SELECT kind, state, count(*) FROM notifications"
+                " GROUP BY kind, state ORDER BY kind, state") == [
+        ("closed", "sent", 1), ("closed", "summarised", 2),
+        ("opened", "sent", 1), ("opened", "summarised", 2),
+        ("reminder", "cancelled", 3),
+    ]  # fmt: skip
+    summaries = [b for b in receiver.received if b["kind"] == "summary"]
+    assert [(s["counts"]["opened"], s["counts"]["closed"]) for s in summaries] == [(2, 0), (0, 2)]
+    assert summaries[1]["summary"].startswith("[SUMMARY] 2 notifications over the limit of 1")
+    assert counted(metrics, "closed", "summarised") == 2
