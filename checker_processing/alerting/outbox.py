@@ -3,7 +3,8 @@
 `expand` reads the incident events the trigger wrote (migration 0012) and makes one
 notification per channel a rule routes the task to, each with a stable id, in one transaction
 with marking the events done; events are claimed with SKIP LOCKED, so several processors
-share them. `claim` locks due notifications with `FOR UPDATE SKIP LOCKED` and keeps them
+share them. `claim` (and `claim_channel`, for a summary: `rate`) locks due notifications with
+`FOR UPDATE SKIP LOCKED` and keeps them
 locked until the caller's transaction ends: a notification being sent is invisible to every
 other sender, so two processors never send one twice; a sender that dies mid-send releases
 its rows and another sends them again (receivers drop the repeat by the id).
@@ -11,6 +12,7 @@ its rows and another sends them again (receivers drop the repeat by the id).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -30,6 +32,13 @@ NAMESPACE = uuid.UUID("6f0a3c0e-5b1d-4c36-9a51-2b8c3f0e7d21")
 def notification_id(incident_id: int, kind: str, channel: str, sequence: int = 0) -> uuid.UUID:
     """The same incident change to the same channel always has the same id (pure)."""
     return uuid.uuid5(NAMESPACE, f"{incident_id}/{kind}/{channel}/{sequence}")
+
+
+def summary_id(channel: str, notification_ids: list[uuid.UUID]) -> uuid.UUID:
+    """The same notifications folded for the same channel always make the same summary id,
+    so a summary tried again is a repeat its receiver can drop (pure)."""
+    folded = hashlib.sha256(",".join(sorted(map(str, notification_ids))).encode()).hexdigest()
+    return uuid.uuid5(NAMESPACE, f"summary/{channel}/{folded}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +236,7 @@ WHERE n.state = 'pending' AND n.due_at <= now()
       SELECT FROM notifications AS p
       WHERE p.incident_id = n.incident_id AND p.channel = n.channel
         AND p.kind IN ('opened', 'reminder') AND p.state = 'pending'))
+  {only}
 ORDER BY n.due_at
 LIMIT %s
 FOR UPDATE OF n SKIP LOCKED
@@ -235,7 +245,21 @@ FOR UPDATE OF n SKIP LOCKED
 
 def claim(cur: Any, limit: int) -> list[Notification]:
     """Lock up to `limit` due notifications until the caller's transaction ends."""
-    cur.execute(_CLAIM, (limit,))
+    cur.execute(_CLAIM.format(only=""), (limit,))
+    return _claimed(cur)
+
+
+def claim_channel(
+    cur: Any, channel: str, besides: list[uuid.UUID], limit: int
+) -> list[Notification]:
+    """Lock up to `limit` more due notifications of `channel`, other than `besides` (which
+    this transaction holds already), to fold them into a summary."""
+    only = "AND n.channel = %s AND n.notification_id <> ALL(%s::uuid[])"
+    cur.execute(_CLAIM.format(only=only), (channel, [str(i) for i in besides], limit))
+    return _claimed(cur)
+
+
+def _claimed(cur: Any) -> list[Notification]:
     return [
         Notification(
             notification_id=uuid.UUID(str(r[0])),
@@ -262,6 +286,22 @@ def sent(cur: Any, n: Notification, repeat_seconds: float | None) -> None:
         " last_error = NULL WHERE notification_id = %s",
         (str(n.notification_id),),
     )
+    _remind(cur, n, repeat_seconds)
+
+
+def summarised(cur: Any, n: Notification, summary: uuid.UUID, repeat_seconds: float | None) -> None:
+    """Mark `n` told through the summary `summary` (sent in it, not on its own); its rule's
+    reminders follow as if it was sent."""
+    cur.execute(
+        "UPDATE notifications SET state = 'summarised', summary_id = %s, finished_at = now(),"
+        " attempts = attempts + 1, last_error = NULL WHERE notification_id = %s",
+        (str(summary), str(n.notification_id)),
+    )
+    _remind(cur, n, repeat_seconds)
+
+
+def _remind(cur: Any, n: Notification, repeat_seconds: float | None) -> None:
+    """Schedule the next reminder when the rule repeats and the incident is still open."""
     if repeat_seconds is not None and n.kind in ("opened", "reminder") and n.incident_open:
         sequence = n.sequence + 1
         nid = notification_id(n.incident_id, "reminder", n.channel, sequence)
@@ -282,6 +322,15 @@ def hold(cur: Any, n: Notification, until: datetime) -> None:
     cur.execute(
         "UPDATE notifications SET held = true, due_at = %s WHERE notification_id = %s",
         (until, str(n.notification_id)),
+    )
+
+
+def wait(cur: Any, waiting: list[Notification], until: datetime) -> None:
+    """Put these off until `until`, when their channel's rate limit has room again (not a
+    try: no attempt counted)."""
+    cur.execute(
+        "UPDATE notifications SET due_at = %s WHERE notification_id = ANY(%s::uuid[])",
+        (until, [str(n.notification_id) for n in waiting]),
     )
 
 
@@ -309,6 +358,16 @@ def cancelled(cur: Any, n: Notification, reason: str) -> None:
         " WHERE notification_id = %s",
         (reason, str(n.notification_id)),
     )
+
+
+def pending(cur: Any) -> tuple[int, int]:
+    """How many notifications are pending, and how many of those are due now."""
+    cur.execute(
+        "SELECT count(*), count(*) FILTER (WHERE due_at <= now()) FROM notifications"
+        " WHERE state = 'pending'"
+    )
+    total, due = cur.fetchone()
+    return int(total), int(due)
 
 
 def listing(cur: Any, states: tuple[str, ...], limit: int = 1000) -> list[dict[str, Any]]:

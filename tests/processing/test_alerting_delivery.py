@@ -125,6 +125,8 @@ secret = "{SECRET}"
 # The most: on a loaded machine a slow answer must not be taken for a lost one (a retry of a
 # request that did arrive is a repeat, which receivers drop by the id, but this test counts).
 timeout_seconds = 60
+# These tests count notifications one by one: the rate limit has its own (test_alerting_burst).
+max_per_minute = 10000
 
 [[rules]]
 name = "everything"
