@@ -245,11 +245,15 @@ def started(
 def publish(k: Kafka, topic: str, made: list[Task]) -> None:
     """The tasks' records on the task topic, as another program would write them."""
     producer = Producer(k.config(**{"linger.ms": 50}))
-    for n, task in enumerate(made):
+    for task in made:
         key, value = encode(TaskRecord(id=task.id, spec=task.spec))
-        producer.produce(topic, key=key, value=value)
-        if n % 10_000 == 0:
-            producer.poll(0)
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                break
+            except BufferError:  # the client's queue is full (100,000 messages by default)
+                producer.poll(0.5)
+        producer.poll(0)
     assert producer.flush(120) == 0
 
 

@@ -400,6 +400,7 @@ def main() -> int:
     results: list[RunResult] = []
     runs: list[cluster_cadence.ClusterRun] = []
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_at_start = os.getloadavg()
     with workdir() as work, kafka(work) as kafka_:
         www = work / "nginx"
         www.mkdir()
@@ -432,15 +433,20 @@ def main() -> int:
         finally:
             stop_process(nginx)
     if runs:
-        host = {
+        host: dict[str, Any] = {
             "cpu_model": cpu_model(),
             "nproc": os.cpu_count(),
+            "load_avg_at_start": load_at_start,
             "load_avg_at_end": os.getloadavg(),
             "date": when,
         }
+        loads = " / ".join(
+            " ".join(f"{x:.2f}" for x in load)
+            for load in (host["load_avg_at_start"], host["load_avg_at_end"])
+        )
         print(
-            f"{when}, `lscpu` model name {host['cpu_model']!r}, nproc {host['nproc']}, load "
-            f"average in the windows: see the table\n"
+            f"{when}, `lscpu` model name {host['cpu_model']!r}, nproc {host['nproc']}, "
+            f"load average (1, 5, 15 min) at start / end {loads}\n"
         )
         print(cluster_cadence.table(runs))
         if args.json:
