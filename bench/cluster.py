@@ -188,16 +188,31 @@ def settled(nodes: list[Owning], tasks: int, partitions: int) -> bool:
 
 
 def wait_settled(
-    ports: list[str], sockets: list[socket.socket], tasks: int, timeout: float = 300.0
+    ports: list[str],
+    sockets: list[socket.socket],
+    tasks: int,
+    procs: list[subprocess.Popen[bytes]] | None = None,
+    timeout: float = 300.0,
 ) -> list[Owning] | None:
     """Poll the nodes' /status until ownership settles (twice in a row, a second apart); None
-    when they do not say what they own. Raises on the time-out."""
+    when they do not say what they own. A /status that does not answer in time counts as not
+    settled yet (a node at 100,000 tasks can be too busy joining to answer within 10 s).
+    Raises when a node exits or on the time-out."""
     deadline = time.monotonic() + timeout
     before: list[Owning] | None = None
     while time.monotonic() < deadline:
         for notify in sockets:
             drain_notify(notify)
-        found = [owning(port) for port in ports]
+        for n, proc in enumerate(procs or []):
+            if proc.poll() is not None:
+                raise RuntimeError(f"node {n + 1} exited with {proc.returncode} while joining")
+        try:
+            found = [owning(port) for port in ports]
+        except OSError as exc:
+            print(f"  /status did not answer ({exc!r}); asking again", file=sys.stderr)
+            before = None
+            time.sleep(1)
+            continue
         if any(node is None for node in found):
             return None
         nodes = [node for node in found if node is not None]
@@ -282,7 +297,7 @@ def run_arm(
     with started(name, envs, work) as (procs, sockets):
         ports = [env["API_PORT"] for env in envs]
         if len(envs) > 1:
-            wait_settled(ports, sockets, tasks)
+            wait_settled(ports, sockets, tasks, procs)
         time.sleep(interval)
         before = [
             (proc_sample(p.pid)[0], checks_run(port)) for p, port in zip(procs, ports, strict=True)

@@ -43,7 +43,7 @@ class NodeFigures:
     lag_max: float
     cores: float
     rss_max_mb: float
-    rebalances_after_settling: int  # to the window's end: 0 expected
+    rebalances_after_settling: int  # to the window's end: 0 expected (-1: /status silent)
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,15 @@ class Sampler:
         return [(b - a) / (t1 - t0) for a, b in zip(c0, c1, strict=True)]
 
 
+def owning_now(port: str) -> cluster.Owning | None:
+    """What the node owns at the window's end; None if it does not answer (shown as -1
+    rebalances rather than ending the run)."""
+    try:
+        return cluster.owning(port)
+    except OSError:
+        return None
+
+
 def results_consumer(k: Kafka, topic: str) -> Consumer:
     """Every partition of the result topic from the beginning, assigned by hand (no group
     join to wait for)."""
@@ -144,7 +153,7 @@ def one_run(
             with cluster.started("node", envs, work) as (procs, sockets):
                 ready_at = time.monotonic()
                 print(f"  every node READY after {ready_at - began:.1f} s", file=sys.stderr)
-                before = cluster.wait_settled(ports, sockets, tasks)
+                before = cluster.wait_settled(ports, sockets, tasks, procs)
                 if before is None:
                     raise RuntimeError("the nodes' /status says nothing of what they own")
                 settled_at = time.monotonic()
@@ -166,7 +175,7 @@ def one_run(
                         drain_notify(notify)
                     sampler.tick(time.time())
                     if after is None and time.time() >= end:
-                        after = [cluster.owning(port) for port in ports]
+                        after = [owning_now(port) for port in ports]
                     tally.read(consumer)
         finally:
             consumer.close()
@@ -183,7 +192,7 @@ def one_run(
             lag_max=max(tally.lags_of.get(name, []), default=float("nan")),
             cores=core,
             rss_max_mb=rss / 2**20,
-            rebalances_after_settling=(now.rebalances if now else -1) - was.rebalances,
+            rebalances_after_settling=now.rebalances - was.rebalances if now else -1,
         )
         for name, was, now, core, rss in zip(
             names, before, after, cores, sampler.rss_max, strict=True
