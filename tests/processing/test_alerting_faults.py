@@ -7,7 +7,7 @@ was sent), received (distinct notification ids the receiver accepted), duplicate
 prints one `ALERTING <scenario> <channel>` line for RELIABILITY.md.
 
     receivers down 60 s (all four kinds at once)    long: scripts/test.sh -m long -k receivers
-    PostgreSQL away while notifications are sent    long
+    PostgreSQL away while notifications are sent    long (and a quick in-process version)
     SIGKILL after the commit, before the send
     two processors in one group
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import shutil
 import signal
@@ -39,7 +40,7 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from faults.faults_support import emit
 from processing import crash_before_send
-from processing.processing_helpers import TcpProxy, make_result, rows
+from processing.processing_helpers import WIDE_WINDOW, TcpProxy, make_result, record_of, rows
 from processing.test_alerting_alertmanager import alertmanager, alerts  # noqa: F401 (fixture)
 from processing.test_alerting_delivery import SECRET, Receiver
 from processing.test_alerting_mail import PASSWORD, Mailbox, authenticator, tls  # noqa: F401
@@ -52,6 +53,10 @@ from processing.test_daemon import (  # noqa: F401 (fixtures)
 )
 
 from checker_common.contract import encode
+from checker_processing import db
+from checker_processing.alerting.config import parse
+from checker_processing.alerting.sender import Sender
+from checker_processing.writer import Writer
 from devstack import free_port
 
 from helpers import wait_for as poll_until
@@ -521,6 +526,53 @@ def test_a_database_outage_mid_send_loses_and_repeats_nothing(
         assert daemon.text().count("recorded, not sent again") == in_flight
     finally:
         proxy.stop()
+
+
+def test_a_sender_that_lost_the_database_after_sending_records_without_sending_again(
+    migrated: Any,
+    schema_dsn: str,
+    loop: Loop,
+    hooks: Hooks,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Scenario b in one process, quick: a sender thread whose database goes away while the
+    receiver holds its three requests; answered then, they are recorded after the return and
+    not sent again."""
+    caplog.set_level(logging.INFO, logger="checker_processing.alerting")
+    parts = urlsplit(schema_dsn)
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432), free_port())
+    proxy.start()
+    via_proxy = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+    config = parse(alerting_file(tmp_path, {"hook": webhook(hooks)}).read_text())
+    writer = Writer(partial(db.connect, schema_dsn), max_message_bytes=4096, window=WIDE_WINDOW)
+    stop = threading.Event()
+    thread = threading.Thread(target=Sender(partial(db.connect, via_proxy), config, stop).run)
+    error = {"kind": "status", "message": "status 503"}
+    downs = [make_result(ok=False, health="down", error=error) for _ in range(3)]
+    try:
+        loop.run(hooks.hold())
+        thread.start()
+        writer.write([record_of(uuid.uuid4(), down, offset=i) for i, down in enumerate(downs)])
+        wait_for(lambda: hooks.arrived == 3, "the three requests held by the receiver")
+        proxy.stop()
+        try:
+            loop.run(hooks.release())
+            wait_for(lambda: "database unavailable" in caplog.text, "the record failing")
+        finally:
+            proxy.start()
+        wait_for(settled(migrated, 3), "the three recorded after the return")
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+        writer.close()
+        proxy.stop()
+    found = Count.of(
+        {nid for nid, _, _ in sent(migrated, "hook")},
+        [b["notification_id"] for b in hooks.received],
+    )
+    assert found.once, found
+    assert caplog.text.count("recorded, not sent again") == 3
 
 
 # --- c. SIGKILL after the commit, before the send ----------------------------------------------
