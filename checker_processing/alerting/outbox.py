@@ -3,11 +3,11 @@
 `expand` reads the incident events the trigger wrote (migration 0012) and makes one
 notification per channel a rule routes the task to, each with a stable id, in one transaction
 with marking the events done; events are claimed with SKIP LOCKED, so several processors
-share them. `claim` (and `claim_channel`, for a summary: `rate`) locks due notifications with
-`FOR UPDATE SKIP LOCKED` and keeps them
-locked until the caller's transaction ends: a notification being sent is invisible to every
-other sender, so two processors never send one twice; a sender that dies mid-send releases
-its rows and another sends them again (receivers drop the repeat by the id).
+share them; an incident's closing is expanded only once its opening is, committed. `claim`
+(and `claim_channel`, for a summary: `rate`) locks due notifications with `FOR UPDATE SKIP
+LOCKED` and keeps them locked until the caller's transaction ends: a notification being sent
+is invisible to every other sender, so two processors never send one twice; a sender that dies
+mid-send releases its rows and another sends them again (receivers drop the repeat by the id).
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class Notification:
     incident_open: bool
 
 
+# A closing waits until its opening is expanded (committed, or by this transaction): another
+# sender still expanding the opening holds notifications this one cannot see yet, and the
+# recovery is made from them.
 _EVENTS = """
 SELECT e.event_id, e.incident_id, e.task_id::text, e.kind, e.at,
        t.name, t.url, t.tags, i.started_at, i.ended_at, i.end_reason,
@@ -66,6 +69,9 @@ FROM alert_events AS e
 JOIN incidents AS i USING (incident_id)
 LEFT JOIN tasks AS t ON t.task_id = e.task_id
 WHERE e.expanded_at IS NULL
+  AND (e.kind = 'opened' OR NOT EXISTS (
+      SELECT FROM alert_events AS o
+      WHERE o.incident_id = e.incident_id AND o.kind = 'opened' AND o.expanded_at IS NULL))
 ORDER BY e.event_id
 LIMIT %s
 FOR UPDATE OF e SKIP LOCKED
@@ -80,30 +86,40 @@ ON CONFLICT (notification_id) DO NOTHING
 
 def expand(cur: Any, config: AlertingConfig, limit: int = 500) -> int:
     """Turn waiting incident events into notifications, in the caller's transaction; returns
-    how many events were expanded."""
-    cur.execute(_EVENTS, (limit,))
-    events = cur.fetchall()
-    for event in events:
-        (event_id, incident_id, task_id, kind, at, name, url, tags, started, ended, end_reason,
-         error_kind, error_message) = event  # fmt: skip
-        details = {
-            "task": {"id": task_id, "name": name, "url": url, "tags": list(tags or [])},
-            "incident": {
-                "id": incident_id,
-                "started_at": started.astimezone(UTC).isoformat(),
-                "ended_at": ended.astimezone(UTC).isoformat() if ended is not None else None,
-                "end_reason": end_reason,
-                "first_error": {"kind": error_kind, "message": error_message}
-                if error_kind is not None
-                else None,
-            },
-        }
-        if kind == "opened":
-            _opened(cur, config, incident_id, task_id, at, name, tags, details)
-        else:
-            _closed(cur, config, incident_id, task_id, at, started, details)
-        cur.execute("UPDATE alert_events SET expanded_at = now() WHERE event_id = %s", (event_id,))
-    return len(events)
+    how many events were expanded. Passes until none is left: a closing whose opening this
+    transaction expanded is taken in the next pass, before anything of it can be claimed."""
+    done = 0
+    while done < limit:
+        cur.execute(_EVENTS, (limit - done,))
+        events = cur.fetchall()
+        if not events:
+            break
+        for event in events:
+            _expand_one(cur, config, event)
+        done += len(events)
+    return done
+
+
+def _expand_one(cur: Any, config: AlertingConfig, event: tuple[Any, ...]) -> None:
+    (event_id, incident_id, task_id, kind, at, name, url, tags, started, ended, end_reason,
+     error_kind, error_message) = event  # fmt: skip
+    details = {
+        "task": {"id": task_id, "name": name, "url": url, "tags": list(tags or [])},
+        "incident": {
+            "id": incident_id,
+            "started_at": started.astimezone(UTC).isoformat(),
+            "ended_at": ended.astimezone(UTC).isoformat() if ended is not None else None,
+            "end_reason": end_reason,
+            "first_error": {"kind": error_kind, "message": error_message}
+            if error_kind is not None
+            else None,
+        },
+    }
+    if kind == "opened":
+        _opened(cur, config, incident_id, task_id, at, name, tags, details)
+    else:
+        _closed(cur, config, incident_id, task_id, at, started, details)
+    cur.execute("UPDATE alert_events SET expanded_at = now() WHERE event_id = %s", (event_id,))
 
 
 def _opened(

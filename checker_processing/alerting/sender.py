@@ -9,7 +9,9 @@ the receiver, or still failing `give_up_after_seconds` after it was due), and th
 commits. A summary's notifications share its fate: told, retried together, or failed. The
 rows stay locked while they are sent, so another processor never sends them too; should this
 one die mid-send, they are sent again by whoever comes next (the stable id lets receivers drop
-the repeat).
+the repeat). Should the database go away after a send and before its commit, the sender
+remembers what the receivers answered to the one-by-one notifications: when the rows are
+claimed again, that answer is recorded and nothing is sent twice.
 
 It runs in a thread of its own with its own event loop and database connection, beside the
 processor's consume loop, until `stop` is set.
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 MAX_ERROR = 500
 # How often the gauges of pending notifications are read from the database, at most.
 GAUGE_SECONDS = 5.0
+# Answers remembered across a database outage (a round's worth each); the oldest go first.
+MAX_UNRECORDED = 10_000
 
 
 async def send(
@@ -97,6 +101,8 @@ class Sender:
         self._conn: Connection | None = None
         self._gauged = 0.0
         self.sent = 0
+        # What receivers answered in a round whose commit failed: not sent again when claimed.
+        self._unrecorded: dict[uuid.UUID, Outcome] = {}
 
     @property
     def conn(self) -> Connection:
@@ -168,11 +174,14 @@ class Sender:
                         )
                     ),
                 )
+                self._remember(plan.one_by_one, singles)
                 for n, outcome in zip(plan.one_by_one, singles, strict=True):
                     self._record(cur, n, outcome)
                 for summary, told in zip(plan.summaries, summaries, strict=True):
                     self._record_summary(cur, summary, told)
             conn.commit()
+            for n in plan.one_by_one:
+                self._unrecorded.pop(n.notification_id, None)
             self._gauge(conn)
         except BaseException:
             with contextlib.suppress(psycopg2.Error):
@@ -201,9 +210,26 @@ class Sender:
                 )  # fmt: skip
         return free
 
+    def _remember(self, claimed: list[outbox.Notification], outcomes: list[Outcome | None]) -> None:
+        """Keep the receivers' final answers until the round commits (a try to come again
+        needs no keeping)."""
+        for n, outcome in zip(claimed, outcomes, strict=True):
+            if isinstance(outcome, Delivered | Refused):
+                self._unrecorded[n.notification_id] = outcome
+        while len(self._unrecorded) > MAX_UNRECORDED:
+            del self._unrecorded[next(iter(self._unrecorded))]
+
     async def _deliver(
         self, session: aiohttp.ClientSession, n: outbox.Notification
     ) -> Outcome | None:
+        answered = self._unrecorded.get(n.notification_id)
+        if answered is not None:
+            log.info(
+                "notification %s to %s was answered before the database went away:"
+                " recorded, not sent again",
+                n.notification_id, n.channel,
+            )  # fmt: skip
+            return answered
         if n.kind == "reminder" and not n.incident_open:
             return None  # the incident closed meanwhile
         notification = body(n.notification_id, n.kind, n.sequence, n.channel, n.rule, n.details)  # type: ignore[arg-type]

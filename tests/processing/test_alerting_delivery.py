@@ -23,7 +23,7 @@ from aiohttp import web
 from processing.processing_helpers import WIDE_WINDOW, make_result, record_of, rows
 
 from checker_processing import db
-from checker_processing.alerting import message
+from checker_processing.alerting import message, outbox
 from checker_processing.alerting.config import AlertingConfig, parse
 from checker_processing.alerting.sender import Sender
 from checker_processing.writer import Writer
@@ -331,6 +331,35 @@ async def test_two_senders_never_send_one_notification_twice(
     assert len(ids) == 180
     assert len(set(ids)) == 180
     assert all(s.sent > 0 for s in senders.senders)  # both took part
+
+
+def test_a_recovery_is_not_lost_when_two_senders_expand_at_once(
+    writer: Writer, migrated: Any, schema_dsn: str
+) -> None:
+    """One sender is expanding an incident's opening (its transaction still open) when the
+    incident closes and another sender takes the closing event: the recovery waits for the
+    opening's notifications instead of finding none (and being told to nobody)."""
+    config = config_for(free_port())
+    first = db.connect(schema_dsn)
+    try:
+        writer.write([result(A, 0, 0, "down")])
+        with first.cursor() as cur:
+            assert outbox.expand(cur, config) == 1  # the opening, not committed yet
+        writer.write([result(A, 1, 1, "up")])
+        second = db.connect(schema_dsn)
+        try:
+            with second.cursor() as cur:
+                outbox.expand(cur, config)
+            second.commit()
+            first.commit()
+            with second.cursor() as cur:
+                outbox.expand(cur, config)
+            second.commit()
+        finally:
+            second.close()
+    finally:
+        first.close()
+    assert states(migrated) == [("closed", "pending"), ("opened", "pending")]
 
 
 async def test_after_seconds_holds_back_a_short_incident_and_its_recovery(
