@@ -9,7 +9,8 @@ never sends them too; should this one die mid-send, they are sent again by whoev
 (the stable id lets receivers drop the repeat).
 
 It runs in a thread of its own with its own event loop and database connection, beside the
-processor's consume loop, until `stop` is set.
+processor's consume loop, until `stop` is set. With nothing to do it waits for the NOTIFY of a
+new incident event (`wakeup.py`), or `delivery.poll_seconds` at most.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from psycopg2.extensions import connection as Connection
 
 from checker_common.errors import first_line
 from checker_processing import db
-from checker_processing.alerting import alertmanager, mail, outbox, slack, webhook
+from checker_processing.alerting import alertmanager, mail, outbox, slack, wakeup, webhook
 from checker_processing.alerting.config import (
     AlertingConfig,
     AlertmanagerChannel,
@@ -82,6 +83,7 @@ class Sender:
         self._config = config
         self._stop = stop
         self._conn: Connection | None = None
+        self._wakeup = wakeup.Wakeup(connect, stop)
         self.sent = 0
 
     @property
@@ -127,8 +129,9 @@ class Sender:
                     await self._wait(30.0)
                     continue
                 if not busy:
-                    await self._wait(delivery.poll_seconds)
+                    await asyncio.to_thread(self._wakeup.wait, delivery.poll_seconds)
         self._reset()
+        self._wakeup.close()
 
     async def _wait(self, seconds: float) -> None:
         # In a worker thread: set from the signal handler's thread, `stop` ends the wait at once.
