@@ -2,8 +2,8 @@
 
 `expand` reads the incident events the trigger wrote (migration 0012) and makes one
 notification per channel a rule routes the task to, each with a stable id, in one transaction
-with marking the events done; events are claimed with SKIP LOCKED, so several processors
-share them. `claim` locks due notifications with `FOR UPDATE SKIP LOCKED` and keeps them
+with marking the events done; one sender expands at a time (a transaction-scoped advisory
+lock), in event order. `claim` locks due notifications with `FOR UPDATE SKIP LOCKED` and keeps them
 locked until the caller's transaction ends: a notification being sent is invisible to every
 other sender, so two processors never send one twice; a sender that dies mid-send releases
 its rows and another sends them again (receivers drop the repeat by the id).
@@ -71,7 +71,14 @@ ON CONFLICT (notification_id) DO NOTHING
 
 def expand(cur: Any, config: AlertingConfig, limit: int = 500) -> int:
     """Turn waiting incident events into notifications, in the caller's transaction; returns
-    how many events were expanded."""
+    how many events were expanded (0 while another sender is expanding)."""
+    # One expansion at a time: a closing must see the notifications of its opening, which
+    # another sender's expansion may hold uncommitted (senders woken by one NOTIFY expand at
+    # once). Claiming and sending stay shared.
+    cur.execute("SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.alert_events'))")
+    (ours,) = cur.fetchone()
+    if not ours:
+        return 0
     cur.execute(_EVENTS, (limit,))
     events = cur.fetchall()
     for event in events:

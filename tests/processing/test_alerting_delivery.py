@@ -23,7 +23,7 @@ from aiohttp import web
 from processing.processing_helpers import WIDE_WINDOW, make_result, record_of, rows
 
 from checker_processing import db
-from checker_processing.alerting import message
+from checker_processing.alerting import message, outbox
 from checker_processing.alerting.config import AlertingConfig, parse
 from checker_processing.alerting.sender import Sender
 from checker_processing.writer import Writer
@@ -543,3 +543,25 @@ async def test_a_sender_whose_listening_connection_is_cut_listens_again(
     writer.write([result(A, 0, 0, "down")])
     await until(lambda: len(receiver.received) == 1, "the opening")
     assert receiver.kinds() == [("task-a1", "opened")]
+
+
+def test_a_closing_expanded_while_its_opening_is_being_expanded_keeps_its_recovery(
+    writer: Writer, migrated: Any, schema_dsn: str
+) -> None:
+    # Two senders woken by one NOTIFY: one holds the opening's notification uncommitted while
+    # the other would read the closing, find no opening to recover, and tell nobody.
+    writer.write([result(A, 0, 0, "down"), result(A, 1, 1, "up")])
+    config = config_for(free_port())
+    first, second = db.connect(schema_dsn), db.connect(schema_dsn)
+    try:
+        with first.cursor() as one, second.cursor() as other:
+            assert outbox.expand(one, config, limit=1) == 1  # the opening, not committed yet
+            assert outbox.expand(other, config) == 0  # waits for its turn
+            second.commit()
+            first.commit()
+            assert outbox.expand(other, config) == 1  # the closing, the opening in sight
+            second.commit()
+    finally:
+        first.close()
+        second.close()
+    assert states(migrated) == [("closed", "pending"), ("opened", "pending")]
