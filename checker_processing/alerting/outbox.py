@@ -2,12 +2,13 @@
 
 `expand` reads the incident events the trigger wrote (migration 0012) and makes one
 notification per channel a rule routes the task to, each with a stable id, in one transaction
-with marking the events done; events are claimed with SKIP LOCKED, so several processors
-share them; an incident's closing is expanded only once its opening is, committed. `claim`
-(and `claim_channel`, for a summary: `rate`) locks due notifications with `FOR UPDATE SKIP
-LOCKED` and keeps them locked until the caller's transaction ends: a notification being sent
-is invisible to every other sender, so two processors never send one twice; a sender that dies
-mid-send releases its rows and another sends them again (receivers drop the repeat by the id).
+with marking the events done; one sender expands at a time (a transaction-scoped advisory
+lock), in event order, and an incident's closing is expanded only once its opening is,
+committed. `claim` (and `claim_channel`, for a summary: `rate`) locks due notifications with
+`FOR UPDATE SKIP LOCKED` and keeps them locked until the caller's transaction ends: a
+notification being sent is invisible to every other sender, so two processors never send one
+twice; a sender that dies mid-send releases its rows and another sends them again (receivers
+drop the repeat by the id).
 """
 
 from __future__ import annotations
@@ -86,8 +87,16 @@ ON CONFLICT (notification_id) DO NOTHING
 
 def expand(cur: Any, config: AlertingConfig, limit: int = 500) -> int:
     """Turn waiting incident events into notifications, in the caller's transaction; returns
-    how many events were expanded. Passes until none is left: a closing whose opening this
-    transaction expanded is taken in the next pass, before anything of it can be claimed."""
+    how many events were expanded (0 while another sender is expanding). Passes until none is
+    left: a closing whose opening this transaction expanded is taken in the next pass, before
+    anything of it can be claimed."""
+    # One expansion at a time: a closing must see the notifications of its opening, which
+    # another sender's expansion may hold uncommitted (senders woken by one NOTIFY expand at
+    # once). Claiming and sending stay shared.
+    cur.execute("SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.alert_events'))")
+    (ours,) = cur.fetchone()
+    if not ours:
+        return 0
     done = 0
     while done < limit:
         cur.execute(_EVENTS, (limit - done,))

@@ -14,7 +14,8 @@ remembers what the receivers answered to the one-by-one notifications: when the 
 claimed again, that answer is recorded and nothing is sent twice.
 
 It runs in a thread of its own with its own event loop and database connection, beside the
-processor's consume loop, until `stop` is set.
+processor's consume loop, until `stop` is set. With nothing to do it waits for the NOTIFY of a
+new incident event (`wakeup.py`), or `delivery.poll_seconds` at most.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from psycopg2.extensions import connection as Connection
 
 from checker_common.errors import first_line
 from checker_processing import db
-from checker_processing.alerting import alertmanager, mail, outbox, rate, slack, webhook
+from checker_processing.alerting import alertmanager, mail, outbox, rate, slack, wakeup, webhook
 from checker_processing.alerting.config import (
     AlertingConfig,
     AlertmanagerChannel,
@@ -100,6 +101,7 @@ class Sender:
         self._metrics = metrics
         self._conn: Connection | None = None
         self._gauged = 0.0
+        self._wakeup = wakeup.Wakeup(connect, stop)
         self.sent = 0
         # What receivers answered in a round whose commit failed: not sent again when claimed.
         self._unrecorded: dict[uuid.UUID, Outcome] = {}
@@ -147,8 +149,9 @@ class Sender:
                     await self._wait(30.0)
                     continue
                 if not busy:
-                    await self._wait(delivery.poll_seconds)
+                    await asyncio.to_thread(self._wakeup.wait, delivery.poll_seconds)
         self._reset()
+        self._wakeup.close()
 
     async def _wait(self, seconds: float) -> None:
         # In a worker thread: set from the signal handler's thread, `stop` ends the wait at once.

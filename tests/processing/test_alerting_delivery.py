@@ -534,3 +534,65 @@ async def test_a_flapping_task_is_reported_once_as_flapping(
     assert flapped["flapping"] == {"changes": 3, "window_seconds": 900.0}
     assert flapped["summary"].startswith("[FLAPPING] task-a1 (https://example.test/) went down 3")
     assert rows(migrated, "SELECT count(*) FROM incidents") == [(4,)]
+
+
+LISTENERS = (
+    "SELECT pid FROM pg_stat_activity WHERE application_name = current_setting('application_name')"
+    " AND query = 'LISTEN checker_alert_events'"
+)
+
+
+def polling_hourly(port: int) -> AlertingConfig:
+    """An hour between polls (more than the file allows): while a test waits, only the NOTIFY
+    of a new incident event can bring its notifications out."""
+    config = config_for(port)
+    delivery = config.delivery.model_copy(update={"poll_seconds": 3600.0})
+    return config.model_copy(update={"delivery": delivery})
+
+
+async def test_a_new_incident_wakes_the_sender_without_waiting_for_its_poll(
+    writer: Writer, migrated: Any, receiver: Receiver, senders: Senders
+) -> None:
+    senders.start(polling_hourly(receiver.port))
+    await until(lambda: rows(migrated, LISTENERS) != [], "the sender to listen")
+    writer.write([result(A, 0, 0, "down")])
+    await until(lambda: len(receiver.received) == 1, "the opening")
+    writer.write([result(A, 1, 1, "up"), result(B, 2, 2, "down")])
+    await until(settled(migrated, 3), "the recovery and the other opening")
+
+    assert receiver.kinds() == [("task-a1", "closed"), ("task-a1", "opened"), ("task-b2", "opened")]
+
+
+async def test_a_sender_whose_listening_connection_is_cut_listens_again(
+    writer: Writer, migrated: Any, receiver: Receiver, senders: Senders
+) -> None:
+    senders.start(polling_hourly(receiver.port))
+    await until(lambda: rows(migrated, LISTENERS) != [], "the sender to listen")
+    (first,) = rows(migrated, LISTENERS)
+    rows(migrated, "SELECT pg_terminate_backend(%s)", first[0])
+    await until(lambda: rows(migrated, LISTENERS) not in ([], [first]), "a new listener")
+    writer.write([result(A, 0, 0, "down")])
+    await until(lambda: len(receiver.received) == 1, "the opening")
+    assert receiver.kinds() == [("task-a1", "opened")]
+
+
+def test_a_closing_expanded_while_its_opening_is_being_expanded_keeps_its_recovery(
+    writer: Writer, migrated: Any, schema_dsn: str
+) -> None:
+    # Two senders woken by one NOTIFY: one holds the opening's notification uncommitted while
+    # the other would read the closing, find no opening to recover, and tell nobody.
+    writer.write([result(A, 0, 0, "down"), result(A, 1, 1, "up")])
+    config = config_for(free_port())
+    first, second = db.connect(schema_dsn), db.connect(schema_dsn)
+    try:
+        with first.cursor() as one, second.cursor() as other:
+            assert outbox.expand(one, config, limit=1) == 1  # the opening, not committed yet
+            assert outbox.expand(other, config) == 0  # waits for its turn
+            second.commit()
+            first.commit()
+            assert outbox.expand(other, config) == 1  # the closing, the opening in sight
+            second.commit()
+    finally:
+        first.close()
+        second.close()
+    assert states(migrated) == [("closed", "pending"), ("opened", "pending")]
