@@ -12,10 +12,15 @@ import pytest
 from checker_common.contract import Health
 from checker_common.task_spec import TaskSpec
 from periodic_checker.group_member import group_generation
+from periodic_checker.ownership import rejoin_wait
 from periodic_checker.task_state import (
     StateKind,
+    TaskState,
     decode_state,
     encode_state,
+    held_elsewhere,
+    last_held_here,
+    runs_here,
     state_of,
     with_state,
 )
@@ -145,3 +150,44 @@ def test_the_group_generation_is_read_from_librdkafkas_metadata() -> None:
     assert group_generation(b"CGMDv2:" + generation + b"group\x00") == 7
     assert group_generation(b"CGMDv2:\xff\xff\xff\xffx") == -1
     assert group_generation(b"something else") is None
+
+
+def record(kind: StateKind, node: str) -> TaskState:
+    return state_of(task(), kind, node=node, at=datetime.now(UTC), last_slot=SLOT, record=None)
+
+
+@pytest.mark.parametrize(
+    ("latest", "held", "ours", "running"),
+    [
+        # Another node runs it: a node back from a cut waits for its release, and this node,
+        # giving it up after a cut, must not release over it.
+        (("running", "n2"), True, False, False),
+        # Released by another node: the next owner continues after its last slot.
+        (("released", "n2"), False, False, False),
+        # This node's own record: nobody took the task since; it is this node's to release.
+        (("running", "n1"), False, True, True),
+        # ... but a release of its own is not what a later owner must find while it runs it.
+        (("released", "n1"), False, True, False),
+        # Never ran anywhere.
+        (None, False, False, False),
+    ],
+)
+def test_who_holds_a_task_is_read_from_its_latest_state(
+    latest: tuple[str, str] | None, held: bool, ours: bool, running: bool
+) -> None:
+    state = None if latest is None else record(StateKind(latest[0]), latest[1])
+    assert held_elsewhere(state, "n1") is held
+    assert last_held_here(state, "n1") is ours
+    assert runs_here(state, "n1") is running
+
+
+@pytest.mark.parametrize(
+    ("session_ms", "wait"),
+    [(3_000, 16.0), (6_000, 22.0), (25_000, 60.0), (300_000, 60.0)],
+)
+def test_a_node_back_from_a_cut_waits_for_releases_a_bounded_time(
+    session_ms: int, wait: float
+) -> None:
+    # Two session time-outs (an assignment of the holder) and librdkafka's reconnect back-off
+    # (the holder reaching the broker later), at most a minute.
+    assert rejoin_wait(session_ms) == wait
