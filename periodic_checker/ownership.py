@@ -52,9 +52,9 @@ from periodic_checker.task_state import (
     TaskStates,
     encode_state,
     held_elsewhere,
-    last_held_here,
     runs_here,
     state_of,
+    unreleased,
     with_state,
 )
 from periodic_checker.tasks import ResumePlan, Task, at_load, next_fire_time, resume_plan
@@ -273,7 +273,8 @@ class Ownership:
         tasks stop at once (no slot starts; running checks finish, up to the grace), and each
         is released with its last slot, as at a revoke, so that its new owner continues after
         it, unless another node took the task since the cut (its `running` record is the
-        task's latest: it runs the task already, and a release must not overrule that)."""
+        task's latest: it runs the task already, and a release must not overrule that). A task
+        with no record at all (added since this node's take) is released too."""
         if not dropped:
             return
         started = time.monotonic()
@@ -286,7 +287,7 @@ class Ownership:
         # Read every record written while this node was cut off (a take by another node).
         fenced = await self._fence()
         latest = self.states.latest
-        mine = [i for i in ids if fenced and last_held_here(latest.get(i), self.node_id)]
+        mine = [i for i in ids if fenced and not held_elsewhere(latest.get(i), self.node_id)]
         tasks = [t for t in (self.scheduler.tasks.get(i) for i in mine) if t is not None]
         await self._publish(self._states(tasks, StateKind.RELEASED), "released")
         for task_id in ids:
@@ -299,14 +300,18 @@ class Ownership:
         )  # fmt: skip
 
     async def _await_holders(self, partitions: list[int]) -> None:
-        """Back from a cut, wait (up to `rejoin_wait`) until no task of `partitions` is still
-        held by another node (`running` there): the whole broker may have been down, and that
-        node, back too, runs the task until it learns it is no longer its, then releases it
-        (`_give_up_after_cut`). A node that does not (it died meanwhile, or is still cut off)
-        leaves its tasks to start here from now, as after a death."""
-        ids = self._tasks_of(frozenset(partitions))
+        """Back from a cut, wait (up to `rejoin_wait`) until no running task of `partitions`
+        is still held by another node (its `running` record, or no record: `unreleased`): the
+        whole broker may have been down, and that node, back too, runs the task until it
+        learns it is no longer its, then releases it (`_give_up_after_cut`). A node that does
+        not (it died meanwhile, or is still cut off) leaves its tasks to start here from now,
+        as after a death."""
         latest = self.states.latest
-        held = [i for i in ids if held_elsewhere(latest.get(i), self.node_id)]
+        held = [
+            i
+            for i in self._tasks_of(frozenset(partitions))
+            if _runs(self.scheduler.tasks[i]) and unreleased(latest.get(i), self.node_id)
+        ]
         if not held:
             return
         started = time.monotonic()
@@ -447,6 +452,11 @@ class Ownership:
 
     def _tasks_of(self, partitions: frozenset[int]) -> list[uuid.UUID]:
         return [task_id for task_id in list(self.scheduler.tasks) if self._in(task_id, partitions)]
+
+
+def _runs(task: Task) -> bool:
+    """Whether a task runs on a cadence (active, with an interval): one a holder ran."""
+    return task.status is TaskStatus.ACTIVE and task.spec.interval is not None
 
 
 def _worth_telling(task: Task) -> tuple[object, ...]:

@@ -111,15 +111,15 @@ def with_state(task: Task, state: TaskState, record: tuple[int, int] | None) -> 
 
 def held_elsewhere(state: TaskState | None, node: str) -> bool:
     """Whether a task's latest state says another node than `node` runs it (its `running`
-    record): not released (pure)."""
+    record), so it is not `node`'s to release (pure)."""
     return state is not None and state.kind is StateKind.RUNNING and state.node != node
 
 
-def last_held_here(state: TaskState | None, node: str) -> bool:
-    """Whether `node` wrote a task's latest state, so no node took the task since (pure): a
-    node giving a task up after a cut releases only such tasks, for another node's `running`
-    record says that node runs it already and must not be overruled by an older release."""
-    return state is not None and state.node == node
+def unreleased(state: TaskState | None, node: str) -> bool:
+    """Whether a node back from a cut, given a task, waits for its release (pure): another
+    node's `running` record, or no record at all (a task added since its holder's take has
+    none until a snapshot; that holder releases it too)."""
+    return state is None or held_elsewhere(state, node)
 
 
 def runs_here(state: TaskState | None, node: str) -> bool:
@@ -237,13 +237,13 @@ class TaskStates:
     async def await_release(
         self, task_ids: Collection[uuid.UUID], within: float
     ) -> list[uuid.UUID]:
-        """Wait until no task of `task_ids` is held by another node (`held_elsewhere`: its
-        holder released it, or this node wrote its state since), for at most `within`
-        seconds; the ids still held then."""
+        """Wait until every task of `task_ids` has a state record that is not another node's
+        `running` (`unreleased`: its holder released it), for at most `within` seconds; the
+        ids still waiting then."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while True:
-            held = [i for i in task_ids if held_elsewhere(self.latest.get(i), self.node_id)]
+            held = [i for i in task_ids if unreleased(self.latest.get(i), self.node_id)]
             left = deadline - loop.time()
             if not held or left <= 0:
                 return held

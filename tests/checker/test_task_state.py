@@ -19,9 +19,9 @@ from periodic_checker.task_state import (
     decode_state,
     encode_state,
     held_elsewhere,
-    last_held_here,
     runs_here,
     state_of,
+    unreleased,
     with_state,
 )
 from periodic_checker.tasks import (
@@ -157,27 +157,28 @@ def record(kind: StateKind, node: str) -> TaskState:
 
 
 @pytest.mark.parametrize(
-    ("latest", "held", "ours", "running"),
+    ("latest", "held", "waits", "running"),
     [
-        # Another node runs it: a node back from a cut waits for its release, and this node,
-        # giving it up after a cut, must not release over it.
-        (("running", "n2"), True, False, False),
+        # Another node runs it: this node, giving it up after a cut, must not release over
+        # that node's record, and a node back from a cut given it waits for its release.
+        (("running", "n2"), True, True, False),
         # Released by another node: the next owner continues after its last slot.
         (("released", "n2"), False, False, False),
-        # This node's own record: nobody took the task since; it is this node's to release.
-        (("running", "n1"), False, True, True),
-        # ... but a release of its own is not what a later owner must find while it runs it.
-        (("released", "n1"), False, True, False),
-        # Never ran anywhere.
-        (None, False, False, False),
+        # This node's own records.
+        (("running", "n1"), False, False, True),
+        # ... a release of its own is not what a later owner must find while it runs it.
+        (("released", "n1"), False, False, False),
+        # No record (a task added since its holder's take): its holder releases it at the
+        # return, and a node back from the same cut waits for that.
+        (None, False, True, False),
     ],
 )
 def test_who_holds_a_task_is_read_from_its_latest_state(
-    latest: tuple[str, str] | None, held: bool, ours: bool, running: bool
+    latest: tuple[str, str] | None, held: bool, waits: bool, running: bool
 ) -> None:
     state = None if latest is None else record(StateKind(latest[0]), latest[1])
     assert held_elsewhere(state, "n1") is held
-    assert last_held_here(state, "n1") is ours
+    assert unreleased(state, "n1") is waits
     assert runs_here(state, "n1") is running
 
 
