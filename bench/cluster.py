@@ -25,6 +25,7 @@ stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -34,6 +35,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,9 +45,16 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Producer  # noqa: E402
 
-from bench.common import Kafka, kafka, machine, workdir  # noqa: E402
+from bench.common import (  # noqa: E402
+    Kafka,
+    drain_notify,
+    kafka,
+    machine,
+    proc_sample,
+    wait_ready,
+    workdir,
+)
 from bench.probe_engine import PATTERN, start_nginx  # noqa: E402
-from bench.scheduler_scale import proc_sample, wait_ready  # noqa: E402
 from checker_common.task_record import TaskRecord, encode  # noqa: E402
 from checker_common.task_spec import TaskSpec  # noqa: E402
 from devstack import create_topics, free_port, stop_process  # noqa: E402
@@ -145,48 +154,150 @@ def checks_run(port: str) -> float:
     return total
 
 
-def owned(ports: list[str]) -> int | None:
-    """Tasks owned over the nodes, None when a node does not say."""
-    total = 0
-    for port in ports:
-        body = json.loads(get(port, "/status"))
-        found = {**body, **(body.get("extra") or {})}
-        if "tasks_owned" not in found:
+@dataclass(frozen=True)
+class Owning:
+    """What a node's /status says it owns (cluster mode)."""
+
+    tasks: int
+    partitions: frozenset[int]
+    rebalances: int
+
+
+def owning(port: str) -> Owning | None:
+    """None when the node does not say what it owns."""
+    body = json.loads(get(port, "/status"))
+    found = {**body, **(body.get("extra") or {})}
+    if "tasks_owned" not in found:
+        return None
+    return Owning(
+        tasks=int(found["tasks_owned"]),
+        partitions=frozenset(found.get("owned_partitions") or ()),
+        rebalances=int(found.get("rebalances") or 0),
+    )
+
+
+def settled(nodes: list[Owning], tasks: int, partitions: int) -> bool:
+    """Every node holds a share, every partition is held by exactly one node and the nodes' tasks
+    add up to all of them: every task owned exactly once (pure)."""
+    held = [p for node in nodes for p in node.partitions]
+    return (
+        all(node.partitions for node in nodes)
+        and len(held) == len(set(held)) == partitions
+        and sum(node.tasks for node in nodes) == tasks
+    )
+
+
+def wait_settled(
+    ports: list[str],
+    sockets: list[socket.socket],
+    tasks: int,
+    procs: list[subprocess.Popen[bytes]] | None = None,
+    timeout: float = 300.0,
+) -> list[Owning] | None:
+    """Poll the nodes' /status until ownership settles (twice in a row, a second apart); None
+    when they do not say what they own. A /status that does not answer in time counts as not
+    settled yet (a node at 100,000 tasks can be too busy joining to answer within 10 s).
+    Raises when a node exits or on the time-out."""
+    deadline = time.monotonic() + timeout
+    before: list[Owning] | None = None
+    while time.monotonic() < deadline:
+        for notify in sockets:
+            drain_notify(notify)
+        for n, proc in enumerate(procs or []):
+            if proc.poll() is not None:
+                raise RuntimeError(f"node {n + 1} exited with {proc.returncode} while joining")
+        try:
+            found = [owning(port) for port in ports]
+        except OSError as exc:
+            print(f"  /status did not answer ({exc!r}); asking again", file=sys.stderr)
+            before = None
+            time.sleep(1)
+            continue
+        if any(node is None for node in found):
             return None
-        total += int(found["tasks_owned"])
-    return total
+        nodes = [node for node in found if node is not None]
+        if settled(nodes, tasks, PARTITIONS) and nodes == before:
+            return nodes
+        before = nodes
+        time.sleep(1)
+    raise RuntimeError(f"ownership did not settle within {timeout:.0f} s: {before}")
 
 
-def run_arm(
-    name: str, envs: list[dict[str, str]], work: Path, tasks: int, interval: float, window: float
-) -> Arm:
+@contextlib.contextmanager
+def started(
+    name: str, envs: list[dict[str, str]], work: Path
+) -> Iterator[tuple[list[subprocess.Popen[bytes]], list[socket.socket]]]:
+    """One `periodic-checker run` per settings, each with its NOTIFY_SOCKET bound, after every
+    one said READY=1; all stopped at the end (logs in `work`/`name`-N.log)."""
     procs: list[subprocess.Popen[bytes]] = []
-    sockets = []
+    sockets: list[socket.socket] = []
     try:
         for n, env in enumerate(envs):
             notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             notify.bind(env["NOTIFY_SOCKET"])
             notify.settimeout(1.0)
             sockets.append(notify)
-            log = (work / f"{name}-{n}.log").open("wb")
-            procs.append(
-                subprocess.Popen(
-                    [str(PYTHON), "-m", "periodic_checker.cli", "run"],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=work,
+            with (work / f"{name}-{n}.log").open("wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [str(PYTHON), "-m", "periodic_checker.cli", "run"],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=work,
+                    )
                 )
-            )
         for notify, proc in zip(sockets, procs, strict=True):
             wait_ready(notify, proc, time.monotonic())
-        ports = [env["API_PORT"] for env in envs]
-        deadline = time.monotonic() + 300
-        while len(envs) > 1 and time.monotonic() < deadline:
-            total = owned(ports)
-            if total is None or total == tasks:
+        yield procs, sockets
+    finally:
+        for proc in procs:
+            stop_process(proc, timeout=60)
+        for notify in sockets:
+            notify.close()
+
+
+def publish(k: Kafka, topic: str, made: list[Task]) -> None:
+    """The tasks' records on the task topic, as another program would write them."""
+    producer = Producer(k.config(**{"linger.ms": 50}))
+    for task in made:
+        key, value = encode(TaskRecord(id=task.id, spec=task.spec))
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
                 break
-            time.sleep(1)
+            except BufferError:  # the client's queue is full (100,000 messages by default)
+                producer.poll(0.5)
+        producer.poll(0)
+    assert producer.flush(120) == 0
+
+
+def node_envs(k: Kafka, topics: Topics, work: Path, nodes: int) -> list[dict[str, str]]:
+    """The settings of `nodes` cluster-mode nodes node-1 .. node-N in one group."""
+    group = f"bench-nodes-{uuid.uuid4().hex[:8]}"
+    return [
+        env_of(
+            k,
+            topics,
+            work / f"node-{n}.sqlite3",
+            work / f"node-{n}.sock",
+            CHECKER_MODE="cluster",
+            CHECKER_NODE_ID=f"node-{n}",
+            CHECKER_GROUP_ID=group,
+            KAFKA_TASK_STATE_TOPIC=topics.state,
+            KAFKA_SESSION_TIMEOUT_MS=str(SESSION_MS),
+        )
+        for n in range(1, nodes + 1)
+    ]
+
+
+def run_arm(
+    name: str, envs: list[dict[str, str]], work: Path, tasks: int, interval: float, window: float
+) -> Arm:
+    with started(name, envs, work) as (procs, sockets):
+        ports = [env["API_PORT"] for env in envs]
+        if len(envs) > 1:
+            wait_settled(ports, sockets, tasks, procs)
         time.sleep(interval)
         before = [
             (proc_sample(p.pid)[0], checks_run(port)) for p, port in zip(procs, ports, strict=True)
@@ -195,12 +306,8 @@ def run_arm(
         end = time.monotonic() + window
         while time.monotonic() < end:
             loads.append(os.getloadavg()[0])
-            for notify in sockets:  # STATUS= updates block a daemon once the queue is full
-                try:
-                    while notify.recv(4096, socket.MSG_DONTWAIT):
-                        pass
-                except (BlockingIOError, TimeoutError):
-                    pass
+            for notify in sockets:
+                drain_notify(notify)
             time.sleep(1)
         after = [
             (proc_sample(p.pid)[0], checks_run(port)) for p, port in zip(procs, ports, strict=True)
@@ -211,11 +318,6 @@ def run_arm(
             checks=[a[1] - b[1] for a, b in zip(after, before, strict=True)],
             load=statistics.median(loads),
         )
-    finally:
-        for proc in procs:
-            stop_process(proc, timeout=60)
-        for notify in sockets:
-            notify.close()
 
 
 def single_arm(
@@ -240,26 +342,8 @@ def one_run(
         share = single_arm("share", k, work, made[: tasks // nodes], interval, window)
 
         topics = Topics.make(k)
-        producer = Producer(k.config(**{"linger.ms": 50}))
-        for task in made:
-            key, value = encode(TaskRecord(id=task.id, spec=task.spec))
-            producer.produce(topics.tasks, key=key, value=value)
-        assert producer.flush(120) == 0
-        group = f"bench-nodes-{uuid.uuid4().hex[:8]}"
-        envs = [
-            env_of(
-                k,
-                topics,
-                work / f"node-{n}.sqlite3",
-                work / f"node-{n}.sock",
-                CHECKER_MODE="cluster",
-                CHECKER_NODE_ID=f"node-{n}",
-                CHECKER_GROUP_ID=group,
-                KAFKA_TASK_STATE_TOPIC=topics.state,
-                KAFKA_SESSION_TIMEOUT_MS=str(SESSION_MS),
-            )
-            for n in range(1, nodes + 1)
-        ]
+        publish(k, topics.tasks, made)
+        envs = node_envs(k, topics, work, nodes)
         cluster = run_arm("cluster", envs, work, tasks, interval, window)
     return single, share, cluster
 

@@ -1,5 +1,6 @@
-"""Helpers the processor benchmarks share: the machine, a database and a broker of their own,
-result messages built fast, the processor daemon as a subprocess.
+"""Helpers the benchmarks share: the machine, a database and a broker of their own, result
+messages built fast, the processor daemon as a subprocess, a checker daemon's READY, CPU and
+memory.
 
 Everything started here is stopped by the context managers that started it.
 """
@@ -11,9 +12,11 @@ import math
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +55,18 @@ def machine() -> str:
         f"Python {platform.python_version()}, load average at start "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
+
+
+def cpu_model() -> str:
+    """`lscpu`'s model name ("?" without lscpu)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "?"
 
 
 def server_version(dsn: str) -> str:
@@ -311,3 +326,48 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     rank = max(1, min(len(ordered), math.ceil(q * len(ordered))))
     return ordered[rank - 1]
+
+
+# -- a checker daemon: READY, CPU and memory ---------------------------------------------------
+
+
+def proc_sample(pid: int) -> tuple[float, int]:
+    """(CPU seconds user+system, VmRSS bytes) of a process."""
+    cpu = cpu_seconds(pid)
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    return cpu, rss
+
+
+def drain_notify(notify: socket.socket) -> None:
+    """Read every datagram waiting: the daemon's STATUS= updates block it once the queue is
+    full."""
+    notify.setblocking(False)
+    try:
+        while notify.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
+    finally:
+        notify.settimeout(1.0)
+
+
+def wait_ready(
+    notify: socket.socket,
+    proc: subprocess.Popen[bytes],
+    started: float,
+    timeout: float = 300.0,
+) -> float:
+    """The monotonic time READY=1 arrived on `notify` (bound, time-out 1 s)."""
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} before READY=1")
+        try:
+            data = notify.recv(4096)
+        except TimeoutError:
+            continue
+        if b"READY=1" in data.split(b"\n"):
+            return time.monotonic()
+    raise RuntimeError("no READY=1 within the start time-out")

@@ -4,6 +4,8 @@
     .venv/bin/python bench/scheduler_scale.py --tasks 100000 --interval 60 --intervals 3 \
         --plot bench/results/lag-100k.png
     .venv/bin/python bench/scheduler_scale.py --tasks 100000 --interval 60 --runs 3 --startup-only
+    .venv/bin/python bench/scheduler_scale.py --nodes 3 --tasks 100000 --interval 60 \
+        --intervals 3 --runs 3 --json bench/results/cluster-cadence-100k.json
 
 `--startup-only`: per run, only start-up to READY=1 and VmRSS at READY and its most over the
 next `--settle` seconds (checks running), then the daemon is stopped; no window, no lag.
@@ -18,6 +20,10 @@ exactly `intervals` slots in it, so expected = N x intervals results whose `sche
 in the window; missed = expected - distinct (task, scheduled_at) pairs received. Lag is
 `timestamp - scheduled_at` of those results. CPU and VmRSS are read from /proc/<pid> of the
 daemon each second; the load average is sampled with them.
+
+`--nodes 3`: the tasks go to the task topic instead and three cluster-mode nodes share them;
+the window starts one interval after ownership settles, and a slot checked by two nodes counts
+as checked twice (bench/cluster_cadence.py).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,7 +49,16 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: E402
 
-from bench.common import Kafka, kafka, machine, workdir  # noqa: E402
+from bench.common import (  # noqa: E402
+    Kafka,
+    cpu_model,
+    drain_notify,
+    kafka,
+    machine,
+    proc_sample,
+    wait_ready,
+    workdir,
+)
 from bench.probe_engine import PATTERN, start_nginx  # noqa: E402
 from checker_common.task_spec import TaskSpec, checked_digest  # noqa: E402
 from devstack import free_port, stop_process  # noqa: E402
@@ -95,22 +111,74 @@ def write_tasks(
     return time.monotonic() - started
 
 
-def proc_sample(pid: int) -> tuple[float, int]:
-    """(CPU seconds user+system, VmRSS bytes) of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-    return cpu, rss
-
-
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+class Tally:
+    """The results read from the result topic, against a window [start, end) of whole
+    intervals: every task has one slot per interval in it, so a (task, `scheduled_at`) pair
+    inside it is a planned slot. A slot's first result counts it received; another result with
+    another `result_id` is the slot checked twice, one with the same `result_id` a redelivery
+    of the same check. Lag (`timestamp - scheduled_at`) of every distinct check, also per node
+    (the result's `node`; "-" without one)."""
+
+    def __init__(self, start: float, end: float) -> None:
+        self.start = start
+        self.end = end
+        self._first: dict[tuple[str, str], str] = {}  # (task, slot) -> its first result_id
+        self._others: dict[tuple[str, str], set[str]] = {}  # the slot's other result_ids
+        self.lags: list[float] = []
+        self.lags_of: dict[str, list[float]] = {}
+        self.series: list[tuple[float, float]] = []  # (planned, s from the start; lag)
+        self.failed = 0
+        self.redelivered = 0
+        self.all_results = 0
+
+    @property
+    def received(self) -> int:
+        return len(self._first)
+
+    @property
+    def twice(self) -> int:
+        """Slots checked more than once (two or more distinct result ids)."""
+        return len(self._others)
+
+    def add(self, task_id: str, result: dict[str, Any]) -> None:
+        planned = result.get("scheduled_at")
+        if planned is None:
+            return
+        planned_t = datetime.fromisoformat(planned).timestamp()
+        lag = datetime.fromisoformat(result["timestamp"]).timestamp() - planned_t
+        self.all_results += 1
+        self.series.append((planned_t - self.start, lag))
+        if not self.start <= planned_t < self.end:
+            return
+        key = (task_id, planned)
+        result_id = str(result["result_id"])
+        first = self._first.get(key)
+        if first is None:
+            self._first[key] = result_id
+        elif first == result_id or result_id in self._others.get(key, ()):
+            self.redelivered += 1
+            return
+        else:
+            self._others.setdefault(key, set()).add(result_id)
+        self.failed += not result["ok"]
+        self.lags.append(lag)
+        self.lags_of.setdefault(str(result.get("node") or "-"), []).append(lag)
+
+    def read(self, consumer: Consumer, timeout: float = 0.2) -> None:
+        """What the consumer has now (waiting at most `timeout` s for the first message)."""
+        for message in consumer.consume(5000, timeout=timeout):
+            value = message.value()
+            if message.error() is not None or value is None:
+                continue
+            ((task_id, result),) = orjson.loads(value).items()
+            self.add(task_id, result)
 
 
 @dataclass
@@ -194,7 +262,7 @@ def one_run(
             cwd=work,
         )
         try:
-            ready_at = wait_ready(notify, proc, started)
+            ready_at = wait_ready(notify, proc, started, START_TIMEOUT)
             startup = ready_at - started
             print(f"  ready after {startup:.1f} s", file=sys.stderr)
             window_start = time.time() + interval
@@ -206,10 +274,7 @@ def one_run(
             loads: list[float] = []
             cpu_at_start: float | None = None
             cpu_at_end: float | None = None
-            seen: set[tuple[str, str]] = set()
-            lags: list[float] = []
-            series: list[tuple[float, float]] = []
-            received = duplicates = failed = all_results = 0
+            tally = Tally(window_start, window_end)
             status: dict[str, object] = {}
             next_sample = 0.0
             stop_at = window_end + (DRAIN if settle is None else 1.0)
@@ -229,28 +294,7 @@ def one_run(
                         status = daemon_status(int(env["API_PORT"]))
                     if window_start <= now <= window_end:
                         loads.append(os.getloadavg()[0])
-                for message in consumer.consume(5000, timeout=0.2):
-                    value = message.value()
-                    if message.error() is not None or value is None:
-                        continue
-                    ((task_id, result),) = orjson.loads(value).items()
-                    planned = result.get("scheduled_at")
-                    if planned is None:
-                        continue
-                    planned_t = datetime.fromisoformat(planned).timestamp()
-                    lag = datetime.fromisoformat(result["timestamp"]).timestamp() - planned_t
-                    all_results += 1
-                    series.append((planned_t - window_start, lag))
-                    if not window_start <= planned_t < window_end:
-                        continue
-                    key = (task_id, planned)
-                    if key in seen:
-                        duplicates += 1
-                        continue
-                    seen.add(key)
-                    received += 1
-                    failed += not result["ok"]
-                    lags.append(lag)
+                tally.read(consumer)
             assert cpu_at_start is not None
             assert cpu_at_end is not None
             expected = tasks * intervals if settle is None else 0
@@ -261,20 +305,20 @@ def one_run(
                 startup_s=startup,
                 write_s=write_s,
                 expected=expected,
-                received=received,
-                missed=expected - received if settle is None else 0,
-                duplicates=duplicates,
-                failed=failed,
-                lag_p50=pct(lags, 50),
-                lag_p99=pct(lags, 99),
-                lag_max=max(lags, default=float("nan")),
+                received=tally.received,
+                missed=expected - tally.received if settle is None else 0,
+                duplicates=tally.twice + tally.redelivered,
+                failed=tally.failed,
+                lag_p50=pct(tally.lags, 50),
+                lag_p99=pct(tally.lags, 99),
+                lag_max=max(tally.lags, default=float("nan")),
                 cpu_s=cpu_at_end - cpu_at_start,
                 window_s=t_cpu1 - t_cpu0,
                 rss_start_mb=rss_start / 2**20,
                 rss_max_mb=rss_max / 2**20,
                 load_avg=[min(loads, default=0), statistics.mean(loads or [0]), max(loads or [0])],
-                series=series,
-                all_results=all_results,
+                series=tally.series,
+                all_results=tally.all_results,
                 daemon_status=status,
                 cpu_to_ready_s=cpu_to_ready,
             )
@@ -294,30 +338,6 @@ def daemon_status(port: int) -> dict[str, object]:
             return dict(json.loads(answer.read()))
     except (OSError, ValueError) as exc:
         return {"error": str(exc)}
-
-
-def drain_notify(notify: socket.socket) -> None:
-    notify.setblocking(False)
-    try:
-        while notify.recv(4096):
-            pass
-    except BlockingIOError:
-        pass
-    finally:
-        notify.settimeout(1.0)
-
-
-def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], started: float) -> float:
-    while time.monotonic() - started < START_TIMEOUT:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode} before READY=1")
-        try:
-            data = notify.recv(4096)
-        except TimeoutError:
-            continue
-        if b"READY=1" in data.split(b"\n"):
-            return time.monotonic()
-    raise RuntimeError("no READY=1 within the start time-out")
 
 
 def plot(results: list[RunResult], path: Path) -> None:
@@ -364,9 +384,23 @@ def main() -> int:
         "--startup-only", action="store_true", help="start-up to READY and RSS only (no window)"
     )
     parser.add_argument("--settle", type=float, default=20.0, help="seconds after READY")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="above 1: that many cluster-mode nodes share the tasks (bench/cluster_cadence.py)",
+    )
     args = parser.parse_args()
     print(machine(), file=sys.stderr)
+    if args.nodes > 1 and (args.startup_only or args.plot):
+        parser.error("--nodes takes neither --startup-only nor --plot")
+    # Imported here: it builds on this module's tally.
+    from bench import cluster_cadence
+
     results: list[RunResult] = []
+    runs: list[cluster_cadence.ClusterRun] = []
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_at_start = os.getloadavg()
     with workdir() as work, kafka(work) as kafka_:
         www = work / "nginx"
         www.mkdir()
@@ -374,12 +408,21 @@ def main() -> int:
         work.chmod(0o755)  # nginx workers run as an unprivileged user
         port = free_port()
         nginx = start_nginx(www, port)
+        page = f"http://127.0.0.1:{port}/"
         try:
             for n in range(args.runs):
                 print(f"run {n + 1}/{args.runs}", file=sys.stderr)
+                if args.nodes > 1:
+                    runs.append(
+                        cluster_cadence.one_run(
+                            kafka_, page, args.tasks, args.interval, args.intervals, args.nodes
+                        )
+                    )
+                    print(f"  {cluster_cadence.summary_line(runs[-1])}", file=sys.stderr)
+                    continue
                 run = one_run(
                     kafka_,
-                    f"http://127.0.0.1:{port}/",
+                    page,
                     args.tasks,
                     args.interval,
                     args.intervals,
@@ -389,6 +432,31 @@ def main() -> int:
                 print(f"  {summary_line(run)}", file=sys.stderr)
         finally:
             stop_process(nginx)
+    if runs:
+        host: dict[str, Any] = {
+            "cpu_model": cpu_model(),
+            "nproc": os.cpu_count(),
+            "load_avg_at_start": load_at_start,
+            "load_avg_at_end": os.getloadavg(),
+            "date": when,
+        }
+        loads = " / ".join(
+            " ".join(f"{x:.2f}" for x in load)
+            for load in (host["load_avg_at_start"], host["load_avg_at_end"])
+        )
+        print(
+            f"{when}, `lscpu` model name {host['cpu_model']!r}, nproc {host['nproc']}, "
+            f"load average (1, 5, 15 min) at start / end {loads}\n"
+        )
+        print(cluster_cadence.table(runs))
+        if args.json:
+            body = {
+                "host": host,
+                "runs": [r.to_json() for r in runs],
+                "median": cluster_cadence.median(runs),
+            }
+            args.json.write_text(json.dumps(body, indent=2))
+        return 0
     print(table(results))
     for n, r in enumerate(results):
         print(

@@ -141,6 +141,15 @@ def decode(key: bytes | None, value: bytes | None) -> Decoded:
         return TaskRemoved(task_id)
     if len(value) > MAX_RECORD_BYTES:
         return _invalid(task_id, f"record is larger than {MAX_RECORD_BYTES} bytes", {})
+    # The usual record (valid, its id the key) is parsed once; anything else is read again
+    # below, so that what it is told is the same whichever way it came.
+    try:
+        record = TaskRecord.model_validate_json(value)
+    except ValidationError:
+        pass
+    else:
+        if record.id == task_id:
+            return TaskChange(task_id, record)
     try:
         document = orjson.loads(value)
     except orjson.JSONDecodeError as exc:

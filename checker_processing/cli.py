@@ -70,7 +70,8 @@ def command_line() -> CommandLine:
     listed.add_argument(
         "--state",
         default="pending,failed",
-        help="pending, sent, failed, cancelled, comma separated (default pending,failed)",
+        help="pending, sent, summarised, failed, cancelled, comma separated"
+        " (default pending,failed)",
     )
     listed.add_argument("--format", default="table", help="table or json (default table)")
     return line

@@ -315,7 +315,7 @@ def _serve(
         maintenance=maintain,
         events=Supervision(notifier, metrics, ping_database, serving),
     )
-    sender = _start_sender(settings, connect, stop)
+    sender = _start_sender(settings, connect, stop, metrics)
     notifier.status("joining the consumer group")
     log.info(
         "consuming %s as group %s",
@@ -339,14 +339,17 @@ def _serve(
 
 
 def _start_sender(
-    settings: ProcessorSettings, connect: Callable[[], Any], stop: threading.Event
+    settings: ProcessorSettings,
+    connect: Callable[[], Any],
+    stop: threading.Event,
+    metrics: Metrics,
 ) -> threading.Thread | None:
     """The alerting sender in a thread of its own, when ALERTING_CONFIG is set."""
     if settings.alerting is None:
         return None
     from checker_processing.alerting.sender import Sender
 
-    sender = Sender(connect, settings.alerting, stop)
+    sender = Sender(connect, settings.alerting, stop, metrics)
     thread = threading.Thread(target=sender.run, name="alerting-sender")
     thread.start()
     log.info(

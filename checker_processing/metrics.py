@@ -1,8 +1,9 @@
 """Prometheus metrics of the processor, served on METRICS_HOST:METRICS_PORT (0: off).
 
-Counters move from the consume loop; the consumer lag comes from librdkafka's statistics
-(`stats_cb`), whose high watermark is the one seen in fetch responses. (This broker's
-ListOffsets answer, behind `get_watermark_offsets(cached=False)`, is not reliable.)
+Counters move from the consume loop (alerting's from its sender thread); the consumer lag comes
+from librdkafka's statistics (`stats_cb`), whose high watermark is the one seen in fetch
+responses. (This broker's ListOffsets answer, behind `get_watermark_offsets(cached=False)`, is
+not reliable.)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # nothing next to a batch, and a scrape then sees a lag at most a second old.
 STATS_INTERVAL_MS = 1000
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+
+DELAY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600, 4 * 3600, 86400)
 
 PartitionKey = tuple[str, int]
 
@@ -69,6 +72,10 @@ class Metrics:
     doubles: Counter
     commit_failures: Counter
     lag: Gauge
+    notifications: Counter
+    notifications_pending: Gauge
+    notifications_due: Gauge
+    notification_delay: Histogram
     server: MetricsServer | None = None
     _lag_keys: set[PartitionKey] = field(default_factory=set)
 
@@ -128,6 +135,31 @@ class Metrics:
                 ["topic", "partition"],
                 registry=registry,
             ),
+            notifications=Counter(
+                "checker_processing_notifications",
+                "Alerting: notifications by channel, kind and outcome (sent, summarised,"
+                " retried, failed, cancelled); a summary is kind summary",
+                ["channel", "kind", "outcome"],
+                registry=registry,
+            ),
+            notifications_pending=Gauge(
+                "checker_processing_notifications_pending",
+                "Alerting: notifications not yet sent (due or later)",
+                registry=registry,
+            ),
+            notifications_due=Gauge(
+                "checker_processing_notifications_due",
+                "Alerting: pending notifications whose time has come",
+                registry=registry,
+            ),
+            notification_delay=Histogram(
+                "checker_processing_notification_delay_seconds",
+                "Alerting: from when a notification was first due to when it was delivered"
+                " (sent, or in a summary)",
+                ["channel"],
+                buckets=DELAY_BUCKETS,
+                registry=registry,
+            ),
         )
 
     @classmethod
@@ -158,6 +190,16 @@ class Metrics:
 
     def commit_failed(self) -> None:
         self.commit_failures.inc()
+
+    def notified(self, channel: str, kind: str, outcome: str) -> None:
+        self.notifications.labels(channel, kind, outcome).inc()
+
+    def delivered(self, channel: str, seconds: float) -> None:
+        self.notification_delay.labels(channel).observe(max(0.0, seconds))
+
+    def outbox(self, pending: int, due: int) -> None:
+        self.notifications_pending.set(pending)
+        self.notifications_due.set(due)
 
     def stats(self, text: str) -> None:
         """librdkafka's `stats_cb`: update the lag gauges (called from the consume loop)."""

@@ -126,5 +126,9 @@ def maintain(conn: Connection, today: date, retention_days: int) -> list[date]:
             "DELETE FROM notifications WHERE state <> 'pending' AND finished_at < %s::date",
             (cutoff,),
         )
+        # A channel's budget matters in its minute only: a day is kept to look back on.
+        cur.execute(
+            "DELETE FROM notification_windows WHERE window_start < now() - interval '1 day'"
+        )
     conn.commit()
     return dropped

@@ -44,6 +44,7 @@ from periodic_checker.probe import Prober
 from periodic_checker.producer import ResultPublisher
 from periodic_checker.scheduler import CheckScheduler
 from periodic_checker.settings import CheckerMode, CheckerSettings
+from periodic_checker.state_mirror import StateMirror
 from periodic_checker.store import SQLiteTaskStore, StoreError, StoreReadOnly
 from periodic_checker.task_service import TaskService
 from periodic_checker.task_state import StateTopicMissing, TaskStates
@@ -121,6 +122,7 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     producer: RecordProducer | None = None
     ownership: Ownership | None = None
     states: TaskStates | None = None
+    mirror: StateMirror | None = None
     if cluster:
         assert names is not None
         notifier.status("reading the task topic")
@@ -157,6 +159,10 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
             grace=settings.shutdown_timeout * CHECKS_SHARE_OF_SHUTDOWN,
         )
         scheduler.owns = ownership.owns
+        # The tasks other nodes run show the state those nodes measured.
+        mirror = StateMirror(
+            states, scheduler, follower, ownership.owns, node_id=settings.checker_node_id
+        )
         writes: TaskWrites = TopicWrites(
             producer,
             follower,
@@ -194,6 +200,8 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         await writes.start()
     if ownership is not None:
         await ownership.start()
+    if mirror is not None:
+        await mirror.start()
     runner = api_runner(build_app(service, settings))
     await runner.setup()
     started = False
@@ -224,6 +232,8 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         notifier.stopping("stopping")
         await watchdog
     deadline = time.monotonic() + settings.shutdown_timeout
+    if mirror is not None:
+        await mirror.stop()
     if ownership is not None:
         # Leave the group first: its tasks are handed over cleanly (running checks end, their
         # states are published), then the others take them.

@@ -77,6 +77,9 @@ LINGER_MS = 20
 POLL_SECONDS = 0.1
 # After purge() librdkafka reports the purged messages on the next poll; this bounds the wait.
 PURGE_GRACE_SECONDS = 5.0
+# At shutdown with the broker known to be away, the flush waits this long, not the whole
+# budget: what librdkafka still holds goes to the outbox, to be sent by the next start.
+AWAY_FLUSH_SECONDS = 2.0
 MIN_PURGE_GRACE_SECONDS = 0.5
 
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
@@ -330,6 +333,9 @@ class ResultPublisher:
         producer, self._producer = self._producer, None
         if producer is not None:
             now = time.monotonic
+            if self._reachable is False:
+                deadline = min(deadline, now() + AWAY_FLUSH_SECONDS)
+                log.info("broker unreachable at shutdown; undelivered results go to the outbox")
             left = await asyncio.to_thread(producer.flush, max(0.0, deadline - now()))
             if left:
                 # Messages librdkafka still holds would otherwise be delivered (or not) after

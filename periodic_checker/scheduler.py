@@ -327,6 +327,17 @@ class CheckScheduler:
             if slots and task.spec.interval is not None:
                 self._late[task.id] = slots
 
+    def mirror(self, task: Task) -> bool:
+        """Keep the state another node measured of a task this node does not run (cluster
+        mode, `state_mirror`): written with the node's own state changes; nothing is
+        scheduled or stopped. False when the task is gone or its definition changed."""
+        current = self.tasks.get(task.id)
+        if current is None or current.spec is not task.spec or current.status is not task.status:
+            return False
+        self.tasks[task.id] = task
+        self._mark_changed(current, task)
+        return True
+
     async def release(self, task_ids: Iterable[uuid.UUID], grace: float) -> int:
         """Stop running tasks here (another node takes them): call once `owns` says no. No
         slot of theirs starts any more, a retry waiting is dropped, and their running checks

@@ -418,10 +418,10 @@ class SQLiteTaskStore:
         """Make the table exactly these tasks (a view rebuilt from the whole topic)."""
         # Not marked as checked: a view is rebuilt from the topic, never loaded (`load` marks
         # what it validates, should the node run in single mode one day).
-        rows = [
-            (*_task_to_row(w.task, checked=False), _time(w.task.updated_at), w.partition, w.offset)
-            for w in writes
-        ]
+        rows = []
+        for w in writes:
+            row = _task_to_row(w.task, checked=False)
+            rows.append((*row, row[_UPDATED], w.partition, w.offset))  # published as it is
         with self._lock, _transaction(self._db):
             self._db.execute("DELETE FROM tasks")
             self._db.execute("DELETE FROM unpublished_removals")
@@ -666,6 +666,7 @@ _UPSERT = (
 _ID = 0
 _SPEC = 3
 _CREATED = 9
+_UPDATED = 10
 _CHECKED_AT = _NCOLUMNS  # where `load` reads spec_checked
 # Fields of a task built from a checked row (all of them): one set shared by all such tasks.
 _ALL_TASK_FIELDS = set(Task.model_fields)
@@ -791,7 +792,11 @@ def _integrity(exc: sqlite3.IntegrityError, task: Task) -> Exception:
 
 
 def _time(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat(timespec="microseconds")
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:  # a task's times are UTC already (a view's 100,000 rows)
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")
 
 
 def _parse_time(value: str) -> datetime:

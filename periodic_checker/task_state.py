@@ -165,6 +165,7 @@ class TaskStates:
         self.node_id = settings.checker_node_id
         self.latest: dict[uuid.UUID, TaskState] = {}
         self.read = 0
+        self._fresh: set[uuid.UUID] = set()  # read since the last `take_fresh`
         self._consumer: Any = None
         self._partitions: list[int] = []
         self._next: dict[int, int] = {}
@@ -286,6 +287,7 @@ class TaskStates:
             state = decode_state(key, message.value())
             if state is not None:
                 self.latest[state.task_id] = state
+                self._fresh.add(state.task_id)
                 self.read += 1
             elif message.value() is None and key is not None:
                 with contextlib.suppress(ValueError):
@@ -302,6 +304,11 @@ class TaskStates:
             else:
                 still.append((partition, offset, waiter))
         self._waiters = still
+
+    def take_fresh(self) -> set[uuid.UUID]:
+        """The tasks whose state was read since the last call (`state_mirror`)."""
+        fresh, self._fresh = self._fresh, set()
+        return fresh
 
     def _log_error(self, error: KafkaError) -> None:
         now = time.monotonic()

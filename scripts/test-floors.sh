@@ -46,6 +46,7 @@ python -m pytest -p no:cacheprovider \
   tests/processing/test_writer.py tests/processing/test_batching.py \
   tests/processing/test_reporting.py \
   tests/processing/test_alerting_config.py tests/processing/test_alerting_backoff.py \
+  tests/processing/test_alerting_rate.py \
   tests/processing/test_alerting_delivery.py tests/processing/test_alerting_mail.py \
   tests/processing/test_daemon.py::test_results_and_poison_are_stored_and_sigterm_commits \
   "$@"

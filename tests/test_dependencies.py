@@ -18,7 +18,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-FIRST_PARTY = {"checker_common", "periodic_checker", "checker_processing", "devstack"}
+# bench/ too: a test may import a benchmark's pure counting (tests/test_bench_cadence.py).
+FIRST_PARTY = {"checker_common", "periodic_checker", "checker_processing", "devstack", "bench"}
 INSTALLED = ["checker_common", "periodic_checker", "checker_processing"]
 # Standard library in a later Python, imported only there (decoding.py: compression.zstd, 3.14).
 LATER_STDLIB = {"compression"}

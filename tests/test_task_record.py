@@ -68,6 +68,12 @@ def test_a_producer_may_leave_the_id_out_of_the_value() -> None:
     assert decoded.record.origin is None
 
 
+def test_an_id_in_the_value_is_the_key_however_the_uuid_is_spelled() -> None:
+    decoded = decode(KEY, value(id=str(TASK).upper()))
+    assert isinstance(decoded, TaskChange)
+    assert decoded.task_id == decoded.record.id == TASK
+
+
 @pytest.mark.parametrize("key", [None, b"", b"shop", b"\xff\xfe", b"3f1c8a52"])
 def test_a_record_without_a_task_id_is_no_task(key: bytes | None) -> None:
     decoded = decode(key, value())

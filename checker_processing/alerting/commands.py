@@ -16,7 +16,7 @@ from checker_processing.alerting.delivery import Delivered, Outcome
 from checker_processing.alerting.message import IncidentInfo, NotificationBody, TaskInfo, summary
 from checker_processing.alerting.sender import send
 
-STATES = ("pending", "sent", "failed", "cancelled")
+STATES = ("pending", "sent", "summarised", "failed", "cancelled")
 
 
 def sample_notification(channel: str) -> NotificationBody:

@@ -47,6 +47,9 @@ class WebhookChannel(_Strict):
     url: str = Field(min_length=1, max_length=2048)
     secret: SecretStr | None = Field(None, description="shared secret of the signature header")
     timeout_seconds: float = Field(10.0, gt=0, le=60)
+    max_per_minute: int = Field(
+        20, ge=1, le=10000, description="individual notifications a minute; the rest: a summary"
+    )
 
     @model_validator(mode="after")
     def _url(self) -> WebhookChannel:
@@ -63,6 +66,9 @@ class SlackChannel(_Strict):
     type: Literal["slack"]
     url: SecretStr
     timeout_seconds: float = Field(10.0, gt=0, le=60)
+    max_per_minute: int = Field(
+        20, ge=1, le=10000, description="individual notifications a minute; the rest: a summary"
+    )
 
     @model_validator(mode="after")
     def _url(self) -> SlackChannel:
@@ -89,6 +95,9 @@ class EmailChannel(_Strict):
         min_length=1, max_length=100
     )
     timeout_seconds: float = Field(30.0, gt=0, le=120)
+    max_per_minute: int = Field(
+        20, ge=1, le=10000, description="individual notifications a minute; the rest: a summary"
+    )
 
     @model_validator(mode="after")
     def _login(self) -> EmailChannel:
@@ -105,7 +114,11 @@ class EmailChannel(_Strict):
 
 class AlertmanagerChannel(_Strict):
     """Prometheus Alertmanager's v2 API: an incident is an alert (labels alertname, task, name,
-    url, tags) firing from its start, resolved through `endsAt` when it closes."""
+    url, tags) firing from its start, resolved through `endsAt` when it closes.
+
+    No `max_per_minute`: Alertmanager is built to take bursts, and groups, throttles and
+    repeats by itself (group_by, group_interval); folding alerts into a summary would keep
+    them from firing under their own labels, and so from being routed, silenced and resolved."""
 
     type: Literal["alertmanager"]
     url: str = Field(min_length=1, max_length=2048, description="base URL, e.g. http://am:9093")
@@ -288,6 +301,14 @@ class AlertingConfig(_Strict):
             if window.matches(name, tags) and (end := window.active_until(now)) is not None
         ]
         return max(ends, default=None)
+
+    def max_per_minute(self, channel: str) -> int | None:
+        """The channel's rate limit; None for Alertmanager, which groups and throttles by
+        itself and whose alerts must each fire (and resolve) under their own labels."""
+        target = self.channels.get(channel)
+        if target is None or isinstance(target, AlertmanagerChannel):
+            return None
+        return target.max_per_minute
 
     def rule(self, name: str) -> Rule | None:
         return next((rule for rule in self.rules if rule.name == name), None)

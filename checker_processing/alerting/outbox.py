@@ -3,14 +3,16 @@
 `expand` reads the incident events the trigger wrote (migration 0012) and makes one
 notification per channel a rule routes the task to, each with a stable id, in one transaction
 with marking the events done; events are claimed with SKIP LOCKED, so several processors
-share them. `claim` locks due notifications with `FOR UPDATE SKIP LOCKED` and keeps them
-locked until the caller's transaction ends: a notification being sent is invisible to every
-other sender, so two processors never send one twice; a sender that dies mid-send releases
-its rows and another sends them again (receivers drop the repeat by the id).
+share them; an incident's closing is expanded only once its opening is, committed. `claim`
+(and `claim_channel`, for a summary: `rate`) locks due notifications with `FOR UPDATE SKIP
+LOCKED` and keeps them locked until the caller's transaction ends: a notification being sent
+is invisible to every other sender, so two processors never send one twice; a sender that dies
+mid-send releases its rows and another sends them again (receivers drop the repeat by the id).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -32,6 +34,13 @@ def notification_id(incident_id: int, kind: str, channel: str, sequence: int = 0
     return uuid.uuid5(NAMESPACE, f"{incident_id}/{kind}/{channel}/{sequence}")
 
 
+def summary_id(channel: str, notification_ids: list[uuid.UUID]) -> uuid.UUID:
+    """The same notifications folded for the same channel always make the same summary id,
+    so a summary tried again is a repeat its receiver can drop (pure)."""
+    folded = hashlib.sha256(",".join(sorted(map(str, notification_ids))).encode()).hexdigest()
+    return uuid.uuid5(NAMESPACE, f"summary/{channel}/{folded}")
+
+
 @dataclass(frozen=True, slots=True)
 class Notification:
     """A claimed notification: what to send, and where."""
@@ -49,6 +58,9 @@ class Notification:
     incident_open: bool
 
 
+# A closing waits until its opening is expanded (committed, or by this transaction): another
+# sender still expanding the opening holds notifications this one cannot see yet, and the
+# recovery is made from them.
 _EVENTS = """
 SELECT e.event_id, e.incident_id, e.task_id::text, e.kind, e.at,
        t.name, t.url, t.tags, i.started_at, i.ended_at, i.end_reason,
@@ -57,6 +69,9 @@ FROM alert_events AS e
 JOIN incidents AS i USING (incident_id)
 LEFT JOIN tasks AS t ON t.task_id = e.task_id
 WHERE e.expanded_at IS NULL
+  AND (e.kind = 'opened' OR NOT EXISTS (
+      SELECT FROM alert_events AS o
+      WHERE o.incident_id = e.incident_id AND o.kind = 'opened' AND o.expanded_at IS NULL))
 ORDER BY e.event_id
 LIMIT %s
 FOR UPDATE OF e SKIP LOCKED
@@ -71,30 +86,40 @@ ON CONFLICT (notification_id) DO NOTHING
 
 def expand(cur: Any, config: AlertingConfig, limit: int = 500) -> int:
     """Turn waiting incident events into notifications, in the caller's transaction; returns
-    how many events were expanded."""
-    cur.execute(_EVENTS, (limit,))
-    events = cur.fetchall()
-    for event in events:
-        (event_id, incident_id, task_id, kind, at, name, url, tags, started, ended, end_reason,
-         error_kind, error_message) = event  # fmt: skip
-        details = {
-            "task": {"id": task_id, "name": name, "url": url, "tags": list(tags or [])},
-            "incident": {
-                "id": incident_id,
-                "started_at": started.astimezone(UTC).isoformat(),
-                "ended_at": ended.astimezone(UTC).isoformat() if ended is not None else None,
-                "end_reason": end_reason,
-                "first_error": {"kind": error_kind, "message": error_message}
-                if error_kind is not None
-                else None,
-            },
-        }
-        if kind == "opened":
-            _opened(cur, config, incident_id, task_id, at, name, tags, details)
-        else:
-            _closed(cur, config, incident_id, task_id, at, started, details)
-        cur.execute("UPDATE alert_events SET expanded_at = now() WHERE event_id = %s", (event_id,))
-    return len(events)
+    how many events were expanded. Passes until none is left: a closing whose opening this
+    transaction expanded is taken in the next pass, before anything of it can be claimed."""
+    done = 0
+    while done < limit:
+        cur.execute(_EVENTS, (limit - done,))
+        events = cur.fetchall()
+        if not events:
+            break
+        for event in events:
+            _expand_one(cur, config, event)
+        done += len(events)
+    return done
+
+
+def _expand_one(cur: Any, config: AlertingConfig, event: tuple[Any, ...]) -> None:
+    (event_id, incident_id, task_id, kind, at, name, url, tags, started, ended, end_reason,
+     error_kind, error_message) = event  # fmt: skip
+    details = {
+        "task": {"id": task_id, "name": name, "url": url, "tags": list(tags or [])},
+        "incident": {
+            "id": incident_id,
+            "started_at": started.astimezone(UTC).isoformat(),
+            "ended_at": ended.astimezone(UTC).isoformat() if ended is not None else None,
+            "end_reason": end_reason,
+            "first_error": {"kind": error_kind, "message": error_message}
+            if error_kind is not None
+            else None,
+        },
+    }
+    if kind == "opened":
+        _opened(cur, config, incident_id, task_id, at, name, tags, details)
+    else:
+        _closed(cur, config, incident_id, task_id, at, started, details)
+    cur.execute("UPDATE alert_events SET expanded_at = now() WHERE event_id = %s", (event_id,))
 
 
 def _opened(
@@ -227,6 +252,7 @@ WHERE n.state = 'pending' AND n.due_at <= now()
       SELECT FROM notifications AS p
       WHERE p.incident_id = n.incident_id AND p.channel = n.channel
         AND p.kind IN ('opened', 'reminder') AND p.state = 'pending'))
+  {only}
 ORDER BY n.due_at
 LIMIT %s
 FOR UPDATE OF n SKIP LOCKED
@@ -235,7 +261,21 @@ FOR UPDATE OF n SKIP LOCKED
 
 def claim(cur: Any, limit: int) -> list[Notification]:
     """Lock up to `limit` due notifications until the caller's transaction ends."""
-    cur.execute(_CLAIM, (limit,))
+    cur.execute(_CLAIM.format(only=""), (limit,))
+    return _claimed(cur)
+
+
+def claim_channel(
+    cur: Any, channel: str, besides: list[uuid.UUID], limit: int
+) -> list[Notification]:
+    """Lock up to `limit` more due notifications of `channel`, other than `besides` (which
+    this transaction holds already), to fold them into a summary."""
+    only = "AND n.channel = %s AND n.notification_id <> ALL(%s::uuid[])"
+    cur.execute(_CLAIM.format(only=only), (channel, [str(i) for i in besides], limit))
+    return _claimed(cur)
+
+
+def _claimed(cur: Any) -> list[Notification]:
     return [
         Notification(
             notification_id=uuid.UUID(str(r[0])),
@@ -262,6 +302,22 @@ def sent(cur: Any, n: Notification, repeat_seconds: float | None) -> None:
         " last_error = NULL WHERE notification_id = %s",
         (str(n.notification_id),),
     )
+    _remind(cur, n, repeat_seconds)
+
+
+def summarised(cur: Any, n: Notification, summary: uuid.UUID, repeat_seconds: float | None) -> None:
+    """Mark `n` told through the summary `summary` (sent in it, not on its own); its rule's
+    reminders follow as if it was sent."""
+    cur.execute(
+        "UPDATE notifications SET state = 'summarised', summary_id = %s, finished_at = now(),"
+        " attempts = attempts + 1, last_error = NULL WHERE notification_id = %s",
+        (str(summary), str(n.notification_id)),
+    )
+    _remind(cur, n, repeat_seconds)
+
+
+def _remind(cur: Any, n: Notification, repeat_seconds: float | None) -> None:
+    """Schedule the next reminder when the rule repeats and the incident is still open."""
     if repeat_seconds is not None and n.kind in ("opened", "reminder") and n.incident_open:
         sequence = n.sequence + 1
         nid = notification_id(n.incident_id, "reminder", n.channel, sequence)
@@ -282,6 +338,15 @@ def hold(cur: Any, n: Notification, until: datetime) -> None:
     cur.execute(
         "UPDATE notifications SET held = true, due_at = %s WHERE notification_id = %s",
         (until, str(n.notification_id)),
+    )
+
+
+def wait(cur: Any, waiting: list[Notification], until: datetime) -> None:
+    """Put these off until `until`, when their channel's rate limit has room again (not a
+    try: no attempt counted)."""
+    cur.execute(
+        "UPDATE notifications SET due_at = %s WHERE notification_id = ANY(%s::uuid[])",
+        (until, [str(n.notification_id) for n in waiting]),
     )
 
 
@@ -309,6 +374,16 @@ def cancelled(cur: Any, n: Notification, reason: str) -> None:
         " WHERE notification_id = %s",
         (reason, str(n.notification_id)),
     )
+
+
+def pending(cur: Any) -> tuple[int, int]:
+    """How many notifications are pending, and how many of those are due now."""
+    cur.execute(
+        "SELECT count(*), count(*) FILTER (WHERE due_at <= now()) FROM notifications"
+        " WHERE state = 'pending'"
+    )
+    total, due = cur.fetchone()
+    return int(total), int(due)
 
 
 def listing(cur: Any, states: tuple[str, ...], limit: int = 1000) -> list[dict[str, Any]]:

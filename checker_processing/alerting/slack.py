@@ -8,17 +8,15 @@ import orjson
 
 from checker_processing.alerting.config import SlackChannel
 from checker_processing.alerting.delivery import Outcome, TryAgain, outcome_of
-from checker_processing.alerting.message import NotificationBody
+from checker_processing.alerting.message import Body
 
 
-def payload(body: NotificationBody) -> bytes:
+def payload(body: Body) -> bytes:
     """The JSON Slack and Mattermost take (pure)."""
     return orjson.dumps({"text": body.summary})
 
 
-async def send(
-    session: aiohttp.ClientSession, channel: SlackChannel, body: NotificationBody
-) -> Outcome:
+async def send(session: aiohttp.ClientSession, channel: SlackChannel, body: Body) -> Outcome:
     try:
         async with session.post(
             channel.url.get_secret_value(),

@@ -18,7 +18,7 @@ import aiohttp
 from checker_common.errors import first_line
 from checker_processing.alerting.config import WebhookChannel
 from checker_processing.alerting.delivery import Outcome, TryAgain, outcome_of
-from checker_processing.alerting.message import NotificationBody
+from checker_processing.alerting.message import Body
 
 ID_HEADER = "X-Checker-Notification-Id"
 TIMESTAMP_HEADER = "X-Checker-Timestamp"
@@ -31,9 +31,7 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={mac.hexdigest()}"
 
 
-def request(
-    channel: WebhookChannel, body: NotificationBody, now: float
-) -> tuple[bytes, dict[str, str]]:
+def request(channel: WebhookChannel, body: Body, now: float) -> tuple[bytes, dict[str, str]]:
     """The bytes and headers of the POST (pure)."""
     data = body.model_dump_json().encode()
     timestamp = str(int(now))
@@ -47,9 +45,7 @@ def request(
     return data, headers
 
 
-async def send(
-    session: aiohttp.ClientSession, channel: WebhookChannel, body: NotificationBody
-) -> Outcome:
+async def send(session: aiohttp.ClientSession, channel: WebhookChannel, body: Body) -> Outcome:
     data, headers = request(channel, body, time.time())
     try:
         async with session.post(

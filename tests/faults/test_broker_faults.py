@@ -55,6 +55,39 @@ def test_broker_outage_longer_than_the_message_timeout_loses_nothing(
     assert tally.rows == tally.produced
 
 
+@pytest.mark.long  # about a minute: `scripts/test.sh -m long`
+def test_sigterm_with_the_broker_away_stores_what_is_in_flight_without_waiting_out_its_budget(
+    kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
+) -> None:
+    broker = kafka.require_local()
+    with pipeline(kafka, topic, pg_dsn, tmp_path) as line:
+        line.seed(TASKS)
+        line.start_processor()
+        # librdkafka would hold the results for minutes; the daemon may take ten to stop.
+        line.start_checker(KAFKA_MESSAGE_TIMEOUT_MS=300_000, SHUTDOWN_TIMEOUT=600)
+        line.wait_for_rows(TASKS, "results flowing before the outage")
+        with broker_cut(broker):
+            wait_for(
+                lambda: (line.status() or {}).get("broker_reachable") is False,
+                timeout=60,
+                what="the checker to see the broker gone",
+            )
+            time.sleep(2)  # results pile up in librdkafka
+            # Well inside its 600 s: waiting out the budget would fail here.
+            code = line.checker.terminate(timeout=120)
+            assert code == 0, line.checker.tail()
+            said = line.checker.text()
+            assert "broker unreachable at shutdown" in said
+            assert "moved to the outbox at shutdown" in said
+        ended = now_utc()
+        line.start_checker()  # the broker back: the next start sends what the outbox kept
+        back = line.recover(ended, TASKS, "results after the restart")
+    tally = back.tally
+    tally.report("sigterm_broker_away", tasks=TASKS, outbox_drained_s=back.outbox_drained_s)
+    assert tally.lost == tally.duplicates == tally.unknown == tally.outbox_left == 0
+    assert tally.rows == tally.produced
+
+
 @pytest.mark.long  # minutes: `scripts/test.sh -m long`
 def test_broker_flapping_loses_nothing(
     kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path

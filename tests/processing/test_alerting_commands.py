@@ -123,4 +123,4 @@ async def test_alerts_list_shows_pending_and_failed_notifications(
     assert (found["state"], found["task_id"], found["attempts"]) == ("pending", str(task), 1)
     assert none.stdout == "no notifications\n"
     assert bad.returncode == 2
-    assert "--state: lost is not one of pending, sent, failed, cancelled" in bad.stderr
+    assert "--state: lost is not one of pending, sent, summarised, failed, cancelled" in bad.stderr

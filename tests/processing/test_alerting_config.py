@@ -76,6 +76,9 @@ BAD_FILES = [
      "line 2: delivery.give_up_after_seconds: Input should be a valid number"),
     ("two rules of one name", GOOD.replace('"everything"', '"prod"'),
      "line 21: rules[1].name: 'prod' is used by another rule"),
+    ("no rate", GOOD.replace('secret = "whsec-0123456789"\n', 'secret = "whsec-0123456789"\n'
+                             'max_per_minute = 0\n'),
+     "line 8: channels.ops.max_per_minute: Input should be greater than or equal to 1"),
     ("no channels", "[[rules]]\nname = 'a'\nchannels = ['x']\nall = true\n",
      "channels: is required"),
 ]  # fmt: skip

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import threading
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -76,6 +77,11 @@ def receiver() -> Iterator[Receiver]:
     server.server_close()
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        return str(page.read().decode())
+
+
 def alerting_file(tmp_path: Path, port: int) -> Path:
     path = tmp_path / "alerting.toml"
     path.write_text(
@@ -129,8 +135,16 @@ all = true
                                           (True, "up")])
     ]  # fmt: skip
     produce(kafka, topic, [encode(task, r) for r in results])
-    daemon = daemons(env, ALERTING_CONFIG=str(alerting))
+    metrics_port = free_port()
+    daemon = daemons(env, ALERTING_CONFIG=str(alerting), METRICS_PORT=str(metrics_port))
     wait_for(lambda: len(receiver.bodies) == 2, "the opening and the recovery")
+    sent = 'checker_processing_notifications_total{channel="ops",kind="%s",outcome="sent"} 1.0'
+    wait_for(
+        lambda: all(sent % kind in scrape(metrics_port) for kind in ("opened", "closed")),
+        "the metrics to count both",
+    )
+    delays = 'checker_processing_notification_delay_seconds_count{channel="ops"} 2.0'
+    assert delays in scrape(metrics_port)
     assert daemon.terminate() == 0
     assert sorted(b["kind"] for b in receiver.bodies) == ["closed", "opened"]
     assert receiver.forged == 0

@@ -23,7 +23,7 @@ from aiohttp import web
 from processing.processing_helpers import WIDE_WINDOW, make_result, record_of, rows
 
 from checker_processing import db
-from checker_processing.alerting import message
+from checker_processing.alerting import message, outbox
 from checker_processing.alerting.config import AlertingConfig, parse
 from checker_processing.alerting.sender import Sender
 from checker_processing.writer import Writer
@@ -125,6 +125,8 @@ secret = "{SECRET}"
 # The most: on a loaded machine a slow answer must not be taken for a lost one (a retry of a
 # request that did arrive is a repeat, which receivers drop by the id, but this test counts).
 timeout_seconds = 60
+# These tests count notifications one by one: the rate limit has its own (test_alerting_burst).
+max_per_minute = 10000
 
 [[rules]]
 name = "everything"
@@ -329,6 +331,35 @@ async def test_two_senders_never_send_one_notification_twice(
     assert len(ids) == 180
     assert len(set(ids)) == 180
     assert all(s.sent > 0 for s in senders.senders)  # both took part
+
+
+def test_a_recovery_is_not_lost_when_two_senders_expand_at_once(
+    writer: Writer, migrated: Any, schema_dsn: str
+) -> None:
+    """One sender is expanding an incident's opening (its transaction still open) when the
+    incident closes and another sender takes the closing event: the recovery waits for the
+    opening's notifications instead of finding none (and being told to nobody)."""
+    config = config_for(free_port())
+    first = db.connect(schema_dsn)
+    try:
+        writer.write([result(A, 0, 0, "down")])
+        with first.cursor() as cur:
+            assert outbox.expand(cur, config) == 1  # the opening, not committed yet
+        writer.write([result(A, 1, 1, "up")])
+        second = db.connect(schema_dsn)
+        try:
+            with second.cursor() as cur:
+                outbox.expand(cur, config)
+            second.commit()
+            first.commit()
+            with second.cursor() as cur:
+                outbox.expand(cur, config)
+            second.commit()
+        finally:
+            second.close()
+    finally:
+        first.close()
+    assert states(migrated) == [("closed", "pending"), ("opened", "pending")]
 
 
 async def test_after_seconds_holds_back_a_short_incident_and_its_recovery(
