@@ -10,8 +10,10 @@ close revokes what the node owns and leaves the group.
   reads the state topic first, and the thread keeps serving the group);
 - revoked: `release(partitions)` runs on the event loop and the callback waits for it (up to
   `handover_timeout`): the group hands the partitions on only after it;
-- lost (cut off from the group longer than the session time-out): nothing stops; the next
-  assignment is the whole truth (`follow=True`).
+- lost (cut off from the group longer than the session time-out, or the broker forgot the
+  member): nothing stops; the next assignment is the whole truth (`follow=True`). librdkafka
+  calls the lost callback on its own clock (no heartbeat answered for `session.timeout.ms`),
+  the same whether the broker is down for every node or only this node's line is cut.
 """
 
 from __future__ import annotations

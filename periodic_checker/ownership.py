@@ -17,7 +17,14 @@ changes of tasks of other partitions are shown but never run here.
   states are written, a `released` record per task (with its last slot) is confirmed by the
   broker; only then does the group hand the partitions on. SIGTERM leaves the group this way.
 - Lost (cut off from the group longer than the session time-out): the node keeps running the
-  tasks it last owned; once back in the group it follows the assignment it is given.
+  tasks it last owned; once back in the group it follows the assignment it is given
+  (`_give_up_after_cut`): tasks not in it stop at once and, unless another node took them
+  meanwhile, are released like a revoke's. Until `rejoin_wait` after such a return, a task it
+  is given that is still `running` on another node waits (at most `rejoin_wait`) for that
+  node's release: when the whole broker was down, every node comes back with its partitions
+  lost and the group assigns afresh, while the last holder still runs the task until it is
+  back too. A holder that does not release in time (dead, or still cut off) is treated as
+  after a death: its tasks start here from now.
 """
 
 from __future__ import annotations
@@ -44,7 +51,10 @@ from periodic_checker.task_state import (
     TaskState,
     TaskStates,
     encode_state,
+    held_elsewhere,
+    runs_here,
     state_of,
+    unreleased,
     with_state,
 )
 from periodic_checker.tasks import ResumePlan, Task, at_load, next_fire_time, resume_plan
@@ -74,6 +84,20 @@ PARTITIONS_OWNED = Gauge(
 FENCE_TIMEOUT = 15.0
 # Longest a revoke waits for the handover beyond its checks' grace (states confirmed).
 PUBLISH_MARGIN = 15.0
+# librdkafka's reconnect.backoff.max.ms (its default; not set here): after a long outage a
+# client tries the broker again about this often, so nodes back from the same outage reach it
+# up to this far apart.
+RECONNECT_BACKOFF_MAX = 10.0
+# The longest a node back from a cut waits for a last holder's release, whatever the session.
+REJOIN_WAIT_MAX = 60.0
+
+
+def rejoin_wait(session_timeout_ms: int) -> float:
+    """How long a node back in the group after a cut waits for the release of a task another
+    node, back from the same outage, may still run (pure): that node reaches the broker within
+    RECONNECT_BACKOFF_MAX of this one and has its assignment within a rebalance (two session
+    time-outs: the bound of a failover); at most REJOIN_WAIT_MAX."""
+    return min(2 * session_timeout_ms / 1000 + RECONNECT_BACKOFF_MAX, REJOIN_WAIT_MAX)
 
 
 class Positions(Protocol):
@@ -112,11 +136,17 @@ class Ownership:
         self.store = store
         self.grace = grace
         self.clock = clock
+        self.rejoin_wait = rejoin_wait(settings.kafka_session_timeout_ms)
         self.member = GroupMember(settings, handover_timeout=grace + PUBLISH_MARGIN)
         self.owned: frozenset[int] = frozenset()
         self.last_take_seconds: float | None = None
         self.last_release_seconds: float | None = None
         self._lock = asyncio.Lock()
+        # Partitions assigned whose take has not run their tasks yet (it waits for releases).
+        self._pending: frozenset[int] = frozenset()
+        # When this node was last back in the group after a cut (monotonic): its takes within
+        # `rejoin_wait` of it wait for releases of tasks still held elsewhere (`_take`).
+        self._back_at: float | None = None
         self._snapshots: asyncio.Task[None] | None = None
         # What the last state record of each task run here said (`_worth_telling`).
         self._published: dict[uuid.UUID, tuple[object, ...]] = {}
@@ -137,6 +167,8 @@ class Ownership:
         """The figures of /status."""
         return {
             "owned_partitions": sorted(self.owned),
+            # Assigned, their take waiting for another node's release (back from a cut).
+            "partitions_awaiting_release": sorted(self._pending),
             "tasks_owned": self.tasks_owned(),
             **self.member.status(),
             "last_take_seconds": self.last_take_seconds,
@@ -164,30 +196,31 @@ class Ownership:
 
     async def _take(self, partitions: list[int], follow: bool) -> None:
         """Run the tasks of newly assigned partitions. `follow`: back in the group after being
-        cut off: `partitions` is the whole assignment, and what is not in it goes."""
+        cut off: `partitions` is the whole assignment, and what is not in it goes. Within
+        `rejoin_wait` of such a return, a task still `running` on another node waits for that
+        node's release first (`_await_holders`)."""
+        started = time.monotonic()
+        given = frozenset(partitions)
         async with self._lock:
-            started = time.monotonic()
-            given = frozenset(partitions)
             if follow:
-                dropped = self.owned - given
-                self.owned = self.owned & given
-                if dropped:
-                    # Another node has run them since the cut: no release to write.
-                    ids = self._tasks_of(dropped)
-                    await self.scheduler.release(ids, 0)
-                    log.info(
-                        "back in the group: partitions %s are another node's now (%d tasks)",
-                        sorted(dropped), len(ids),
-                    )  # fmt: skip
+                self._back_at = started
+                await self._give_up_after_cut(self.owned - given)
             new = given - self.owned
             if not new:
                 return
-            try:
-                await asyncio.wait_for(self.states.fence(self.producer), FENCE_TIMEOUT)
-                fenced = True
-            except (BrokerUnavailable, TimeoutError) as exc:
-                fenced = False
-                log.warning("state topic not read to its end (%s): tasks start from now", exc)
+            self._pending = self._pending | new
+            fenced = await self._fence()
+        if not fenced:
+            log.warning("state topic not read to its end: tasks start from now")
+        elif self._back_at is not None and started - self._back_at < self.rejoin_wait:
+            # Outside the lock: a revoke meanwhile must not wait for it (the group would
+            # wait too, and with it the assignment that lets the holder release).
+            await self._await_holders(sorted(new))
+        async with self._lock:
+            new = new & self._pending  # not revoked meanwhile
+            self._pending = self._pending - new
+            if not new:
+                return
             # The states as the previous owners left them (this node's own records of the
             # take below are read into `latest` too).
             latest = self.states.latest
@@ -235,6 +268,78 @@ class Ownership:
                 self.member.generation,
             )  # fmt: skip
 
+    async def _give_up_after_cut(self, dropped: frozenset[int]) -> None:
+        """Back in the group after a cut, the partitions not given again (`dropped`): their
+        tasks stop at once (no slot starts; running checks finish, up to the grace), and each
+        is released with its last slot, as at a revoke, so that its new owner continues after
+        it, unless another node took the task since the cut (its `running` record is the
+        task's latest: it runs the task already, and a release must not overrule that). A task
+        with no record at all (added since this node's take) is released too."""
+        if not dropped:
+            return
+        started = time.monotonic()
+        self.owned = self.owned - dropped
+        ids = self._tasks_of(dropped)
+        late = await self.scheduler.release(ids, self.grace)
+        if late:
+            log.warning("%d checks still running after %.0f s: released anyway", late, self.grace)
+        await self.scheduler.flush()
+        # Read every record written while this node was cut off (a take by another node).
+        fenced = await self._fence()
+        latest = self.states.latest
+        mine = [i for i in ids if fenced and not held_elsewhere(latest.get(i), self.node_id)]
+        tasks = [t for t in (self.scheduler.tasks.get(i) for i in mine) if t is not None]
+        await self._publish(self._states(tasks, StateKind.RELEASED), "released")
+        for task_id in ids:
+            self._published.pop(task_id, None)
+        log.info(
+            "back in the group: partitions %s are another node's now: %d tasks, %d released"
+            " (%d run by another node since the cut) in %.3f s",
+            sorted(dropped), len(ids), len(tasks), len(ids) - len(mine),
+            time.monotonic() - started,
+        )  # fmt: skip
+
+    async def _await_holders(self, partitions: list[int]) -> None:
+        """Back from a cut, wait (up to `rejoin_wait`) until no running task of `partitions`
+        is still held by another node (its `running` record, or no record: `unreleased`): the
+        whole broker may have been down, and that node, back too, runs the task until it
+        learns it is no longer its, then releases it (`_give_up_after_cut`). A node that does
+        not (it died meanwhile, or is still cut off) leaves its tasks to start here from now,
+        as after a death."""
+        latest = self.states.latest
+        held = [
+            i
+            for i in self._tasks_of(frozenset(partitions))
+            if _runs(self.scheduler.tasks[i]) and unreleased(latest.get(i), self.node_id)
+        ]
+        if not held:
+            return
+        started = time.monotonic()
+        log.info(
+            "partitions %s: %d tasks still run by their last holder; waiting up to %.0f s for"
+            " its release",
+            partitions, len(held), self.rejoin_wait,
+        )  # fmt: skip
+        still = await self.states.await_release(held, self.rejoin_wait)
+        log_at = logging.WARNING if still else logging.INFO
+        log.log(
+            log_at,
+            "partitions %s: %d of %d tasks released by their last holder in %.3f s; %d not"
+            " (they start from now)",
+            partitions, len(held) - len(still), len(held), time.monotonic() - started,
+            len(still),
+        )  # fmt: skip
+
+    async def _fence(self) -> bool:
+        """Read the state topic up to every record written before this call; False when the
+        broker did not allow it within FENCE_TIMEOUT."""
+        try:
+            await asyncio.wait_for(self.states.fence(self.producer), FENCE_TIMEOUT)
+        except (BrokerUnavailable, TimeoutError) as exc:
+            log.warning("the state topic could not be fenced: %s", str(exc) or "time-out")
+            return False
+        return True
+
     def _plan(
         self, task: Task, state: TaskState | None, now: float
     ) -> tuple[Task, ResumePlan | None]:
@@ -265,6 +370,8 @@ class Ownership:
         """Hand the tasks of revoked partitions over (see the module doc)."""
         async with self._lock:
             started = time.monotonic()
+            # A take still waiting for their holder's release gives them up (`_take`).
+            self._pending = self._pending - frozenset(partitions)
             gone = self.owned & frozenset(partitions)
             if not gone:
                 return
@@ -310,14 +417,21 @@ class Ownership:
         every = self.settings.checker_state_snapshot_interval
         while True:
             await asyncio.sleep(every)
+            if self.member.cut_off:
+                continue  # out of the group: its release at the return tells the rest
             async with self._lock:  # never after a release of the same task
                 changed = []
+                latest = self.states.latest
                 for task_id in self._tasks_of(self.owned):
                     task = self.scheduler.tasks.get(task_id)
                     if task is None:
                         continue
                     told = _worth_telling(task)
-                    if told != self._published.get(task_id):
+                    # Also when the task's latest record is not this node's `running` (a
+                    # release that crossed this node's take, or a take that wrote none): a
+                    # later owner must see that this node runs the task.
+                    ours = runs_here(latest.get(task_id), self.node_id)
+                    if told != self._published.get(task_id) or not ours:
                         changed.append(task)
                         self._published[task_id] = told
                 await self._publish(self._states(changed, StateKind.RUNNING), "snapshot")
@@ -338,6 +452,11 @@ class Ownership:
 
     def _tasks_of(self, partitions: frozenset[int]) -> list[uuid.UUID]:
         return [task_id for task_id in list(self.scheduler.tasks) if self._in(task_id, partitions)]
+
+
+def _runs(task: Task) -> bool:
+    """Whether a task runs on a cadence (active, with an interval): one a holder ran."""
+    return task.status is TaskStatus.ACTIVE and task.spec.interval is not None
 
 
 def _worth_telling(task: Task) -> tuple[object, ...]:

@@ -9,7 +9,8 @@ run, and the last slot run (docs/ownership.md).
   last check ended; the next owner continues with the slot after `last_slot`.
 - `running`: written by a node when it takes a task and every CHECKER_STATE_SNAPSHOT_INTERVAL
   while its state changes; a next owner that finds this (the node died or was cut off) starts
-  at the first slot after its assignment.
+  at the first slot after its assignment, except a node back from a cut itself: it waits
+  (bounded) for the holder's release (`TaskStates.await_release`, docs/ownership.md).
 
 Fences: before a node acts on a new assignment it appends a fence record (key `fence:<node>`)
 to every partition and reads up to it, so every release written before the rebalance is known.
@@ -22,6 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -107,6 +109,25 @@ def with_state(task: Task, state: TaskState, record: tuple[int, int] | None) -> 
     return task.model_copy(update=update)
 
 
+def held_elsewhere(state: TaskState | None, node: str) -> bool:
+    """Whether a task's latest state says another node than `node` runs it (its `running`
+    record), so it is not `node`'s to release (pure)."""
+    return state is not None and state.kind is StateKind.RUNNING and state.node != node
+
+
+def unreleased(state: TaskState | None, node: str) -> bool:
+    """Whether a node back from a cut, given a task, waits for its release (pure): another
+    node's `running` record, or no record at all (a task added since its holder's take has
+    none until a snapshot; that holder releases it too)."""
+    return state is None or held_elsewhere(state, node)
+
+
+def runs_here(state: TaskState | None, node: str) -> bool:
+    """Whether a task's latest state is `node`'s own `running` record (pure): what a later
+    owner must find while `node` runs the task (not an older release to continue after)."""
+    return state is not None and state.kind is StateKind.RUNNING and state.node == node
+
+
 def encode_state(state: TaskState) -> tuple[bytes, bytes]:
     return str(state.task_id).encode(), state.model_dump_json().encode()
 
@@ -150,6 +171,8 @@ class TaskStates:
         self._next: dict[int, int] = {}
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._stopping = asyncio.Event()
+        # Set (and replaced) whenever states were read: what `await_release` waits on.
+        self._news = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._logged_error_at = -ERROR_LOG_EVERY
 
@@ -212,6 +235,22 @@ class TaskStates:
         for partition, offset in landed:
             await self._reached(partition, offset)
 
+    async def await_release(
+        self, task_ids: Collection[uuid.UUID], within: float
+    ) -> list[uuid.UUID]:
+        """Wait until every task of `task_ids` has a state record that is not another node's
+        `running` (`unreleased`: its holder released it), for at most `within` seconds; the
+        ids still waiting then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            held = [i for i in task_ids if unreleased(self.latest.get(i), self.node_id)]
+            left = deadline - loop.time()
+            if not held or left <= 0:
+                return held
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._news.wait(), left)
+
     async def _reached(self, partition: int, offset: int) -> None:
         if self._next.get(partition, 0) > offset:
             return
@@ -253,6 +292,9 @@ class TaskStates:
             elif message.value() is None and key is not None:
                 with contextlib.suppress(ValueError):
                     self.latest.pop(uuid.UUID(key.decode(errors="replace")), None)
+        if messages:
+            news, self._news = self._news, asyncio.Event()
+            news.set()
         still = []
         for partition, offset, waiter in self._waiters:
             if waiter.done():

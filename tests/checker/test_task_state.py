@@ -12,11 +12,16 @@ import pytest
 from checker_common.contract import Health
 from checker_common.task_spec import TaskSpec
 from periodic_checker.group_member import group_generation
+from periodic_checker.ownership import rejoin_wait
 from periodic_checker.task_state import (
     StateKind,
+    TaskState,
     decode_state,
     encode_state,
+    held_elsewhere,
+    runs_here,
     state_of,
+    unreleased,
     with_state,
 )
 from periodic_checker.tasks import (
@@ -145,3 +150,45 @@ def test_the_group_generation_is_read_from_librdkafkas_metadata() -> None:
     assert group_generation(b"CGMDv2:" + generation + b"group\x00") == 7
     assert group_generation(b"CGMDv2:\xff\xff\xff\xffx") == -1
     assert group_generation(b"something else") is None
+
+
+def record(kind: StateKind, node: str) -> TaskState:
+    return state_of(task(), kind, node=node, at=datetime.now(UTC), last_slot=SLOT, record=None)
+
+
+@pytest.mark.parametrize(
+    ("latest", "held", "waits", "running"),
+    [
+        # Another node runs it: this node, giving it up after a cut, must not release over
+        # that node's record, and a node back from a cut given it waits for its release.
+        (("running", "n2"), True, True, False),
+        # Released by another node: the next owner continues after its last slot.
+        (("released", "n2"), False, False, False),
+        # This node's own records.
+        (("running", "n1"), False, False, True),
+        # ... a release of its own is not what a later owner must find while it runs it.
+        (("released", "n1"), False, False, False),
+        # No record (a task added since its holder's take): its holder releases it at the
+        # return, and a node back from the same cut waits for that.
+        (None, False, True, False),
+    ],
+)
+def test_who_holds_a_task_is_read_from_its_latest_state(
+    latest: tuple[str, str] | None, held: bool, waits: bool, running: bool
+) -> None:
+    state = None if latest is None else record(StateKind(latest[0]), latest[1])
+    assert held_elsewhere(state, "n1") is held
+    assert unreleased(state, "n1") is waits
+    assert runs_here(state, "n1") is running
+
+
+@pytest.mark.parametrize(
+    ("session_ms", "wait"),
+    [(3_000, 16.0), (6_000, 22.0), (25_000, 60.0), (300_000, 60.0)],
+)
+def test_a_node_back_from_a_cut_waits_for_releases_a_bounded_time(
+    session_ms: int, wait: float
+) -> None:
+    # Two session time-outs (an assignment of the holder) and librdkafka's reconnect back-off
+    # (the holder reaching the broker later), at most a minute.
+    assert rejoin_wait(session_ms) == wait
