@@ -580,6 +580,7 @@ def test_a_sender_that_lost_the_database_after_sending_records_without_sending_a
 # --- c. SIGKILL after the commit, before the send ----------------------------------------------
 
 
+@pytest.mark.long  # CI's time budget: `scripts/test.sh -m long`
 def test_a_processor_killed_between_the_commit_and_the_send_sends_once_after_restart(
     kafka: Any,
     topic: str,
@@ -621,6 +622,7 @@ def test_a_processor_killed_between_the_commit_and_the_send_sends_once_after_res
 # --- d. two processors in one group ------------------------------------------------------------
 
 
+@pytest.mark.long  # CI's time budget: `scripts/test.sh -m long`
 def test_two_processors_in_one_group_send_each_notification_once(
     kafka: Any,
     topic: str,
