@@ -57,6 +57,7 @@ def test_database_outage_while_results_flow_loses_nothing(
     assert tally.rows == tally.produced
 
 
+@pytest.mark.long  # CI's time budget: `scripts/test.sh -m long`
 def test_backends_terminated_mid_batch_lose_and_double_nothing(
     kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
 ) -> None:

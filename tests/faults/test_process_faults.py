@@ -131,6 +131,7 @@ def test_sigterm_under_load_exits_within_the_stop_timeout_and_loses_nothing(
     assert tally.rows == tally.produced
 
 
+@pytest.mark.long  # CI's time budget: `scripts/test.sh -m long`
 def test_second_processor_joins_and_leaves_under_load(
     kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
 ) -> None:
@@ -151,6 +152,7 @@ def test_second_processor_joins_and_leaves_under_load(
     assert tally.rows == tally.produced
 
 
+@pytest.mark.long  # CI's time budget: `scripts/test.sh -m long`
 def test_checker_killed_during_a_broker_outage_keeps_its_outbox(
     kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path
 ) -> None:
