@@ -21,6 +21,8 @@ from conftest import KafkaTarget
 from helpers import wait_for
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+# A task lands on a node by its id: this many without one on each node is (2/3)^40 unlikely.
+MOST_TASKS = 40
 
 
 def task() -> Task:
@@ -86,21 +88,30 @@ def nodes(kafka: KafkaTarget, tmp_path: Path) -> Iterator[tuple[Node, Node]]:
 @pytest.mark.kafka
 def test_every_node_shows_the_health_the_owner_measured(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
-    for n in range(6):  # spread over the three partitions, so each node runs some, not all
-        spec = {"name": f"t{n}", "url": "http://127.0.0.1:1/", "interval": 2, "timeout": 1}
-        status, made = a.call("POST", "/tasks", spec)
-        assert status == 201, made
 
-    def split() -> bool:
-        owned = [node.status()["tasks_owned"] for node in (a, b)]
-        return all(owned) and sum(owned) == 6
+    def owned() -> list[int]:
+        return [int(node.status()["tasks_owned"]) for node in (a, b)]
 
-    wait_for(split, "the tasks shared by both nodes", DEADLINE)
+    wait_for(
+        lambda: all(node.status()["owned_partitions"] for node in (a, b)),
+        "both nodes owning partitions",
+        DEADLINE,
+    )
+    # Tasks until each node runs some (a task's partition comes from its id): each node then
+    # shows tasks it runs and tasks the other runs.
+    made = 0
+    while not all(owned()):
+        assert made < MOST_TASKS, f"{made} tasks, all on one node: {owned()}"
+        spec = {"name": f"t{made}", "url": "http://127.0.0.1:1/", "interval": 2, "timeout": 1}
+        status, body = a.call("POST", "/tasks", spec)
+        assert status == 201, body
+        made += 1
+        wait_for(lambda n=made: sum(owned()) == n, "the new task owned by a node", DEADLINE)
 
     def all_down_everywhere() -> bool:
         return all(
             {t["health"] for t in node.task_list()} == {"down"}
-            and node.call("GET", "/status")[1]["tasks_by_health"] == {"down": 6}
+            and node.call("GET", "/status")[1]["tasks_by_health"] == {"down": made}
             for node in (a, b)
         )
 
