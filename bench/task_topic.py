@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import ROOT, Kafka, kafka, machine, workdir
+from common import ROOT, Kafka, cpu_model, kafka, machine, workdir
 from confluent_kafka import Producer
 
 from checker_common.task_record import TaskRecord, encode
@@ -52,17 +52,6 @@ from devstack import create_topics, free_port
 PYTHON = Path(sys.executable)
 PARTITIONS = 12
 START_TIMEOUT = 600.0
-
-
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "?"
 
 
 def loadavg() -> str:
@@ -191,7 +180,7 @@ def startup_run(k: Kafka, records: int) -> dict[str, Any]:
 
 
 def startup(args: argparse.Namespace) -> None:
-    print(f"machine: {machine()}; lscpu model name: {lscpu_model()}")
+    print(f"machine: {machine()}; lscpu model name: {cpu_model()}")
     runs = []
     with workdir() as work, kafka(work) as k:
         for n in range(args.runs):
@@ -294,7 +283,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def visibility(args: argparse.Namespace) -> None:
-    print(f"machine: {machine()}; lscpu model name: {lscpu_model()}")
+    print(f"machine: {machine()}; lscpu model name: {cpu_model()}")
     runs = []
     with workdir() as work, kafka(work) as k:
         for n in range(args.runs):
@@ -334,7 +323,7 @@ def build(args: argparse.Namespace) -> None:
     from periodic_checker.task_view import Refusals, applied, judged
     from periodic_checker.tasks import Task
 
-    print(f"machine: {machine()}; lscpu model name: {lscpu_model()}")
+    print(f"machine: {machine()}; lscpu model name: {cpu_model()}")
     n = args.records
     spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
     now = datetime.now(UTC)
