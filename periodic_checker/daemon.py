@@ -298,9 +298,15 @@ async def _materialise(
     gc.disable()
     try:
         runtime = await asyncio.to_thread(store.runtime_states)
-        writes = follower.build_view(snapshot, runtime, datetime.now(UTC))
+        # Written by the store's thread while the records are decoded (on another core).
+        rebuild = store.rebuild_view()
+        try:
+            writes = follower.build_view(snapshot, runtime, datetime.now(UTC), sink=rebuild)
+        except BaseException:
+            rebuild.abandon()
+            raise
         built_at = time.monotonic()
-        await asyncio.to_thread(store.replace_view, writes, snapshot.offsets)
+        await asyncio.to_thread(rebuild.finish, snapshot.offsets)
     finally:
         gc.freeze()  # before the collector runs again: it need not walk them at all
         gc.enable()

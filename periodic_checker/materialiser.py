@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -79,6 +79,8 @@ APPLIED = Counter(
     " programs)",
 )
 BATCH = 1000
+# Tasks of a view being built handed to the store at a time (`build_view`).
+VIEW_CHUNK = 1000
 POLL_SECONDS = 0.25
 # Between attempts to learn the topic's partitions while the broker is away (single mode).
 RETRY_SECONDS = 5.0
@@ -91,6 +93,14 @@ class FollowerError(Exception):
 
 class TopicMissing(FollowerError):
     """A topic to follow does not exist on the broker."""
+
+
+class ViewSink(Protocol):
+    """Where a view being built goes as it is made (`store.ViewRebuild`)."""
+
+    def add(self, writes: Sequence[ViewWrite]) -> None: ...
+
+    def remove(self, task_ids: Sequence[uuid.UUID]) -> None: ...
 
 
 class ViewStore(Protocol):
@@ -309,28 +319,46 @@ class TaskTopicFollower:
         return snapshot
 
     def build_view(
-        self, snapshot: Snapshot, runtime: dict[uuid.UUID, RuntimeState], now: datetime
+        self,
+        snapshot: Snapshot,
+        runtime: dict[uuid.UUID, RuntimeState],
+        now: datetime,
+        sink: ViewSink | None = None,
     ) -> list[ViewWrite]:
         """The tasks the snapshot holds, with the state this node kept of each (pure but for
-        the metric and log lines of the records it rejects)."""
+        the metric and log lines of the records it rejects). With a `sink`, they are also
+        handed to it a chunk at a time as they are made (the store writes them meanwhile)."""
         for partition, offset, why in snapshot.unusable:
             self._reject(partition, offset, why)
         writes: dict[uuid.UUID, ViewWrite] = {}
+        chunk: list[ViewWrite] = []
         for key, (partition, offset, value) in snapshot.last.items():
             decoded = decode(key, value)
             if isinstance(decoded, UnusableRecord):
                 self._reject(partition, offset, decoded.reason)
                 continue
             if isinstance(decoded, TaskRemoved):
-                writes.pop(decoded.task_id, None)
+                # Another spelling of a key already read (upper case hex) may have made it.
+                if writes.pop(decoded.task_id, None) is not None and sink is not None:
+                    sink.add(chunk)
+                    chunk = []
+                    sink.remove([decoded.task_id])
                 continue
             task = applied(decoded, None, now)
             kept = runtime.get(decoded.task_id)
             if kept is not None:
                 task = with_runtime(task, kept, same_record=kept.position == (partition, offset))
             task = judged(task, self._refusals(task, None, single=False), now)
-            writes[decoded.task_id] = ViewWrite(task, True, partition, offset)
+            write = ViewWrite(task, True, partition, offset)
+            writes[decoded.task_id] = write
             self._positions[decoded.task_id] = (partition, offset)
+            if sink is not None:
+                chunk.append(write)
+                if len(chunk) >= VIEW_CHUNK:
+                    sink.add(chunk)
+                    chunk = []
+        if sink is not None:
+            sink.add(chunk)
         return list(writes.values())
 
     # -- live --------------------------------------------------------------------------------

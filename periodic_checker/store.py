@@ -9,8 +9,10 @@ several checkers) implements the same Protocol.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import re
 import sqlite3
 import threading
@@ -173,6 +175,91 @@ class ViewBatch:
 
     def empty(self) -> bool:
         return not (self.upserts or self.removals or self.positions or self.offsets)
+
+
+class ViewRebuild:
+    """A view rebuilt from the whole task topic, written to SQLite while it is being built.
+
+    One transaction: the table emptied, then every chunk given to `add`, then the offsets,
+    committed by `finish` (`abandon`, or an error, leaves the table as it was). Each chunk is
+    one `INSERT ... SELECT` over a JSON array of its rows, run by a thread of its own: SQLite
+    hands the interpreter lock back for the whole statement, so its work runs on another core
+    beside the decoding of the next records. (Rows bound one by one would hand the lock back
+    and forth at every row, each time waiting for the decoding thread: slower than writing
+    after the decoding, measured in BENCHMARKS.md.) The caller's thread makes each chunk's rows;
+    the writing thread holds the store's lock until the end.
+    """
+
+    def __init__(self, store: SQLiteTaskStore) -> None:
+        self._store = store
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, name="view-rebuild", daemon=True)
+        self._thread.start()
+
+    def add(self, writes: Sequence[ViewWrite]) -> None:
+        """Rows for these tasks (a later one of the same id replaces an earlier one)."""
+        if not writes:
+            return
+        rows = []
+        for w in writes:
+            # Not marked as checked: a view is rebuilt from the topic, never loaded (`load`
+            # marks what it validates, should the node run in single mode one day).
+            row = _task_to_row(w.task, checked=False)
+            rows.append((*row, row[_UPDATED], w.partition, w.offset))  # published as it is
+        # Text: SQLite reads a BLOB parameter as no JSON at all.
+        self._queue.put(("rows", orjson.dumps(rows).decode()))
+
+    def remove(self, task_ids: Sequence[uuid.UUID]) -> None:
+        """No row for these tasks (given earlier in this rebuild)."""
+        if task_ids:
+            self._queue.put(("remove", [(str(i),) for i in task_ids]))
+
+    def finish(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit the view with the offsets reading the topic resumes from; StoreError when
+        it could not be written (then nothing of it was)."""
+        self._queue.put(("commit", offsets))
+        self._thread.join()
+        if self._error is not None:
+            if isinstance(self._error, sqlite3.Error):
+                raise StoreError(f"task storage {self._store.path}: {self._error}")
+            raise self._error
+
+    def abandon(self) -> None:
+        """Leave the table as it was."""
+        self._queue.put(("abandon", None))
+        self._thread.join()
+
+    def _write(self) -> None:
+        store = self._store
+        db = store._db
+        kind = ""
+        with store._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("DELETE FROM tasks")
+                db.execute("DELETE FROM unpublished_removals")
+                while True:
+                    kind, payload = self._queue.get()
+                    if kind == "rows":
+                        db.execute(_VIEW_ROWS_FROM_JSON, (payload,))
+                    elif kind == "remove":
+                        db.executemany("DELETE FROM tasks WHERE id = ?", payload)
+                    elif kind == "commit":
+                        store._save_offsets(payload)
+                        db.execute("COMMIT")
+                        return
+                    else:
+                        db.execute("ROLLBACK")
+                        return
+            except BaseException as exc:
+                self._error = exc
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                # Whatever comes next is dropped; `finish` or `abandon` still ends the wait.
+                while kind not in ("commit", "abandon"):
+                    kind = self._queue.get()[0]
 
 
 class TaskStore(Protocol):
@@ -416,17 +503,14 @@ class SQLiteTaskStore:
         self, writes: Sequence[ViewWrite], offsets: dict[tuple[str, int], int]
     ) -> None:
         """Make the table exactly these tasks (a view rebuilt from the whole topic)."""
-        # Not marked as checked: a view is rebuilt from the topic, never loaded (`load` marks
-        # what it validates, should the node run in single mode one day).
-        rows = []
-        for w in writes:
-            row = _task_to_row(w.task, checked=False)
-            rows.append((*row, row[_UPDATED], w.partition, w.offset))  # published as it is
-        with self._lock, _transaction(self._db):
-            self._db.execute("DELETE FROM tasks")
-            self._db.execute("DELETE FROM unpublished_removals")
-            self._db.executemany(_UPSERT, rows)
-            self._save_offsets(offsets)
+        rebuild = self.rebuild_view()
+        rebuild.add(writes)
+        rebuild.finish(offsets)
+
+    def rebuild_view(self) -> ViewRebuild:
+        """Start making the table exactly the tasks given to the `ViewRebuild` (a view rebuilt
+        from the whole topic), written while they are still being made."""
+        return ViewRebuild(self)
 
     def _save_offsets(self, offsets: dict[tuple[str, int], int]) -> None:
         if offsets:
@@ -661,6 +745,13 @@ _UPSERT = (
     f"INSERT INTO tasks ({', '.join(_VIEW_COLUMNS)})"
     f" VALUES ({', '.join('?' * len(_VIEW_COLUMNS))})"
     " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in _VIEW_COLUMNS[1:])
+)
+# The rows of a chunk of a rebuilt view, from one JSON array of rows (`ViewRebuild`).
+_VIEW_ROWS_FROM_JSON = (
+    f"INSERT INTO tasks ({', '.join(_VIEW_COLUMNS)}) SELECT "
+    + ", ".join(f"value ->> {i}" for i in range(len(_VIEW_COLUMNS)))
+    + " FROM json_each(?) WHERE true ON CONFLICT (id) DO UPDATE SET "
     + ", ".join(f"{name} = excluded.{name}" for name in _VIEW_COLUMNS[1:])
 )
 _ID = 0

@@ -15,7 +15,7 @@ import pytest
 from checker.nodes import Topics, produce
 
 from checker_common.task_spec import TaskSpec
-from periodic_checker.materialiser import TaskTopicFollower, TopicMissing
+from periodic_checker.materialiser import Snapshot, TaskTopicFollower, TopicMissing
 from periodic_checker.names import NameClaims
 from periodic_checker.settings import CheckerSettings
 from periodic_checker.store import SQLiteTaskStore, ViewBatch
@@ -90,13 +90,19 @@ async def test_reading_the_whole_topic_gives_the_last_record_of_each_task(
     produce(kafka, topics.tasks, c.encode(), record("c", status="active"))
     produce(kafka, topics.tasks, c.encode(), b'{"spec": 1}')  # its last record is invalid
     store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    now = datetime.now(UTC)
+    stale = TaskSpec(name="stale", url="http://x.test/")
+    store.insert(Task(id=uuid.uuid4(), spec=stale, created_at=now, updated_at=now))
     names = NameClaims()
     follower = TaskTopicFollower(
         settings(kafka, topics, tmp_path, "cluster"), store, Scheduler(), names=names
     )
     try:
         snapshot = await asyncio.to_thread(follower.read_everything)
-        writes = follower.build_view(snapshot, {}, datetime.now(UTC))
+        rebuild = store.rebuild_view()  # written as the view is built, as the daemon does
+        writes = follower.build_view(snapshot, {}, datetime.now(UTC), sink=rebuild)
+        rebuild.finish(snapshot.offsets)
+        stored = store.load(datetime.now(UTC))
     finally:
         await follower.stop()
         store.close()
@@ -104,7 +110,32 @@ async def test_reading_the_whole_topic_gives_the_last_record_of_each_task(
     assert snapshot.records == 6
     shown = {str(w.task.id): (w.task.spec.name, str(w.task.status)) for w in writes}
     assert shown == {a: ("a", "paused"), c: (f"invalid record {c}", "error")}
+    assert {str(t.id): (t.spec.name, str(t.status)) for t in stored} == shown
     assert sum(snapshot.offsets[(topics.tasks, p)] for p in range(3)) == 6
+
+
+def test_a_task_removed_under_another_spelling_of_its_key_leaves_the_written_view(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    d, e = uuid.uuid4(), uuid.uuid4()
+    snapshot = Snapshot()
+    # The last record of each key, in the order read: one task written under its key in upper
+    # case, then removed by a tombstone under the usual spelling.
+    snapshot.last[str(d).upper().encode()] = (0, 0, record("d"))
+    snapshot.last[str(e).encode()] = (0, 1, record("e"))
+    snapshot.last[str(d).encode()] = (0, 2, None)
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    follower = TaskTopicFollower(
+        settings(kafka, topics, tmp_path, "cluster"), store, Scheduler(), names=NameClaims()
+    )
+    rebuild = store.rebuild_view()
+    writes = follower.build_view(snapshot, {}, datetime.now(UTC), sink=rebuild)
+    rebuild.finish({})
+    stored = store.load(datetime.now(UTC))
+    store.close()
+
+    assert [w.task.id for w in writes] == [e]
+    assert [t.id for t in stored] == [e]
 
 
 async def test_a_missing_topic_is_said_at_once(

@@ -23,6 +23,7 @@ from periodic_checker.store import (
     TaskExists,
     ViewBatch,
     ViewWrite,
+    _task_to_row,
     decode_cursor,
 )
 from periodic_checker.task_service import NameTaken, TaskFilter, TooManyTasks
@@ -404,6 +405,101 @@ def test_a_rebuilt_view_is_exactly_the_tasks_given_and_keeps_state_apart(path: P
     assert store.load(NOW) == [fresh]
     assert store.unpublished() == []
     assert store.topic_offsets("tasks") == {1: 1}
+    store.close()
+
+
+def _stored_rows(path: Path) -> dict[str, tuple[Any, ...]]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT id, name, url, spec, status, status_reason, health, runs, created_at,"
+            " updated_at, published_at, record_partition, record_offset FROM tasks"
+        ).fetchall()
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_a_view_rebuilt_in_chunks_writes_the_same_rows_as_one_written_at_once(
+    tmp_path: Path,
+) -> None:
+    # Text JSON must carry unchanged: quotes, backslashes, non-ASCII, a pattern's escapes.
+    tricky = make_task(
+        'Café ☕ "quoted" \\ back',
+        url="http://xn--caf-dma.test/a%20b?q=%C3%A9",
+        pattern=r"\d+\.\d \"x\"",
+        headers={"X-Note": 'naïve ∂ \\ "'},
+        tags=["a/b"],
+    )
+    tasks = [tricky, *(make_task(f"site-{i}") for i in range(2_500))]
+    writes = [ViewWrite(t, True, i % 3, i) for i, t in enumerate(tasks)]
+    at_once = SQLiteTaskStore(tmp_path / "a.sqlite3")
+    with at_once._lock:  # the rows as one executemany of bound values writes them
+        at_once._db.executemany(
+            "INSERT INTO tasks (id, name, url, spec, status, status_reason, health, runs,"
+            " failures_in_a_row, created_at, updated_at, last_run_at, manual_runs, spec_checked,"
+            " published_at, record_partition, record_offset)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*_row(w.task), _row(w.task)[10], w.partition, w.offset) for w in writes],
+        )
+    chunked = SQLiteTaskStore(tmp_path / "b.sqlite3")
+    chunked.insert(make_task("gone"))
+    rebuild = chunked.rebuild_view()
+    for start in range(0, len(writes), 1_000):
+        rebuild.add(writes[start : start + 1_000])
+    rebuild.finish({("tasks", 0): 7})
+
+    assert _stored_rows(tmp_path / "b.sqlite3") == _stored_rows(tmp_path / "a.sqlite3")
+    assert chunked.get(tricky.id) == tricky
+    assert chunked.count() == 2_501
+    assert chunked.topic_offsets("tasks") == {0: 7}
+    assert chunked.unpublished() == []
+    at_once.close()
+    chunked.close()
+
+
+def _row(task: Task) -> tuple[Any, ...]:
+    return _task_to_row(task, checked=False)
+
+
+def test_a_rebuilt_view_takes_the_last_of_a_task_given_twice_and_drops_one_removed(
+    path: Path,
+) -> None:
+    store = SQLiteTaskStore(path)
+    first, other = make_task("first"), make_task("other")
+    renamed = first.model_copy(update={"spec": first.spec.model_copy(update={"name": "renamed"})})
+    rebuild = store.rebuild_view()
+    rebuild.add([ViewWrite(first, True, 0, 1), ViewWrite(other, True, 0, 2)])
+    rebuild.add([ViewWrite(renamed, True, 1, 5)])
+    rebuild.remove([other.id])
+    rebuild.finish({})
+
+    assert store.load(NOW) == [renamed]
+    assert store.positions() == {first.id: (1, 5)}
+    store.close()
+
+
+def test_an_abandoned_or_failed_rebuild_leaves_the_view_as_it_was(path: Path) -> None:
+    store = SQLiteTaskStore(path)
+    kept = make_task("kept")
+    store.insert(kept)
+    abandoned = store.rebuild_view()
+    abandoned.add([ViewWrite(make_task("never"), True, 0, 0)])
+    abandoned.abandon()
+    assert store.load(NOW) == [kept]
+
+    with store._lock:  # a row SQLite refuses, in the middle of the rebuild
+        store._db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON tasks WHEN NEW.name = 'refused'"
+            " BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+        )
+    failed = store.rebuild_view()
+    failed.add([ViewWrite(make_task("fine"), True, 0, 0)])
+    failed.add([ViewWrite(make_task("refused"), True, 0, 1)])
+    failed.add([ViewWrite(make_task("after"), True, 0, 2)])
+    with pytest.raises(StoreError, match="refused by a trigger"):
+        failed.finish({("tasks", 0): 3})
+
+    assert store.load(NOW) == [kept]
+    assert store.topic_offsets("tasks") == {}
+    store.insert(make_task("still-writable"))
     store.close()
 
 
