@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import os
 import random
-import select
 import statistics
 import sys
 import threading
@@ -53,6 +52,7 @@ from confluent_kafka import Producer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    NOTIFY_ON_COMMIT,
     Kafka,
     MessageTemplate,
     cpu_seconds,
@@ -63,6 +63,7 @@ from common import (
     server_version,
     task_id,
     temp_database,
+    watch_commits,
     workdir,
 )
 from ingest import PARTITIONS, TASKS, producer_config, source_of, wait_joined
@@ -71,17 +72,6 @@ from devstack import free_port
 
 DOWN_SECONDS = 3.0
 SETTLE_S = 60.0  # after the last result: time for the last notifications to arrive
-CHANNEL = "bench_rows_committed"
-NOTIFY_ON_COMMIT = f"""
-CREATE FUNCTION bench_notify_on_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{CHANNEL}', (extract(epoch FROM now()) * 1000000)::bigint::text);
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER bench_notify_on_commit AFTER INSERT ON check_results
-    FOR EACH STATEMENT EXECUTE FUNCTION bench_notify_on_commit();
-"""
 
 
 # -- the webhook receiver ------------------------------------------------------------------------
@@ -139,6 +129,9 @@ poll_seconds = {poll_seconds}
 [channels.bench]
 type = "webhook"
 url = "http://127.0.0.1:{port}/hook"
+# Every opening and closing one by one: the latency of each is measured, not the rate limit
+# (the default, 20 a minute, would fold most of them into summaries).
+max_per_minute = 10000
 
 [[rules]]
 name = "all"
@@ -148,47 +141,6 @@ after_seconds = 0
 """
     )
     return path
-
-
-# -- rows becoming visible ---------------------------------------------------------------------------
-
-
-def watch_commits(
-    dsn: str,
-    watched: dict[str, str],
-    stop: threading.Event,
-    ready: threading.Event,
-    visible: dict[str, float],
-    errors: list[str],
-) -> None:
-    """LISTEN for the bench trigger's NOTIFY; on each, find the watched 'down' results of that
-    transaction (`watched`: result id -> task id) and note when their rows became visible."""
-    conn = psycopg2.connect(dsn, connect_timeout=5, application_name="bench-listener")
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"LISTEN {CHANNEL}")
-            ready.set()
-            while not stop.is_set():
-                if select.select([conn], [], [], 0.1) == ([], [], []):
-                    continue
-                conn.poll()
-                arrived = time.time()
-                payloads = {n.payload for n in conn.notifies}
-                conn.notifies.clear()
-                for payload in sorted(payloads):
-                    cur.execute(
-                        "SELECT result_id::text FROM check_results WHERE health = 'down' AND"
-                        " ingested_at = 'epoch'::timestamptz + %s::bigint * interval '1 microsecond'",
-                        (payload,),
-                    )
-                    for (result_id,) in cur.fetchall():
-                        if result_id in watched:
-                            visible.setdefault(result_id, arrived)
-    except Exception as exc:  # reported by the run, which then fails
-        errors.append(f"listener: {exc!r}")
-    finally:
-        conn.close()
 
 
 # -- one run of one processor ---------------------------------------------------------------------
@@ -347,7 +299,9 @@ def one_run(
                 cur.execute(NOTIFY_ON_COMMIT)
             conn.close()
             listener = threading.Thread(
-                target=watch_commits, args=(dsn, watched, stop, ready, visible, errors)
+                target=watch_commits,
+                args=(dsn, stop, ready, visible, errors),
+                kwargs={"only": watched, "health": "down"},
             )
             listener.start()
             try:

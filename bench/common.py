@@ -11,14 +11,16 @@ import contextlib
 import math
 import os
 import platform
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -371,3 +373,64 @@ def wait_ready(
         if b"READY=1" in data.split(b"\n"):
             return time.monotonic()
     raise RuntimeError("no READY=1 within the start time-out")
+
+
+# -- rows becoming visible in PostgreSQL ------------------------------------------------------------
+
+COMMIT_CHANNEL = "bench_rows_committed"
+# Bench-only: the statement's transaction start (= the rows' ingested_at) in microseconds since
+# the epoch, delivered to listeners when the transaction commits.
+NOTIFY_ON_COMMIT = f"""
+CREATE FUNCTION bench_notify_on_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{COMMIT_CHANNEL}', (extract(epoch FROM now()) * 1000000)::bigint::text);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER bench_notify_on_commit AFTER INSERT ON check_results
+    FOR EACH STATEMENT EXECUTE FUNCTION bench_notify_on_commit();
+"""
+
+
+def watch_commits(
+    dsn: str,
+    stop: threading.Event,
+    ready: threading.Event,
+    visible: dict[str, float],
+    errors: list[str],
+    *,
+    only: Container[str] | None = None,
+    health: str | None = None,
+) -> None:
+    """LISTEN for `NOTIFY_ON_COMMIT`'s notifications; on each, read the result ids of the rows
+    that transaction wrote (of this `health` only, when given) and note when each became
+    visible (those in `only`, when given). An error goes to `errors` (the run then fails)."""
+    conn = psycopg2.connect(dsn, connect_timeout=5, application_name="bench-listener")
+    conn.autocommit = True
+    query = (
+        "SELECT result_id::text FROM check_results WHERE ingested_at ="
+        " 'epoch'::timestamptz + %s::bigint * interval '1 microsecond'"
+    )
+    if health is not None:
+        query += " AND health = %s"
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"LISTEN {COMMIT_CHANNEL}")
+            ready.set()
+            while not stop.is_set():
+                if select.select([conn], [], [], 0.1) == ([], [], []):
+                    continue
+                conn.poll()
+                arrived = time.time()
+                payloads = {n.payload for n in conn.notifies}
+                conn.notifies.clear()
+                for payload in sorted(payloads):
+                    cur.execute(query, (payload,) if health is None else (payload, health))
+                    for (result_id,) in cur.fetchall():
+                        if only is None or result_id in only:
+                            visible.setdefault(result_id, arrived)
+    except Exception as exc:  # reported by the run, which then fails
+        errors.append(f"listener: {exc!r}")
+        ready.set()
+    finally:
+        conn.close()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import socket
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ import psycopg2  # noqa: E402
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: E402
 
 from bench.common import (  # noqa: E402
+    NOTIFY_ON_COMMIT,
     Kafka,
     cpu_seconds,
     daemon,
@@ -58,6 +58,7 @@ from bench.common import (  # noqa: E402
     percentile,
     server_version,
     temp_database,
+    watch_commits,
     workdir,
 )
 from bench.probe_engine import start_nginx  # noqa: E402
@@ -67,21 +68,6 @@ from devstack import free_port, stop_process  # noqa: E402
 PARTITIONS = 3
 # After the window closes: checks still running, the producer's linger, the last batch.
 SETTLE_S = 30.0
-CHANNEL = "bench_rows_committed"
-
-# Bench-only: the statement's transaction start (= the rows' ingested_at) in microseconds since
-# the epoch, delivered to listeners when the transaction commits.
-NOTIFY_ON_COMMIT = f"""
-CREATE FUNCTION bench_notify_on_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{CHANNEL}',
-                      (extract(epoch FROM now()) * 1000000)::bigint::text);
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER bench_notify_on_commit AFTER INSERT ON check_results
-    FOR EACH STATEMENT EXECUTE FUNCTION bench_notify_on_commit();
-"""
 
 
 @dataclass
@@ -92,36 +78,6 @@ class Observed:
     # result id -> (check start, check finished, message created, delivered to the bare consumer)
     kafka: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-
-
-def watch_commits(dsn: str, stop: threading.Event, ready: threading.Event, seen: Observed) -> None:
-    """LISTEN for the trigger's NOTIFY; on each, read the rows of that transaction."""
-    conn = psycopg2.connect(dsn, connect_timeout=5, application_name="bench-listener")
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"LISTEN {CHANNEL}")
-            ready.set()
-            while not stop.is_set():
-                if select.select([conn], [], [], 0.1) == ([], [], []):
-                    continue
-                conn.poll()
-                arrived = time.time()
-                payloads = {n.payload for n in conn.notifies}
-                conn.notifies.clear()
-                for payload in sorted(payloads):
-                    cur.execute(
-                        "SELECT result_id::text FROM check_results WHERE ingested_at = "
-                        "'epoch'::timestamptz + %s::bigint * interval '1 microsecond'",
-                        (payload,),
-                    )
-                    for (result_id,) in cur.fetchall():
-                        seen.visible.setdefault(result_id, arrived)
-    except Exception as exc:  # reported by the run, which then fails
-        seen.errors.append(f"listener: {exc!r}")
-        ready.set()
-    finally:
-        conn.close()
 
 
 def watch_topic(kafka_: Kafka, topic: str, stop: threading.Event, seen: Observed) -> None:
@@ -224,7 +180,9 @@ def one_run(
     with daemon(processor_env, plog) as processor:
         wait_joined(plog, processor.proc)
         observers = [
-            threading.Thread(target=watch_commits, args=(dsn, stop, listening, seen)),
+            threading.Thread(
+                target=watch_commits, args=(dsn, stop, listening, seen.visible, seen.errors)
+            ),
             threading.Thread(target=watch_topic, args=(kafka_, topic, stop, seen)),
         ]
         for thread in observers:
