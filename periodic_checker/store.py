@@ -201,12 +201,9 @@ class ViewRebuild:
         """Rows for these tasks (a later one of the same id replaces an earlier one)."""
         if not writes:
             return
-        rows = []
-        for w in writes:
-            # Not marked as checked: a view is rebuilt from the topic, never loaded (`load`
-            # marks what it validates, should the node run in single mode one day).
-            row = _task_to_row(w.task, checked=False)
-            rows.append((*row, row[_UPDATED], w.partition, w.offset))  # published as it is
+        # Not marked as checked: a view is rebuilt from the topic, never loaded (`load` marks
+        # what it validates, should the node run in single mode one day).
+        rows = [_view_row(w, checked=False) for w in writes]
         # Text: SQLite reads a BLOB parameter as no JSON at all.
         self._queue.put(("rows", orjson.dumps(rows).decode()))
 
@@ -476,15 +473,7 @@ class SQLiteTaskStore:
         resumes, in one transaction: a crash leaves both before or both after the batch."""
         if batch.empty():
             return
-        upserts = [
-            (
-                *_task_to_row(write.task),
-                _time(write.task.updated_at) if write.published else None,
-                write.partition,
-                write.offset,
-            )
-            for write in batch.upserts
-        ]
+        upserts = [_view_row(write) for write in batch.upserts]
         with self._lock, _transaction(self._db):
             if upserts:
                 self._db.executemany(_UPSERT, upserts)
@@ -741,18 +730,20 @@ _CHECKED = "spec_checked"
 _NCOLUMNS = len(_COLUMN_NAMES)
 _ASSIGNMENTS = ", ".join(f"{name} = ?" for name in (*_COLUMN_NAMES[1:], _CHECKED))
 _VIEW_COLUMNS = (*_COLUMN_NAMES, _CHECKED, "published_at", "record_partition", "record_offset")
+_ON_CONFLICT_REPLACE = " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
+    f"{name} = excluded.{name}" for name in _VIEW_COLUMNS[1:]
+)
+# One row (`_view_row`) as bound values.
 _UPSERT = (
     f"INSERT INTO tasks ({', '.join(_VIEW_COLUMNS)})"
-    f" VALUES ({', '.join('?' * len(_VIEW_COLUMNS))})"
-    " ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _VIEW_COLUMNS[1:])
+    f" VALUES ({', '.join('?' * len(_VIEW_COLUMNS))})" + _ON_CONFLICT_REPLACE
 )
 # The rows of a chunk of a rebuilt view, from one JSON array of rows (`ViewRebuild`).
 _VIEW_ROWS_FROM_JSON = (
     f"INSERT INTO tasks ({', '.join(_VIEW_COLUMNS)}) SELECT "
     + ", ".join(f"value ->> {i}" for i in range(len(_VIEW_COLUMNS)))
-    + " FROM json_each(?) WHERE true ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{name} = excluded.{name}" for name in _VIEW_COLUMNS[1:])
+    + " FROM json_each(?) WHERE true"
+    + _ON_CONFLICT_REPLACE
 )
 _ID = 0
 _SPEC = 3
@@ -784,6 +775,14 @@ def _task_to_row(task: Task, *, checked: bool = True) -> tuple[Any, ...]:
         # validation to be shown); every other definition was validated by this process.
         None if not checked or task.status is TaskStatus.ERROR else checked_digest(spec),
     )
+
+
+def _view_row(write: ViewWrite, *, checked: bool = True) -> tuple[Any, ...]:
+    """A view's row (`_VIEW_COLUMNS`) for what a task record left: the task's columns, then
+    `published_at` (its `updated_at` when the topic's last record says what it says),
+    the record's partition and offset."""
+    row = _task_to_row(write.task, checked=checked)
+    return (*row, row[_UPDATED] if write.published else None, write.partition, write.offset)
 
 
 def _checked_row_to_task(row: Sequence[Any]) -> Task | None:

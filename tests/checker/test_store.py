@@ -16,6 +16,7 @@ from checker_common import task_spec
 from checker_common.contract import Health
 from checker_common.task_spec import TaskSpec, TaskStatus, checked_digest
 from periodic_checker.store import (
+    _UPSERT,
     MIGRATIONS,
     SCHEMA_VERSION,
     SQLiteTaskStore,
@@ -23,7 +24,7 @@ from periodic_checker.store import (
     TaskExists,
     ViewBatch,
     ViewWrite,
-    _task_to_row,
+    _view_row,
     decode_cursor,
 )
 from periodic_checker.task_service import NameTaken, TaskFilter, TooManyTasks
@@ -432,13 +433,7 @@ def test_a_view_rebuilt_in_chunks_writes_the_same_rows_as_one_written_at_once(
     writes = [ViewWrite(t, True, i % 3, i) for i, t in enumerate(tasks)]
     at_once = SQLiteTaskStore(tmp_path / "a.sqlite3")
     with at_once._lock:  # the rows as one executemany of bound values writes them
-        at_once._db.executemany(
-            "INSERT INTO tasks (id, name, url, spec, status, status_reason, health, runs,"
-            " failures_in_a_row, created_at, updated_at, last_run_at, manual_runs, spec_checked,"
-            " published_at, record_partition, record_offset)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(*_row(w.task), _row(w.task)[10], w.partition, w.offset) for w in writes],
-        )
+        at_once._db.executemany(_UPSERT, [_view_row(w, checked=False) for w in writes])
     chunked = SQLiteTaskStore(tmp_path / "b.sqlite3")
     chunked.insert(make_task("gone"))
     rebuild = chunked.rebuild_view()
@@ -453,10 +448,6 @@ def test_a_view_rebuilt_in_chunks_writes_the_same_rows_as_one_written_at_once(
     assert chunked.unpublished() == []
     at_once.close()
     chunked.close()
-
-
-def _row(task: Task) -> tuple[Any, ...]:
-    return _task_to_row(task, checked=False)
 
 
 def test_a_rebuilt_view_takes_the_last_of_a_task_given_twice_and_drops_one_removed(
