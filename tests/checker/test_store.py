@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +29,7 @@ from periodic_checker.store import (
     decode_cursor,
 )
 from periodic_checker.task_service import NameTaken, TaskFilter, TooManyTasks
-from periodic_checker.tasks import Task
+from periodic_checker.tasks import Task, after_attempt
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -233,6 +234,44 @@ def test_a_definition_validated_by_this_checker_loads_the_same_without_validatin
         assert a.spec.model_dump_json() == b.spec.model_dump_json()
         assert a.model_dump() == b.model_dump()
     assert isinstance(trusted[1].spec.end_at, datetime)
+    store.close()
+
+
+def test_tasks_loaded_without_validating_hold_their_values_in_shared_key_dictionaries(
+    path: Path,
+) -> None:
+    """The memory of 100,000 loaded tasks is mostly their dictionaries: each one loaded as
+    validated keeps only its values (the field names are one table for all), and a text many
+    definitions repeat (the pattern, the accepted statuses) is one string."""
+    store = SQLiteTaskStore(path)
+    for n in range(3):
+        store.insert(make_task(f"site-{n}", pattern="up and running", interval=30.0))
+    tasks = store.load(NOW)
+    for task in tasks:
+        for model in (task, task.spec):
+            held = model.__dict__
+            assert sys.getsizeof(held) < sys.getsizeof(dict(held))
+            assert list(held) == list(type(model).model_fields)
+    first, *others = tasks
+    assert all(t.spec.pattern is first.spec.pattern for t in others)
+    assert all(t.spec.accepted_statuses is first.spec.accepted_statuses for t in others)
+    # What a definition caches at its first check goes into the same dictionary, still shared.
+    spec = first.spec
+    assert spec.compiled_pattern is not None
+    assert spec.status_ranges == ((200, 399),)
+    assert spec.fetch_url.host == f"{spec.name}.test"
+    assert spec.secret_values == ()
+    assert {
+        "compiled_pattern",
+        "status_ranges",
+        "fetch_url",
+        "secret_values",
+    } <= spec.__dict__.keys()
+    assert sys.getsizeof(spec.__dict__) < sys.getsizeof(dict(spec.__dict__))
+    # A check's new state keeps the shared keys (a check replaces every task it runs).
+    ran = after_attempt(first, ok=True, error_kind=None, error_message="", attempt=1, now=NOW).task
+    assert ran.runs == 1
+    assert sys.getsizeof(ran.__dict__) < sys.getsizeof(dict(ran.__dict__))
     store.close()
 
 
