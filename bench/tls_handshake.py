@@ -13,6 +13,8 @@ Clients, interleaved in every run:
 - Python's `ssl` through asyncio's default loop (`sslproto`, Python) and through uvloop (the
   checker's loop, its TLS protocol in Cython), 50 handshakes at once,
 - the checker's own context (`probe.tls_contexts()`, trust store from SSL_CERT_FILE) on uvloop.
+- another binding over another OpenSSL: pyOpenSSL on blocking sockets, over the OpenSSL the
+  `cryptography` wheel bundles (newer than the system's; `pip install -e '.[bench]'`).
 
 CPU is each client process's own user+system time over its handshakes.
 """
@@ -54,6 +56,24 @@ def context():
         c.verify_mode = ssl.CERT_NONE
     return c
 
+def pyopenssl():
+    # Another binding: pyOpenSSL over the OpenSSL that the `cryptography` wheel bundles (its own
+    # release, newer than the system's). Verified as the others: the chain, and the address
+    # the certificate names (set where OpenSSL checks it, as Python's ssl module does).
+    from OpenSSL import SSL
+    from OpenSSL._util import lib
+    c = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    c.load_verify_locations(ca)
+    c.set_verify(SSL.VERIFY_PEER, None)
+    address = socket.inet_aton(host)
+    for _ in range(count):
+        with socket.create_connection((host, port)) as raw:
+            conn = SSL.Connection(c, raw)
+            if lib.X509_VERIFY_PARAM_set1_ip(lib.SSL_get0_param(conn._ssl), address, 4) != 1:
+                raise RuntimeError("X509_VERIFY_PARAM_set1_ip")
+            conn.set_connect_state()
+            conn.do_handshake()
+
 def blocking(c):
     for _ in range(count):
         with socket.create_connection((host, port)) as raw:
@@ -70,6 +90,11 @@ async def looped(c):
             transport.close()
     await asyncio.gather(*(one() for _ in range(count)))
 
+began = time.process_time()
+if variant == "pyopenssl":
+    pyopenssl()
+    print(json.dumps({"cpu": time.process_time() - began, "n": count}))
+    sys.exit()
 c = context()
 began = time.process_time()
 if variant.startswith("blocking"):
@@ -92,6 +117,7 @@ VARIANTS = {
     "asyncio": "Python `ssl` through asyncio's loop (sslproto)",
     "uvloop": "Python `ssl` through uvloop",
     "checker-uvloop": "the checker's context (`probe.tls_contexts()`) through uvloop",
+    "pyopenssl": "pyOpenSSL, blocking, over the OpenSSL bundled with `cryptography`",
 }
 
 
