@@ -138,6 +138,14 @@ PHASES = re.compile(
 SCHEDULED = re.compile(r"(\d+) tasks scheduled in ([\d.]+) s")
 
 
+def vm_rss_mb(pid: int) -> float:
+    """The process's resident memory now, MB (10^6 bytes), as /proc reports it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
 def startup_run(k: Kafka, records: int) -> dict[str, Any]:
     topics = make_topics(k)
     fill_s = fill(k, topics[1], records)
@@ -158,6 +166,7 @@ def startup_run(k: Kafka, records: int) -> dict[str, Any]:
             )  # fmt: skip
             try:
                 ready = wait_ready(notify, proc, started) - started
+                rss_mb = vm_rss_mb(proc.pid)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
@@ -175,6 +184,7 @@ def startup_run(k: Kafka, records: int) -> dict[str, Any]:
         "build_s": float(phases.group(5)),
         "write_s": float(phases.group(6)),
         "schedule_s": float(scheduled.group(2)),
+        "rss_mb": rss_mb,
         "load": load,
     }
 
@@ -195,15 +205,19 @@ def startup(args: argparse.Namespace) -> None:
         ("schedule_s", "adding the jobs"),
     ]
     print(f"\n{args.records:,} task records, {PARTITIONS} partitions, empty store\n")
-    print("| run | tasks | " + " | ".join(label for _, label in columns) + " | load average |")
-    print("|---|---|" + "---|" * len(columns) + "---|")
+    print(
+        "| run | tasks | " + " | ".join(label for _, label in columns)
+        + " | VmRSS at READY | load average |"
+    )  # fmt: skip
+    print("|---|---|" + "---|" * len(columns) + "---|---|")
     for n, run in enumerate(runs, 1):
         cells = " | ".join(f"{run[key]:.2f} s" for key, _ in columns)
-        print(f"| {n} | {run['tasks']:,} | {cells} | {run['load']} |")
+        print(f"| {n} | {run['tasks']:,} | {cells} | {run['rss_mb']:.0f} MB | {run['load']} |")
     medians = " | ".join(
         f"**{statistics.median(r[key] for r in runs):.2f} s**" for key, _ in columns
     )
-    print(f"| median | | {medians} | |")
+    rss = statistics.median(r["rss_mb"] for r in runs)
+    print(f"| median | | {medians} | **{rss:.0f} MB** | |")
 
 
 def visibility_run(k: Kafka, changes: int) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from periodic_checker.task_service import (
     TooManyTasks,
 )
 from periodic_checker.task_view import INVALID_RECORD
-from periodic_checker.tasks import Task
+from periodic_checker.tasks import ALL_TASK_FIELDS, Task
 
 log = logging.getLogger(__name__)
 
@@ -751,7 +751,6 @@ _CREATED = 9
 _UPDATED = 10
 _CHECKED_AT = _NCOLUMNS  # where `load` reads spec_checked
 # Fields of a task built from a checked row (all of them): one set shared by all such tasks.
-_ALL_TASK_FIELDS = set(Task.model_fields)
 
 
 def _task_to_row(task: Task, *, checked: bool = True) -> tuple[Any, ...]:
@@ -814,7 +813,7 @@ def _checked_row_to_task(row: Sequence[Any]) -> Task | None:
         "updated_at": _parse_time(row[10]),
         "last_run_at": _parse_time(row[11]) if row[11] else None,
     }
-    return assembled(Task, values, _ALL_TASK_FIELDS)
+    return assembled(Task, values, ALL_TASK_FIELDS)
 
 
 def _row_to_task(row: Sequence[Any]) -> tuple[Task, str | None]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from checker_common.contract import Health
 from checker_common.task_record import MAX_REASON, InvalidTask, TaskChange, TaskRecord
 from checker_common.task_spec import TaskSpec, TaskStatus
-from periodic_checker.tasks import Task, end_reason
+from periodic_checker.tasks import Task, compacted, end_reason, new_task, with_state
 
 if TYPE_CHECKING:
     from periodic_checker.store import RuntimeState
@@ -56,14 +56,7 @@ def applied(change: TaskChange | InvalidTask, current: Task | None, now: datetim
     created = record.created_at or (current.created_at if current is not None else now)
     updated = record.updated_at or now
     if current is None:
-        task = Task(
-            id=change.task_id,
-            spec=spec,
-            status=record.status,
-            status_reason=record.status_reason,
-            created_at=created,
-            updated_at=updated,
-        )
+        task = new_task(change.task_id, spec, record.status, record.status_reason, created, updated)
     else:
         fields: dict[str, Any] = {
             "spec": spec,
@@ -79,10 +72,11 @@ def applied(change: TaskChange | InvalidTask, current: Task | None, now: datetim
         # As the API would have it: an active task past its end is done.
         reason = end_reason(spec, task.runs, now)
         if reason is not None:
-            task = task.model_copy(
-                update={"status": TaskStatus.DONE, "status_reason": reason, "updated_at": now}
+            task = with_state(
+                task, {"status": TaskStatus.DONE, "status_reason": reason, "updated_at": now}
             )
-    return task
+    # Held as long as the task is: as compact as a task loaded from the store.
+    return task if current is None else compacted(task)
 
 
 def with_runtime(task: Task, kept: RuntimeState, *, same_record: bool) -> Task:
@@ -96,7 +90,7 @@ def with_runtime(task: Task, kept: RuntimeState, *, same_record: bool) -> Task:
     }
     if same_record:
         update.update(health=kept.health, failures_in_a_row=kept.failures_in_a_row)
-    return task.model_copy(update=update)
+    return with_state(task, update)
 
 
 def _invalid(bad: InvalidTask, current: Task | None, now: datetime) -> Task:

@@ -22,7 +22,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from checker_common.contract import NOT_JUDGED, ErrorKind, Health
 from checker_common.redact import MASK, redact_headers, redact_url
-from checker_common.task_spec import TaskSpec, TaskStatus, assembled
+from checker_common.task_spec import TaskSpec, TaskStatus, assembled, compacted_spec
 from checker_common.urls import InvalidURL
 
 
@@ -315,11 +315,47 @@ def after_attempt(
         ended = end_reason(task.spec, counted, now)
         if ended is not None and task.status is TaskStatus.ACTIVE:
             update.update(status=TaskStatus.DONE, status_reason=ended, updated_at=now)
-    return CheckOutcome(_with_state(task, update), retry_after=None, changed=True)
+    return CheckOutcome(with_state(task, update), retry_after=None, changed=True)
 
 
-def _with_state(task: Task, update: dict[str, Any]) -> Task:
-    """`task.model_copy(update=update)` for state the checker computed (valid values), the
+ALL_TASK_FIELDS = set(Task.model_fields)
+# A new task's state: the model's defaults.
+_NEW_TASK_STATE = {
+    name: field.default for name, field in Task.model_fields.items() if not field.is_required()
+}
+
+
+def compacted(task: Task) -> Task:
+    """The same task held as one loaded from the store is (`task_spec.assembled`): a dictionary
+    sharing its keys and one set of fields for all tasks, its definition compacted too."""
+    values = {**task.__dict__, "spec": compacted_spec(task.spec)}
+    return assembled(Task, values, ALL_TASK_FIELDS)
+
+
+def new_task(
+    task_id: uuid.UUID,
+    spec: TaskSpec,
+    status: TaskStatus,
+    status_reason: str | None,
+    created_at: datetime,
+    updated_at: datetime,
+) -> Task:
+    """A task that has not run yet, from values already validated (a record of the task topic),
+    held compactly (`compacted`) and made without validating them again."""
+    values = {
+        **_NEW_TASK_STATE,
+        "id": task_id,
+        "spec": compacted_spec(spec),
+        "status": status,
+        "status_reason": status_reason,
+        "created_at": created_at,
+        "updated_at": updated_at,
+    }
+    return assembled(Task, values, ALL_TASK_FIELDS)
+
+
+def with_state(task: Task, update: dict[str, Any]) -> Task:
+    """`task.model_copy(update=update)` for state the checker computed or kept (valid values), the
     copy sharing the task's set of fields that were set when `update` adds none to it, rather
     than a copied set for each task after each check (pydantic copies a set before it changes
     it, and a frozen model never changes it)."""
