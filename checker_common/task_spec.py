@@ -445,7 +445,8 @@ def checked_digest(spec_json: str) -> str:
 def checked_spec(fields: dict[str, Any]) -> TaskSpec | None:
     """A stored definition whose `checked_digest` matches, built without validating it again
     (several times faster than validating): `fields` is its stored JSON, read. None when it
-    does not hold exactly the fields of a definition (then validate it)."""
+    does not hold exactly the fields of a definition (then validate it). Takes `fields` over:
+    its values are changed in place."""
     if fields.keys() != _ALL_FIELDS:
         return None
     # The decoder's keys go nowhere: the instance's dictionary holds the model's own names.
@@ -497,7 +498,7 @@ def assembled(model: type[_Model], values: dict[str, Any], fields_set: set[str])
     return instance
 
 
-# CPython (3.11-3.13) gives a class's shared table room for 30 names, and each instance made
+# CPython (3.11, as measured) gives a class's shared table room for 30 names, and each instance made
 # takes one from the room left beyond the names it holds (`dk_usable`): every dictionary that
 # shares the table holds a slot for each name and each one of that room.
 _SHARED_KEYS_ROOM = 30

@@ -750,7 +750,6 @@ _SPEC = 3
 _CREATED = 9
 _UPDATED = 10
 _CHECKED_AT = _NCOLUMNS  # where `load` reads spec_checked
-# Fields of a task built from a checked row (all of them): one set shared by all such tasks.
 
 
 def _task_to_row(task: Task, *, checked: bool = True) -> tuple[Any, ...]:

@@ -318,6 +318,7 @@ def after_attempt(
     return CheckOutcome(with_state(task, update), retry_after=None, changed=True)
 
 
+# Fields of a task built from values known valid (all of them): one set shared by all such tasks.
 ALL_TASK_FIELDS = set(Task.model_fields)
 # A new task's state: the model's defaults.
 _NEW_TASK_STATE = {
