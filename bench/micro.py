@@ -5,6 +5,8 @@
 - `regex`     RE2 on a 100 KB page handed bytes against str (`probe.search_body`).
 - `validate`  building a check's result with and without validation (`probe._result`).
 - `taskmap`   counting 100,000 tasks by status and health by walking them (`metrics.TaskMap`).
+- `shared-keys` the size of a definition's and a task's `__dict__` as validation makes it and as
+              `task_spec.assembled` holds it (key-sharing).
 - `jobs-gc`   a full garbage collection with 100,000 loaded jobs and tasks, before and after
               `gc.freeze()` (`scheduler.py`: start-up and `CollectorPolicy`).
 - `records`   one `Record` per consumed Kafka message: a Python loop against the consumer's
@@ -166,6 +168,26 @@ def loaded_tasks(count: int) -> dict[uuid.UUID, Any]:
         task = template.model_copy(update={"id": uuid.uuid4()})
         tasks[task.id] = task
     return tasks
+
+
+def shared_keys() -> None:
+    import sys
+
+    from checker_common.task_spec import TaskSpec, checked_spec
+    from periodic_checker.tasks import Task, compacted
+
+    spec = TaskSpec(name="x", url="http://127.0.0.1:8089/", interval=60, timeout=5, pattern="ok")
+    loaded = checked_spec(spec.model_dump(mode="json"))
+    assert loaded is not None
+    now = datetime.now(UTC)
+    task = Task(id=uuid.uuid4(), spec=spec, created_at=now, updated_at=now)
+    held = compacted(task)
+    print(
+        "shared-keys, bytes of a `__dict__` (sys.getsizeof): a definition as validation makes it "
+        f"{sys.getsizeof(spec.__dict__)}, assembled (key-sharing) "
+        f"{sys.getsizeof(loaded.__dict__)}; a task {sys.getsizeof(task.__dict__)} against "
+        f"{sys.getsizeof(held.__dict__)}"
+    )
 
 
 def taskmap() -> None:
@@ -589,6 +611,7 @@ BENCHES: dict[str, Callable[[], None]] = {
     "regex": regex,
     "validate": validate,
     "taskmap": taskmap,
+    "shared-keys": shared_keys,
     "jobs-gc": jobs_gc,
     "records": records,
     "tuple": tuple_vs_dataclass,
