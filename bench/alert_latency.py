@@ -274,19 +274,13 @@ def one_run(
     load_start = os.getloadavg()[0]
     with temp_database("bench_alerts") as dsn:
         topic = broker.topic(PARTITIONS)
-        env = {
-            **broker.env(),
-            "POSTGRESQL_CONNECTION": dsn,
-            "KAFKA_CONSUMER_TOPICS": topic,
-            "KAFKA_TASKS_TOPIC": broker.topic(PARTITIONS),
-            "KAFKA_CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:8]}",
-            "KAFKA_SESSION_TIMEOUT_MS": "6000",
-            "METRICS_PORT": "0",
-            "LOG_LEVEL": "INFO",
-            "ALERTING_CONFIG": str(
-                alerting_file(work / f"alerting-{label}.toml", receiver.port, args.poll_seconds)
-            ),
-        }
+        alerting = alerting_file(work / f"alerting-{label}.toml", receiver.port, args.poll_seconds)
+        env = broker.processor_env(
+            dsn,
+            topic,
+            KAFKA_TASKS_TOPIC=broker.topic(PARTITIONS),
+            ALERTING_CONFIG=str(alerting),
+        )
         log = work / f"processor-{label}.log"
         visible: dict[str, float] = {}
         watched: dict[str, str] = {}

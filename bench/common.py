@@ -139,6 +139,22 @@ class Kafka:
             **extra,
         }
 
+    def processor_env(self, dsn: str, topic: str, **settings: str) -> dict[str, str]:
+        """The processor's settings in a bench: this broker, the database `dsn`, results from
+        `topic`, a consumer group of its own with the shortest session a stock Kafka accepts
+        (its join is 3 s of every start, BENCHMARKS.md "Ingest"), no metrics port, logs at
+        INFO (the benches read its phases there); `settings` add to these or replace them."""
+        return {
+            **self.env(),
+            "POSTGRESQL_CONNECTION": dsn,
+            "KAFKA_CONSUMER_TOPICS": topic,
+            "KAFKA_CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:8]}",
+            "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "METRICS_PORT": "0",
+            "LOG_LEVEL": "INFO",
+            **settings,
+        }
+
     def topic(self, partitions: int) -> str:
         name = f"bench-{uuid.uuid4().hex[:10]}"
         create_topics(self.config(), [name], partitions=partitions)

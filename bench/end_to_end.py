@@ -165,15 +165,7 @@ def one_run(
     kafka_: Kafka, dsn: str, page: str, args: argparse.Namespace, work: Path, n: int
 ) -> Run:
     topic = kafka_.topic(PARTITIONS)
-    processor_env = {
-        **kafka_.env(),
-        "POSTGRESQL_CONNECTION": dsn,
-        "KAFKA_CONSUMER_TOPICS": topic,
-        "KAFKA_CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:8]}",
-        "KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "METRICS_PORT": "0",
-        "LOG_LEVEL": "INFO",
-    }
+    processor_env = kafka_.processor_env(dsn, topic)
     seen = Observed()
     stop, listening = threading.Event(), threading.Event()
     plog = work / f"processor-{n}.log"

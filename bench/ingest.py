@@ -341,20 +341,16 @@ def drain(
     profile: Path | None = None,
 ) -> Drain:
     group = f"bench-{uuid.uuid4().hex[:8]}"
-    env = {
-        **kafka.env(),
-        "POSTGRESQL_CONNECTION": dsn,
-        "KAFKA_CONSUMER_TOPICS": topic,
+    env = kafka.processor_env(
+        dsn,
+        topic,
         # Subscribed beside the results and empty, as in a pipeline whose tasks do not change
         # (a revision before the task topic ignores it).
-        "KAFKA_TASKS_TOPIC": tasks_topic,
-        "KAFKA_CONSUMER_GROUP": group,
-        "KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "METRICS_PORT": "0",
-        "LOG_LEVEL": "INFO",
-        "BATCH_MAX_MESSAGES": str(batch[0]),
-        "BATCH_MAX_MS": str(batch[1]),
-    }
+        KAFKA_TASKS_TOPIC=tasks_topic,
+        KAFKA_CONSUMER_GROUP=group,
+        BATCH_MAX_MESSAGES=str(batch[0]),
+        BATCH_MAX_MS=str(batch[1]),
+    )
     partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
     watcher = Consumer(kafka.config(**{"group.id": group, "enable.auto.commit": False}))
     try:
@@ -685,18 +681,13 @@ def latency_run(
     broker: Kafka, dsn: str, args: argparse.Namespace, log: Path, source: Path
 ) -> tuple[Seen, int, float]:
     topic = broker.topic(PARTITIONS)
-    env = {
-        **broker.env(),
-        "POSTGRESQL_CONNECTION": dsn,
-        "KAFKA_CONSUMER_TOPICS": topic,
-        "KAFKA_TASKS_TOPIC": broker.topic(PARTITIONS),
-        "KAFKA_CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:8]}",
-        "KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "METRICS_PORT": "0",
-        "LOG_LEVEL": "INFO",
-        "BATCH_MAX_MESSAGES": str(args.batch_max_messages),
-        "BATCH_MAX_MS": str(args.batch_max_ms),
-    }
+    env = broker.processor_env(
+        dsn,
+        topic,
+        KAFKA_TASKS_TOPIC=broker.topic(PARTITIONS),
+        BATCH_MAX_MESSAGES=str(args.batch_max_messages),
+        BATCH_MAX_MS=str(args.batch_max_ms),
+    )
     template = MessageTemplate()
     template.check()
     tasks = [task_id(n) for n in range(TASKS)]

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import ROOT, Kafka, cpu_model, kafka, machine, workdir
+from common import ROOT, Kafka, cpu_model, kafka, machine, wait_ready, workdir
 from confluent_kafka import Producer
 
 from checker_common.task_record import TaskRecord, encode
@@ -118,19 +118,6 @@ def node_env(
     }
 
 
-def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], started: float) -> float:
-    while time.monotonic() - started < START_TIMEOUT:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode} before READY=1")
-        try:
-            data = notify.recv(4096)
-        except TimeoutError:
-            continue
-        if b"READY=1" in data.split(b"\n"):
-            return time.monotonic()
-    raise RuntimeError("no READY=1 within the start time-out")
-
-
 PHASES = re.compile(
     r"read: (\d+) records, (\d+) tasks in ([\d.]+) s \(reading ([\d.]+) s, decoding and"
     r" validating ([\d.]+) s, writing the view ([\d.]+) s\)"
@@ -165,7 +152,7 @@ def startup_run(k: Kafka, records: int) -> dict[str, Any]:
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work,
             )  # fmt: skip
             try:
-                ready = wait_ready(notify, proc, started) - started
+                ready = wait_ready(notify, proc, started, START_TIMEOUT) - started
                 rss_mb = vm_rss_mb(proc.pid)
             finally:
                 proc.send_signal(signal.SIGTERM)
