@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import ROOT, Kafka, cpu_model, kafka, machine, wait_ready, workdir
+from common import ROOT, Kafka, cpu_model, kafka, machine, proc_sample, wait_ready, workdir
 from confluent_kafka import Producer
 
 from checker_common.task_record import TaskRecord, encode
@@ -125,14 +125,6 @@ PHASES = re.compile(
 SCHEDULED = re.compile(r"(\d+) tasks scheduled in ([\d.]+) s")
 
 
-def vm_rss_mb(pid: int) -> float:
-    """The process's resident memory now, MB (10^6 bytes), as /proc reports it."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / 1e6
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
 def startup_run(k: Kafka, records: int) -> dict[str, Any]:
     topics = make_topics(k)
     fill_s = fill(k, topics[1], records)
@@ -153,7 +145,7 @@ def startup_run(k: Kafka, records: int) -> dict[str, Any]:
             )  # fmt: skip
             try:
                 ready = wait_ready(notify, proc, started, START_TIMEOUT) - started
-                rss_mb = vm_rss_mb(proc.pid)
+                rss_mb = proc_sample(proc.pid)[1] / 1e6  # VmRSS, MB
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
