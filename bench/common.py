@@ -43,17 +43,21 @@ ADMIN_DSN = os.environ.get("BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.
 
 def machine() -> str:
     """One line: cores, CPU model, memory, PostgreSQL server version."""
-    model = "?"
+    fields: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
+        if not line.strip():
+            break  # the first CPU's block is enough
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    model = fields.get("model name", "?")
+    # A model name such as "AMD EPYC" does not say which generation: the family and model do.
+    generation = f" (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
     mem_kb = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             mem_kb = int(line.split()[1])
     return (
-        f"nproc {os.cpu_count()}, CPU {model}, memory {mem_kb / 1024 / 1024:.0f} GiB, "
+        f"nproc {os.cpu_count()}, CPU {model}{generation}, memory {mem_kb / 1024 / 1024:.0f} GiB, "
         f"Python {platform.python_version()}, load average at start "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
@@ -174,6 +178,13 @@ def kafka(workdir: Path) -> Iterator[Kafka]:
 
 @contextlib.contextmanager
 def workdir() -> Iterator[Path]:
+    """A scratch directory, removed at the end; kept (its path printed) with BENCH_KEEP=1, for
+    the daemons' logs of a run worth reading."""
+    if os.environ.get("BENCH_KEEP") == "1":
+        kept = Path(tempfile.mkdtemp(prefix="bench-"))
+        print(f"  work directory kept: {kept}", flush=True)
+        yield kept
+        return
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         yield Path(tmp)
 
