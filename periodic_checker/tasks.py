@@ -164,10 +164,23 @@ def _refused(field: str, message: str) -> ValidationError:
 # spread by its id, so a restart with many pending one-shots does not fire them together.
 ONE_SHOT_SPREAD = 10.0
 
+# The late slots of a handover run within about as long as the handover took (the age of a
+# task's oldest late slot), but over at least this many seconds: the catch-up of thousands of
+# tasks is spread, and one of a task whose slot passed a moment ago is not held back.
+CATCH_UP_MIN_SPREAD = 5.0
+
 
 def phase_fraction(task_id: uuid.UUID) -> float:
     """A stable number in [0, 1) derived from the id: the same task always gets the same one."""
     digest = hashlib.blake2b(task_id.bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def spread_fraction(task_id: uuid.UUID) -> float:
+    """A second stable number in [0, 1) from the id, independent of `phase_fraction`: where a
+    spread-out turn falls for a task must not follow its place on the grid, or the tasks whose
+    slots passed together would take their turn together."""
+    digest = hashlib.blake2b(task_id.bytes, digest_size=8, person=b"late-turn").digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
@@ -213,9 +226,15 @@ def resume_plan(
 
     Every slot after `last_slot` that passed before `now` (the handover took longer than an
     interval) is run late, once, if it is at most `limit` seconds old; older ones are skipped
-    and counted. None is run twice. The late slots run at `first`, a time between `now` and the
-    task's next slot set by the task's id, so a node that takes thousands of tasks spreads
-    their late runs over up to an interval instead of starting them all at once.
+    and counted. None is run twice. The late slots run at `first`, a time set by the task's id
+    within the age of the oldest of them (at least CATCH_UP_MIN_SPREAD) and before the task's
+    next slot: a node that takes thousands of tasks spreads their late runs over about as long
+    as the handover took, instead of starting them all at once, and a slot a few seconds old
+    runs seconds late, not somewhere in its task's interval (an hour, for an hourly task).
+    For 30,000 tasks at 60 s taken after a handover of 10 s, their late runs come at 1.8 x the
+    tasks' usual rate in the busiest second (their lag p99 18 s; spread over the interval as
+    before: 0.75 x, lag p99 40 s); after 30 s, 2.9 x; after a whole interval, when every late
+    turn must also come before the task's next slot, 7 x (`tests/checker/test_task_state.py`).
     """
     after = next_fire_time(task_id, interval, last_slot + interval / 2)
     upcoming = next_fire_time(task_id, interval, now)
@@ -230,7 +249,8 @@ def resume_plan(
     late = tuple(slot for slot in slots if now - slot <= limit)
     if not late:
         return ResumePlan(upcoming, (), passed)
-    first = now + phase_fraction(task_id) * (upcoming - now)
+    spread = min(upcoming - now, max(now - late[0], CATCH_UP_MIN_SPREAD))
+    first = now + spread_fraction(task_id) * spread
     return ResumePlan(first, late, passed - len(late))
 
 

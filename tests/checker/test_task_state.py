@@ -3,8 +3,10 @@ state record that travels with it, and the group generation read from librdkafka
 
 from __future__ import annotations
 
+import math
 import sys
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
@@ -25,10 +27,12 @@ from periodic_checker.task_state import (
     with_state,
 )
 from periodic_checker.tasks import (
+    CATCH_UP_MIN_SPREAD,
     Task,
     next_fire_time,
     phase_fraction,
     resume_plan,
+    spread_fraction,
     start_offset,
 )
 
@@ -38,11 +42,14 @@ BASE = 1_796_300_000.0
 # A slot of the task's grid (the grid is the same on every node).
 SLOT = next_fire_time(TASK, INTERVAL, BASE)
 LIMIT = 30.0  # the catch-up limit of the tests below: late slots at most 30 s old run
+# Times here are epoch seconds (about 1.8e9): pytest.approx's default relative tolerance would
+# accept half an hour off, so every comparison of times names its own.
+EPS = 1e-6
 
 
 def test_the_grid_is_a_pure_function_of_the_id_and_the_interval() -> None:
     assert (SLOT - start_offset(TASK, INTERVAL)) % INTERVAL == pytest.approx(0, abs=1e-6)
-    assert next_fire_time(TASK, INTERVAL, SLOT + 0.5) == pytest.approx(SLOT + INTERVAL)
+    assert next_fire_time(TASK, INTERVAL, SLOT + 0.5) == pytest.approx(SLOT + INTERVAL, abs=EPS)
 
 
 @pytest.mark.parametrize(
@@ -70,14 +77,65 @@ def test_a_new_owner_runs_the_slots_of_the_handover_late_within_the_limit(
     now: float, limit: float, late: list[float], skipped: int, next_slot: float
 ) -> None:
     plan = resume_plan(TASK, INTERVAL, SLOT, now, limit)
-    assert list(plan.late) == pytest.approx([SLOT + d for d in late])
+    assert list(plan.late) == pytest.approx([SLOT + d for d in late], abs=EPS)
     assert plan.skipped == skipped
     if late:
-        # Their turn comes between now and the next slot, at a point set by the task's id.
+        # Their turn comes at a point set by the task's id, within the age of the oldest of them
+        # (at least CATCH_UP_MIN_SPREAD) and before the next slot.
+        spread = min(next_slot - now, max(now - (SLOT + late[0]), CATCH_UP_MIN_SPREAD))
         assert now <= plan.first <= next_slot
-        assert plan.first == pytest.approx(now + phase_fraction(TASK) * (next_slot - now))
+        assert plan.first - now == pytest.approx(spread_fraction(TASK) * spread, abs=EPS)
     else:
-        assert plan.first == pytest.approx(next_slot)
+        assert plan.first == pytest.approx(next_slot, abs=EPS)
+
+
+def late_turns(interval: float, gap: float, tasks: int) -> tuple[Counter[int], list[float]]:
+    """Many tasks taken by a new owner after a handover of `gap` seconds: how many late runs
+    start in each second after the take, and each late run's lag behind its slot."""
+    now = BASE + 0.25
+    per_second: Counter[int] = Counter()
+    lags: list[float] = []
+    for n in range(tasks):
+        task_id = uuid.UUID(int=n * 0x9E3779B97F4A7C15 % 2**128)
+        last = next_fire_time(task_id, interval, now - gap) - interval  # run by the old owner
+        plan = resume_plan(task_id, interval, last, now, limit=60.0)
+        for slot in plan.late:
+            per_second[math.floor(plan.first - now)] += 1
+            lags.append(plan.first - slot)
+    return per_second, sorted(lags)
+
+
+def test_the_late_slots_of_a_short_handover_run_within_about_its_length() -> None:
+    per_second, lags = late_turns(interval=60.0, gap=10.0, tasks=30_000)
+    usual = 30_000 / 60.0  # the tasks' checks a second
+    assert len(lags) == pytest.approx(30_000 * 10 / 60, rel=0.05)  # a sixth of the slots passed
+    # Seconds late, not up to the interval: within the gap plus as long again.
+    assert max(lags) <= 2 * 10.0 + 1e-6
+    assert lags[len(lags) // 2] < 10.0
+    # And spread out: no second of the catch-up starts twice the tasks' usual rate.
+    assert max(per_second.values()) < 2 * usual
+    assert max(per_second) < 20
+
+
+def test_a_late_slot_of_a_long_interval_task_does_not_wait_for_its_next_slot() -> None:
+    # An hourly task whose slot passed 8 s before the take runs it within those 8 s (at least
+    # CATCH_UP_MIN_SPREAD), not at some point of the next hour.
+    slot = next_fire_time(TASK, 3600.0, BASE)
+    now = slot + 8.0
+    plan = resume_plan(TASK, 3600.0, slot - 3600.0, now, limit=60.0)
+    assert plan.late == pytest.approx((slot,), abs=EPS)
+    assert now <= plan.first <= now + max(8.0, CATCH_UP_MIN_SPREAD)
+
+
+def test_where_a_late_turn_falls_does_not_follow_the_place_on_the_grid() -> None:
+    # Tasks whose slots passed together (neighbours on the grid) must not take their turn
+    # together: the turn's fraction is a second hash of the id, not its phase.
+    ids = [uuid.UUID(int=n * 0x9E3779B97F4A7C15 % 2**128) for n in range(20_000)]
+    neighbours = sorted(ids, key=phase_fraction)[:2_000]  # one tenth of the grid
+    turns = sorted(spread_fraction(task_id) for task_id in neighbours)
+    # Spread over the whole of [0, 1) as the fractions of all tasks are.
+    assert turns[len(turns) // 10] < 0.2
+    assert turns[-len(turns) // 10] > 0.8
 
 
 def test_a_new_owner_never_runs_the_last_slot_again() -> None:
