@@ -43,12 +43,12 @@ def test_an_interval_entry_moves_to_its_next_slot_once_however_late() -> None:
     # Woken 35 s late: one fire (coalesced), then the first slot of its grid after the wake-up.
     assert table.due(first + 35) == [task_id]
     moved = table.next_fire(task_id)
-    assert moved == pytest.approx(first + 40)
+    assert moved == pytest.approx(first + 40, abs=1e-6)
     cycles = (moved - start_offset(task_id, 10)) / 10
     assert cycles == pytest.approx(round(cycles), abs=1e-6), "on the task's grid"
     assert table.due(first + 39.9) == []
     assert table.due(moved) == [task_id]
-    assert table.next_fire(task_id) == pytest.approx(first + 50)
+    assert table.next_fire(task_id) == pytest.approx(first + 50, abs=1e-6)
 
 
 def test_moved_and_removed_entries_never_fire_from_their_old_place() -> None:
@@ -78,7 +78,7 @@ def test_slots_passed_while_loading_move_on_and_one_shots_stay_due() -> None:
         fire = table.next_fire(task_id)
         assert fire is not None
         assert ready <= fire < ready + 60
-        assert fire == pytest.approx(next_fire_time(task_id, 60, ready))
+        assert fire == pytest.approx(next_fire_time(task_id, 60, ready), abs=1e-6)
     assert table.due(ready) == [once]
 
 
