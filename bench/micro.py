@@ -607,7 +607,47 @@ def bombs() -> None:
     print(f"bombs, brotli's decompressor asked for 1 byte hands back {len(first):,}")
 
 
+def catch_up() -> None:
+    """The late slots of a handover (`tasks.resume_plan`): 30,000 tasks at 60 s taken after a
+    handover of 10, 30 and 60 s, the take at 8 moments 7.5 s apart within the minute; the late
+    runs in the busiest second against the tasks' usual rate (the highest of the 8), and their
+    lag (all 8 together). "before": the turn anywhere before the task's next slot, at its phase
+    (the code until 2026-12-05)."""
+    import math
+    from collections import Counter
+
+    from periodic_checker.tasks import next_fire_time, phase_fraction, resume_plan
+
+    interval, tasks = 60.0, 30_000
+    ids = [uuid.UUID(int=n * 0x9E3779B97F4A7C15 % 2**128) for n in range(tasks)]
+    for gap in (10.0, 30.0, 60.0):
+        for variant in ("now", "before"):
+            busiest = 0.0
+            lags: list[float] = []
+            for moment in range(8):
+                now = 1_796_300_000.25 + 7.5 * moment
+                per_second: Counter[int] = Counter()
+                for one in ids:
+                    last = next_fire_time(one, interval, now - gap) - interval
+                    plan = resume_plan(one, interval, last, now, limit=60.0)
+                    first = plan.first
+                    if variant == "before" and plan.late:
+                        upcoming = next_fire_time(one, interval, now)
+                        first = now + phase_fraction(one) * (upcoming - now)
+                    for slot in plan.late:
+                        per_second[math.floor(first - now)] += 1
+                        lags.append(first - slot)
+                busiest = max(busiest, max(per_second.values()) / (tasks / interval))
+            lags.sort()
+            print(
+                f"catch-up, handover of {gap:.0f} s, {variant}: busiest second {busiest:.2f} x"
+                f" the usual rate, lag p50 {lags[len(lags) // 2]:.1f} s,"
+                f" p99 {lags[int(len(lags) * 0.99)]:.1f} s, max {lags[-1]:.1f} s"
+            )
+
+
 BENCHES: dict[str, Callable[[], None]] = {
+    "catch-up": catch_up,
     "regex": regex,
     "validate": validate,
     "taskmap": taskmap,

@@ -232,9 +232,10 @@ def resume_plan(
     as the handover took, instead of starting them all at once, and a slot a few seconds old
     runs seconds late, not somewhere in its task's interval (an hour, for an hourly task).
     For 30,000 tasks at 60 s taken after a handover of 10 s, their late runs come at 1.8 x the
-    tasks' usual rate in the busiest second (their lag p99 18 s; spread over the interval as
-    before: 0.75 x, lag p99 40 s); after 30 s, 2.9 x; after a whole interval, when every late
-    turn must also come before the task's next slot, 7 x (`tests/checker/test_task_state.py`).
+    tasks' usual rate in the busiest second, lag p50 7.6 s, p99 18 s (anywhere before the next
+    slot, as until 2026-12-05: 1.1 x, p50 33 s, p99 59 s); after 30 s, 3.0 x (1.8 x); after a
+    whole interval, when every late turn must also come before the task's next slot, 7.3 x
+    (7.7 x): `bench/micro.py catch-up`.
     """
     after = next_fire_time(task_id, interval, last_slot + interval / 2)
     upcoming = next_fire_time(task_id, interval, now)
