@@ -23,9 +23,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
+import sys
 import time
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import uvloop
 from aiohttp import web
@@ -67,9 +70,29 @@ def run(settings: CheckerSettings) -> int:
     logs.setup(settings.log_level, settings.log_format, settings.secrets())
     try:
         # uvloop: less CPU per check than asyncio's loop (bench/results/probe.md).
-        return uvloop.run(serve(settings))
+        code = uvloop.run(serve(settings))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 130
+        code = 130
+    leave(code)
+
+
+def leave(code: int) -> NoReturn:
+    """End the process with `code`, past the interpreter's finalization.
+
+    A pattern search may still run in its daemon thread when the daemon stops (search.py: the
+    threads never hold up the exit). Should it come back from RE2's C++ code while the
+    interpreter finalizes, Python ends that thread with pthread_exit, whose unwinding through
+    the binding's noexcept frame aborts the whole process ("terminate called without an active
+    exception", exit 134 instead of 0: seen once in
+    tests/faults/test_hostile_patterns_and_bodies.py). By now every result is delivered or in
+    the outbox and every store is closed; the logs and the standard streams are flushed here,
+    and nothing else is left for the finalization to do.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 async def serve(settings: CheckerSettings) -> int:
