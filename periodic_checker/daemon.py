@@ -64,9 +64,9 @@ MIN_FLUSH_TIME = 1.0
 WATCHDOG_PERIOD = 5.0
 
 
-def run(settings: CheckerSettings) -> int:
-    """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 when start-up fails, 2 (as for a bad
-    setting) when TASK_STORAGE cannot be written."""
+def run(settings: CheckerSettings) -> NoReturn:
+    """Run until SIGTERM or SIGINT, then end the process (`leave`): 0 after a clean stop, 1 when
+    start-up fails, 2 (as for a bad setting) when TASK_STORAGE cannot be written."""
     logs.setup(settings.log_level, settings.log_format, settings.secrets())
     try:
         # uvloop: less CPU per check than asyncio's loop (bench/results/probe.md).
