@@ -9,6 +9,8 @@
 
 `--startup-only`: per run, only start-up to READY=1 and VmRSS at READY and its most over the
 next `--settle` seconds (checks running), then the daemon is stopped; no window, no lag.
+With `--upgrade`, the store's definitions are marked as another release's validator left them:
+the first start after an upgrade, which validates every one again.
 
 Per run: a fresh broker (tansu + stunnel mTLS) and topic, N tasks bulk-written into a new
 SQLite store, then `python -m periodic_checker.cli run` as a subprocess. The bench binds a
@@ -73,12 +75,19 @@ PARTITIONS = 3
 
 
 def write_tasks(
-    path: Path, count: int, url: str, interval: float, *, keepalive: bool = False
+    path: Path,
+    count: int,
+    url: str,
+    interval: float,
+    *,
+    keepalive: bool = False,
+    upgrade: bool = False,
 ) -> float:
     """Bulk-insert `count` tasks in one transaction, in the store's own row shape and as the
-    checker leaves them once it has run: each definition marked as validated by this checker,
-    each task's record published to the task topic (else the start is an upgrade from a
-    release without the task topic, which publishes every task once); seconds."""
+    checker leaves them once it has run: each definition marked as validated by this checker
+    (`upgrade`: by another release's validator, so the start validates every one again), each
+    task's record published to the task topic (else the start is an upgrade from a release
+    without the task topic, which publishes every task once); seconds."""
     started = time.monotonic()
     store = SQLiteTaskStore(path, max_tasks=count)  # creates the schema
     now = datetime.now(UTC)
@@ -99,7 +108,7 @@ def write_tasks(
         row[1] = f"bench-{n}"
         spec_n = spec_json.replace('"name":"x"', f'"name":"bench-{n}"', 1)
         row[3] = spec_n
-        row[-1] = checked_digest(spec_n)
+        row[-1] = None if upgrade else checked_digest(spec_n)
         rows.append(tuple(row))
     db = store._db  # the bench writes in bulk; the store's API inserts one task a transaction
     db.execute("BEGIN")
@@ -217,6 +226,7 @@ def one_run(
     *,
     keepalive: bool = False,
     extra_env: dict[str, str] | None = None,
+    upgrade: bool = False,
 ) -> RunResult:
     """One daemon on `tasks` tasks of `page`; with `settle` (start-up only), the figures of the
     `settle` seconds after READY and no window; `extra_env` adds to (or overrides) its settings
@@ -224,7 +234,7 @@ def one_run(
     topic = kafka_.topic(partitions=PARTITIONS)
     with workdir() as work:
         store = work / "tasks.sqlite3"
-        write_s = write_tasks(store, tasks, page, interval, keepalive=keepalive)
+        write_s = write_tasks(store, tasks, page, interval, keepalive=keepalive, upgrade=upgrade)
         notify_path = work / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -385,6 +395,11 @@ def main() -> int:
     )
     parser.add_argument("--settle", type=float, default=20.0, help="seconds after READY")
     parser.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="the first start after an upgrade: every stored definition validated again",
+    )
+    parser.add_argument(
         "--nodes",
         type=int,
         default=1,
@@ -427,6 +442,7 @@ def main() -> int:
                     args.interval,
                     args.intervals,
                     settle=args.settle if args.startup_only else None,
+                    upgrade=args.upgrade,
                 )
                 results.append(run)
                 print(f"  {summary_line(run)}", file=sys.stderr)

@@ -462,6 +462,8 @@ def compacted_spec(spec: TaskSpec) -> TaskSpec:
     that shares its keys, one set of fields for all, the texts many definitions repeat once.
     For a definition that stays in memory as long as its task (a record a cluster node applies);
     it is a third of the size of the one validation made."""
+    if spec.__pydantic_fields_set__ is _ALL_FIELDS:
+        return spec  # held so already: made by `assembled` here (`checked_spec`, this function)
     values = dict(spec.__dict__)
     _share_texts(values)
     return assembled(TaskSpec, values, _ALL_FIELDS)

@@ -43,7 +43,7 @@ from periodic_checker.task_service import (
     TooManyTasks,
 )
 from periodic_checker.task_view import INVALID_RECORD
-from periodic_checker.tasks import ALL_TASK_FIELDS, Task
+from periodic_checker.tasks import ALL_TASK_FIELDS, Task, compacted
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,9 @@ class SQLiteTaskStore:
                     continue
                 task, problem = _row_to_task(row)
                 if problem is None:
+                    # Held as compactly as a task loaded without validation (after an
+                    # upgrade every definition is validated again: a third of the memory).
+                    task = compacted(task)
                     if task.status is not TaskStatus.ERROR:
                         checked.append((checked_digest(row[_SPEC]), row[_ID]))
                 elif _own_reason(task, problem):
