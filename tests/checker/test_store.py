@@ -278,7 +278,7 @@ def test_tasks_loaded_without_validating_hold_their_values_in_shared_key_diction
 def test_tasks_validated_again_after_an_upgrade_are_held_as_compactly(path: Path) -> None:
     """The first start after an upgrade validates every definition again: the tasks it makes
     are held in shared-key dictionaries all the same (not 2.5 x the memory until the next
-    restart: 597 against 235 MB at 100,000 tasks, measured)."""
+    restart: 598 against 228 MB at READY at 100,000 tasks, BENCHMARKS.md)."""
     store = SQLiteTaskStore(path)
     for n in range(3):
         store.insert(make_task(f"site-{n}", pattern="up and running"))
