@@ -170,18 +170,22 @@ ONE_SHOT_SPREAD = 10.0
 CATCH_UP_MIN_SPREAD = 5.0
 
 
+def _id_fraction(task_id: uuid.UUID, person: bytes) -> float:
+    """A stable number in [0, 1) from the id; another `person` gives an independent one."""
+    digest = hashlib.blake2b(task_id.bytes, digest_size=8, person=person).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def phase_fraction(task_id: uuid.UUID) -> float:
     """A stable number in [0, 1) derived from the id: the same task always gets the same one."""
-    digest = hashlib.blake2b(task_id.bytes, digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    return _id_fraction(task_id, b"")
 
 
 def spread_fraction(task_id: uuid.UUID) -> float:
     """A second stable number in [0, 1) from the id, independent of `phase_fraction`: where a
     spread-out turn falls for a task must not follow its place on the grid, or the tasks whose
     slots passed together would take their turn together."""
-    digest = hashlib.blake2b(task_id.bytes, digest_size=8, person=b"late-turn").digest()
-    return int.from_bytes(digest, "big") / 2**64
+    return _id_fraction(task_id, b"late-turn")
 
 
 def start_offset(task_id: uuid.UUID, interval: float) -> float:
