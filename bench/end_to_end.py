@@ -137,6 +137,9 @@ def checker_env(kafka_: Kafka, topic: str, store: Path, tasks: int, notify: Path
         **kafka_.env(),
         "PYTHONPATH": str(ROOT),
         "KAFKA_TOPIC": topic,
+        # A task topic of its own, as a deployment has (without one, single mode keeps
+        # trying to find it; the checker follows it as it would there).
+        "KAFKA_TASKS_TOPIC": kafka_.topic(partitions=PARTITIONS),
         "TASK_STORAGE": str(store),
         "MAX_TASKS": str(tasks),
         "API_PORT": str(free_port()),

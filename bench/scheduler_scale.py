@@ -246,6 +246,9 @@ def one_run(
             # benchmarks that copy, whatever the venv's editable install points at).
             "PYTHONPATH": str(ROOT),
             "KAFKA_TOPIC": topic,
+            # A task topic of its own, as a deployment has (without one, single mode keeps
+            # trying to find it; the checker follows it as it would there).
+            "KAFKA_TASKS_TOPIC": kafka_.topic(partitions=PARTITIONS),
             "TASK_STORAGE": str(store),
             "MAX_TASKS": str(tasks),
             "API_PORT": str(free_port()),

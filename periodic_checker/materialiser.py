@@ -26,7 +26,6 @@ goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -463,8 +462,10 @@ class TaskTopicFollower:
                 if not warned:
                     log.warning("cannot follow the task topic yet (%s); retrying", exc)
                     warned = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.to_thread(self._stopping.wait), RETRY_SECONDS)
+                # The wait ends by itself: a thread of the loop's executor left waiting at
+                # each try would fill it within a minute and wedge every other thread call
+                # (store writes, the outbox, the shutdown).
+                await asyncio.to_thread(self._stopping.wait, RETRY_SECONDS)
         else:
             return
         self._assign(offsets)

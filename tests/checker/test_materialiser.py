@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from checker.nodes import Topics, produce
 
 from checker_common.task_spec import TaskSpec
+from periodic_checker import materialiser
 from periodic_checker.materialiser import Snapshot, TaskTopicFollower, TopicMissing
 from periodic_checker.names import NameClaims
 from periodic_checker.settings import CheckerSettings
@@ -151,6 +153,29 @@ async def test_a_missing_topic_is_said_at_once(
     finally:
         await follower.stop()
         store.close()
+
+
+async def test_a_single_mode_node_waiting_for_its_task_topic_keeps_the_loop_threads_free(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Single mode starts without the task topic (or the broker) and tries again and again;
+    # the loop's threads, which store writes, the outbox and the shutdown use, stay free.
+    monkeypatch.setattr(materialiser, "RETRY_SECONDS", 0.01)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+    config = settings(kafka, topics, tmp_path, "single")
+    config = config.model_copy(update={"kafka_tasks_topic": f"{topics.tasks}-missing"})
+    store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    follower = TaskTopicFollower(config, store, Scheduler(), names=NameClaims())
+    await follower.start()
+    try:
+        await asyncio.sleep(1.0)  # dozens of tries at 10 ms
+        free = await asyncio.wait_for(asyncio.to_thread(lambda: "free"), timeout=10)
+        assert free == "free"
+    finally:
+        await asyncio.wait_for(follower.stop(), timeout=10)
+        store.close()
+    assert not follower.caught_up.is_set()
 
 
 async def test_a_writer_waits_until_its_record_is_applied_and_a_failed_batch_comes_again(
