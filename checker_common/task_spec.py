@@ -284,6 +284,8 @@ class TaskSpec(BaseModel):
     @field_validator("secret_headers")
     @classmethod
     def _secret_headers(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value:
+            return value  # `info.data` is a new dict at each reading: not for nothing
         headers = info.data.get("headers")
         names = {name.lower() for name in headers} if headers is not None else None
         for name in value:
@@ -319,9 +321,11 @@ class TaskSpec(BaseModel):
     @field_validator("max_body_bytes")
     @classmethod
     def _search_work(cls, value: int, info: ValidationInfo) -> int:
-        pattern = info.data.get("pattern")
         # Below this cap every pattern compile_pattern allows fits: no need to compile again.
-        if pattern is None or value <= MAX_SEARCH_WORK // MAX_PATTERN_PROGRAM:
+        if value <= MAX_SEARCH_WORK // MAX_PATTERN_PROGRAM:
+            return value
+        pattern = info.data.get("pattern")
+        if pattern is None:
             return value
         size = compile_pattern(pattern).programsize
         if size * value > MAX_SEARCH_WORK:
