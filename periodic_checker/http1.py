@@ -215,7 +215,7 @@ class _Exchange(asyncio.Protocol):
         self._loop = loop
         # httptools cannot be told a response answers HEAD: its head is the whole message.
         self._head_request = head_request
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         # What aiohttp (the keep-alive engine) and curl accept of a response too: obsolete line
         # folding (unfolded to a space, as RFC 9112 5.2 asks of a user agent) and other header
         # bytes llhttp calls invalid, a bare LF ending a line, spaces after a chunk size. Lax
@@ -247,10 +247,11 @@ class _Exchange(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._complete or self._error is not None:
+        parser = self._parser
+        if self._complete or self._error is not None or parser is None:
             return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._complete = True  # 101: nothing more of HTTP to read
             self._wake()
@@ -277,6 +278,11 @@ class _Exchange(asyncio.Protocol):
         return None  # close the transport; connection_lost decides what the EOF means
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Nothing more arrives: the parser goes, and with it the cycle it makes with this
+        # protocol (it calls back into it). Reference counting frees the exchange then; a
+        # cycle would wait for a full pass of the collector, which runs once an hour at
+        # 100,000 tasks (`scheduler.CollectorPolicy`): hundreds of MB of exchanges by then.
+        self._parser = None
         if self._complete or self._error is not None:
             self._wake()
             return
@@ -313,6 +319,7 @@ class _Exchange(asyncio.Protocol):
                 self.headers[key] += ", " + text
 
     def on_headers_complete(self) -> None:
+        assert self._parser is not None  # called by the parser itself
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.headers = {}  # an interim response: the real head follows

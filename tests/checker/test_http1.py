@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import logging
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -882,3 +884,29 @@ async def test_a_read_after_close_fails_instead_of_waiting(
         await pending
     with pytest.raises(http1.BrokenBody):
         await response.readany()
+
+
+# --- memory ------------------------------------------------------------------------------
+
+
+async def test_a_finished_exchange_is_freed_without_the_garbage_collector(
+    serve: StartServer, resolver: PolicyResolver
+) -> None:
+    # A checker makes thousands of exchanges a second and runs the collector's full pass once an
+    # hour (scheduler.CollectorPolicy): an exchange kept alive by a reference cycle until then
+    # is memory that grows for an hour. Reads the private protocol: the cycle is inside it.
+    server = await serve(reply(OK, close=False))
+    gc.disable()
+    try:
+        response = await fetch(server.url(), resolver)
+        async with contextlib.aclosing(response):
+            assert await read_body(response) == b"ok"
+        protocol = weakref.ref(response._exchange)
+        del response
+        for _ in range(100):  # the loop tells the protocol its connection is lost, soon
+            if protocol() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert protocol() is None, "the exchange is held by a reference cycle"
+    finally:
+        gc.enable()
