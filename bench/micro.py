@@ -30,6 +30,9 @@
               against the loop alone (`overload.py`).
 - `cert-expiry` reading a certificate's notAfter from its DER (`probe.cert_not_after`)
               against looking it up by the certificate's bytes (`probe.certificate_expiry`).
+- `cycles`    objects a check through the Prober leaves in reference cycles, for the garbage
+              collector (`http1._Exchange.connection_lost`; the checker runs a full collection
+              only once an hour, `scheduler.CollectorPolicy`).
 - `bombs`     compression ratios of 64 MiB of zeros in gzip, brotli and zstd, and the least
               output brotli's decompressor hands back per call (`decoding.py`).
 
@@ -646,6 +649,57 @@ def catch_up() -> None:
             )
 
 
+def cycles() -> None:
+    import asyncio
+
+    import uvloop
+    from aiohttp import web
+
+    from checker_common.task_spec import TaskSpec
+    from devstack import free_port
+    from periodic_checker.policy import TargetPolicy
+    from periodic_checker.probe import Prober
+
+    count = 500
+
+    async def left_to_the_collector() -> int:
+        app = web.Application()
+
+        async def page(_request: web.Request) -> web.Response:
+            return web.Response(text="lorem ipsum pattern dolor")
+
+        app.router.add_get("/", page)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        prober = Prober(policy=TargetPolicy(), max_connections=100, node="bench")
+        await prober.start()
+        spec = TaskSpec(
+            name="x", url=f"http://127.0.0.1:{port}/", interval=60, timeout=5, pattern="pattern"
+        )
+        try:
+            for _ in range(20):
+                await prober.check(uuid.uuid4(), spec)  # warm-up
+            await asyncio.sleep(0.1)
+            gc.collect()
+            gc.disable()
+            await asyncio.gather(*(prober.check(uuid.uuid4(), spec) for _ in range(count)))
+            await asyncio.sleep(0.2)  # the closed connections' callbacks run
+            return gc.collect()
+        finally:
+            gc.enable()
+            await prober.close()
+            await runner.cleanup()
+
+    found = [uvloop.run(left_to_the_collector()) for _ in range(3)]
+    print(
+        f"cycles, {count} checks of a local page through the Prober (uvloop), objects the"
+        f" collector then found in reference cycles: {', '.join(str(n) for n in found)}"
+        f" ({statistics.median(found) / count:.1f} a check)"
+    )
+
+
 BENCHES: dict[str, Callable[[], None]] = {
     "catch-up": catch_up,
     "regex": regex,
@@ -664,6 +718,7 @@ BENCHES: dict[str, Callable[[], None]] = {
     "stalls": stalls,
     "bombs": bombs,
     "cert-expiry": cert_expiry,
+    "cycles": cycles,
 }
 
 
