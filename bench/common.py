@@ -143,6 +143,12 @@ class Kafka:
             **extra,
         }
 
+    def checker_env(self, results: str, partitions: int) -> dict[str, str]:
+        """A single-mode checker's broker settings in a bench: this broker, results to
+        `results`, and a task topic of its own with `partitions`, as a deployment has (without
+        one, single mode keeps looking for it; the checker follows it as it would there)."""
+        return {**self.env(), "KAFKA_TOPIC": results, "KAFKA_TASKS_TOPIC": self.topic(partitions)}
+
     def processor_env(self, dsn: str, topic: str, **settings: str) -> dict[str, str]:
         """The processor's settings in a bench: this broker, the database `dsn`, results from
         `topic`, a consumer group of its own with the shortest session a stock Kafka accepts

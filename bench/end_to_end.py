@@ -134,12 +134,8 @@ def checker_env(kafka_: Kafka, topic: str, store: Path, tasks: int, notify: Path
     base = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
     return {
         **base,
-        **kafka_.env(),
+        **kafka_.checker_env(topic, PARTITIONS),
         "PYTHONPATH": str(ROOT),
-        "KAFKA_TOPIC": topic,
-        # A task topic of its own, as a deployment has (without one, single mode keeps
-        # trying to find it; the checker follows it as it would there).
-        "KAFKA_TASKS_TOPIC": kafka_.topic(partitions=PARTITIONS),
         "TASK_STORAGE": str(store),
         "MAX_TASKS": str(tasks),
         "API_PORT": str(free_port()),

@@ -241,14 +241,10 @@ def one_run(
         notify.settimeout(1.0)
         env = {
             **os.environ,
-            **kafka_.env(),
+            **kafka_.checker_env(topic, PARTITIONS),
             # The daemon runs the code of the tree this script is in (a copy of the repository
             # benchmarks that copy, whatever the venv's editable install points at).
             "PYTHONPATH": str(ROOT),
-            "KAFKA_TOPIC": topic,
-            # A task topic of its own, as a deployment has (without one, single mode keeps
-            # trying to find it; the checker follows it as it would there).
-            "KAFKA_TASKS_TOPIC": kafka_.topic(partitions=PARTITIONS),
             "TASK_STORAGE": str(store),
             "MAX_TASKS": str(tasks),
             "API_PORT": str(free_port()),
