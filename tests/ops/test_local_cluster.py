@@ -8,6 +8,7 @@ The tests share one stack and run in the order written: the last one takes it do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,12 +35,13 @@ def free_ports(n: int) -> int:
     """The first of `n` consecutive free ports (the nodes' API ports follow STACK_API_PORT)."""
     for _ in range(50):
         base = free_port()
-        try:
-            held = [socket.create_server(("127.0.0.1", base + i)) for i in range(n)]
-        except OSError:
-            continue
-        for sock in held:
-            sock.close()
+        # Every socket opened is closed, also when a later port of the range is taken.
+        with contextlib.ExitStack() as held:
+            try:
+                for i in range(n):
+                    held.enter_context(socket.create_server(("127.0.0.1", base + i)))
+            except OSError:
+                continue
         return base
     raise AssertionError(f"no {n} consecutive free ports")
 
