@@ -120,6 +120,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # release) or another digest (another validator, or a definition written by an older
     # release since) is validated as before.
     ("ALTER TABLE tasks ADD COLUMN spec_checked TEXT",),
+    # The tasks not yet on the task topic (`unpublished`, at every start): without it, a scan
+    # of every row (0.17 s at 100,000 tasks on the slower host) for what is as a rule none.
+    (
+        "CREATE INDEX IF NOT EXISTS tasks_unpublished ON tasks (created_at, id)"
+        " WHERE published_at IS NOT updated_at",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
@@ -333,9 +339,9 @@ class SQLiteTaskStore:
 
     def load(self, now: datetime) -> list[Task]:
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS}, {_CHECKED} FROM tasks ORDER BY created_at, id"
-            ).fetchall()
+            # In the table's own order: the scheduler needs no order, and walking the
+            # (created_at, id) index instead costs half as much again as the rows themselves.
+            rows = self._db.execute(f"SELECT {_COLUMNS}, {_CHECKED} FROM tasks").fetchall()
             tasks = []
             broken = []
             checked = []
@@ -792,18 +798,20 @@ def _checked_row_to_task(row: Sequence[Any]) -> Task | None:
     digest = row[_CHECKED_AT]
     if digest is None or digest != checked_digest(row[_SPEC]):
         return None
-    try:
-        status = TaskStatus(row[4])
-        health = Health(row[6])
-    except ValueError:
+    status = _STATUSES.get(row[4])
+    health = _HEALTHS.get(row[6])
+    if status is None or health is None:
         return None
     if status is TaskStatus.ERROR:
         return None  # its reason may need the validation's message
+    task_id = _stored_id(row[0])
+    if task_id is None:
+        return None
     spec = checked_spec(orjson.loads(row[_SPEC]))
     if spec is None:
         return None
     values = {
-        "id": uuid.UUID(row[0]),
+        "id": task_id,
         "spec": spec,
         "status": status,
         "status_reason": row[5],
@@ -816,6 +824,33 @@ def _checked_row_to_task(row: Sequence[Any]) -> Task | None:
         "last_run_at": _parse_time(row[11]) if row[11] else None,
     }
     return assembled(Task, values, ALL_TASK_FIELDS)
+
+
+# A stored row's status and health by their text, without the enumeration's lookup (0.45 us
+# each, twice a row at every start: 0.09 s of READY at 100,000 tasks).
+_STATUSES = {status.value: status for status in TaskStatus}
+_HEALTHS = {health.value: health for health in Health}
+
+
+def _stored_id(text: str) -> uuid.UUID | None:
+    """The id in its stored form (`str(uuid)`), as `uuid.UUID(text)` reads it (32 hexadecimal
+    digits once the hyphens are gone) without its steps for the forms a stored id never has
+    (braces, `urn:uuid:`): 0.7 against 1.3 us. None for any other text (the row then goes the
+    way that validates)."""
+    digits = text.replace("-", "")
+    if len(text) != 36 or len(digits) != 32:
+        return None
+    try:
+        number = int(digits, 16)
+    except ValueError:
+        return None
+    made = _new(_UUID)
+    _set(made, "int", number)
+    _set(made, "is_safe", _UNKNOWN)
+    return made
+
+
+_new, _set, _UUID, _UNKNOWN = object.__new__, object.__setattr__, uuid.UUID, uuid.SafeUUID.unknown
 
 
 def _row_to_task(row: Sequence[Any]) -> tuple[Task, str | None]:

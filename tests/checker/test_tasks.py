@@ -27,6 +27,7 @@ from periodic_checker.tasks import (
     paused,
     planned_fire_time,
     resumed,
+    spread_fraction,
     start_offset,
 )
 
@@ -54,6 +55,14 @@ def test_offset_is_stable_and_inside_the_interval() -> None:
     assert start_offset(task_id, 60) == start_offset(uuid.UUID(str(task_id)), 60)
     assert 0 <= start_offset(task_id, 60) < 60
     assert start_offset(task_id, 120) == pytest.approx(2 * start_offset(task_id, 60))
+
+
+def test_a_task_keeps_its_place_on_the_grid_across_releases() -> None:
+    # Nodes of two releases share tasks during a rolling upgrade, and a restart must not move
+    # a task: the phase is the 8-byte BLAKE2b digest of the id's bytes, whatever computes it.
+    task_id = uuid.UUID("0b0e3c3e-8f3a-4d7e-9c1a-5f6e7d8c9b0a")
+    assert start_offset(task_id, 60) == pytest.approx(51.451799047763735, abs=1e-12)
+    assert spread_fraction(task_id) == pytest.approx(0.2786762154109694, abs=1e-15)
 
 
 @pytest.mark.parametrize("interval", [1.0, 7.5, 60.0, 3600.0])
