@@ -178,7 +178,7 @@ class CheckScheduler:
         self.progress_flush_interval = progress_flush_interval
         self.clock = clock
         # A dict that also counts tasks by status and health, for /metrics and /status.
-        self.tasks = metrics.TaskMap()
+        self.tasks: dict[uuid.UUID, Task] = metrics.TaskMap()
         self.lags = LagReservoir()
         self.stats = SchedulerStats()
         self._global = asyncio.Semaphore(max_in_flight)
@@ -203,17 +203,15 @@ class CheckScheduler:
     async def start(self, tasks: Iterable[Task]) -> None:
         """Schedule the stored tasks and start firing."""
         now = datetime.now(UTC)
-        stored = list(tasks)
-        loaded = [at_load(task, now) for task in stored]
-        ended = [task for task, before in zip(loaded, stored, strict=True) if task is not before]
-        self.tasks.add_new(loaded)
+        ended = []
         # Nothing fires while the timetable is filled: it is paused until resume() below.
-        self._timetable.set_many(
-            entry
-            for task in loaded
-            if task.status is TaskStatus.ACTIVE
-            and (entry := self._entry(task, at_load=True)) is not None
-        )
+        for task in tasks:
+            loaded = at_load(task, now)
+            if loaded is not task:
+                ended.append(loaded)
+            self.tasks[task.id] = loaded
+            if loaded.status is TaskStatus.ACTIVE:
+                self._schedule(loaded, at_load=True)
         if ended:
             self.store.save_states(ended)
             if self.on_status_change is not None:
@@ -360,20 +358,10 @@ class CheckScheduler:
         return len(late)
 
     def _schedule(self, task: Task, *, at_load: bool, first: float | None = None) -> None:
-        entry = self._entry(task, at_load=at_load, first=first)
-        if entry is None:
+        if self.owns is not None and not self.owns(task.id):
             if not at_load:  # at load no job exists yet
                 self._unschedule(task.id)
             return
-        self._timetable.set(*entry)
-
-    def _entry(
-        self, task: Task, *, at_load: bool, first: float | None = None
-    ) -> tuple[uuid.UUID, float, float | None] | None:
-        """The task's timetable entry (id, first fire time, interval); None when another node
-        owns it."""
-        if self.owns is not None and not self.owns(task.id):
-            return None
         now = self.clock()
         if task.spec.interval is None:
             fire = one_shot_fire_time(task.id, now, at_load=at_load)
@@ -384,7 +372,7 @@ class CheckScheduler:
             # A slot that may lie in the past (a handover's missed slot): it fires at once, and
             # runs late or is skipped by the rule of MAX_START_LAG.
             fire = first
-        return task.id, fire, task.spec.interval
+        self._timetable.set(task.id, fire, task.spec.interval)
 
     def _unschedule(self, task_id: uuid.UUID) -> None:
         self._one_shot_at.pop(task_id, None)

@@ -82,24 +82,6 @@ def test_slots_passed_while_loading_move_on_and_one_shots_stay_due() -> None:
     assert table.due(ready) == [once]
 
 
-def test_entries_set_together_come_out_as_if_set_one_by_one() -> None:
-    ids = [uuid.uuid4() for _ in range(500)]
-    entries = [
-        (task_id, T0 + random.uniform(0, 100), random.choice([None, 10.0])) for task_id in ids
-    ]
-    one_by_one, together = timetable(), timetable()
-    one_by_one.set(ids[0], T0 + 500, None)  # an entry there before, replaced by the batch
-    together.set(ids[0], T0 + 500, None)
-    for entry in entries:
-        one_by_one.set(*entry)
-    together.set_many(entries)
-
-    assert len(together) == len(one_by_one) == len(ids)
-    assert all(together.next_fire(i) == one_by_one.next_fire(i) for i in ids)
-    for now in (T0 + 30, T0 + 60, T0 + 200):
-        assert together.due(now) == one_by_one.due(now)
-
-
 def test_the_heap_is_rebuilt_when_stale_entries_outnumber_live_ones() -> None:
     table = timetable()
     task_id = uuid.uuid4()

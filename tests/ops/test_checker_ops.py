@@ -212,30 +212,6 @@ def test_task_counts_follow_every_change_without_a_walk() -> None:
         counted.update({})
 
 
-def test_the_loaded_tasks_are_counted_in_one_pass_as_if_put_one_by_one() -> None:
-    now = datetime.now(UTC)
-    spec = TaskSpec(name="t", url="http://127.0.0.1/")
-    statuses = [TaskStatus.ACTIVE, TaskStatus.ACTIVE, TaskStatus.PAUSED, TaskStatus.DONE]
-    tasks = [
-        Task(id=uuid.uuid4(), spec=spec, status=status, created_at=now, updated_at=now)
-        for status in statuses
-    ]
-    one_by_one = TaskMap()
-    for task in tasks:
-        one_by_one[task.id] = task
-    together = TaskMap()
-    together.add_new(tasks)
-
-    assert together == one_by_one
-    assert count_tasks(together) == count_tasks(one_by_one)
-    assert count_tasks(together)[0] == {"active": 2, "paused": 1, "done": 1, "error": 0}
-    with pytest.raises(ValueError, match="not in the map yet"):
-        together.add_new(tasks[:1])  # already there: the counts would be wrong
-    with pytest.raises(ValueError, match="each once"):
-        TaskMap().add_new([tasks[0], tasks[0]])
-    assert count_tasks(together) == count_tasks(one_by_one), "a refused call changes nothing"
-
-
 # -- logs -----------------------------------------------------------------------------------
 
 
