@@ -33,6 +33,12 @@
 - `cycles`    objects a check through the Prober leaves in reference cycles, for the garbage
               collector (`http1._Exchange.connection_lost`; the checker runs a full collection
               only once an hour, `scheduler.CollectorPolicy`).
+- `stored-rows` loading 100,000 stored tasks (`store.SQLiteTaskStore.load`): the rows
+              fetched at once against 2,000 at a time, the table's order against the
+              `(created_at, id)` index's, the unpublished tasks found by a scan against the
+              partial index (schema 5); per row, a status read through the enumeration against a
+              dictionary, an id through `uuid.UUID` against `store._stored_id`, a phase
+              hashed by a fresh BLAKE2b against a copied one (`tasks._id_fraction`).
 - `bombs`     compression ratios of 64 MiB of zeros in gzip, brotli and zstd, and the least
               output brotli's decompressor hands back per call (`decoding.py`).
 
@@ -649,6 +655,94 @@ def catch_up() -> None:
             )
 
 
+def stored_rows() -> None:
+    import hashlib
+    import sqlite3
+    import tempfile
+
+    from bench.scheduler_scale import write_tasks
+    from checker_common.task_spec import TaskStatus
+    from periodic_checker import store as stores
+    from periodic_checker.tasks import phase_fraction
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tasks.sqlite3"
+        # The store of `scheduler_scale.py`: as the checker leaves it, every task published.
+        write_tasks(path, 100_000, "http://127.0.0.1:8089/", 60.0)
+        db = sqlite3.connect(path)
+        columns = f"{stores._COLUMNS}, {stores._CHECKED}"
+        for label, sql in (
+            (
+                "in the index's order, all at once",
+                f"SELECT {columns} FROM tasks ORDER BY created_at, id",
+            ),
+            ("in the table's order, all at once", f"SELECT {columns} FROM tasks"),
+        ):
+            walls = []
+            for _ in range(3):
+                began = time.perf_counter()
+                db.execute(sql).fetchall()
+                walls.append(time.perf_counter() - began)
+            print(f"stored-rows, reading 100,000 rows {label}: {statistics.median(walls):.3f} s")
+        unpublished = f"SELECT {columns} FROM tasks WHERE published_at IS NOT updated_at ORDER BY created_at, id"
+        for label, index in (("by a scan", False), ("through the partial index", True)):
+            if not index:
+                db.execute("DROP INDEX tasks_unpublished")
+            else:
+                db.execute(stores.MIGRATIONS[4][0])
+            walls = []
+            for _ in range(3):
+                began = time.perf_counter()
+                db.execute(unpublished).fetchall()
+                walls.append(time.perf_counter() - began)
+            print(
+                f"stored-rows, the unpublished tasks found {label}: {statistics.median(walls) * 1000:.1f} ms"
+            )
+        db.close()
+        store = stores.SQLiteTaskStore(path, max_tasks=100_000)
+        for size in (100_000, 2_000):
+            walls = []
+            for _ in range(3):
+                gc.disable()
+                began = time.perf_counter()
+                cursor = store._db.execute(f"SELECT {columns} FROM tasks")
+                loaded = [stores._checked_row_to_task(r) for r in stores._chunked(cursor, size)]
+                walls.append(time.perf_counter() - began)
+                del loaded
+                gc.enable()
+            print(
+                f"stored-rows, making the tasks of rows fetched {size:,} at a time: {statistics.median(walls):.3f} s"
+            )
+        store.close()
+    text = str(uuid.uuid4())
+    by_value = {status.value: status for status in TaskStatus}
+    ids = [uuid.uuid4() for _ in range(100_000)]
+
+    def fresh_fraction(task_id: uuid.UUID, person: bytes) -> float:  # `tasks.py` before
+        digest = hashlib.blake2b(task_id.bytes, digest_size=8, person=person).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    def fresh_phase(task_id: uuid.UUID) -> float:
+        return fresh_fraction(task_id, b"")
+
+    assert all(fresh_phase(i) == phase_fraction(i) for i in ids[:1000]), "the same phases"
+    for label, fn in (
+        (
+            "a status through TaskStatus(text)",
+            lambda: [TaskStatus("active") for _ in range(100_000)],
+        ),
+        ("a status through a dictionary", lambda: [by_value["active"] for _ in range(100_000)]),
+        ("an id through uuid.UUID(text)", lambda: [uuid.UUID(text) for _ in range(100_000)]),
+        (
+            "an id through store._stored_id",
+            lambda: [stores._stored_id(text) for _ in range(100_000)],
+        ),
+        ("a phase, a fresh BLAKE2b (`tasks.py` before)", lambda: [fresh_phase(i) for i in ids]),
+        ("a phase, a copied BLAKE2b (phase_fraction)", lambda: [phase_fraction(i) for i in ids]),
+    ):
+        print(f"stored-rows, {label}: {us(cpu_per_item(fn, 100_000))}")
+
+
 def cycles() -> None:
     import asyncio
 
@@ -719,6 +813,7 @@ BENCHES: dict[str, Callable[[], None]] = {
     "bombs": bombs,
     "cert-expiry": cert_expiry,
     "cycles": cycles,
+    "stored-rows": stored_rows,
 }
 
 

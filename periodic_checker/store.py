@@ -121,7 +121,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # release since) is validated as before.
     ("ALTER TABLE tasks ADD COLUMN spec_checked TEXT",),
     # The tasks not yet on the task topic (`unpublished`, at every start): without it, a scan
-    # of every row (0.17 s at 100,000 tasks on the slower host) for what is as a rule none.
+    # of every row (0.19 s at 100,000 tasks on the slow host kind, `bench/micro.py
+    # stored-rows`) for what is as a rule none.
     (
         "CREATE INDEX IF NOT EXISTS tasks_unpublished ON tasks (created_at, id)"
         " WHERE published_at IS NOT updated_at",
@@ -340,7 +341,8 @@ class SQLiteTaskStore:
     def load(self, now: datetime) -> list[Task]:
         with self._lock:
             # In the table's own order: the scheduler needs no order, and walking the
-            # (created_at, id) index instead costs half as much again as the rows themselves.
+            # (created_at, id) index instead takes about twice as long (`bench/micro.py
+            # stored-rows`).
             cursor = self._db.execute(f"SELECT {_COLUMNS}, {_CHECKED} FROM tasks")
             tasks = []
             broken = []
@@ -792,9 +794,9 @@ def _view_row(write: ViewWrite, *, checked: bool = True) -> tuple[Any, ...]:
 
 
 def _chunked(cursor: sqlite3.Cursor, size: int = 2000) -> Iterator[Any]:
-    """A cursor's rows, fetched `size` at a time rather than all at once: at 100,000 tasks the
-    load takes 1.37 instead of 1.45 s and leaves 2 MB less behind (the rows of a chunk, the
-    stored definitions' text above all, are gone before the next one is read)."""
+    """A cursor's rows, fetched `size` at a time rather than all at once: the rows of a chunk,
+    the stored definitions' text above all, are gone before the next one is read, and making
+    100,000 tasks takes 1.40 instead of 1.56 s (`bench/micro.py stored-rows`)."""
     while rows := cursor.fetchmany(size):
         yield from rows
 
@@ -833,8 +835,8 @@ def _checked_row_to_task(row: Sequence[Any]) -> Task | None:
     return assembled(Task, values, ALL_TASK_FIELDS)
 
 
-# A stored row's status and health by their text, without the enumeration's lookup (0.45 us
-# each, twice a row at every start: 0.09 s of READY at 100,000 tasks).
+# A stored row's status and health by their text, without the enumeration's lookup (0.5
+# against 0.03 us, twice a row at every start: `bench/micro.py stored-rows`).
 _STATUSES = {status.value: status for status in TaskStatus}
 _HEALTHS = {health.value: health for health in Health}
 
@@ -842,8 +844,8 @@ _HEALTHS = {health.value: health for health in Health}
 def _stored_id(text: str) -> uuid.UUID | None:
     """The id in its stored form (`str(uuid)`), as `uuid.UUID(text)` reads it (32 hexadecimal
     digits once the hyphens are gone) without its steps for the forms a stored id never has
-    (braces, `urn:uuid:`): 0.7 against 1.3 us. None for any other text (the row then goes the
-    way that validates)."""
+    (braces, `urn:uuid:`): about 0.6 us less (`bench/micro.py stored-rows`). None for any
+    other text (the row then goes the way that validates)."""
     digits = text.replace("-", "")
     if len(text) != 36 or len(digits) != 32:
         return None

@@ -173,7 +173,8 @@ CATCH_UP_MIN_SPREAD = 5.0
 def _id_fraction(task_id: uuid.UUID, person: hashlib.blake2b) -> float:
     """A stable number in [0, 1) from the id: the 8-byte BLAKE2b digest of its 16 bytes, under
     `person` (a hash made with that personalisation, copied: a third cheaper than making one
-    for each id, the same digest); another `person` gives an independent number."""
+    for each id, the same digest, `bench/micro.py stored-rows`); another `person` gives an
+    independent number."""
     digest = person.copy()
     digest.update(task_id.int.to_bytes(16, "big"))  # `task_id.bytes`, without its property
     return int.from_bytes(digest.digest(), "big") / 2**64
