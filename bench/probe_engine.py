@@ -156,7 +156,12 @@ def start_blackbox(workdir: Path, port: int, ca: Path | None = None) -> subproce
       preferred_ip_protocol: ip4{tls}
 """
     )
-    binary = shutil.which("prometheus-blackbox-exporter") or "blackbox_exporter"
+    binary = shutil.which("prometheus-blackbox-exporter") or shutil.which("blackbox_exporter")
+    if binary is None:
+        raise SystemExit(
+            "blackbox_exporter not found: apt-get install prometheus-blackbox-exporter"
+            " (BENCHMARKS.md, bench-only tools)"
+        )
     proc = subprocess.Popen(
         [
             binary,
@@ -434,7 +439,11 @@ def main() -> int:
             nginx = start_nginx(work, nginx_port, tls=(cert, key))
         else:
             nginx = start_nginx(work, nginx_port)
-        blackbox = start_blackbox(work, bb_port, ca)
+        try:
+            blackbox = start_blackbox(work, bb_port, ca)
+        except BaseException:
+            stop_process(nginx)  # nothing the bench started outlives it
+            raise
         page = f"{'https' if args.https else 'http'}://127.0.0.1:{nginx_port}/"
         probe = f"http://127.0.0.1:{bb_port}/probe?module=http_pattern&target={page}"
         try:
