@@ -492,7 +492,7 @@ def main() -> int:
             f"| {row['cpu_s_per_1000']:.3f} | {row['min_ok']:.0f} / {args.checks} |"
         )
     print("\nRatios taken within each run; median (per run):")
-    for text, num, den, key, goal in (
+    for text, num, den, figure, goal in (
         (
             "Throughput, Prober / bare aiohttp on the same loop (uvloop)",
             "ours",
@@ -533,7 +533,7 @@ def main() -> int:
     ):
         if num not in results or den not in results:
             continue
-        per_run = ratios(results, num, den, key)
+        per_run = ratios(results, num, den, figure)  # not `key`: the TLS key's path above
         print(
             f"- {text}: {statistics.median(per_run):.2f}{goal} "
             f"({', '.join(f'{r:.2f}' for r in per_run)})"
