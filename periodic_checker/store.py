@@ -121,7 +121,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # release since) is validated as before.
     ("ALTER TABLE tasks ADD COLUMN spec_checked TEXT",),
     # The tasks not yet on the task topic (`unpublished`, at every start): without it, a scan
-    # of every row (0.19 s at 100,000 tasks on the slow host kind, `bench/micro.py
+    # of every row (0.17-0.19 s at 100,000 tasks on the slow host kind, `bench/micro.py
     # stored-rows`) for what is as a rule none.
     (
         "CREATE INDEX IF NOT EXISTS tasks_unpublished ON tasks (created_at, id)"
@@ -341,7 +341,7 @@ class SQLiteTaskStore:
     def load(self, now: datetime) -> list[Task]:
         with self._lock:
             # In the table's own order: the scheduler needs no order, and walking the
-            # (created_at, id) index instead takes about twice as long (`bench/micro.py
+            # (created_at, id) index instead takes 1.6-1.9 times as long (`bench/micro.py
             # stored-rows`).
             cursor = self._db.execute(f"SELECT {_COLUMNS}, {_CHECKED} FROM tasks")
             tasks = []
@@ -796,7 +796,7 @@ def _view_row(write: ViewWrite, *, checked: bool = True) -> tuple[Any, ...]:
 def _chunked(cursor: sqlite3.Cursor, size: int = 2000) -> Iterator[Any]:
     """A cursor's rows, fetched `size` at a time rather than all at once: the rows of a chunk,
     the stored definitions' text above all, are gone before the next one is read, and making
-    100,000 tasks takes 1.40 instead of 1.56 s (`bench/micro.py stored-rows`)."""
+    100,000 tasks takes 1.36-1.40 instead of 1.43-1.56 s (`bench/micro.py stored-rows`)."""
     while rows := cursor.fetchmany(size):
         yield from rows
 
@@ -839,6 +839,8 @@ def _checked_row_to_task(row: Sequence[Any]) -> Task | None:
 # against 0.03 us, twice a row at every start: `bench/micro.py stored-rows`).
 _STATUSES = {status.value: status for status in TaskStatus}
 _HEALTHS = {health.value: health for health in Health}
+# Bound once for `_stored_id`: without them its saving is gone in the look-ups.
+_new, _set, _UUID, _UNKNOWN = object.__new__, object.__setattr__, uuid.UUID, uuid.SafeUUID.unknown
 
 
 def _stored_id(text: str) -> uuid.UUID | None:
@@ -857,9 +859,6 @@ def _stored_id(text: str) -> uuid.UUID | None:
     _set(made, "int", number)
     _set(made, "is_safe", _UNKNOWN)
     return made
-
-
-_new, _set, _UUID, _UNKNOWN = object.__new__, object.__setattr__, uuid.UUID, uuid.SafeUUID.unknown
 
 
 def _row_to_task(row: Sequence[Any]) -> tuple[Task, str | None]:
