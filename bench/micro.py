@@ -39,6 +39,10 @@
               partial index (schema 5); per row, a status read through the enumeration against a
               dictionary, an id through `uuid.UUID` against `store._stored_id`, a phase
               hashed by a fresh BLAKE2b against a copied one (`tasks._id_fraction`).
+- `view-rows` the rows of a view a cluster node rebuilds from 100,000 task records
+              (`store.ViewRebuild.add`): each value formatted in Python (`store._view_row`)
+              against the values orjson writes itself (`store._view_json_row`), and a
+              definition's text through pydantic against `task_spec.spec_json`.
 - `bombs`     compression ratios of 64 MiB of zeros in gzip, brotli and zstd, and the least
               output brotli's decompressor hands back per call (`decoding.py`).
 
@@ -740,6 +744,47 @@ def stored_rows() -> None:
         print(f"stored-rows, {label}: {us(cpu_per_item(fn, 100_000))}")
 
 
+def view_rows() -> None:
+    import orjson
+
+    from checker_common.task_record import TaskRecord, decode, encode
+    from checker_common.task_spec import TaskSpec, spec_json
+    from periodic_checker import store as stores
+    from periodic_checker.task_view import applied
+
+    now = datetime.now(UTC)
+    spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
+    writes = []
+    for n in range(100_000):
+        record = TaskRecord(
+            id=uuid.uuid4(),
+            spec=spec.model_copy(update={"name": f"task {n}", "url": f"http://s{n}.test/p"}),
+            created_at=datetime.now(UTC),
+            updated_at=datetime.now(UTC),
+        )
+        change = decode(*encode(record))
+        assert not isinstance(change, str)
+        task = applied(change, None, now)  # type: ignore[arg-type]
+        writes.append(stores.ViewWrite(task, True, n % 12, n))
+    slow = orjson.dumps([stores._view_row(w, checked=False) for w in writes[:1000]])
+    fast = orjson.dumps([stores._view_json_row(w) for w in writes[:1000]])
+    assert slow == fast, "the same JSON"
+    specs = [w.task.spec for w in writes]
+    for label, fn in (
+        (
+            "a row, values formatted in Python (_view_row)",
+            lambda: [stores._view_row(w, checked=False) for w in writes],
+        ),
+        (
+            "a row, values orjson writes (_view_json_row)",
+            lambda: [stores._view_json_row(w) for w in writes],
+        ),
+        ("a definition's text, model_dump_json()", lambda: [s.model_dump_json() for s in specs]),
+        ("a definition's text, spec_json()", lambda: [spec_json(s) for s in specs]),
+    ):
+        print(f"view-rows, {label}: {us(cpu_per_item(fn, 100_000, repeats=3))}")
+
+
 def cycles() -> None:
     import asyncio
 
@@ -811,6 +856,7 @@ BENCHES: dict[str, Callable[[], None]] = {
     "cert-expiry": cert_expiry,
     "cycles": cycles,
     "stored-rows": stored_rows,
+    "view-rows": view_rows,
 }
 
 

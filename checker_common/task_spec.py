@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import orjson
 import re2
 import yarl
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -410,6 +411,7 @@ class TaskSpec(BaseModel):
 # Fields of a definition built from a stored one (all fields are stored): one set shared by
 # every such definition (pydantic copies it before changing it, and a frozen model never does).
 _ALL_FIELDS = set(TaskSpec.model_fields)
+_NFIELDS = len(_ALL_FIELDS)
 # Texts that many definitions share (a URL is as a rule a task's own).
 _SHARED_TEXTS = ("method", "pattern", "pattern_fails_when", "accepted_statuses")
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -471,6 +473,26 @@ def compacted_spec(spec: TaskSpec) -> TaskSpec:
     values = dict(spec.__dict__)
     _share_texts(values)
     return assembled(TaskSpec, values, _ALL_FIELDS)
+
+
+def spec_json(spec: TaskSpec) -> str:
+    """`spec.model_dump_json()`, the same text, in half the time (2.4 against 4.9 us,
+    `bench/micro.py view-rows`) for a definition held as `compacted_spec` holds one (a cluster
+    node writes 100,000 of them into its view at start):
+    orjson writes its values as they are. Every other definition, and one orjson would write
+    otherwise (a time, an integer beyond 64 bits), goes through pydantic."""
+    values = spec.__dict__
+    # All fields validated, nothing cached beside them (the shared table keeps field order).
+    if (
+        spec.__pydantic_fields_set__ is _ALL_FIELDS
+        and len(values) == _NFIELDS
+        and values["end_at"] is None
+    ):
+        try:
+            return orjson.dumps(values).decode()
+        except orjson.JSONEncodeError:
+            pass
+    return spec.model_dump_json()
 
 
 def _share_texts(fields: dict[str, Any]) -> None:

@@ -142,13 +142,20 @@ def _as_written(reference: str) -> yarl.URL:
     written = yarl.URL(_encoded(path, "%20") + mark + _encoded(after, "+"), encoded=True)
     if match is None:
         return written
-    authority = yarl.URL(match.group())
-    # Judged before joining: yarl's join re-spells an invalid bracketed host (`[1:2]`) as a
-    # host and a port.
-    problem = host_problem(authority.raw_host) if authority.raw_host else None
+    authority, problem = _authority(match.group())
     if problem is not None:
         raise InvalidURL(problem)
     return authority.join(written)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _authority(text: str) -> tuple[yarl.URL, str | None]:
+    """`scheme://authority` read by yarl, and why its host can never be reached (None: it
+    can). Judged before joining: yarl's join re-spells an invalid bracketed host (`[1:2]`) as a
+    host and a port. Kept for the next URL of the same site (a site's pages as a rule follow
+    one another in a task list); ValueError as yarl raises it."""
+    authority = yarl.URL(text)
+    return authority, host_problem(authority.raw_host) if authority.raw_host else None
 
 
 def _encoded(part: str, space: str) -> str:
@@ -164,8 +171,11 @@ def _escape(characters: str, space: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def host_problem(host: str) -> str | None:
-    """Why the probe could never reach `host` (yarl's raw, IDNA-encoded host), or None."""
+    """Why the probe could never reach `host` (yarl's raw, IDNA-encoded host), or None.
+    Kept for the next question: each URL's host is asked about twice (`_as_written`, then
+    `checked_url`), a site's hosts as a rule more often."""
     if "%" in host:
         return "the host must not be percent-encoded or carry a zone id"
     if ":" in host:  # yarl took it from between brackets

@@ -199,6 +199,8 @@ def parse_host_address(host: str) -> IPAddress | None:
 
 def parse_ipv4_loose(text: str) -> ipaddress.IPv4Address | None:
     """`inet_aton` rules: a, a.b, a.b.c or a.b.c.d; the last part fills the remaining bytes."""
+    if not text[:1].isdigit():
+        return None  # every part starts with a digit (`0x` too): a name, as a rule
     parts = text.split(".")
     if not 1 <= len(parts) <= 4:
         return None

@@ -34,6 +34,7 @@ from checker_common.task_spec import (
     assembled,
     checked_digest,
     checked_spec,
+    spec_json,
 )
 from periodic_checker.task_service import (
     CURSOR_PATTERN,
@@ -210,9 +211,12 @@ class ViewRebuild:
             return
         # Not marked as checked: a view is rebuilt from the topic, never loaded (`load` marks
         # what it validates, should the node run in single mode one day).
-        rows = [_view_row(w, checked=False) for w in writes]
+        try:
+            payload = orjson.dumps([_view_json_row(w) for w in writes])
+        except orjson.JSONEncodeError:  # a value orjson cannot write: the slower way
+            payload = orjson.dumps([_view_row(w, checked=False) for w in writes])
         # Text: SQLite reads a BLOB parameter as no JSON at all.
-        self._queue.put(("rows", orjson.dumps(rows).decode()))
+        self._queue.put(("rows", payload.decode()))
 
     def remove(self, task_ids: Sequence[uuid.UUID]) -> None:
         """No row for these tasks (given earlier in this rebuild)."""
@@ -791,6 +795,44 @@ def _view_row(write: ViewWrite, *, checked: bool = True) -> tuple[Any, ...]:
     the record's partition and offset."""
     row = _task_to_row(write.task, checked=checked)
     return (*row, row[_UPDATED] if write.published else None, write.partition, write.offset)
+
+
+def _view_json_row(write: ViewWrite) -> tuple[Any, ...]:
+    """`_view_row(write, checked=False)` as orjson writes it into a view's chunk: the same JSON,
+    with the values left to orjson that it writes as the row spells them (the id, status and
+    health, the times, the definition's text through `spec_json`): 4.7 against 9.6 us a row
+    (`bench/micro.py view-rows`), made by the thread that decodes a cluster node's 100,000
+    task records at start."""
+    task = write.task
+    spec = task.spec
+    updated = _json_time(task.updated_at)
+    return (
+        task.id,
+        spec.name,
+        spec.url,
+        spec_json(spec),
+        task.status,
+        task.status_reason,
+        task.health,
+        task.runs,
+        task.failures_in_a_row,
+        _json_time(task.created_at),
+        updated,
+        _json_time(task.last_run_at),
+        task.manual_runs,
+        None,
+        updated if write.published else None,
+        write.partition,
+        write.offset,
+    )
+
+
+def _json_time(value: datetime | None) -> datetime | str | None:
+    """A time as orjson writes it where that is `_time`'s text (UTC, microseconds not 0:
+    orjson leaves out ".000000"), else `_time`'s text."""
+    if value is None or (value.microsecond and value.tzinfo is UTC):
+        return value
+    return _time(value)
 
 
 def _chunked(cursor: sqlite3.Cursor, size: int = 2000) -> Iterator[Any]:

@@ -6,7 +6,7 @@ import json
 import sqlite3
 import sys
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from checker.nodes import previous_release_store
 
 from checker_common import task_spec
 from checker_common.contract import Health
-from checker_common.task_spec import TaskSpec, TaskStatus, checked_digest
+from checker_common.task_spec import TaskSpec, TaskStatus, checked_digest, spec_json
 from periodic_checker.store import (
     _UPSERT,
     MIGRATIONS,
@@ -29,7 +29,7 @@ from periodic_checker.store import (
     decode_cursor,
 )
 from periodic_checker.task_service import NameTaken, TaskFilter, TooManyTasks
-from periodic_checker.tasks import Task, after_attempt
+from periodic_checker.tasks import Task, after_attempt, compacted
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -524,6 +524,68 @@ def test_a_view_rebuilt_in_chunks_writes_the_same_rows_as_one_written_at_once(
     assert chunked.unpublished() == []
     at_once.close()
     chunked.close()
+
+
+def test_a_view_rebuilt_from_task_records_writes_each_row_as_the_row_itself_spells_it(
+    tmp_path: Path,
+) -> None:
+    # Tasks as a cluster node makes them from records (compacted definitions), whose rows
+    # orjson writes itself (`_view_json_row`), beside every kind the slower way still writes:
+    # times with no microseconds or in another zone, an end time, an integer beyond 64 bits,
+    # a task in error whose definition was never validated, state and a status reason.
+    later = NOW.replace(microsecond=0) + timedelta(days=1)
+    in_paris = datetime(2026, 12, 6, 11, 0, 0, 250_000, tzinfo=timezone(timedelta(hours=1)))
+    plain = [make_task(f"site-{i}", created=NOW + timedelta(microseconds=i)) for i in range(5)]
+    tasks = [
+        *(compacted(t) for t in plain),
+        compacted(
+            make_task(
+                'Café ☕ "q" \\ b',
+                url="http://xn--caf-dma.test/?q=%C3%A9",
+                headers={"X-Note": 'naïve \t "'},
+                tags=["a/b"],
+                pattern=r"\d+",
+            )
+        ),
+        compacted(make_task("whole-second", created=NOW.replace(microsecond=0))),
+        compacted(make_task("ends", end_at=later)),
+        compacted(make_task("runs-on", end_after_runs=2**70)),
+        compacted(make_task("integers", interval=60, timeout=5, retry_interval=2)),
+        compacted(make_task("elsewhere")).model_copy(
+            update={
+                "created_at": in_paris,
+                "last_run_at": later,
+                "runs": 4,
+                "health": Health.DOWN,
+                "failures_in_a_row": 2,
+            }
+        ),
+        Task(
+            id=uuid.uuid4(),
+            spec=TaskSpec.model_construct(name="bad", url="ftp://x", interval=7),
+            status=TaskStatus.ERROR,
+            status_reason="invalid task record: url: scheme must be http or https",
+            created_at=NOW,
+            updated_at=NOW,
+        ),
+    ]
+    writes = [ViewWrite(t, i % 2 == 0, i % 3, i) for i, t in enumerate(tasks)]
+    slow = SQLiteTaskStore(tmp_path / "slow.sqlite3")
+    with slow._lock:
+        slow._db.executemany(_UPSERT, [_view_row(w, checked=False) for w in writes])
+    fast = SQLiteTaskStore(tmp_path / "fast.sqlite3")
+    fast.replace_view(writes, {})
+
+    def every_column(name: str) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(tmp_path / name) as db:
+            return db.execute("SELECT * FROM tasks ORDER BY id").fetchall()
+
+    assert every_column("fast.sqlite3") == every_column("slow.sqlite3")
+    for task in tasks:
+        assert spec_json(task.spec) == task.spec.model_dump_json()
+    assert {t.spec.name for t in fast.load(NOW)} == {t.spec.name for t in tasks}
+    slow.close()
+    fast.close()
 
 
 def test_a_rebuilt_view_takes_the_last_of_a_task_given_twice_and_drops_one_removed(
