@@ -10,7 +10,9 @@
 `--startup-only`: per run, only start-up to READY=1 and VmRSS at READY and its most over the
 next `--settle` seconds (checks running), then the daemon is stopped; no window, no lag.
 With `--upgrade`, the store's definitions are marked as another release's validator left them:
-the first start after an upgrade, which validates every one again.
+the first start after an upgrade, which validates every one again. `--urls own`: each task
+checks its own URL (`/page/N`, nginx answers the same page for each), as a real task list
+has them, so each task holds its own URL read (`TaskSpec.fetch_url`); by default all check one.
 
 Per run: a fresh broker (tansu + stunnel mTLS) and topic, N tasks bulk-written into a new
 SQLite store, then `python -m periodic_checker.cli run` as a subprocess. The bench binds a
@@ -82,12 +84,14 @@ def write_tasks(
     *,
     keepalive: bool = False,
     upgrade: bool = False,
+    own_urls: bool = False,
 ) -> float:
     """Bulk-insert `count` tasks in one transaction, in the store's own row shape and as the
     checker leaves them once it has run: each definition marked as validated by this checker
     (`upgrade`: by another release's validator, so the start validates every one again), each
     task's record published to the task topic (else the start is an upgrade from a release
-    without the task topic, which publishes every task once); seconds."""
+    without the task topic, which publishes every task once); `own_urls`: task N checks
+    `{url}page/N`, else all check `url`; seconds."""
     started = time.monotonic()
     store = SQLiteTaskStore(path, max_tasks=count)  # creates the schema
     now = datetime.now(UTC)
@@ -107,6 +111,9 @@ def write_tasks(
         row[0] = str(uuid.uuid4())
         row[1] = f"bench-{n}"
         spec_n = spec_json.replace('"name":"x"', f'"name":"bench-{n}"', 1)
+        if own_urls:  # the page of each task its own URL: `{url}page/{n}`
+            row[2] = f"{url}page/{n}"
+            spec_n = spec_n.replace(f'"url":"{url}"', f'"url":"{row[2]}"', 1)
         row[3] = spec_n
         row[-1] = None if upgrade else checked_digest(spec_n)
         rows.append(tuple(row))
@@ -227,6 +234,7 @@ def one_run(
     keepalive: bool = False,
     extra_env: dict[str, str] | None = None,
     upgrade: bool = False,
+    own_urls: bool = False,
 ) -> RunResult:
     """One daemon on `tasks` tasks of `page`; with `settle` (start-up only), the figures of the
     `settle` seconds after READY and no window; `extra_env` adds to (or overrides) its settings
@@ -234,7 +242,9 @@ def one_run(
     topic = kafka_.topic(partitions=PARTITIONS)
     with workdir() as work:
         store = work / "tasks.sqlite3"
-        write_s = write_tasks(store, tasks, page, interval, keepalive=keepalive, upgrade=upgrade)
+        write_s = write_tasks(
+            store, tasks, page, interval, keepalive=keepalive, upgrade=upgrade, own_urls=own_urls
+        )
         notify_path = work / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -399,6 +409,13 @@ def main() -> int:
         help="the first start after an upgrade: every stored definition validated again",
     )
     parser.add_argument(
+        "--urls",
+        choices=("one", "own"),
+        default="one",
+        help="one: every task checks the same page (the figures so far); own: each task its own"
+        " URL (`/page/N`, the same page), as a real task list has them: each holds its URL read",
+    )
+    parser.add_argument(
         "--nodes",
         type=int,
         default=1,
@@ -406,8 +423,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     print(machine(), file=sys.stderr)
-    if args.nodes > 1 and (args.startup_only or args.plot):
-        parser.error("--nodes takes neither --startup-only nor --plot")
+    if args.nodes > 1 and (args.startup_only or args.plot or args.urls != "one"):
+        parser.error("--nodes takes neither --startup-only, --plot nor --urls")
+    print(f"URLs: {args.urls}", file=sys.stderr)
     # Imported here: it builds on this module's tally.
     from bench import cluster_cadence
 
@@ -421,7 +439,12 @@ def main() -> int:
         www.chmod(0o755)
         work.chmod(0o755)  # nginx workers run as an unprivileged user
         port = free_port()
-        nginx = start_nginx(www, port)
+        # Every /page/N is the page (`--urls own`).
+        nginx = start_nginx(
+            www,
+            port,
+            extra="\n        location /page/ { default_type text/html; try_files /index.html =404; }",
+        )
         page = f"http://127.0.0.1:{port}/"
         try:
             for n in range(args.runs):
@@ -442,6 +465,7 @@ def main() -> int:
                     args.intervals,
                     settle=args.settle if args.startup_only else None,
                     upgrade=args.upgrade,
+                    own_urls=args.urls == "own",
                 )
                 results.append(run)
                 print(f"  {summary_line(run)}", file=sys.stderr)

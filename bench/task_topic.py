@@ -6,7 +6,8 @@ through one node is visible through another.
     .venv/bin/python bench/task_topic.py build --records 100000
 
 `startup`: a compacted task topic (12 partitions) holding `--records` valid task records (each
-task once; interval 3600 s, so few checks run meanwhile) read by a new cluster-mode checker with
+task once; interval 3600 s, so few checks run meanwhile; `--urls`: each task its own URL, the
+default, or all one URL) read by a new cluster-mode checker with
 an empty store: process start -> READY=1 on a NOTIFY_SOCKET the bench binds. The daemon's own
 log lines split the time: reading the topic to its end, decoding and validating the records,
 writing the SQLite view, adding the jobs to the scheduler.
@@ -17,7 +18,9 @@ one at a time; for each, the time from A's answer (201) until node B's API serve
 
 `build`: in-process, no broker: where the view's time goes per record (decoding and validating,
 the policy's check, making the task, the row), and building and writing the whole view with the
-garbage collector running and paused; making a task with and without validation.
+garbage collector running and paused; making a task with and without validation; and the view
+built as the daemon builds it (written by the store's thread meanwhile), the records in the order
+of their sites and shuffled.
 
 Each prints a Markdown table (per run and the medians where there are runs), with the machine
 (`lscpu` model name) and the load average. Everything runs on 127.0.0.1 and is stopped at the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import signal
 import socket
@@ -71,7 +75,20 @@ def make_topics(k: Kafka) -> tuple[str, str, str]:
     return results, tasks, names
 
 
-def fill(k: Kafka, topic: str, records: int) -> float:
+# `--urls own` (the default): each task its own URL, four pages on each of a quarter as many
+# host names, as a real task list has them; `--urls one`: every task the same URL (the figures
+# before 2026-12-06 11:00 UTC), so each URL is read once for all (`urls.parse_url` keeps what
+# it read). The names are never looked up before READY.
+URL_CHOICES = ("own", "one")
+
+
+def task_url(n: int, urls: str) -> str:
+    if urls == "one":
+        return "http://127.0.0.1:9/"
+    return f"http://site-{n // 4}.bench.example:9/page/{n % 4}"
+
+
+def fill(k: Kafka, topic: str, records: int, urls: str) -> float:
     """`records` task records, one per task; seconds taken."""
     started = time.monotonic()
     spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
@@ -81,7 +98,7 @@ def fill(k: Kafka, topic: str, records: int) -> float:
         task_id = uuid.UUID(int=n + 1, version=4)
         record = TaskRecord(
             id=task_id,
-            spec=spec.model_copy(update={"name": f"bench task {n}"}),
+            spec=spec.model_copy(update={"name": f"bench task {n}", "url": task_url(n, urls)}),
             created_at=now,
             updated_at=now,
             origin="bench",
@@ -125,9 +142,9 @@ PHASES = re.compile(
 SCHEDULED = re.compile(r"(\d+) tasks scheduled in ([\d.]+) s")
 
 
-def startup_run(k: Kafka, records: int) -> dict[str, Any]:
+def startup_run(k: Kafka, records: int, urls: str) -> dict[str, Any]:
     topics = make_topics(k)
-    fill_s = fill(k, topics[1], records)
+    fill_s = fill(k, topics[1], records, urls)
     with workdir() as work:
         notify_path = work / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -173,7 +190,7 @@ def startup(args: argparse.Namespace) -> None:
     runs = []
     with workdir() as work, kafka(work) as k:
         for n in range(args.runs):
-            run = startup_run(k, args.records)
+            run = startup_run(k, args.records, args.urls)
             runs.append(run)
             print(f"run {n + 1}: {run}", file=sys.stderr)
     columns = [
@@ -183,7 +200,10 @@ def startup(args: argparse.Namespace) -> None:
         ("write_s", "writing the SQLite view"),
         ("schedule_s", "adding the jobs"),
     ]
-    print(f"\n{args.records:,} task records, {PARTITIONS} partitions, empty store\n")
+    print(
+        f"\n{args.records:,} task records, {PARTITIONS} partitions, empty store,"
+        f" URLs: {args.urls}\n"
+    )
     print(
         "| run | tasks | " + " | ".join(label for _, label in columns)
         + " | VmRSS at READY | load average |"
@@ -309,6 +329,7 @@ def build(args: argparse.Namespace) -> None:
     import tempfile
 
     from checker_common.task_record import decode
+    from checker_common.urls import parse_url
     from periodic_checker.materialiser import Snapshot, TaskTopicFollower
     from periodic_checker.policy import TargetPolicy
     from periodic_checker.settings import CheckerSettings
@@ -324,7 +345,7 @@ def build(args: argparse.Namespace) -> None:
     for i in range(n):
         record = TaskRecord(
             id=uuid.UUID(int=i + 1, version=4),
-            spec=spec.model_copy(update={"name": f"bench task {i}"}),
+            spec=spec.model_copy(update={"name": f"bench task {i}", "url": task_url(i, args.urls)}),
             created_at=now,
             updated_at=now,
             origin="bench",
@@ -366,6 +387,7 @@ def build(args: argparse.Namespace) -> None:
     print("\n| whole view | collector running | collector paused |\n|---|---|---|")
     timings: dict[str, list[float]] = {"build": [], "write": []}
     for paused in (False, True):
+        parse_url.cache_clear()  # each URL read anew, as by a node that just started
         gc.collect()
         if paused:
             gc.disable()
@@ -385,6 +407,39 @@ def build(args: argparse.Namespace) -> None:
     for step, label in (("build", "decoding and validating"), ("write", "writing SQLite")):
         running, paused_s = timings[step]
         print(f"| {label} | {running:.2f} s | {paused_s:.2f} s |")
+
+    # As the daemon builds it: the rows written by the store's thread meanwhile, the collector
+    # paused; the records in the order of their sites, and shuffled, as the topic gives them
+    # (by partition: a site's pages far apart, so what yarl and parse_url keep helps little).
+    shuffled = list(snapshot.last.items())
+    random.Random(7).shuffle(shuffled)
+    orders = {"site order": snapshot, "shuffled": Snapshot(last=dict(shuffled))}
+    print(
+        "\n| beside the writing thread, 3 runs | decoding, validating, making the rows"
+        " | the writing left after |\n|---|---|---|"
+    )
+    for label, records in orders.items():
+        built_s, left_s = [], []
+        for _ in range(3):
+            parse_url.cache_clear()
+            gc.collect()
+            gc.disable()
+            with tempfile.TemporaryDirectory() as tmp:
+                store = SQLiteTaskStore(Path(tmp) / "view.sqlite3", max_tasks=n + 1)
+                follower = TaskTopicFollower(settings, store, None, policy=policy)  # type: ignore[arg-type]
+                started = time.perf_counter()
+                rebuild = store.rebuild_view()
+                follower.build_view(records, {}, now, sink=rebuild)
+                built = time.perf_counter()
+                rebuild.finish({})
+                built_s.append(built - started)
+                left_s.append(time.perf_counter() - built)
+                store.close()
+            gc.enable()
+        print(
+            f"| {label} | {' / '.join(f'{x:.2f}' for x in built_s)} s"
+            f" | {' / '.join(f'{x:.2f}' for x in left_s)} s |"
+        )
     print(f"\nload average at the end {loadavg()}")
 
 
@@ -394,11 +449,13 @@ def main() -> int:
     one = sub.add_parser("startup", help="start-up of a cluster node to READY")
     one.add_argument("--records", type=int, default=100_000)
     one.add_argument("--runs", type=int, default=3)
+    one.add_argument("--urls", choices=URL_CHOICES, default="own")
     two = sub.add_parser("visibility", help="a change through A, visible through B")
     two.add_argument("--changes", type=int, default=200)
     two.add_argument("--runs", type=int, default=3)
     three = sub.add_parser("build", help="where the view's time goes, in-process")
     three.add_argument("--records", type=int, default=100_000)
+    three.add_argument("--urls", choices=URL_CHOICES, default="own")
     args = parser.parse_args()
     if args.what == "startup":
         startup(args)
