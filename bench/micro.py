@@ -43,6 +43,9 @@
               (`store.ViewRebuild.add`): each value formatted in Python (`store._view_row`)
               against the values orjson writes itself (`store._view_json_row`), and a
               definition's text through pydantic against `task_spec.spec_json`.
+- `plain-urls` reading 100,000 task URLs, each its own (four pages a site, in no order), through
+              `urls.parse_url` with and without the one-step reading of a plainly spelled one
+              (`urls._plain`).
 - `bombs`     compression ratios of 64 MiB of zeros in gzip, brotli and zstd, and the least
               output brotli's decompressor hands back per call (`decoding.py`).
 
@@ -785,6 +788,32 @@ def view_rows() -> None:
         print(f"view-rows, {label}: {us(cpu_per_item(fn, 100_000, repeats=3))}")
 
 
+def plain_urls() -> None:
+    import random
+
+    from checker_common import urls
+
+    texts = [f"https://site-{n // 4}.example.com/page/{n % 4}?ref=x" for n in range(100_000)]
+    random.Random(3).shuffle(texts)
+    read = urls.parse_url.__wrapped__  # not kept: each URL read anew
+    plain = urls._plain
+
+    def three_steps() -> object:
+        urls._plain = lambda _text: None  # type: ignore[assignment]
+        try:
+            return [read(t) for t in texts]
+        finally:
+            urls._plain = plain
+
+    for label, fn in (
+        ("as written, three steps (the site, the reference, joined)", three_steps),
+        ("plainly spelled, one step (_plain)", lambda: [read(t) for t in texts]),
+    ):
+        urls._authority.cache_clear()
+        urls.host_problem.cache_clear()
+        print(f"plain-urls, {label}: {us(cpu_per_item(fn, len(texts), repeats=3))} a URL")
+
+
 def cycles() -> None:
     import asyncio
 
@@ -857,6 +886,7 @@ BENCHES: dict[str, Callable[[], None]] = {
     "cycles": cycles,
     "stored-rows": stored_rows,
     "view-rows": view_rows,
+    "plain-urls": plain_urls,
 }
 
 

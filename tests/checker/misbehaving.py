@@ -17,9 +17,9 @@ then what the server does with the connection:
 
 A path not in `routes` is tried against the built-in ones:
 
-- `/land/...`: 200 with the body `landed METHOD TARGET on HOST (N bytes sent)`: TARGET the
-  request target exactly as the client sent it, HOST its Host header, N the request body's
-  length; where a redirect arrived, with which method and body;
+- `/land/...` (and `//land/...`): 200 with the body `landed METHOD TARGET on HOST (N bytes
+  sent)`: TARGET the request target exactly as the client sent it, HOST its Host header, N the
+  request body's length; where a redirect arrived, with which method and body;
 - `/chain/N`: 302 to `/chain/N-1`, and `/chain/0` to `/land/chain`;
 - `/loop/a`, `/loop/b`: 302 to each other;
 - anything else: 404.
@@ -89,7 +89,7 @@ def builtin(request: Request) -> Reply:
 
 def _builtin(request: Request) -> bytes:
     path = request.path
-    if path.startswith("/land/"):
+    if path.startswith(("/land/", "//land/")):
         text = (
             f"landed {request.method} {request.target} on {request.host}"
             f" ({len(request.body)} bytes sent)\n"

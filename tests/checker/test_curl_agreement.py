@@ -310,6 +310,8 @@ MORE_REDIRECTS = [
         b"\r\nContent", b"\r\nLocation: /land/second\r\nContent"), 200, OK, pattern="first"),
     at("task-url-percent-encoded", "raw", "/land/a%2Fb%41?q=%2F%3F%7e", 200, OK,
        pattern=r"a%2Fb%41\?q=%2F%3F%7e"),
+    at("task-url-double-slash", "raw", "//land/a//b?q=1", 200, OK,
+       pattern=r"landed GET //land/a//b\?q=1 on 127\.0\.0\.1"),
     at("nginx-301", "nginx", "/r/301", 200, OK),
     at("nginx-302", "nginx", "/r/302", 200, OK),
     at("nginx-303", "nginx", "/r/303", 200, OK),
