@@ -96,8 +96,8 @@ def _plain(text: str) -> yarl.URL | None:
     port other than the scheme's own, a path without dot segments, a query of URL characters,
     no user info, no fragment); None for any other text. Reading the site, the reference and
     joining them was most of a cluster node's start on 100,000 task records each with its own
-    URL: 20 against 10 us a URL (`bench/micro.py plain-urls`). A property test holds what this
-    makes equal to `_as_written`'s reading, part by part."""
+    URL: 20 against 10 us a URL (`bench/micro.py plain-urls`). A test holds what this makes
+    equal to `_as_written`'s reading, part by part, over 9,000 generated URLs."""
     found = _PLAIN.match(text)
     if found is None:
         return None
