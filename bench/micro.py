@@ -41,7 +41,7 @@
               hashed by a fresh BLAKE2b against a copied one (`tasks._id_fraction`).
 - `view-rows` the rows of a view a cluster node rebuilds from 100,000 task records
               (`store.ViewRebuild.add`): each value formatted in Python (`store._view_row`)
-              against the values orjson writes itself (`store._view_json_row`), and a
+              against the values orjson writes itself (`for_json=True`), and a
               definition's text through pydantic against `task_spec.spec_json`.
 - `plain-urls` reading 100,000 task URLs, each its own (four pages a site, in no order), through
               `urls.parse_url` with and without the one-step reading of a plainly spelled one
@@ -770,7 +770,7 @@ def view_rows() -> None:
         task = applied(change, None, now)  # type: ignore[arg-type]
         writes.append(stores.ViewWrite(task, True, n % 12, n))
     slow = orjson.dumps([stores._view_row(w, checked=False) for w in writes[:1000]])
-    fast = orjson.dumps([stores._view_json_row(w) for w in writes[:1000]])
+    fast = orjson.dumps([stores._view_row(w, checked=False, for_json=True) for w in writes[:1000]])
     assert slow == fast, "the same JSON"
     specs = [w.task.spec for w in writes]
     for label, fn in (
@@ -779,8 +779,8 @@ def view_rows() -> None:
             lambda: [stores._view_row(w, checked=False) for w in writes],
         ),
         (
-            "a row, values orjson writes (_view_json_row)",
-            lambda: [stores._view_json_row(w) for w in writes],
+            "a row, values orjson writes (for_json=True)",
+            lambda: [stores._view_row(w, checked=False, for_json=True) for w in writes],
         ),
         ("a definition's text, model_dump_json()", lambda: [s.model_dump_json() for s in specs]),
         ("a definition's text, spec_json()", lambda: [spec_json(s) for s in specs]),
@@ -809,7 +809,6 @@ def plain_urls() -> None:
         ("as written, three steps (the site, the reference, joined)", three_steps),
         ("plainly spelled, one step (_plain)", lambda: [read(t) for t in texts]),
     ):
-        urls._authority.cache_clear()
         urls.host_problem.cache_clear()
         print(f"plain-urls, {label}: {us(cpu_per_item(fn, len(texts), repeats=3))} a URL")
 

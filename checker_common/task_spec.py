@@ -476,7 +476,7 @@ def compacted_spec(spec: TaskSpec) -> TaskSpec:
 
 
 def spec_json(spec: TaskSpec) -> str:
-    """`spec.model_dump_json()`, the same text, in half the time (2.4 against 4.9 us,
+    """`spec.model_dump_json()`, the same text, in half the time (1.5-2.4 against 2.7-4.9 us,
     `bench/micro.py view-rows`) for a definition held as `compacted_spec` holds one, whose
     values orjson writes as they are (a cluster node writes 100,000 of them into its view at
     start). Every other definition, and one orjson would write otherwise (a time, an integer

@@ -96,8 +96,8 @@ def _plain(text: str) -> yarl.URL | None:
     port other than the scheme's own, a path without dot segments, a query of URL characters,
     no user info, no fragment); None for any other text. Reading the site, the reference and
     joining them was most of a cluster node's start on 100,000 task records each with its own
-    URL: 20 against 10 us a URL (`bench/micro.py plain-urls`). A test holds what this makes
-    equal to `_as_written`'s reading, part by part, over 9,000 generated URLs."""
+    URL: 11-20 against 6-10 us a URL, by the hour (`bench/micro.py plain-urls`). A test holds
+    what this makes equal to `_as_written`'s reading, part by part, over 9,000 generated URLs."""
     found = _PLAIN.match(text)
     if found is None:
         return None
@@ -175,7 +175,10 @@ def _as_written(reference: str) -> yarl.URL:
     written = _reference(_encoded(path, "%20") + mark + _encoded(after, "+"))
     if match is None:
         return written
-    authority, problem = _authority(match.group())
+    authority = yarl.URL(match.group())
+    # Judged before joining: yarl's join re-spells an invalid bracketed host (`[1:2]`) as a
+    # host and a port.
+    problem = host_problem(authority.raw_host) if authority.raw_host else None
     if problem is not None:
         raise InvalidURL(problem)
     return authority.join(written)
@@ -198,16 +201,6 @@ def _reference(text: str) -> yarl.URL:
     )
 
 
-@functools.lru_cache(maxsize=1 << 12)
-def _authority(text: str) -> tuple[yarl.URL, str | None]:
-    """`scheme://authority` read by yarl, and why its host can never be reached (None: it
-    can). Judged before joining: yarl's join re-spells an invalid bracketed host (`[1:2]`) as a
-    host and a port. Kept for the next URL of the same site (a site's pages as a rule follow
-    one another in a task list); ValueError as yarl raises it."""
-    authority = yarl.URL(text)
-    return authority, host_problem(authority.raw_host) if authority.raw_host else None
-
-
 def _encoded(part: str, space: str) -> str:
     return _NOT_PRINTABLE_ASCII.sub(lambda found: _escape(found.group(), space), part)
 
@@ -224,8 +217,8 @@ def _escape(characters: str, space: str) -> str:
 @functools.lru_cache(maxsize=1 << 12)
 def host_problem(host: str) -> str | None:
     """Why the probe could never reach `host` (yarl's raw, IDNA-encoded host), or None.
-    Kept for the next question: each URL's host is asked about twice (`_as_written`, then
-    `checked_url`), a site's hosts as a rule more often."""
+    Kept for the next question: a URL read in three steps has its host asked about twice
+    (`_as_written`, then `checked_url`)."""
     if "%" in host:
         return "the host must not be percent-encoded or carry a zone id"
     if ":" in host:  # yarl took it from between brackets

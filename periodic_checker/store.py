@@ -211,12 +211,9 @@ class ViewRebuild:
             return
         # Not marked as checked: a view is rebuilt from the topic, never loaded (`load` marks
         # what it validates, should the node run in single mode one day).
-        try:
-            payload = orjson.dumps([_view_json_row(w) for w in writes])
-        except orjson.JSONEncodeError:  # a value orjson cannot write: the slower way
-            payload = orjson.dumps([_view_row(w, checked=False) for w in writes])
+        rows = [_view_row(w, checked=False, for_json=True) for w in writes]
         # Text: SQLite reads a BLOB parameter as no JSON at all.
-        self._queue.put(("rows", payload.decode()))
+        self._queue.put(("rows", orjson.dumps(rows).decode()))
 
     def remove(self, task_ids: Sequence[uuid.UUID]) -> None:
         """No row for these tasks (given earlier in this rebuild)."""
@@ -766,22 +763,36 @@ _UPDATED = 10
 _CHECKED_AT = _NCOLUMNS  # where `load` reads spec_checked
 
 
-def _task_to_row(task: Task, *, checked: bool = True) -> tuple[Any, ...]:
-    """The task's columns (`_COLUMN_NAMES`), then `spec_checked` (None without `checked`)."""
-    spec = task.spec.model_dump_json()
+def _task_to_row(task: Task, *, checked: bool = True, for_json: bool = False) -> tuple[Any, ...]:
+    """The task's columns (`_COLUMN_NAMES`), then `spec_checked` (None without `checked`).
+
+    `for_json`: for orjson to write into a view's chunk (`ViewRebuild`), the same JSON with the
+    values orjson writes as these columns spell them left to it (the id, status and health, the
+    times) and the definition's text through `spec_json`: 3.4-4.7 against 7.9-9.6 us a row
+    (`bench/micro.py view-rows`), made by the thread that decodes a cluster node's 100,000
+    task records at start."""
+    ident: object
+    status: object
+    health: object
+    if for_json:
+        spec, time = spec_json(task.spec), _json_time
+        ident, status, health = task.id, task.status, task.health
+    else:
+        spec, time = task.spec.model_dump_json(), _time
+        ident, status, health = str(task.id), str(task.status), str(task.health)
     return (
-        str(task.id),
+        ident,
         task.spec.name,
         task.spec.url,
         spec,
-        str(task.status),
+        status,
         task.status_reason,
-        str(task.health),
+        health,
         task.runs,
         task.failures_in_a_row,
-        _time(task.created_at),
-        _time(task.updated_at),
-        _time(task.last_run_at),
+        time(task.created_at),
+        time(task.updated_at),
+        time(task.last_run_at),
         task.manual_runs,
         # A task in error may hold a definition that does not validate (built without
         # validation to be shown); every other definition was validated by this process.
@@ -789,42 +800,12 @@ def _task_to_row(task: Task, *, checked: bool = True) -> tuple[Any, ...]:
     )
 
 
-def _view_row(write: ViewWrite, *, checked: bool = True) -> tuple[Any, ...]:
+def _view_row(write: ViewWrite, *, checked: bool = True, for_json: bool = False) -> tuple[Any, ...]:
     """A view's row (`_VIEW_COLUMNS`) for what a task record left: the task's columns, then
     `published_at` (its `updated_at` when the topic's last record says what it says),
     the record's partition and offset."""
-    row = _task_to_row(write.task, checked=checked)
+    row = _task_to_row(write.task, checked=checked, for_json=for_json)
     return (*row, row[_UPDATED] if write.published else None, write.partition, write.offset)
-
-
-def _view_json_row(write: ViewWrite) -> tuple[Any, ...]:
-    """`_view_row(write, checked=False)` as orjson writes it into a view's chunk: the same JSON,
-    with the values left to orjson that it writes as the row spells them (the id, status and
-    health, the times, the definition's text through `spec_json`): 4.7 against 9.6 us a row
-    (`bench/micro.py view-rows`), made by the thread that decodes a cluster node's 100,000
-    task records at start."""
-    task = write.task
-    spec = task.spec
-    updated = _json_time(task.updated_at)
-    return (
-        task.id,
-        spec.name,
-        spec.url,
-        spec_json(spec),
-        task.status,
-        task.status_reason,
-        task.health,
-        task.runs,
-        task.failures_in_a_row,
-        _json_time(task.created_at),
-        updated,
-        _json_time(task.last_run_at),
-        task.manual_runs,
-        None,
-        updated if write.published else None,
-        write.partition,
-        write.offset,
-    )
 
 
 def _json_time(value: datetime | None) -> datetime | str | None:

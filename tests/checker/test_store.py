@@ -40,6 +40,18 @@ def make_task(name: str = "site", created: datetime = NOW, **spec: Any) -> Task:
     return Task(id=uuid.uuid4(), spec=TaskSpec(**fields), created_at=created, updated_at=created)
 
 
+def invalid_record_task(url: str, interval: float) -> Task:
+    """A task from a record that did not validate: in error, its definition never validated."""
+    return Task(
+        id=uuid.uuid4(),
+        spec=TaskSpec.model_construct(name="bad", url=url, interval=interval),
+        status=TaskStatus.ERROR,
+        status_reason="invalid task record: spec.url: scheme must be http or https",
+        created_at=NOW,
+        updated_at=NOW,
+    )
+
+
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "tasks.sqlite3"
@@ -530,7 +542,8 @@ def test_a_view_rebuilt_from_task_records_writes_each_row_as_the_row_itself_spel
     tmp_path: Path,
 ) -> None:
     # Tasks as a cluster node makes them from records (compacted definitions), whose rows
-    # orjson writes itself (`_view_json_row`), beside every kind the slower way still writes:
+    # orjson writes itself (`_view_row(..., for_json=True)`), beside every kind the slower way
+    # still writes:
     # times with no microseconds or in another zone, an end time, an integer beyond 64 bits,
     # a task in error whose definition was never validated, state and a status reason.
     later = NOW.replace(microsecond=0) + timedelta(days=1)
@@ -560,14 +573,7 @@ def test_a_view_rebuilt_from_task_records_writes_each_row_as_the_row_itself_spel
                 "failures_in_a_row": 2,
             }
         ),
-        Task(
-            id=uuid.uuid4(),
-            spec=TaskSpec.model_construct(name="bad", url="ftp://x", interval=7),
-            status=TaskStatus.ERROR,
-            status_reason="invalid task record: url: scheme must be http or https",
-            created_at=NOW,
-            updated_at=NOW,
-        ),
+        invalid_record_task("ftp://x", 7),
     ]
     writes = [ViewWrite(t, i % 2 == 0, i % 3, i) for i, t in enumerate(tasks)]
     slow = SQLiteTaskStore(tmp_path / "slow.sqlite3")
@@ -649,14 +655,7 @@ def test_a_removal_is_remembered_until_its_tombstone_is_published(path: Path) ->
 
 def test_a_task_from_a_record_that_did_not_validate_keeps_its_reason_at_load(path: Path) -> None:
     store = SQLiteTaskStore(path)
-    bad = Task(
-        id=uuid.uuid4(),
-        spec=TaskSpec.model_construct(name="bad", url="ftp://x/", interval=30.0),
-        status=TaskStatus.ERROR,
-        status_reason="invalid task record: spec.url: scheme must be http or https",
-        created_at=NOW,
-        updated_at=NOW,
-    )
+    bad = invalid_record_task("ftp://x/", 30.0)
     store.apply(ViewBatch(upserts=[ViewWrite(bad, True, 0, 0)]))
     store.close()
     store = SQLiteTaskStore(path)
