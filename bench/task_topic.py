@@ -137,7 +137,7 @@ def node_env(
 
 PHASES = re.compile(
     r"read: (\d+) records, (\d+) tasks in ([\d.]+) s \(reading ([\d.]+) s, decoding and"
-    r" validating ([\d.]+) s, writing the view ([\d.]+) s\)"
+    r" validating ([\d.]+) s(?: after it)?, writing the view ([\d.]+) s(?: after that)?\)"
 )
 SCHEDULED = re.compile(r"(\d+) tasks scheduled in ([\d.]+) s")
 

@@ -70,6 +70,9 @@ class InvalidURL(ValueError):
 @functools.lru_cache(maxsize=1 << 17)
 def parse_url(text: str) -> yarl.URL:
     """The URL the probe will fetch for `text`; InvalidURL says why there is none."""
+    plain = _plain(text)
+    if plain is not None:
+        return plain  # what `checked_url` asks of a URL, its spelling already says (`_PLAIN`)
     if _EXCLUDED.search(text):
         raise InvalidURL("must not contain spaces or control characters")
     if not _SHAPE.match(text):
@@ -79,7 +82,7 @@ def parse_url(text: str) -> yarl.URL:
             raise InvalidURL("must not contain a backslash before the path")
         raise InvalidURL("must name a host")
     try:
-        url = _plain(text) or _as_written(text)
+        url = _as_written(text)
     except InvalidURL:
         raise
     except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError (IDNA)
@@ -91,19 +94,21 @@ def parse_url(text: str) -> yarl.URL:
 
 
 def _plain(text: str) -> yarl.URL | None:
-    """The URL `_as_written` reads from `text`, made in one step when `text` is spelled so that
-    reading it leaves every part as written (`_PLAIN`: a lower-case scheme and host name, a
+    """The URL `parse_url` reads from `text`, made in one step when `text` is spelled so that
+    reading it leaves every part as written and passes every check as spelled (`_PLAIN`: a
+    lower-case scheme and host name of labels of at most 63 characters, at most 253 in all, a
     port other than the scheme's own, a path without dot segments, a query of URL characters,
-    no user info, no fragment); None for any other text. Reading the site, the reference and
-    joining them was most of a cluster node's start on 100,000 task records each with its own
-    URL: 11-20 against 6-10 us a URL, by the hour (`bench/micro.py plain-urls`). A test holds
-    what this makes equal to `_as_written`'s reading, part by part, over 9,000 generated URLs."""
+    no user info, no fragment; none of the characters the gates of `parse_url` refuse); None
+    for any other text. Reading the site, the reference and joining them, then checking the
+    result, was most of a cluster node's start on 100,000 task records each with its own URL
+    (`bench/micro.py plain-urls`). A test holds what this makes equal to the other reading,
+    part by part and refusal by refusal, over 9,000 generated URLs."""
     found = _PLAIN.match(text)
     if found is None:
         return None
     scheme, host, port, path, query = found.groups()
-    if "/." in path or "xn--" in host:
-        return None  # dot segments to remove; IDNA labels to check
+    if "/." in path or "xn--" in host or len(host) > MAX_HOST:
+        return None  # dot segments to remove; IDNA labels to check; a name too long
     number = int(port) if port is not None else None
     if number is not None and (number > 65535 or number == _DEFAULT_PORTS[scheme]):
         return None  # refused, or left implicit by yarl's reading
@@ -112,13 +117,14 @@ def _plain(text: str) -> yarl.URL | None:
     )
 
 
-_LDH_LABEL: Final = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+# A DNS label (at most 63 characters) of letters, digits and inner hyphens, in lower case.
+_LDH_LABEL: Final = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 # Path and query characters a request line carries as they are (RFC 3986 pchar, and `/` and
 # `?` in the query): nothing to percent-encode, and `%` is kept as written either way.
 _PCHARS: Final = r"!$&'()*+,;=:@a-zA-Z0-9._~%/-"
 _PLAIN: Final = re.compile(
     rf"^(https?)://({_LDH_LABEL}(?:\.{_LDH_LABEL})*)(?::([1-9][0-9]{{0,4}}))?"
-    rf"(/[{_PCHARS}]*)(?:\?([{_PCHARS}?]+))?$"
+    rf"(/[{_PCHARS}]*)(?:\?([{_PCHARS}?]+))?\Z"
 )
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 

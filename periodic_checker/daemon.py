@@ -24,6 +24,7 @@ import contextlib
 import gc
 import logging
 import os
+import queue
 import signal
 import sys
 import time
@@ -38,7 +39,14 @@ from checker_common.cli import EXIT_USAGE
 from checker_common.systemd import Notifier
 from periodic_checker import metrics
 from periodic_checker.checker_service import CheckerService
-from periodic_checker.materialiser import FollowerError, TaskTopicFollower
+from periodic_checker.materialiser import (
+    FollowerError,
+    Snapshot,
+    TaskRecordRead,
+    TaskTopicFollower,
+    ViewBuilder,
+)
+from periodic_checker.memory import give_back_free_memory
 from periodic_checker.names import NameClaims
 from periodic_checker.outbox import Outbox
 from periodic_checker.ownership import Ownership
@@ -48,7 +56,7 @@ from periodic_checker.producer import ResultPublisher
 from periodic_checker.scheduler import CheckScheduler
 from periodic_checker.settings import CheckerMode, CheckerSettings
 from periodic_checker.state_mirror import StateMirror
-from periodic_checker.store import SQLiteTaskStore, StoreError, StoreReadOnly
+from periodic_checker.store import SQLiteTaskStore, StoreError, StoreReadOnly, ViewWrite
 from periodic_checker.task_service import TaskService
 from periodic_checker.task_state import StateTopicMissing, TaskStates
 from periodic_checker.task_topic import RecordProducer, RecordPublisher
@@ -214,6 +222,9 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     scheduling = time.monotonic()
     await scheduler.start(tasks)
     log.info("%d tasks scheduled in %.2f s", len(tasks), time.monotonic() - scheduling)
+    # What loading made and dropped (records, rows, parsed JSON) is free but still resident:
+    # 70 MB at 100,000 task records (`bench/task_topic.py startup`, VmRSS at READY).
+    give_back_free_memory()
     if not cluster:
         # An upgrade from a release without the task topic publishes every task here, once.
         records.publish_unpublished()
@@ -303,30 +314,51 @@ async def _materialise(
     stop: asyncio.Event,
 ) -> list[Task] | None:
     """Cluster mode: read the whole task topic and make the store exactly that view; the
-    tasks, or None when stopped meanwhile. FollowerError when the topic cannot be read."""
+    tasks, or None when stopped meanwhile. FollowerError when the topic cannot be read.
+
+    Three threads at once: one reads the topic (mostly waiting for the broker), one decodes
+    each batch read into its tasks and their rows, and the store's writes the rows."""
     started = time.monotonic()
-    reading = asyncio.create_task(asyncio.to_thread(follower.read_everything))
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait([reading, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if not reading.done():
-        follower.interrupt()
-        with contextlib.suppress(FollowerError):
-            await reading
-        return None
-    stopping.cancel()
-    snapshot = reading.result()
-    read_at = time.monotonic()
+    runtime = await asyncio.to_thread(store.runtime_states)
+    batches: queue.SimpleQueue[list[TaskRecordRead] | None] = queue.SimpleQueue()
+    read_at = started
+
+    def read() -> Snapshot:
+        nonlocal read_at
+        try:
+            return follower.read_everything(on_records=batches.put)
+        finally:
+            read_at = time.monotonic()
+            batches.put(None)
+
+    def build(builder: ViewBuilder) -> list[ViewWrite]:
+        while (batch := batches.get()) is not None:
+            builder.add(batch)
+        return builder.finish()
+
     # Hundreds of thousands of objects that all live on: the collector need not walk them
     # as they pile up (the scheduler freezes them once loaded).
     gc.disable()
     try:
-        runtime = await asyncio.to_thread(store.runtime_states)
         # Written by the store's thread while the records are decoded (on another core).
         rebuild = store.rebuild_view()
+        builder = follower.view_builder(runtime, datetime.now(UTC), sink=rebuild)
+        reading = asyncio.create_task(asyncio.to_thread(read))
+        building = asyncio.create_task(asyncio.to_thread(build, builder))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([reading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not reading.done():
+            follower.interrupt()
+        stopping.cancel()
         try:
-            writes = follower.build_view(snapshot, runtime, datetime.now(UTC), sink=rebuild)
+            snapshot = await reading
+            writes = await building
         except BaseException:
+            with contextlib.suppress(BaseException):
+                await building  # ends at the reading's end
             rebuild.abandon()
+            if isinstance(reading.exception(), FollowerError) and stop.is_set():
+                return None  # stopped while reading
             raise
         built_at = time.monotonic()
         await asyncio.to_thread(rebuild.finish, snapshot.offsets)
@@ -335,7 +367,7 @@ async def _materialise(
         gc.enable()
     log.info(
         "task topic %s read: %d records, %d tasks in %.2f s (reading %.2f s, decoding and"
-        " validating %.2f s, writing the view %.2f s)",
+        " validating %.2f s after it, writing the view %.2f s after that)",
         settings.kafka_tasks_topic,
         snapshot.records,
         len(writes),

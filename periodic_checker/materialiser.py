@@ -147,10 +147,16 @@ class HostPolicy(Protocol):
     def check_url(self, url: str) -> str | None: ...
 
 
+# A task-topic record as read: key, partition, offset, value.
+TaskRecordRead = tuple[bytes, int, int, bytes | None]
+RecordSink = Callable[[list[TaskRecordRead]], None]
+
+
 @dataclass
 class Snapshot:
-    """The whole task topic as read at start: the last record of each key, and where the
-    reading ended."""
+    """The whole task topic as read at start: the last record of each key (unless they went to
+    a `ViewBuilder` as they were read), the records without a key, and where the reading
+    ended."""
 
     last: dict[bytes, tuple[int, int, bytes | None]] = field(default_factory=dict)
     unusable: list[tuple[int, int, str]] = field(default_factory=list)  # partition, offset, why
@@ -262,10 +268,14 @@ class TaskTopicFollower:
         """Make `read_everything` give up (from another thread)."""
         self._stopping.set()
 
-    def read_everything(self) -> Snapshot:
+    def read_everything(self, on_records: RecordSink | None = None) -> Snapshot:
         """Read every partition from the beginning to its end (blocking: run it in a thread).
         Names-topic records are applied to the name claims on the way, in order. Waits for a
-        broker that does not answer (saying so); TopicMissing when a topic does not exist."""
+        broker that does not answer (saying so); TopicMissing when a topic does not exist.
+
+        The task records go to `on_records` as they are read, a batch at a time and in the
+        order read (the view is built from them meanwhile, `ViewBuilder`); without it, the
+        snapshot keeps the last record of each key."""
         waiting_since = time.monotonic()
         while True:
             try:
@@ -285,7 +295,9 @@ class TaskTopicFollower:
         remaining = set(self._partitions)
         names = self.names
         now = self.clock()
+        last = snapshot.last
         while remaining and not self._stopping.is_set():
+            batch: list[TaskRecordRead] = []
             for message in self._consumer.consume(BATCH, POLL_SECONDS):
                 error = message.error()
                 topic, partition = message.topic(), message.partition()
@@ -308,14 +320,24 @@ class TaskTopicFollower:
                     snapshot.unusable.append(
                         (partition, offset, "record has no key (the key must be the task id)")
                     )
-                    continue
-                snapshot.last.pop(key, None)  # keeps the dict in order of each key's last record
-                snapshot.last[key] = (partition, offset, message.value())
+                elif on_records is not None:
+                    batch.append((key, partition, offset, message.value()))
+                else:
+                    last.pop(key, None)  # keeps the dict in order of each key's last record
+                    last[key] = (partition, offset, message.value())
+            if batch and on_records is not None:
+                on_records(batch)
         if remaining:
             raise FollowerError("stopped before the task topic was read")
         for key, next_offset in snapshot.offsets.items():
             self._next[key] = next_offset
         return snapshot
+
+    def view_builder(
+        self, runtime: dict[uuid.UUID, RuntimeState], now: datetime, sink: ViewSink | None = None
+    ) -> ViewBuilder:
+        """A view to build from task records given in the order read (`ViewBuilder`)."""
+        return ViewBuilder(self, runtime, now, sink)
 
     def build_view(
         self,
@@ -327,38 +349,13 @@ class TaskTopicFollower:
         """The tasks the snapshot holds, with the state this node kept of each (pure but for
         the metric and log lines of the records it rejects). With a `sink`, they are also
         handed to it a chunk at a time as they are made (the store writes them meanwhile)."""
-        for partition, offset, why in snapshot.unusable:
-            self._reject(partition, offset, why)
-        writes: dict[uuid.UUID, ViewWrite] = {}
-        chunk: list[ViewWrite] = []
-        for key, (partition, offset, value) in snapshot.last.items():
-            decoded = decode(key, value)
-            if isinstance(decoded, UnusableRecord):
-                self._reject(partition, offset, decoded.reason)
-                continue
-            if isinstance(decoded, TaskRemoved):
-                # Another spelling of a key already read (upper case hex) may have made it.
-                if writes.pop(decoded.task_id, None) is not None and sink is not None:
-                    sink.add(chunk)
-                    chunk = []
-                    sink.remove([decoded.task_id])
-                continue
-            task = applied(decoded, None, now)
-            kept = runtime.get(decoded.task_id)
-            if kept is not None:
-                task = with_runtime(task, kept, same_record=kept.position == (partition, offset))
-            task = judged(task, self._refusals(task, None, single=False), now)
-            write = ViewWrite(task, True, partition, offset)
-            writes[decoded.task_id] = write
-            self._positions[decoded.task_id] = (partition, offset)
-            if sink is not None:
-                chunk.append(write)
-                if len(chunk) >= VIEW_CHUNK:
-                    sink.add(chunk)
-                    chunk = []
-        if sink is not None:
-            sink.add(chunk)
-        return list(writes.values())
+        builder = self.view_builder(runtime, now, sink)
+        builder.unusable(snapshot.unusable)
+        builder.add(
+            (key, partition, offset, value)
+            for key, (partition, offset, value) in snapshot.last.items()
+        )
+        return builder.finish()
 
     # -- live --------------------------------------------------------------------------------
 
@@ -665,3 +662,76 @@ def _later(known: tuple[int, int] | None, partition: int, offset: int) -> bool:
     records of one partition only; a task's records are all in one partition unless a writer
     used another partitioner (docs/tasks-topic.md)."""
     return known is not None and known[0] == partition and known[1] > offset
+
+
+class ViewBuilder:
+    """A cluster node's view of the task topic, made from its records in the order read.
+
+    Each record is decoded, validated and made into its task as it comes, so that the view is
+    built while the rest of the topic is still being read (`read_everything(on_records=...)`):
+    reading 100,000 records mostly waits for the broker. A later record of a task replaces an
+    earlier one and a tombstone removes it, so the tasks made are those of each task's last
+    record, as if only those had been read. Records with no usable task id are counted and
+    logged at `finish`, once for each key, at its last record."""
+
+    def __init__(
+        self,
+        follower: TaskTopicFollower,
+        runtime: dict[uuid.UUID, RuntimeState],
+        now: datetime,
+        sink: ViewSink | None,
+    ) -> None:
+        self._follower = follower
+        self._runtime = runtime
+        self._now = now
+        self._sink = sink
+        self._writes: dict[uuid.UUID, ViewWrite] = {}
+        self._chunk: list[ViewWrite] = []
+        self._rejected: dict[bytes, tuple[int, int, str]] = {}
+        self._unusable: list[tuple[int, int, str]] = []
+
+    def unusable(self, records: Iterable[tuple[int, int, str]]) -> None:
+        """Records with no key (partition, offset, why), rejected at `finish`."""
+        self._unusable.extend(records)
+
+    def add(self, records: Iterable[TaskRecordRead]) -> None:
+        follower, runtime, now, sink = self._follower, self._runtime, self._now, self._sink
+        writes, chunk, positions = self._writes, self._chunk, follower._positions
+        for key, partition, offset, value in records:
+            decoded = decode(key, value)
+            if isinstance(decoded, UnusableRecord):
+                self._rejected.pop(key, None)  # in order of each key's last record
+                self._rejected[key] = (partition, offset, decoded.reason)
+                continue
+            if isinstance(decoded, TaskRemoved):
+                # Made by an earlier record, perhaps under another spelling of its key.
+                if writes.pop(decoded.task_id, None) is not None and sink is not None:
+                    sink.add(chunk)
+                    chunk = []
+                    sink.remove([decoded.task_id])
+                continue
+            task = applied(decoded, None, now)
+            kept = runtime.get(decoded.task_id)
+            if kept is not None:
+                task = with_runtime(task, kept, same_record=kept.position == (partition, offset))
+            task = judged(task, follower._refusals(task, None, single=False), now)
+            write = ViewWrite(task, True, partition, offset)
+            writes[decoded.task_id] = write
+            positions[decoded.task_id] = (partition, offset)
+            if sink is not None:
+                chunk.append(write)
+                if len(chunk) >= VIEW_CHUNK:
+                    sink.add(chunk)
+                    chunk = []
+        self._chunk = chunk
+
+    def finish(self) -> list[ViewWrite]:
+        """The view's tasks; what is left of them goes to the sink."""
+        for partition, offset, why in self._unusable:
+            self._follower._reject(partition, offset, why)
+        for partition, offset, why in self._rejected.values():
+            self._follower._reject(partition, offset, why)
+        if self._sink is not None:
+            self._sink.add(self._chunk)
+            self._chunk = []
+        return list(self._writes.values())

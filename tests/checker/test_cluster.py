@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from checker.nodes import DEADLINE, Node, Topics, produce, records_of
 
+from periodic_checker.store import SQLiteTaskStore
+
 from conftest import KafkaTarget
-from helpers import wait_for
+from helpers import start_checker, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -178,6 +182,39 @@ def test_a_restarted_node_rebuilds_its_view_from_the_topic(
         Path(f"{b.storage}{suffix}").unlink(missing_ok=True)
     b.start()
     assert shown(b) == shown(a)
+
+
+def test_a_node_stopped_before_it_could_read_the_topic_exits_0_and_keeps_its_view(
+    kafka: KafkaTarget, topics: Topics, nodes: tuple[Node, Node]
+) -> None:
+    broker = kafka.require_local()
+    a, b = nodes
+    for i in range(3):
+        assert a.call("POST", "/tasks", {**SPEC, "name": f"t{i}"})[0] == 201
+    wait_for(lambda: len(b.tasks()) == 3, "three tasks on B", DEADLINE)
+    before = shown(b)
+    assert b.stop() == 0
+    broker.stop_proxy()
+    try:
+        assert b.proc is not None
+        starts = b.text().count("started:")
+        b.proc = start_checker(b.env(), b.log)  # waits for the broker to read the topic
+        time.sleep(3)
+        assert b.proc.poll() is None, b.text()
+        assert b.text().count("started:") == starts  # not READY: the topic is not read
+        assert b.stop() == 0
+    finally:
+        broker.start_proxy()
+    # Its view was not emptied by the rebuild it began: the same tasks, read without the broker.
+    stored = SQLiteTaskStore(b.storage)
+    try:
+        loaded = stored.load(datetime.now(UTC))
+        kept = {t.spec.name: (str(t.id), str(t.status), t.status_reason) for t in loaded}
+    finally:
+        stored.close()
+    assert kept == before
+    b.start()
+    assert shown(b) == before
 
 
 def test_with_the_broker_away_a_change_is_refused_and_nothing_changes(

@@ -140,6 +140,70 @@ def test_a_task_removed_under_another_spelling_of_its_key_leaves_the_written_vie
     assert [t.id for t in stored] == [e]
 
 
+def test_a_view_built_from_every_record_as_read_is_the_view_of_each_keys_last_record(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    # The daemon builds the view from each batch as it is read, superseded records included;
+    # what it makes must be what the last record of each key makes.
+    a, b, c, d, e = (uuid.uuid4() for _ in range(5))
+    read = [
+        (str(a).encode(), record("a")),
+        (str(b).encode(), record("b")),
+        (str(a).encode(), record("a", status="paused")),
+        (str(b).encode(), None),  # removed
+        (str(c).upper().encode(), record("c")),  # another spelling of c's key
+        (str(c).encode(), None),  # removes it
+        (str(c).encode(), record("c again")),  # and it is made again
+        (str(d).encode(), b'{"spec": 1}'),
+        (str(d).encode(), record("d")),  # fixed
+        (b"not-a-task-id", record("x")),
+        (b"not-a-task-id", record("y")),
+        (str(e).encode(), record("e")),
+        (str(e).encode(), b"{"),  # broken
+    ]
+    records = [(key, n % 3, n, value) for n, (key, value) in enumerate(read)]
+    snapshot = Snapshot()
+    for key, partition, offset, value in records:
+        snapshot.last.pop(key, None)
+        snapshot.last[key] = (partition, offset, value)
+    config = settings(kafka, topics, tmp_path, "cluster")
+    now = datetime.now(UTC)
+    views = []
+    for name, build in (("as-read", True), ("last", False)):
+        store = SQLiteTaskStore(tmp_path / f"{name}.sqlite3")
+        follower = TaskTopicFollower(config, store, Scheduler(), names=NameClaims())
+        rejected = materialiser.REJECTED._value.get()
+        rebuild = store.rebuild_view()
+        if build:
+            builder = follower.view_builder({}, now, sink=rebuild)
+            builder.add(records[:6])
+            builder.add(records[6:])
+            writes = builder.finish()
+        else:
+            writes = follower.build_view(snapshot, {}, now, sink=rebuild)
+        rebuild.finish({})
+        stored = store.load(now)
+        store.close()
+        made = {
+            w.task.id: (w.task.spec.name, str(w.task.status), (w.partition, w.offset))
+            for w in writes
+        }
+        rows = {t.id: (t.spec.name, str(t.status), t.status_reason) for t in stored}
+        views.append((made, rows, materialiser.REJECTED._value.get() - rejected))
+
+    assert views[0] == views[1]
+    made, rows, rejected = views[0]
+    assert {i: (name, status) for i, (name, status, _) in made.items()} == {
+        a: ("a", "paused"),
+        c: ("c again", "active"),
+        d: ("d", "active"),
+        e: (f"invalid record {e}", "error"),
+    }
+    assert made[c][2] == (0, 6)  # the record it was made from
+    assert rows.keys() == made.keys()
+    assert rejected == 1  # one key without a task id, counted once
+
+
 async def test_a_missing_topic_is_said_at_once(
     kafka: KafkaTarget, topics: Topics, tmp_path: Path
 ) -> None:

@@ -81,7 +81,7 @@ def test_a_location_the_probe_cannot_fetch_is_refused(location: str, reason: str
 # -- the one-step reading of a plainly spelled URL (`urls._plain`) -------------------------------
 
 _LABELS = ["a", "b", "z", "x0", "09", "a-b", "site-1", "127", "0x7f", "0189", "xn--bcher-kva",
-           "xn--zz", "a" * 64, "-a", "a-", "a_b", "B", "é"]  # fmt: skip
+           "xn--zz", "a" * 63, "a" * 64, "b" * 62, "-a", "a-", "a_b", "B", "é"]  # fmt: skip
 _PCHARS = "!$&'()*+,;=:@aZ09._~%/-"
 
 
@@ -102,7 +102,7 @@ def _task_urls(count: int, seed: int) -> list[str]:
         port = rng.choice(
             [None, None, None, str(rng.randint(0, 70_000)), "80", "443", "080", "65535", "65536"]
         )
-        odd = "" if everyday else "é. "
+        odd = "" if everyday else "é. \n"
         path = rng.choice(["/"] if everyday else ["", "/", "//", "/./", "/../"])
         path += text(_PCHARS + odd, 20)
         query = rng.choice([None, None, text(_PCHARS + "?" + odd, 12)])
@@ -111,6 +111,15 @@ def _task_urls(count: int, seed: int) -> list[str]:
             f"{scheme}://{host}{'' if port is None else ':' + port}{path}"
             f"{'' if query is None else '?' + query}{'' if fragment is None else '#' + fragment}"
         )
+    # The bounds of a host name, each side of them, and a line end after a plain URL.
+    for name in (
+        "a" * 63,
+        "a" * 64,
+        ".".join(["a" * 63] * 4)[:253],
+        ".".join(["a" * 63] * 4)[:254],
+    ):
+        made += [f"http://{name}/", f"http://{name}:8080/x?y"]
+    made += ["http://a.b/\n", "http://a.b/x\r\n", "http://a.b:8080/?q\n"]
     return made
 
 

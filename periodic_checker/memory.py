@@ -1,0 +1,34 @@
+"""Memory the process freed, given back to the system.
+
+glibc's allocator keeps what a process frees for its next allocations: after a start-up that
+made and dropped hundreds of megabytes (100,000 task records read, decoded and written), that
+stays in the process's resident memory, though nothing uses it, until something asks for it
+again. `malloc_trim(0)` hands back every free page at once; it is glibc's own (elsewhere, such
+as musl, there is nothing to call and nothing is done).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from typing import Any
+
+
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def give_back_free_memory() -> bool:
+    """Return the free pages of the heap to the system; whether there was a way to."""
+    trim = _libc()
+    if trim is None:
+        return False
+    trim(0)
+    return True
