@@ -369,10 +369,12 @@ class TaskSpec(BaseModel):
     def status_ranges(self) -> tuple[tuple[int, int], ...]:
         return parse_status_ranges(self.accepted_statuses)
 
-    @cached_property
+    @property
     def fetch_url(self) -> yarl.URL:
         """The URL the probe fetches; InvalidURL for a stored definition that no longer
-        validates (built without validation)."""
+        validates (built without validation). Not kept here: `parse_url` keeps the URLs of the
+        checks running now, and a URL kept by each definition was about 550 bytes a task, 55 MB
+        at 100,000 tasks with their own URLs (`bench/scheduler_scale.py --urls own`)."""
         return parse_url(self.url)
 
     @property

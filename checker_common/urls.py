@@ -64,10 +64,13 @@ class InvalidURL(ValueError):
     """A task URL the probe could not fetch; the message is a sentence for people."""
 
 
-# Each task URL is read when its definition is validated, when the target policy judges it,
-# and when the probe first fetches it: read once, kept for the next (a `yarl.URL` is
-# immutable). Reading them was about a third of building a view of task records (py-spy).
-@functools.lru_cache(maxsize=1 << 17)
+# A task URL is read when its definition is validated, when the target policy judges it, and
+# at each check (the scheduler's host, the probe's URL): kept for the next reading (a
+# `yarl.URL` is immutable) while it is among the last 4,096 read, a few seconds of checks at
+# 100,000 tasks a minute. Not all of them: a URL kept is about 550 bytes, and a checker of
+# 100,000 tasks with their own URLs held 55 MB of them; a URL read again costs 2-9 us, a check
+# about 400.
+@functools.lru_cache(maxsize=1 << 12)
 def parse_url(text: str) -> yarl.URL:
     """The URL the probe will fetch for `text`; InvalidURL says why there is none."""
     plain = _plain(text)
