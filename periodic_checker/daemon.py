@@ -56,7 +56,7 @@ from periodic_checker.producer import ResultPublisher
 from periodic_checker.scheduler import CheckScheduler
 from periodic_checker.settings import CheckerMode, CheckerSettings
 from periodic_checker.state_mirror import StateMirror
-from periodic_checker.store import SQLiteTaskStore, StoreError, StoreReadOnly, ViewWrite
+from periodic_checker.store import SQLiteTaskStore, StoreError, StoreReadOnly
 from periodic_checker.task_service import TaskService
 from periodic_checker.task_state import StateTopicMissing, TaskStates
 from periodic_checker.task_topic import RecordProducer, RecordPublisher
@@ -317,7 +317,7 @@ async def _materialise(
     tasks, or None when stopped meanwhile. FollowerError when the topic cannot be read.
 
     Three threads at once: one reads the topic (mostly waiting for the broker), one decodes
-    each batch read into its tasks and their rows, and the store's writes the rows."""
+    each batch read into its tasks and their rows, and the store's own writes the rows."""
     started = time.monotonic()
     runtime = await asyncio.to_thread(store.runtime_states)
     batches: queue.SimpleQueue[list[TaskRecordRead] | None] = queue.SimpleQueue()
@@ -331,10 +331,9 @@ async def _materialise(
             read_at = time.monotonic()
             batches.put(None)
 
-    def build(builder: ViewBuilder) -> list[ViewWrite]:
+    def build(builder: ViewBuilder) -> None:
         while (batch := batches.get()) is not None:
             builder.add(batch)
-        return builder.finish()
 
     # Hundreds of thousands of objects that all live on: the collector need not walk them
     # as they pile up (the scheduler freezes them once loaded).
@@ -352,7 +351,9 @@ async def _materialise(
         stopping.cancel()
         try:
             snapshot = await reading
-            writes = await building
+            await building
+            builder.unusable(snapshot.unusable)  # the records without a key
+            writes = builder.finish()
         except BaseException:
             with contextlib.suppress(BaseException):
                 await building  # ends at the reading's end

@@ -184,6 +184,23 @@ def test_a_restarted_node_rebuilds_its_view_from_the_topic(
     assert shown(b) == shown(a)
 
 
+def test_records_without_a_task_id_read_at_start_are_counted_and_logged(
+    kafka: KafkaTarget, topics: Topics, nodes: tuple[Node, Node]
+) -> None:
+    a, b = nodes
+    assert b.stop() == 0
+    produce(kafka, topics.tasks, None, b"{}")
+    produce(kafka, topics.tasks, None, b"{}")
+    produce(kafka, topics.tasks, b"not-a-task-id", b"{}")
+    assert a.call("POST", "/tasks", SPEC)[0] == 201
+    b.start()  # reads them all before READY
+    assert set(b.tasks()) == {"shop"}
+    assert b.metric("periodic_checker_task_records_rejected_total") == 3
+    started = b.text().rsplit("started:", 1)[0]
+    assert started.count("record has no key") == 2
+    assert "b'not-a-task-id' is not a task id" in started
+
+
 def test_a_node_stopped_before_it_could_read_the_topic_exits_0_and_keeps_its_view(
     kafka: KafkaTarget, topics: Topics, nodes: tuple[Node, Node]
 ) -> None:

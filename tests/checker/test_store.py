@@ -595,6 +595,7 @@ def test_a_rebuilt_view_takes_the_last_of_a_task_given_twice_and_drops_one_remov
     path: Path,
 ) -> None:
     store = SQLiteTaskStore(path)
+    (cache_size,) = store._db.execute("PRAGMA cache_size").fetchone()
     first, other = make_task("first"), make_task("other")
     renamed = first.model_copy(update={"spec": first.spec.model_copy(update={"name": "renamed"})})
     rebuild = store.rebuild_view()
@@ -605,6 +606,8 @@ def test_a_rebuilt_view_takes_the_last_of_a_task_given_twice_and_drops_one_remov
 
     assert store.load(NOW) == [renamed]
     assert store.positions() == {first.id: (1, 5)}
+    # The larger page cache of the rebuild is given back.
+    assert store._db.execute("PRAGMA cache_size").fetchone() == (cache_size,)
     store.close()
 
 
