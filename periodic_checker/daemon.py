@@ -352,8 +352,7 @@ async def _materialise(
         try:
             snapshot = await reading
             await building
-            builder.unusable(snapshot.unusable)  # the records without a key
-            writes = builder.finish()
+            writes = builder.finish(snapshot.unusable)  # and the records without a key
         except BaseException:
             with contextlib.suppress(BaseException):
                 await building  # ends at the reading's end

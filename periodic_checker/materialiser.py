@@ -350,12 +350,11 @@ class TaskTopicFollower:
         the metric and log lines of the records it rejects). With a `sink`, they are also
         handed to it a chunk at a time as they are made (the store writes them meanwhile)."""
         builder = self.view_builder(runtime, now, sink)
-        builder.unusable(snapshot.unusable)
         builder.add(
             (key, partition, offset, value)
             for key, (partition, offset, value) in snapshot.last.items()
         )
-        return builder.finish()
+        return builder.finish(snapshot.unusable)
 
     # -- live --------------------------------------------------------------------------------
 
@@ -688,11 +687,6 @@ class ViewBuilder:
         self._writes: dict[uuid.UUID, ViewWrite] = {}
         self._chunk: list[ViewWrite] = []
         self._rejected: dict[bytes, tuple[int, int, str]] = {}
-        self._unusable: list[tuple[int, int, str]] = []
-
-    def unusable(self, records: Iterable[tuple[int, int, str]]) -> None:
-        """Records with no key (partition, offset, why), rejected at `finish`."""
-        self._unusable.extend(records)
 
     def add(self, records: Iterable[TaskRecordRead]) -> None:
         follower, runtime, now, sink = self._follower, self._runtime, self._now, self._sink
@@ -725,9 +719,10 @@ class ViewBuilder:
                     chunk = []
         self._chunk = chunk
 
-    def finish(self) -> list[ViewWrite]:
-        """The view's tasks; what is left of them goes to the sink."""
-        for partition, offset, why in self._unusable:
+    def finish(self, unusable: Iterable[tuple[int, int, str]] = ()) -> list[ViewWrite]:
+        """The view's tasks; what is left of them goes to the sink. `unusable`: the records
+        with no key (partition, offset, why: `Snapshot.unusable`), rejected with the rest."""
+        for partition, offset, why in unusable:
             self._follower._reject(partition, offset, why)
         for partition, offset, why in self._rejected.values():
             self._follower._reject(partition, offset, why)

@@ -10,24 +10,21 @@ as musl, there is nothing to call and nothing is done).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from typing import Any
 
 
 @functools.cache
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
+def _malloc_trim() -> Any:
     try:
-        libc = ctypes.CDLL(name)
-        return libc.malloc_trim
-    except (OSError, AttributeError, TypeError):
+        return ctypes.CDLL(None).malloc_trim  # the C library the interpreter runs on
+    except (OSError, AttributeError):
         return None
 
 
 def give_back_free_memory() -> bool:
     """Return the free pages of the heap to the system; whether there was a way to."""
-    trim = _libc()
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
