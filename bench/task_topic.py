@@ -10,7 +10,8 @@ task once; interval 3600 s, so few checks run meanwhile; `--urls`: each task its
 default, or all one URL) read by a new cluster-mode checker with
 an empty store: process start -> READY=1 on a NOTIFY_SOCKET the bench binds. The daemon's own
 log lines split the time: reading the topic to its end, decoding and validating the records,
-writing the SQLite view, adding the jobs to the scheduler.
+writing the SQLite view, adding the jobs to the scheduler; the node's CPU time at READY and
+the machine's (every process) over the same time.
 
 `visibility`: two cluster-mode nodes on one broker; `--changes` tasks created through node A,
 one at a time; for each, the time from A's answer (201) until node B's API serves the task
@@ -60,6 +61,14 @@ START_TIMEOUT = 600.0
 
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def busy_seconds() -> float:
+    """CPU seconds all processes of the machine have spent so far (/proc/stat: user, nice,
+    system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def make_topics(k: Kafka) -> tuple[str, str, str]:
@@ -155,6 +164,7 @@ def startup_run(k: Kafka, records: int, urls: str) -> dict[str, Any]:
         load = loadavg()
         log_path = work / "a.log"
         with log_path.open("wb") as log:
+            busy_before = busy_seconds()
             started = time.monotonic()
             proc = subprocess.Popen(
                 [str(PYTHON), "-m", "periodic_checker.cli", "run"],
@@ -162,7 +172,9 @@ def startup_run(k: Kafka, records: int, urls: str) -> dict[str, Any]:
             )  # fmt: skip
             try:
                 ready = wait_ready(notify, proc, started, START_TIMEOUT) - started
-                rss_mb = proc_sample(proc.pid)[1] / 1e6  # VmRSS, MB
+                cpu_s, rss = proc_sample(proc.pid)
+                rss_mb = rss / 1e6  # VmRSS, MB
+                busy_s = busy_seconds() - busy_before
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
@@ -181,6 +193,8 @@ def startup_run(k: Kafka, records: int, urls: str) -> dict[str, Any]:
         "write_s": float(phases.group(6)),
         "schedule_s": float(scheduled.group(2)),
         "rss_mb": rss_mb,
+        "cpu_s": cpu_s,
+        "busy_s": busy_s,
         "load": load,
     }
 
@@ -204,6 +218,9 @@ def startup(args: argparse.Namespace) -> None:
         f"\n{args.records:,} task records, {PARTITIONS} partitions, empty store,"
         f" URLs: {args.urls}\n"
     )
+    # CPU to READY: the node's own (all its threads), and the machine's (the node, the broker,
+    # stunnel and everything else; two cores give at most twice the time to READY).
+    columns += [("cpu_s", "node's CPU to READY"), ("busy_s", "machine's CPU meanwhile")]
     print(
         "| run | tasks | " + " | ".join(label for _, label in columns)
         + " | VmRSS at READY | load average |"

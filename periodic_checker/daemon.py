@@ -239,6 +239,7 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     runner = api_runner(build_app(service, settings))
     await runner.setup()
     started = False
+    checkpointing: asyncio.Task[None] | None = None
     try:
         site = web.TCPSite(runner, settings.api_host, settings.api_port)
         await site.start()
@@ -258,6 +259,9 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
             settings.kafka_tasks_topic,
         )
         notifier.ready(f"{len(tasks)} tasks ({counts or 'none'})")
+        if cluster:
+            # The rebuilt view into the store's file, now that the node is up (`ViewRebuild`).
+            checkpointing = asyncio.create_task(_checkpoint(store), name="checkpoint")
         watchdog = asyncio.create_task(
             _feed_watchdog(notifier, scheduler, publisher, stop), name="watchdog"
         )
@@ -287,11 +291,23 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     await records.stop()
     await prober.close()
     outbox.close()
+    if checkpointing is not None:
+        await checkpointing
     store.close()
     metrics.unregister(collector)
     notifier.close()
     log.info("stopped")
     return 0 if started else 1
+
+
+async def _checkpoint(store: SQLiteTaskStore) -> None:
+    started = time.monotonic()
+    try:
+        await asyncio.to_thread(store.checkpoint)
+    except StoreError as exc:  # the log stays; SQLite copies it at a later commit
+        log.warning("%s", exc)
+        return
+    log.info("task view copied into the store's file in %.2f s", time.monotonic() - started)
 
 
 def _load(store: SQLiteTaskStore) -> list[Task]:

@@ -53,6 +53,7 @@ from periodic_checker.settings import CheckerMode, CheckerSettings
 from periodic_checker.store import RuntimeState, ViewBatch, ViewWrite
 from periodic_checker.task_view import (
     INVALID_RECORD,
+    NOTHING_REFUSED,
     Action,
     Refusals,
     action_for,
@@ -603,12 +604,12 @@ class TaskTopicFollower:
         if task.status is TaskStatus.ERROR and (task.status_reason or "").startswith(
             INVALID_RECORD
         ):
-            return Refusals()
+            return NOTHING_REFUSED
         target = self.policy.check_url(task.spec.url) if self.policy is not None else None
         if not single:
             # Cluster mode: the view holds what the topic holds; names are kept unique by the
             # claims of the API's writes, and another program's records are not checked.
-            return Refusals(target=target)
+            return NOTHING_REFUSED if target is None else Refusals(target=target)
         name = task.spec.name
         others = [i for i in self.store.named(name) if i != task.id]
         others += [

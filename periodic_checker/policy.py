@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import yarl
 
-from checker_common.urls import InvalidURL, parse_url
+from checker_common.urls import InvalidURL, parse_url, plain_host
 from periodic_checker.settings import CheckerSettings, parse_networks
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -97,6 +97,8 @@ class TargetPolicy:
         """
         if isinstance(url, yarl.URL):
             parsed = url
+        elif (host := plain_host(url)) is not None:
+            return self.check_host(host)  # the host `parse_url` reads, from the spelling
         else:
             try:
                 parsed = parse_url(url)

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from checker_common.contract import Health
 from checker_common.task_record import MAX_REASON, InvalidTask, TaskChange, TaskRecord
@@ -122,6 +122,10 @@ class Refusals:
     target: str | None = None  # the target policy's reason
     name_taken_by: uuid.UUID | None = None  # another task holds the name
     full: int | None = None  # the task is new and the checker holds this maximum of tasks
+
+
+# Most tasks: one for all (a cluster node judges 100,000 of them at start).
+NOTHING_REFUSED: Final = Refusals()
 
 
 def judged(task: Task, refusals: Refusals, now: datetime) -> Task:

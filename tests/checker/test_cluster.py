@@ -175,6 +175,8 @@ def test_a_restarted_node_rebuilds_its_view_from_the_topic(
     assert shown(b) == shown(a)
     assert set(shown(b)) == {"t1", "t2", "t3"}
     assert b.status()["task_topic_caught_up"] is True
+    # The view is committed into SQLite's log before READY, copied into its file after.
+    wait_for(lambda: "task view copied into the store's file" in b.text(), "checkpoint", DEADLINE)
 
     assert b.stop() == 0
     b.storage.unlink()  # from nothing at all

@@ -571,6 +571,9 @@ def test_a_view_rebuilt_from_task_records_writes_each_row_as_the_row_itself_spel
             }
         ),
         invalid_record_task("ftp://x", 7),
+        # Published, nothing run (a row sent with its varying columns alone), changed after
+        # it was made: `published_at` is its `updated_at`, not its `created_at`.
+        compacted(make_task("changed")).model_copy(update={"updated_at": later}),
     ]
     writes = [ViewWrite(t, i % 2 == 0, i % 3, i) for i, t in enumerate(tasks)]
     slow = SQLiteTaskStore(tmp_path / "slow.sqlite3")
@@ -591,6 +594,22 @@ def test_a_view_rebuilt_from_task_records_writes_each_row_as_the_row_itself_spel
     fast.close()
 
 
+@pytest.mark.parametrize("ran_first", [True, False])
+def test_a_task_given_twice_in_one_chunk_keeps_its_later_row_whichever_way_each_is_sent(
+    path: Path, ran_first: bool
+) -> None:
+    # A row with nothing but its definition, status, times and place goes with those columns
+    # alone, one with state or a reason whole (`_PLAIN_ROWS_FROM_JSON`): in order all the same.
+    fresh = compacted(make_task("site"))
+    ran = fresh.model_copy(update={"runs": 3, "health": Health.UP})
+    given = [ran, fresh] if ran_first else [fresh, ran]
+    store = SQLiteTaskStore(path)
+    store.replace_view([ViewWrite(t, True, 0, n) for n, t in enumerate(given)], {})
+    assert store.load(NOW) == [given[-1]]
+    assert store.positions() == {fresh.id: (0, 1)}
+    store.close()
+
+
 def test_a_rebuilt_view_takes_the_last_of_a_task_given_twice_and_drops_one_removed(
     path: Path,
 ) -> None:
@@ -606,8 +625,31 @@ def test_a_rebuilt_view_takes_the_last_of_a_task_given_twice_and_drops_one_remov
 
     assert store.load(NOW) == [renamed]
     assert store.positions() == {first.id: (1, 5)}
-    # The larger page cache of the rebuild is given back.
+    # The larger page cache of the rebuild is given back, and the log's copying too.
     assert store._db.execute("PRAGMA cache_size").fetchone() == (cache_size,)
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (1000,)
+    store.close()
+
+
+def test_a_rebuilt_view_stays_in_the_log_until_checkpointed_and_is_read_from_it(
+    path: Path,
+) -> None:
+    store = SQLiteTaskStore(path)
+    # More than the 1,000 pages of log after which SQLite copies it at a commit by itself.
+    tasks = [compacted(make_task(f"site-{i}")) for i in range(6_000)]
+    store.replace_view([ViewWrite(t, True, 0, n) for n, t in enumerate(tasks)], {})
+    log = Path(f"{path}-wal")
+    assert log.stat().st_size > 4_096 * 1_000
+    assert path.stat().st_size < 4_096 * 100  # the file: not yet
+    with sqlite3.connect(path) as reader:  # another connection finds every row in the log
+        assert reader.execute("SELECT count(*) FROM tasks").fetchone() == (6_000,)
+
+    store.checkpoint()
+    assert log.stat().st_size == 0
+    assert path.stat().st_size > 4_096 * 1_000
+    with sqlite3.connect(path) as reader:
+        assert reader.execute("SELECT count(*) FROM tasks").fetchone() == (6_000,)
+    assert len(store.load(NOW)) == 6_000
     store.close()
 
 

@@ -11,6 +11,8 @@ from yarl import URL
 
 from checker_common import urls
 from checker_common.urls import InvalidURL, parse_url, redirect_target
+from periodic_checker import policy as policy_module
+from periodic_checker.policy import TargetPolicy
 
 
 @pytest.mark.parametrize(
@@ -149,6 +151,39 @@ def test_a_plainly_spelled_url_is_read_in_one_step_exactly_as_in_three(
     # Both ways were taken: the test compares something.
     monkeypatch.undo()
     assert 0.2 < sum(urls._plain(t) is not None for t in texts) / len(texts) < 0.9
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_host_of_a_plainly_spelled_url_is_read_from_its_spelling_as_parse_url_reads_it(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `plain_host` lets validation and the target policy skip making the URL: for each text it
+    # answers, `parse_url` reads a URL (no refusal) of that very host; it answers no other.
+    texts = _task_urls(3_000, seed)
+    read = [(urls.plain_host(t), urls._plain(t)) for t in texts]
+    assert [
+        (t, h) for t, (h, p) in zip(texts, read, strict=True) if (h is None) != (p is None)
+    ] == []
+    hosts = [
+        (t, h, parse_url.__wrapped__(t).raw_host)
+        for t, (h, _) in zip(texts, read, strict=True)
+        if h
+    ]
+    assert [(t, h, r) for t, h, r in hosts if h != r] == []
+    assert 0.2 < len(hosts) / len(texts) < 0.9
+    # The policy judges those hosts as it judges the URL read the long way, the addresses it
+    # refuses in their loose spellings too.
+    literals = ["http://127.0.0.1/", "http://10.1.2.3:8080/x", "http://169.254.169.254/latest",
+                "http://127.1/", "http://0x7f.1/", "http://2130706433/", "http://0177.0.0.1/",
+                "http://0/", "http://192.168.1.1.example/"]  # fmt: skip
+    texts += literals
+    deny = "127.0.0.0/8,10.0.0.0/8,169.254.0.0/16,0.0.0.0/8"
+    quick = [TargetPolicy.from_strings(deny).check_url(t) for t in texts]
+    monkeypatch.setattr(policy_module, "plain_host", lambda _text: None)
+    assert [TargetPolicy.from_strings(deny).check_url(t) for t in texts] == quick
+    refused = {t for t, q in zip(texts, quick, strict=True) if q is not None}
+    assert set(literals[:-1]) <= refused
+    assert all(urls.plain_host(t) is not None for t in literals)
 
 
 @pytest.mark.parametrize(
