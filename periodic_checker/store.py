@@ -268,8 +268,8 @@ class ViewRebuild:
                 db.execute("DELETE FROM unpublished_removals")
                 while True:
                     if kind == "rows":
-                        statement, rows = payload
-                        db.execute(statement, (rows,))
+                        statement, text = payload  # `_view_chunks`
+                        db.execute(statement, (text,))
                     elif kind == "remove":
                         db.executemany("DELETE FROM tasks WHERE id = ?", payload)
                     elif kind == "commit":
