@@ -181,6 +181,12 @@ def read_topic(
                 "group.id": f"test-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
+                # The end is a fetch that finds nothing new. The local broker holds a fetch for
+                # its whole wait (500 ms by default), so while nodes keep producing (40 tasks at
+                # 2 s: a record every 150 ms a partition) every answer had records and a
+                # partition could fail to reach its end within the deadline (seen once in CI).
+                "fetch.wait.max.ms": 10,
+                "fetch.queue.backoff.ms": 10,
             }
         )
     )
