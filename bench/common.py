@@ -341,6 +341,14 @@ def daemon(env: dict[str, str], log: Path, source: Path = ROOT) -> Iterator[Daem
         started.stop()
 
 
+def busy_seconds() -> float:
+    """CPU seconds all processes of the machine have spent so far (/proc/stat: user, nice,
+    system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

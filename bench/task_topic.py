@@ -47,7 +47,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import ROOT, Kafka, cpu_model, kafka, machine, proc_sample, wait_ready, workdir
+from common import (
+    ROOT,
+    Kafka,
+    busy_seconds,
+    cpu_model,
+    kafka,
+    machine,
+    proc_sample,
+    wait_ready,
+    workdir,
+)
 from confluent_kafka import Producer
 
 from checker_common.task_record import TaskRecord, encode
@@ -61,14 +71,6 @@ START_TIMEOUT = 600.0
 
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def busy_seconds() -> float:
-    """CPU seconds all processes of the machine have spent so far (/proc/stat: user, nice,
-    system, irq, softirq, steal)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def make_topics(k: Kafka) -> tuple[str, str, str]:

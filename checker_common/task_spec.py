@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from checker_common.contract import MAX_NAME, MAX_URL, SAFE_TEXT_PATTERN, UNSAFE_TEXT
 from checker_common.redact import MASK
-from checker_common.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, parse_url, plain_host
+from checker_common.urls import URL_DESCRIPTION, URL_PATTERN, InvalidURL, parse_url, url_host
 
 # Each rule below is one regular expression, used by the validator and shown as the field's
 # `pattern` in the OpenAPI document; the syntax is the subset Python, ECMAScript and the
@@ -259,10 +259,8 @@ class TaskSpec(BaseModel):
     @field_validator("url")
     @classmethod
     def _fetchable_url(cls, value: str) -> str:
-        if plain_host(value) is not None:
-            return value  # a URL `parse_url` reads without a doubt, told by its spelling
         try:
-            parse_url(value)
+            url_host(value)  # a URL the probe can fetch (its host read from a plain spelling)
         except InvalidURL as exc:
             raise ValueError(str(exc)) from None
         return value

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import yarl
 
-from checker_common.urls import InvalidURL, parse_url, plain_host
+from checker_common.urls import InvalidURL, url_host
 from periodic_checker.settings import CheckerSettings, parse_networks
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -91,20 +91,18 @@ class TargetPolicy:
     def check_url(self, url: str | yarl.URL) -> str | None:
         """Why the URL's literal host is denied, or None (also for names, judged after DNS).
 
-        A string is read by `parse_url()`, as the probe reads it (yarl normalises full-width
-        digits and ideographic full stops into ASCII, which then spell an IPv4 literal); one it
-        cannot read is refused. A `yarl.URL` is taken as already read that way.
+        A string is read by `url_host()`, as `parse_url()` reads it for the probe (yarl
+        normalises full-width digits and ideographic full stops into ASCII, which then spell an
+        IPv4 literal); one it cannot read is refused.
+        A `yarl.URL` is taken as already read that way.
         """
         if isinstance(url, yarl.URL):
-            parsed = url
-        elif (host := plain_host(url)) is not None:
-            return self.check_host(host)  # the host `parse_url` reads, from the spelling
+            host = url.raw_host
         else:
             try:
-                parsed = parse_url(url)
+                host = url_host(url)
             except InvalidURL as exc:
                 return f"not a URL the checker can fetch: {exc}"
-        host = parsed.raw_host
         if not host:
             return "the URL names no host"
         return self.check_host(host)

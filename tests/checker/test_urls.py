@@ -11,7 +11,6 @@ from yarl import URL
 
 from checker_common import urls
 from checker_common.urls import InvalidURL, parse_url, redirect_target
-from periodic_checker import policy as policy_module
 from periodic_checker.policy import TargetPolicy
 
 
@@ -179,8 +178,9 @@ def test_the_host_of_a_plainly_spelled_url_is_read_from_its_spelling_as_parse_ur
     texts += literals
     deny = "127.0.0.0/8,10.0.0.0/8,169.254.0.0/16,0.0.0.0/8"
     quick = [TargetPolicy.from_strings(deny).check_url(t) for t in texts]
-    monkeypatch.setattr(policy_module, "plain_host", lambda _text: None)
+    monkeypatch.setattr(urls, "plain_host", lambda _text: None)
     assert [TargetPolicy.from_strings(deny).check_url(t) for t in texts] == quick
+    monkeypatch.undo()
     refused = {t for t, q in zip(texts, quick, strict=True) if q is not None}
     assert set(literals[:-1]) <= refused
     assert all(urls.plain_host(t) is not None for t in literals)
