@@ -104,14 +104,16 @@ class Arm:
         return [1000 * c / max(1.0, n) for c, n in zip(self.cpu, self.checks, strict=True)]
 
 
-def specs(tasks: int, url: str, interval: float) -> list[Task]:
+def specs(tasks: int, url: str, interval: float, *, own_urls: bool = False) -> list[Task]:
+    """`tasks` tasks on the page `url`; `own_urls`: task N on `{url}page/N` (the same page),
+    as `bench/scheduler_scale.py --urls own` has them."""
     now = datetime.now(UTC)
     return [
         Task(
             id=uuid.uuid4(),
             spec=TaskSpec(
                 name=f"bench-{n}",
-                url=url,
+                url=f"{url}page/{n}" if own_urls else url,
                 pattern=PATTERN,
                 interval=interval,
                 timeout=min(5.0, interval / 2),

@@ -135,9 +135,16 @@ def results_consumer(k: Kafka, topic: str) -> Consumer:
 
 
 def one_run(
-    k: Kafka, page: str, tasks: int, interval: float, intervals: int, nodes: int
+    k: Kafka,
+    page: str,
+    tasks: int,
+    interval: float,
+    intervals: int,
+    nodes: int,
+    *,
+    own_urls: bool = False,
 ) -> ClusterRun:
-    made = cluster.specs(tasks, page, interval)
+    made = cluster.specs(tasks, page, interval, own_urls=own_urls)
     with workdir() as work:
         topics = cluster.Topics.make(k)
         began = time.monotonic()

@@ -341,6 +341,19 @@ def daemon(env: dict[str, str], log: Path, source: Path = ROOT) -> Iterator[Daem
         started.stop()
 
 
+def as_installed(source: Path = ROOT) -> None:
+    """Compile the packages under `source` to bytecode, as `pip install` does for a deployed
+    checker: a daemon started from the work tree (an editable install) otherwise compiles
+    every module of its own at each start when nothing may write `__pycache__`
+    (`PYTHONDONTWRITEBYTECODE`, set on this machine): about 0.05 s of a start-up figure that
+    no installed checker pays."""
+    packages = ("checker_common", "periodic_checker", "checker_processing")
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", *(str(source / p) for p in packages)],
+        check=True,
+    )
+
+
 def busy_seconds() -> float:
     """CPU seconds all processes of the machine have spent so far (/proc/stat: user, nice,
     system, irq, softirq, steal)."""

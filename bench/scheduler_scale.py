@@ -27,7 +27,8 @@ daemon each second; the load average is sampled with them.
 
 `--nodes 3`: the tasks go to the task topic instead and three cluster-mode nodes share them;
 the window starts one interval after ownership settles, and a slot checked by two nodes counts
-as checked twice (bench/cluster_cadence.py).
+as checked twice (bench/cluster_cadence.py). `--urls own` gives each task of the topic its
+own URL there too.
 """
 
 from __future__ import annotations
@@ -423,8 +424,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     print(machine(), file=sys.stderr)
-    if args.nodes > 1 and (args.startup_only or args.plot or args.urls != "one"):
-        parser.error("--nodes takes neither --startup-only, --plot nor --urls")
+    if args.nodes > 1 and (args.startup_only or args.plot):
+        parser.error("--nodes takes neither --startup-only nor --plot")
     print(f"URLs: {args.urls}", file=sys.stderr)
     # Imported here: it builds on this module's tally.
     from bench import cluster_cadence
@@ -452,7 +453,13 @@ def main() -> int:
                 if args.nodes > 1:
                     runs.append(
                         cluster_cadence.one_run(
-                            kafka_, page, args.tasks, args.interval, args.intervals, args.nodes
+                            kafka_,
+                            page,
+                            args.tasks,
+                            args.interval,
+                            args.intervals,
+                            args.nodes,
+                            own_urls=args.urls == "own",
                         )
                     )
                     print(f"  {cluster_cadence.summary_line(runs[-1])}", file=sys.stderr)
