@@ -345,8 +345,9 @@ def as_installed(source: Path = ROOT) -> None:
     """Compile the packages under `source` to bytecode, as `pip install` does for a deployed
     checker: a daemon started from the work tree (an editable install) otherwise compiles
     every module of its own at each start when nothing may write `__pycache__`
-    (`PYTHONDONTWRITEBYTECODE`, set on this machine): about 0.05 s of a start-up figure that
-    no installed checker pays."""
+    (`PYTHONDONTWRITEBYTECODE`, set on this machine): 0.04 s more of its imports, which no
+    installed checker pays (BENCHMARKS.md, "Start-up on the AMD EPYC host of family 25, model
+    17, at `30ed9ea`")."""
     packages = ("checker_common", "periodic_checker", "checker_processing")
     subprocess.run(
         [sys.executable, "-m", "compileall", "-q", *(str(source / p) for p in packages)],

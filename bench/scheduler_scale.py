@@ -15,7 +15,8 @@ checks its own URL (`/page/N`, nginx answers the same page for each), as a real 
 has them, so each task holds its own URL read (`TaskSpec.fetch_url`); by default all check one.
 
 Per run: a fresh broker (tansu + stunnel mTLS) and topic, N tasks bulk-written into a new
-SQLite store, then `python -m periodic_checker.cli run` as a subprocess. The bench binds a
+SQLite store, then `python -m periodic_checker.cli run` as a subprocess, its modules compiled
+to bytecode first as `pip install` leaves them (`common.as_installed`). The bench binds a
 NOTIFY_SOCKET to time start-up (process start -> READY=1) and consumes the topic itself.
 
 Measured in a window of `--intervals` whole intervals that starts one interval after READY
@@ -56,6 +57,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: 
 
 from bench.common import (  # noqa: E402
     Kafka,
+    as_installed,
     cpu_model,
     drain_notify,
     kafka,
@@ -429,6 +431,8 @@ def main() -> int:
     print(f"URLs: {args.urls}", file=sys.stderr)
     # Imported here: it builds on this module's tally.
     from bench import cluster_cadence
+
+    as_installed()  # the daemons' modules read as a deployed checker reads them
 
     results: list[RunResult] = []
     runs: list[cluster_cadence.ClusterRun] = []
