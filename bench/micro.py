@@ -37,7 +37,7 @@
               fetched at once against 2,000 at a time, the table's order against the
               `(created_at, id)` index's, the unpublished tasks found by a scan against the
               partial index (schema 5); per row, a status read through the enumeration against a
-              dictionary, an id through `uuid.UUID` against `store._stored_id`, a phase
+              dictionary, an id through `uuid.UUID` against `ids.canonical_id`, a phase
               hashed by a fresh BLAKE2b against a copied one (`tasks._id_fraction`).
 - `view-rows` the rows of a view a cluster node rebuilds from 100,000 task records
               (`store.ViewRebuild.add`): each value formatted in Python (`store._view_row`)
@@ -668,6 +668,7 @@ def stored_rows() -> None:
     import tempfile
 
     from bench.scheduler_scale import write_tasks
+    from checker_common.ids import canonical_id
     from checker_common.task_spec import TaskStatus
     from periodic_checker import store as stores
     from periodic_checker.tasks import phase_fraction
@@ -738,8 +739,8 @@ def stored_rows() -> None:
         ("a status through a dictionary", lambda: [by_value["active"] for _ in range(100_000)]),
         ("an id through uuid.UUID(text)", lambda: [uuid.UUID(text) for _ in range(100_000)]),
         (
-            "an id through store._stored_id",
-            lambda: [stores._stored_id(text) for _ in range(100_000)],
+            "an id through ids.canonical_id (store.py, task_record.py, names.py)",
+            lambda: [canonical_id(text) for _ in range(100_000)],
         ),
         ("a phase, a fresh BLAKE2b (`tasks.py` before)", lambda: [fresh_phase(i) for i in ids]),
         ("a phase, a copied BLAKE2b (phase_fraction)", lambda: [phase_fraction(i) for i in ids]),

@@ -11,7 +11,9 @@ default, or all one URL) read by a new cluster-mode checker with
 an empty store: process start -> READY=1 on a NOTIFY_SOCKET the bench binds. The daemon's own
 log lines split the time: reading the topic to its end, decoding and validating the records,
 writing the SQLite view, adding the jobs to the scheduler; the node's CPU time at READY and
-the machine's (every process) over the same time. The node's modules are compiled to bytecode
+the machine's (every process) over the same time. `--claims`: the names topic holds a claim of
+each task's name too, as it does where the tasks were created through the API (the records
+above are written as another program would, with no claim). The node's modules are compiled to bytecode
 first, as `pip install` leaves a deployed checker (`common.as_installed`).
 
 `visibility`: two cluster-mode nodes on one broker; `--changes` tasks created through node A,
@@ -65,6 +67,7 @@ from confluent_kafka import Producer
 from checker_common.task_record import TaskRecord, encode
 from checker_common.task_spec import TaskSpec
 from devstack import create_topics, free_port
+from periodic_checker.names import claim_key, claim_value
 
 PYTHON = Path(sys.executable)
 PARTITIONS = 12
@@ -101,8 +104,10 @@ def task_url(n: int, urls: str) -> str:
     return f"http://site-{n // 4}.bench.example:9/page/{n % 4}"
 
 
-def fill(k: Kafka, topic: str, records: int, urls: str) -> float:
-    """`records` task records, one per task; seconds taken."""
+def fill(k: Kafka, topic: str, records: int, urls: str, names_topic: str | None = None) -> float:
+    """`records` task records, one per task; with `names_topic`, each task's name claimed
+    there too, as a task created through the API has it (`names.claim_key`, `claim_value`);
+    seconds taken."""
     started = time.monotonic()
     spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
     now = datetime.now(UTC)
@@ -116,13 +121,17 @@ def fill(k: Kafka, topic: str, records: int, urls: str) -> float:
             updated_at=now,
             origin="bench",
         )
-        key, value = encode(record)
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                producer.poll(0.1)
+        writes = [(topic, *encode(record))]
+        if names_topic is not None:
+            name = record.spec.name
+            writes.append((names_topic, claim_key(name, task_id), claim_value(name, task_id, now)))
+        for to, key, value in writes:
+            while True:
+                try:
+                    producer.produce(to, key=key, value=value)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
     assert producer.flush(120) == 0
     return time.monotonic() - started
 
@@ -155,9 +164,9 @@ PHASES = re.compile(
 SCHEDULED = re.compile(r"(\d+) tasks scheduled in ([\d.]+) s")
 
 
-def startup_run(k: Kafka, records: int, urls: str) -> dict[str, Any]:
+def startup_run(k: Kafka, records: int, urls: str, claims: bool) -> dict[str, Any]:
     topics = make_topics(k)
-    fill_s = fill(k, topics[1], records, urls)
+    fill_s = fill(k, topics[1], records, urls, topics[2] if claims else None)
     with workdir() as work:
         notify_path = work / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -209,7 +218,7 @@ def startup(args: argparse.Namespace) -> None:
     runs = []
     with workdir() as work, kafka(work) as k:
         for n in range(args.runs):
-            run = startup_run(k, args.records, args.urls)
+            run = startup_run(k, args.records, args.urls, args.claims)
             runs.append(run)
             print(f"run {n + 1}: {run}", file=sys.stderr)
     columns = [
@@ -219,9 +228,10 @@ def startup(args: argparse.Namespace) -> None:
         ("write_s", "writing the SQLite view"),
         ("schedule_s", "adding the jobs"),
     ]
+    claims = ", each name claimed on the names topic" if args.claims else ""
     print(
         f"\n{args.records:,} task records, {PARTITIONS} partitions, empty store,"
-        f" URLs: {args.urls}\n"
+        f" URLs: {args.urls}{claims}\n"
     )
     # CPU to READY: the node's own (all its threads), and the machine's (the node, the broker,
     # stunnel and everything else; two cores give at most twice the time to READY).
@@ -472,6 +482,12 @@ def main() -> int:
     one.add_argument("--records", type=int, default=100_000)
     one.add_argument("--runs", type=int, default=3)
     one.add_argument("--urls", choices=URL_CHOICES, default="own")
+    one.add_argument(
+        "--claims",
+        action="store_true",
+        help="each task's name claimed on the names topic too, as tasks created through the"
+        " API have them (the node reads those at start as well)",
+    )
     two = sub.add_parser("visibility", help="a change through A, visible through B")
     two.add_argument("--changes", type=int, default=200)
     two.add_argument("--runs", type=int, default=3)

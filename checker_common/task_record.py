@@ -38,6 +38,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from checker_common.contract import MAX_NAME, MAX_URL
+from checker_common.ids import parse_id
 from checker_common.task_spec import NAME_PATTERN, TaskSpec, TaskStatus
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -134,7 +135,7 @@ def decode(key: bytes | None, value: bytes | None) -> Decoded:
     if key is None:
         return UnusableRecord("record has no key (the key must be the task id)")
     try:
-        task_id = uuid.UUID(key.decode("utf-8"))
+        task_id = parse_id(key.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return UnusableRecord(f"key {key[:60]!r} is not a task id (a UUID)")
     if value is None:

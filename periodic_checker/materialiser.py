@@ -13,10 +13,13 @@ decided in `task_view` (pure); this module does the I/O around it.
   task lands after it (pending, or known to have landed later): then that one is the topic's
   last word, as it is SQLite's. Where the store ends up differing from what the topic's last
   record says, the task is published again (`task_view.republish_after_*`).
-- Cluster mode (the topic is the source of truth): at start every partition is read from the
-  beginning to its end (`read_everything`, partition EOF), the store is made exactly that, and
-  only then is the node ready; after that every record is applied in offset order, its own
-  included. `applied()` lets a writer wait until its own record is part of the view.
+- Cluster mode (the topic is the source of truth): at start every partition of the task topic
+  is read from the beginning to its end (`read_everything`, partition EOF), the store is made
+  exactly that, and only then is the node ready; after that every record is applied in offset
+  order, its own included. `applied()` lets a writer wait until its own record is part of the
+  view. The names topic is read from its beginning once the node serves (`start`): only writes
+  use the claims, and each waits until its own claim is read, so the claims every task created
+  through the API left (one each) do not hold up READY.
 
 A record that does not validate becomes a task in status `error` with the reason; one with no
 usable id is counted (`periodic_checker_task_records_rejected_total`) and logged, and reading
@@ -186,7 +189,6 @@ class TaskTopicFollower:
         policy: HostPolicy | None = None,
         own: OwnRecords | None = None,
         names: NameClaims | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.mode = settings.checker_mode
@@ -198,7 +200,6 @@ class TaskTopicFollower:
         self.policy = policy
         self.own = own
         self.names = names
-        self.clock = clock
         self.stats = FollowerStats()
         self.caught_up = asyncio.Event()
         self._consumer: Any = None
@@ -253,14 +254,13 @@ class TaskTopicFollower:
             partitions.update((topic, p) for p in found.partitions)
         self._partitions = partitions
 
-    def _assign(self, offsets: dict[tuple[str, int], int]) -> None:
+    def _assign(self, offsets: dict[tuple[str, int], int], topic: str | None = None) -> None:
+        """Read the partitions (of `topic` only, if given) from `offsets`, else the beginning."""
+        chosen = sorted(key for key in self._partitions if topic is None or key[0] == topic)
         self._consumer.assign(
-            [
-                TopicPartition(topic, partition, offsets.get((topic, partition), OFFSET_BEGINNING))
-                for topic, partition in sorted(self._partitions)
-            ]
+            [TopicPartition(t, p, offsets.get((t, p), OFFSET_BEGINNING)) for t, p in chosen]
         )
-        for key in self._partitions:
+        for key in chosen:
             self._next.setdefault(key, offsets.get(key, 0))
 
     # -- cluster mode: the whole topic at start -----------------------------------------------
@@ -270,9 +270,11 @@ class TaskTopicFollower:
         self._stopping.set()
 
     def read_everything(self, on_records: RecordSink | None = None) -> Snapshot:
-        """Read every partition from the beginning to its end (blocking: run it in a thread).
-        Names-topic records are applied to the name claims on the way, in order. Waits for a
-        broker that does not answer (saying so); TopicMissing when a topic does not exist.
+        """Read every partition of the task topic from the beginning to its end (blocking: run
+        it in a thread). The names topic is not read here but from `start` on: 100,000 claims
+        cost a node about 0.7 s of its start (`bench/task_topic.py startup --claims`). Waits
+        for a broker that does not answer (saying so); TopicMissing when a topic (the names
+        topic too) does not exist.
 
         The task records go to `on_records` as they are read, a batch at a time and in the
         order read (the view is built from them meanwhile, `ViewBuilder`); without it, the
@@ -291,11 +293,9 @@ class TaskTopicFollower:
                     log.warning("waiting for the broker to read the task topic: %s", exc)
                     waiting_since = time.monotonic()
                 self._stopping.wait(1.0)
-        self._assign({})
+        self._assign({}, topic=self.topic)
         snapshot = Snapshot()
-        remaining = set(self._partitions)
-        names = self.names
-        now = self.clock()
+        remaining = {key for key in self._partitions if key[0] == self.topic}
         last = snapshot.last
         while remaining and not self._stopping.is_set():
             batch: list[TaskRecordRead] = []
@@ -312,9 +312,6 @@ class TaskTopicFollower:
                     continue
                 offset = message.offset()
                 snapshot.offsets[(topic, partition)] = offset + 1
-                if topic == self.names_topic and names is not None:
-                    names.apply(offset, message.key(), message.value(), now)
-                    continue
                 snapshot.records += 1
                 key = message.key()
                 if key is None:
@@ -364,8 +361,17 @@ class TaskTopicFollower:
         the offsets saved in the store) until `stop()`."""
         if self._consumer is None:
             self._positions = await asyncio.to_thread(self.store.positions)
-        elif self._partitions and self._eof >= self._partitions:
-            self.caught_up.set()  # read to the end at start
+        else:
+            # Cluster mode: the names topic, from its beginning, beside the task topic.
+            names = sorted(key for key in self._partitions if key[0] == self.names_topic)
+            if names:
+                self._consumer.incremental_assign(
+                    [TopicPartition(t, p, OFFSET_BEGINNING) for t, p in names]
+                )
+            for key in names:
+                self._next.setdefault(key, 0)
+            if self._partitions and self._eof >= self._partitions:
+                self.caught_up.set()  # read to the end at start (no names topic)
         self._runner = asyncio.create_task(self._run(), name="task-topic")
 
     async def stop(self) -> None:

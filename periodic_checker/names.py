@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 
 import orjson
 
+from checker_common.ids import parse_id
+
 log = logging.getLogger(__name__)
 
 NAME_SEPARATOR = "\n"
@@ -52,7 +54,7 @@ def parse_key(key: bytes | None) -> tuple[str, uuid.UUID] | None:
         return None
     try:
         name, _, raw_id = key.decode("utf-8").rpartition(NAME_SEPARATOR)
-        return (name, uuid.UUID(raw_id)) if name else None
+        return (name, parse_id(raw_id)) if name else None
     except (UnicodeDecodeError, ValueError):
         return None
 

@@ -29,6 +29,7 @@ import orjson
 from pydantic import ValidationError
 
 from checker_common.contract import Health
+from checker_common.ids import canonical_id
 from checker_common.redact import redact_url
 from checker_common.task_spec import (
     TaskSpec,
@@ -919,7 +920,7 @@ def _checked_row_to_task(row: Sequence[Any]) -> Task | None:
         return None
     if status is TaskStatus.ERROR:
         return None  # its reason may need the validation's message
-    task_id = _stored_id(row[0])
+    task_id = canonical_id(row[0])  # else the row goes the way that validates
     if task_id is None:
         return None
     spec = checked_spec(orjson.loads(row[_SPEC]))
@@ -945,26 +946,6 @@ def _checked_row_to_task(row: Sequence[Any]) -> Task | None:
 # against 0.03 us, twice a row at every start: `bench/micro.py stored-rows`).
 _STATUSES = {status.value: status for status in TaskStatus}
 _HEALTHS = {health.value: health for health in Health}
-# Bound once for `_stored_id`: without them its saving is gone in the look-ups.
-_new, _set, _UUID, _UNKNOWN = object.__new__, object.__setattr__, uuid.UUID, uuid.SafeUUID.unknown
-
-
-def _stored_id(text: str) -> uuid.UUID | None:
-    """The id in its stored form (`str(uuid)`), as `uuid.UUID(text)` reads it (32 hexadecimal
-    digits once the hyphens are gone) without its steps for the forms a stored id never has
-    (braces, `urn:uuid:`): about 0.6 us less (`bench/micro.py stored-rows`). None for any
-    other text (the row then goes the way that validates)."""
-    digits = text.replace("-", "")
-    if len(text) != 36 or len(digits) != 32:
-        return None
-    try:
-        number = int(digits, 16)
-    except ValueError:
-        return None
-    made = _new(_UUID)
-    _set(made, "int", number)
-    _set(made, "is_safe", _UNKNOWN)
-    return made
 
 
 def _row_to_task(row: Sequence[Any]) -> tuple[Task, str | None]:

@@ -229,6 +229,8 @@ class TopicWrites:
                 await asyncio.wait_for(self._stop.wait(), ORPHAN_SWEEP_EVERY)
             if self._stop.is_set():
                 return
+            if not self.follower.caught_up.is_set():
+                continue  # the claims read so far are not all there are (read after READY)
             names_of = {task.id: task.spec.name for task in self.scheduler.tasks.values()}
             for name, task_id in self.names.orphans(names_of, time.time()):
                 log.info("releasing name %r: its task %s never came or is gone", name, task_id)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from checker.nodes import DEADLINE, Node, Topics, produce, records_of
 
+from periodic_checker.names import claim_key, claim_value
 from periodic_checker.store import SQLiteTaskStore
 
 from conftest import KafkaTarget
@@ -171,10 +172,11 @@ def test_a_restarted_node_rebuilds_its_view_from_the_topic(
     assert a.call("POST", f"/tasks/{made[1]['id']}/pause")[0] == 200
     assert a.call("POST", "/tasks", {**SPEC, "name": "t3"})[0] == 201
 
-    b.start()  # READY only once it has read the whole topic
+    b.start()  # READY only once it has read the whole task topic
     assert shown(b) == shown(a)
     assert set(shown(b)) == {"t1", "t2", "t3"}
-    assert b.status()["task_topic_caught_up"] is True
+    # The names topic is read once it serves: caught up on both soon after.
+    wait_for(lambda: b.status()["task_topic_caught_up"] is True, "caught up", DEADLINE)
     # The view is committed into SQLite's log before READY, copied into its file after.
     wait_for(lambda: "task view copied into the store's file" in b.text(), "checkpoint", DEADLINE)
 
@@ -184,6 +186,29 @@ def test_a_restarted_node_rebuilds_its_view_from_the_topic(
         Path(f"{b.storage}{suffix}").unlink(missing_ok=True)
     b.start()
     assert shown(b) == shown(a)
+
+
+def test_a_node_just_ready_refuses_a_name_claimed_before_it_started(
+    kafka: KafkaTarget, topics: Topics, nodes: tuple[Node, Node]
+) -> None:
+    # The names topic is read after READY; a write waits for its own claim, so every claim
+    # before it counts all the same. A claim made by hand while B is away (a create in flight
+    # on another node: no task record yet) holds the name.
+    _, b = nodes
+    assert b.stop() == 0
+    in_flight = uuid.uuid4()
+    now = datetime.now(UTC)
+    produce(kafka, topics.names, claim_key("held", in_flight), claim_value("held", in_flight, now))
+    b.start()
+
+    refused = b.call("POST", "/tasks", {**SPEC, "name": "held"})
+    made = b.call("POST", "/tasks", {**SPEC, "name": "free"})
+
+    assert refused[0] == 409, refused
+    assert made[0] == 201, made
+    claims = [line for line in b.text().splitlines() if "name 'held' claimed for task" in line]
+    assert len(claims) == 1
+    assert ": lost" in claims[0]
 
 
 def test_records_without_a_task_id_read_at_start_are_counted_and_logged(
