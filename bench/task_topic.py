@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -44,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,7 +174,8 @@ def startup_run(k: Kafka, records: int, urls: str, claims: bool) -> dict[str, An
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         notify.settimeout(1.0)
-        env = {**node_env(k, topics, work / "a.sqlite3", free_port(), "a"),
+        port = free_port()
+        env = {**node_env(k, topics, work / "a.sqlite3", port, "a"),
                "NOTIFY_SOCKET": str(notify_path)}  # fmt: skip
         load = loadavg()
         log_path = work / "a.log"
@@ -188,6 +191,7 @@ def startup_run(k: Kafka, records: int, urls: str, claims: bool) -> dict[str, An
                 cpu_s, rss = proc_sample(proc.pid)
                 rss_mb = rss / 1e6  # VmRSS, MB
                 busy_s = busy_seconds() - busy_before
+                caught_up_s = caught_up(port, started) - started - ready
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
@@ -208,8 +212,20 @@ def startup_run(k: Kafka, records: int, urls: str, claims: bool) -> dict[str, An
         "rss_mb": rss_mb,
         "cpu_s": cpu_s,
         "busy_s": busy_s,
+        "caught_up_s": caught_up_s,
         "load": load,
     }
+
+
+def caught_up(port: int, started: float) -> float:
+    """When the node's /status first says `task_topic_caught_up` (the names topic is read after
+    READY): polled every 20 ms."""
+    while time.monotonic() - started < START_TIMEOUT:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as answer:
+            if json.loads(answer.read())["extra"]["task_topic_caught_up"]:
+                return time.monotonic()
+        time.sleep(0.02)
+    raise RuntimeError("the node's /status never said it caught up")
 
 
 def startup(args: argparse.Namespace) -> None:
@@ -236,6 +252,8 @@ def startup(args: argparse.Namespace) -> None:
     # CPU to READY: the node's own (all its threads), and the machine's (the node, the broker,
     # stunnel and everything else; two cores give at most twice the time to READY).
     columns += [("cpu_s", "node's CPU to READY"), ("busy_s", "machine's CPU meanwhile")]
+    # The names topic, read once the node serves: READY -> /status says caught up.
+    columns += [("caught_up_s", "caught up after READY")]
     print(
         "| run | tasks | " + " | ".join(label for _, label in columns)
         + " | VmRSS at READY | load average |"

@@ -272,7 +272,7 @@ class TaskTopicFollower:
     def read_everything(self, on_records: RecordSink | None = None) -> Snapshot:
         """Read every partition of the task topic from the beginning to its end (blocking: run
         it in a thread). The names topic is not read here but from `start` on: 100,000 claims
-        cost a node about 0.7 s of its start (`bench/task_topic.py startup --claims`). Waits
+        cost a node 0.7-1.1 s of its start (`bench/task_topic.py startup --claims`). Waits
         for a broker that does not answer (saying so); TopicMissing when a topic (the names
         topic too) does not exist.
 
