@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from confluent_kafka import Producer  # noqa: E402
 
 from bench.common import (  # noqa: E402
     Kafka,
+    api_get,
     drain_notify,
     kafka,
     machine,
@@ -143,14 +143,9 @@ def env_of(k: Kafka, topics: Topics, store: Path, notify: Path, **extra: str) ->
     }
 
 
-def get(port: str, path: str) -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as page:
-        return bytes(page.read())
-
-
 def checks_run(port: str) -> float:
     total = 0.0
-    for line in get(port, "/metrics").decode().splitlines():
+    for line in api_get(port, "/metrics").decode().splitlines():
         if line.startswith("periodic_checker_checks_total{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -167,7 +162,7 @@ class Owning:
 
 def owning(port: str) -> Owning | None:
     """None when the node does not say what it owns."""
-    body = json.loads(get(port, "/status"))
+    body = json.loads(api_get(port, "/status"))
     found = {**body, **(body.get("extra") or {})}
     if "tasks_owned" not in found:
         return None

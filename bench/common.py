@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
@@ -339,6 +340,12 @@ def daemon(env: dict[str, str], log: Path, source: Path = ROOT) -> Iterator[Daem
         yield started
     finally:
         started.stop()
+
+
+def api_get(port: int | str, path: str) -> bytes:
+    """The body of a daemon's API answer to GET `path` (on 127.0.0.1:`port`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as page:
+        return bytes(page.read())
 
 
 def as_installed(source: Path = ROOT) -> None:

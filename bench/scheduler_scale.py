@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +56,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: 
 
 from bench.common import (  # noqa: E402
     Kafka,
+    api_get,
     as_installed,
     cpu_model,
     drain_notify,
@@ -356,8 +356,7 @@ def one_run(
 
 def daemon_status(port: int) -> dict[str, object]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as answer:
-            return dict(json.loads(answer.read()))
+        return dict(json.loads(api_get(port, "/status")))
     except (OSError, ValueError) as exc:
         return {"error": str(exc)}
 

@@ -45,7 +45,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +54,7 @@ import aiohttp
 from common import (
     ROOT,
     Kafka,
+    api_get,
     as_installed,
     busy_seconds,
     cpu_model,
@@ -221,9 +221,8 @@ def caught_up(port: int, started: float) -> float:
     """When the node's /status first says `task_topic_caught_up` (the names topic is read after
     READY): polled every 20 ms."""
     while time.monotonic() - started < START_TIMEOUT:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as answer:
-            if json.loads(answer.read())["extra"]["task_topic_caught_up"]:
-                return time.monotonic()
+        if json.loads(api_get(port, "/status"))["extra"]["task_topic_caught_up"]:
+            return time.monotonic()
         time.sleep(0.02)
     raise RuntimeError("the node's /status never said it caught up")
 

@@ -254,12 +254,19 @@ class TaskTopicFollower:
             partitions.update((topic, p) for p in found.partitions)
         self._partitions = partitions
 
-    def _assign(self, offsets: dict[tuple[str, int], int], topic: str | None = None) -> None:
-        """Read the partitions (of `topic` only, if given) from `offsets`, else the beginning."""
+    def _assign(
+        self, offsets: dict[tuple[str, int], int], topic: str | None = None, *, add: bool = False
+    ) -> None:
+        """Read the partitions (of `topic` only, if given) from `offsets`, else the beginning;
+        `add`: beside those assigned already."""
         chosen = sorted(key for key in self._partitions if topic is None or key[0] == topic)
-        self._consumer.assign(
-            [TopicPartition(t, p, offsets.get((t, p), OFFSET_BEGINNING)) for t, p in chosen]
-        )
+        partitions = [
+            TopicPartition(t, p, offsets.get((t, p), OFFSET_BEGINNING)) for t, p in chosen
+        ]
+        if add:
+            self._consumer.incremental_assign(partitions)
+        else:
+            self._consumer.assign(partitions)
         for key in chosen:
             self._next.setdefault(key, offsets.get(key, 0))
 
@@ -362,14 +369,9 @@ class TaskTopicFollower:
         if self._consumer is None:
             self._positions = await asyncio.to_thread(self.store.positions)
         else:
-            # Cluster mode: the names topic, from its beginning, beside the task topic.
-            names = sorted(key for key in self._partitions if key[0] == self.names_topic)
-            if names:
-                self._consumer.incremental_assign(
-                    [TopicPartition(t, p, OFFSET_BEGINNING) for t, p in names]
-                )
-            for key in names:
-                self._next.setdefault(key, 0)
+            if self.names_topic is not None:
+                # Cluster mode: the names topic, from its beginning, beside the task topic.
+                self._assign({}, topic=self.names_topic, add=True)
             if self._partitions and self._eof >= self._partitions:
                 self.caught_up.set()  # read to the end at start (no names topic)
         self._runner = asyncio.create_task(self._run(), name="task-topic")
