@@ -13,8 +13,12 @@ log lines split the time: reading the topic to its end, decoding and validating 
 writing the SQLite view, adding the jobs to the scheduler; the node's CPU time at READY and
 the machine's (every process) over the same time. `--claims`: the names topic holds a claim of
 each task's name too, as it does where the tasks were created through the API (the records
-above are written as another program would, with no claim). The node's modules are compiled to bytecode
-first, as `pip install` leaves a deployed checker (`common.as_installed`).
+above are written as another program would, with no claim). `--states`: the state topic holds
+each task's state as another node running it left it (a cluster's nodes keep one there). After
+READY the bench waits until the node has taken its partitions (the group's first assignment)
+and reports when the names topic was read to its end, how long the take took, and the slowest
+and median /status answer meanwhile (the event loop's stalls). The node's modules are compiled
+to bytecode first, as `pip install` leaves a deployed checker (`common.as_installed`).
 
 `visibility`: two cluster-mode nodes on one broker; `--changes` tasks created through node A,
 one at a time; for each, the time from A's answer (201) until node B's API serves the task
@@ -66,10 +70,12 @@ from common import (
 )
 from confluent_kafka import Producer
 
+from checker_common.contract import Health
 from checker_common.task_record import TaskRecord, encode
 from checker_common.task_spec import TaskSpec
 from devstack import create_topics, free_port
 from periodic_checker.names import claim_key, claim_value
+from periodic_checker.task_state import StateKind, TaskState, encode_state
 
 PYTHON = Path(sys.executable)
 PARTITIONS = 12
@@ -106,10 +112,18 @@ def task_url(n: int, urls: str) -> str:
     return f"http://site-{n // 4}.bench.example:9/page/{n % 4}"
 
 
-def fill(k: Kafka, topic: str, records: int, urls: str, names_topic: str | None = None) -> float:
+def fill(
+    k: Kafka,
+    topic: str,
+    records: int,
+    urls: str,
+    names_topic: str | None = None,
+    state_topic: str | None = None,
+) -> float:
     """`records` task records, one per task; with `names_topic`, each task's name claimed
     there too, as a task created through the API has it (`names.claim_key`, `claim_value`);
-    seconds taken."""
+    with `state_topic`, each task's state as the node running it last wrote it (a `running`
+    snapshot of another node, `task_state.encode_state`); seconds taken."""
     started = time.monotonic()
     spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
     now = datetime.now(UTC)
@@ -127,6 +141,13 @@ def fill(k: Kafka, topic: str, records: int, urls: str, names_topic: str | None 
         if names_topic is not None:
             name = record.spec.name
             writes.append((names_topic, claim_key(name, task_id), claim_value(name, task_id, now)))
+        if state_topic is not None:
+            state = TaskState(
+                task_id=task_id, kind=StateKind.RUNNING, node="bench-other", at=now,
+                health=Health.UP, failures_in_a_row=0, runs=60, manual_runs=0,
+                last_run_at=now, last_slot=now.timestamp(), record=(n % PARTITIONS, n),
+            )  # fmt: skip
+            writes.append((state_topic, *encode_state(state)))
         for to, key, value in writes:
             while True:
                 try:
@@ -166,9 +187,18 @@ PHASES = re.compile(
 SCHEDULED = re.compile(r"(\d+) tasks scheduled in ([\d.]+) s")
 
 
-def startup_run(k: Kafka, records: int, urls: str, claims: bool) -> dict[str, Any]:
+def startup_run(
+    k: Kafka, records: int, urls: str, claims: bool, states: bool = False
+) -> dict[str, Any]:
     topics = make_topics(k)
-    fill_s = fill(k, topics[1], records, urls, topics[2] if claims else None)
+    fill_s = fill(
+        k,
+        topics[1],
+        records,
+        urls,
+        topics[2] if claims else None,
+        f"{topics[0]}-state" if states else None,
+    )
     with workdir() as work:
         notify_path = work / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -191,7 +221,7 @@ def startup_run(k: Kafka, records: int, urls: str, claims: bool) -> dict[str, An
                 cpu_s, rss = proc_sample(proc.pid)
                 rss_mb = rss / 1e6  # VmRSS, MB
                 busy_s = busy_seconds() - busy_before
-                caught_up_s = caught_up(port, started) - started - ready
+                after = after_ready(port, started + ready)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
@@ -212,19 +242,37 @@ def startup_run(k: Kafka, records: int, urls: str, claims: bool) -> dict[str, An
         "rss_mb": rss_mb,
         "cpu_s": cpu_s,
         "busy_s": busy_s,
-        "caught_up_s": caught_up_s,
+        **after,
         "load": load,
     }
 
 
-def caught_up(port: int, started: float) -> float:
-    """When the node's /status first says `task_topic_caught_up` (the names topic is read after
-    READY): polled every 20 ms."""
-    while time.monotonic() - started < START_TIMEOUT:
-        if json.loads(api_get(port, "/status"))["extra"]["task_topic_caught_up"]:
-            return time.monotonic()
-        time.sleep(0.02)
-    raise RuntimeError("the node's /status never said it caught up")
+def after_ready(port: int, ready_at: float) -> dict[str, float]:
+    """After READY, until the node has taken its partitions (the group's first assignment: it
+    writes a `running` state record of each task and schedules them): when its /status first
+    said `task_topic_caught_up` (the names topic is read after READY), when the take ended
+    (its `last_take_seconds`), and the slowest and the median /status answer meanwhile (the
+    event loop's stalls: every API call waits for them). Polled every 100 ms (one answer at
+    100,000 tasks costs the node some milliseconds of its loop)."""
+    caught_up_s: float | None = None
+    answers: list[float] = []
+    while time.monotonic() - ready_at < START_TIMEOUT:
+        asked = time.monotonic()
+        extra = json.loads(api_get(port, "/status"))["extra"]
+        answered = time.monotonic()
+        answers.append(answered - asked)
+        if caught_up_s is None and extra["task_topic_caught_up"]:
+            caught_up_s = answered - ready_at
+        if caught_up_s is not None and extra.get("last_take_seconds") is not None:
+            return {
+                "caught_up_s": caught_up_s,
+                "taken_s": answered - ready_at,
+                "take_s": float(extra["last_take_seconds"]),
+                "status_max_s": max(answers),
+                "status_p50_s": statistics.median(answers),
+            }
+        time.sleep(max(0.0, 0.1 - (time.monotonic() - asked)))
+    raise RuntimeError("the node never caught up and took its partitions")
 
 
 def startup(args: argparse.Namespace) -> None:
@@ -233,7 +281,7 @@ def startup(args: argparse.Namespace) -> None:
     runs = []
     with workdir() as work, kafka(work) as k:
         for n in range(args.runs):
-            run = startup_run(k, args.records, args.urls, args.claims)
+            run = startup_run(k, args.records, args.urls, args.claims, args.states)
             runs.append(run)
             print(f"run {n + 1}: {run}", file=sys.stderr)
     columns = [
@@ -244,6 +292,7 @@ def startup(args: argparse.Namespace) -> None:
         ("schedule_s", "adding the jobs"),
     ]
     claims = ", each name claimed on the names topic" if args.claims else ""
+    claims += ", each task's state on the state topic" if args.states else ""
     print(
         f"\n{args.records:,} task records, {PARTITIONS} partitions, empty store,"
         f" URLs: {args.urls}{claims}\n"
@@ -251,8 +300,15 @@ def startup(args: argparse.Namespace) -> None:
     # CPU to READY: the node's own (all its threads), and the machine's (the node, the broker,
     # stunnel and everything else; two cores give at most twice the time to READY).
     columns += [("cpu_s", "node's CPU to READY"), ("busy_s", "machine's CPU meanwhile")]
-    # The names topic, read once the node serves: READY -> /status says caught up.
-    columns += [("caught_up_s", "caught up after READY")]
+    # The names topic, read once the node serves: READY -> /status says caught up; the take of
+    # the partitions (the group's first assignment) and the API's answers until it ended.
+    columns += [
+        ("caught_up_s", "caught up after READY"),
+        ("taken_s", "tasks taken after READY"),
+        ("take_s", "the take"),
+        ("status_max_s", "slowest /status meanwhile"),
+        ("status_p50_s", "median /status"),
+    ]
     print(
         "| run | tasks | " + " | ".join(label for _, label in columns)
         + " | VmRSS at READY | load average |"
@@ -504,6 +560,12 @@ def main() -> int:
         action="store_true",
         help="each task's name claimed on the names topic too, as tasks created through the"
         " API have them (the node reads those at start as well)",
+    )
+    one.add_argument(
+        "--states",
+        action="store_true",
+        help="each task's state on the state topic too, as the nodes running the tasks leave"
+        " it (the node reads that topic from its start as well)",
     )
     two = sub.add_parser("visibility", help="a change through A, visible through B")
     two.add_argument("--changes", type=int, default=200)

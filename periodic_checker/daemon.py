@@ -172,7 +172,7 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
         producer.start()
         states = TaskStates(settings)
         try:
-            await states.start()
+            await states.start(follow=False)  # read once the node serves (below)
         except StateTopicMissing as exc:
             log.error("KAFKA_TASK_STATE_TOPIC: %s", exc)
             await follower.stop()
@@ -259,6 +259,8 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
             settings.kafka_tasks_topic,
         )
         notifier.ready(f"{len(tasks)} tasks ({counts or 'none'})")
+        if states is not None:
+            states.follow()
         if cluster:
             # The rebuilt view into the store's file, now that the node is up (`ViewRebuild`).
             checkpointing = asyncio.create_task(_checkpoint(store), name="checkpoint")

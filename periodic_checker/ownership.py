@@ -82,6 +82,8 @@ PARTITIONS_OWNED = Gauge(
 )
 # How long a take waits for its fences; past it, the tasks start from now without the state.
 FENCE_TIMEOUT = 15.0
+# Tasks a take makes between two turns of the event loop (the API, the task topic).
+YIELD_EVERY = 2000
 # Longest a revoke waits for the handover beyond its checks' grace (states confirmed).
 PUBLISH_MARGIN = 15.0
 # librdkafka's reconnect.backoff.max.ms (its default; not set here): after a long outage a
@@ -225,19 +227,32 @@ class Ownership:
             # take below are read into `latest` too).
             latest = self.states.latest
             prior = {i: latest.get(i) for i in self._tasks_of(new)} if fenced else {}
+            # Each task as taken, with the state its previous owner left: made once (a copy of
+            # the task: 1.9 s of 100,000), the event loop let run between chunks (the API, the
+            # task topic); a task changed meanwhile is made again below as it is then.
+            made: dict[uuid.UUID, tuple[Task, Task]] = {}
+            for n, (task_id, state) in enumerate(prior.items(), 1):
+                current = self.scheduler.tasks.get(task_id)
+                if current is not None:
+                    made[task_id] = (current, self._with_state(current, state))
+                if n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
             # Say first that this node runs them: a later owner must not continue after an old
             # release once this node has run slots past it.
-            merged = [
-                self._plan(self.scheduler.tasks[i], s, self.clock())[0] for i, s in prior.items()
-            ]
-            await self._publish(self._states(merged, StateKind.RUNNING), "taken")
+            running = await self._states_yielding([task for _, task in made.values()])
+            await self._publish(running, "taken")
             self.owned = self.owned | new
             now = self.clock()
             changed = []
             continued = skipped = late = 0
+            # In one go: no slot of a task owned from now on runs before its take.
             for task_id in self._tasks_of(new):
+                current = self.scheduler.tasks[task_id]
                 state = prior.get(task_id)
-                task, plan = self._plan(self.scheduler.tasks[task_id], state, now)
+                was, task = made.get(task_id, (None, current))
+                if was is not current:
+                    task = self._with_state(current, state)
+                plan = self._resume(task, state, now)
                 released = state is not None and state.kind is StateKind.RELEASED
                 if released and state is not None and state.last_slot is not None:
                     # What a release before the late slots ran hands on from (not an older
@@ -256,8 +271,11 @@ class Ownership:
                 continued += released
                 changed.append(task)
             HANDOVER_SLOTS_SKIPPED.inc(skipped)
-            if changed:
-                await asyncio.to_thread(self.store.save_states, changed)
+            # A chunk at a time: the API reads the store meanwhile (it waits for the store's
+            # lock, the event loop with it).
+            for start in range(0, len(changed), YIELD_EVERY):
+                chunk = changed[start : start + YIELD_EVERY]
+                await asyncio.to_thread(self.store.save_states, chunk)
             took = time.monotonic() - started
             self.last_take_seconds = took
             HANDOVER_SECONDS.labels("take").observe(took)
@@ -340,31 +358,34 @@ class Ownership:
             return False
         return True
 
-    def _plan(
-        self, task: Task, state: TaskState | None, now: float
-    ) -> tuple[Task, ResumePlan | None]:
-        """(the task with its state, where it continues: None for the first slot from now)
-        for a task this node takes."""
-        if state is not None and state.node != self.node_id:
-            task = with_state(task, state, self.positions.position_of(task.id))
-            # Ended under the previous owner (its runs, a one-shot that ran), whose record of
-            # it may not have arrived yet: not run again.
-            task = at_load(task, datetime.now(UTC))
+    def _with_state(self, task: Task, state: TaskState | None) -> Task:
+        """A task this node takes, with the state its previous owner measured (pure but for
+        the clock)."""
+        if state is None or state.node == self.node_id:
+            return task
+        task = with_state(task, state, self.positions.position_of(task.id))
+        # Ended under the previous owner (its runs, a one-shot that ran), whose record of it
+        # may not have arrived yet: not run again.
+        return at_load(task, datetime.now(UTC))
+
+    def _resume(self, task: Task, state: TaskState | None, now: float) -> ResumePlan | None:
+        """Where a task this node takes continues (`_with_state` made it): None for the first
+        slot from now."""
         interval = task.spec.interval
         if interval is None or task.status is not TaskStatus.ACTIVE:
-            return task, None
+            return None
         ran_here = self.scheduler.last_slots.get(task.id)
         if state is not None and state.kind is StateKind.RELEASED and state.last_slot is not None:
             last = max(state.last_slot, ran_here or state.last_slot)
             bound = start_bound(interval, self.scheduler.max_start_lag) or 0.0
             limit = max(self.settings.checker_handover_catch_up, bound)
-            return task, resume_plan(task.id, interval, last, now, limit)
+            return resume_plan(task.id, interval, last, now, limit)
         known = [s for s in (ran_here, state.last_slot if state else None) if s is not None]
         if known:
             # Never a slot that was run already.
             first = next_fire_time(task.id, interval, max(now, max(known) + interval / 2))
-            return task, ResumePlan(first, (), 0)
-        return task, None
+            return ResumePlan(first, (), 0)
+        return None
 
     async def _release(self, partitions: list[int]) -> None:
         """Hand the tasks of revoked partitions over (see the module doc)."""
@@ -400,12 +421,9 @@ class Ownership:
         """Write state records and wait for the broker; the number it did not confirm."""
         if not states:
             return 0
-        topic = self.states.topic
-        answers = await asyncio.gather(
-            *(self.producer.produce(topic, *encode_state(s)) for s in states),
-            return_exceptions=True,
+        failed = await self.producer.produce_all(
+            self.states.topic, [encode_state(s) for s in states]
         )
-        failed = sum(1 for answer in answers if isinstance(answer, BaseException))
         if failed:
             log.warning("%d of %d %s states not confirmed by the broker", failed, len(states), what)
         return failed
@@ -435,6 +453,15 @@ class Ownership:
                         changed.append(task)
                         self._published[task_id] = told
                 await self._publish(self._states(changed, StateKind.RUNNING), "snapshot")
+
+    async def _states_yielding(self, tasks: Sequence[Task]) -> list[TaskState]:
+        """`_states(tasks, RUNNING)`, the event loop let run between chunks (a take's 100,000
+        state records are made in about a second)."""
+        states: list[TaskState] = []
+        for start in range(0, len(tasks), YIELD_EVERY):
+            states += self._states(tasks[start : start + YIELD_EVERY], StateKind.RUNNING)
+            await asyncio.sleep(0)
+        return states
 
     def _states(self, tasks: Sequence[Task], kind: StateKind) -> list[TaskState]:
         at = datetime.now(UTC)

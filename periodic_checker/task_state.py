@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -155,6 +155,10 @@ class Producing(Protocol):
         self, topic: str, key: bytes, value: bytes | None, partition: int | None = None
     ) -> tuple[int, int]: ...
 
+    async def produce_all(
+        self, topic: str, records: Sequence[tuple[bytes, bytes | None]]
+    ) -> int: ...
+
 
 class TaskStates:
     """Every task's latest state, read from the state topic (the whole topic, then live)."""
@@ -191,9 +195,10 @@ class TaskStates:
         )
         return config
 
-    async def start(self) -> None:
-        """Assign every partition from the beginning and follow; StateTopicMissing when the
-        topic does not exist. Waits while the broker does not answer."""
+    async def start(self, *, follow: bool = True) -> None:
+        """Assign every partition from the beginning and follow (`follow`: at once, else from
+        `follow()` on); StateTopicMissing when the topic does not exist. Waits while the
+        broker does not answer."""
         self._consumer = Consumer(self._config())
         warned = False
         while True:
@@ -212,7 +217,15 @@ class TaskStates:
         self._consumer.assign(
             [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self._partitions]
         )
-        self._runner = asyncio.create_task(self._run(), name="state-topic")
+        if follow:
+            self.follow()
+
+    def follow(self) -> None:
+        """Read the topic from here on (a cluster node: once it serves, as the names topic;
+        only a handover's fences and the mirror of other nodes' tasks need the states, and
+        both wait for them)."""
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run(), name="state-topic")
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -19,7 +19,9 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -224,6 +226,7 @@ class RecordProducer:
             }
         )
         self._config = config
+        self._timeout_s = timeout_ms / 1000
         self._producer: Any = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -262,6 +265,39 @@ class RecordProducer:
         except (BufferError, KafkaException) as exc:
             raise BrokerUnavailable(f"the task topic cannot take the change now: {exc}") from None
         return await done
+
+    async def produce_all(self, topic: str, records: Sequence[tuple[bytes, bytes | None]]) -> int:
+        """Produce many records (key, value; each to its key's partition) and wait until the
+        broker answered for every one; the number it did not confirm.
+
+        For the state records of a handover (one a task: 100,000 when a node takes every
+        task). They are produced from another thread and their answers counted there, so the
+        event loop is woken once for all of them, not once a record: a future and a wake-up a
+        record made a take of 100,000 tasks 8 of its 14 s, the API waiting meanwhile
+        (`bench/task_topic.py startup --states`). A record refused because the producer had
+        to be replaced (`_NEEDS_NEW_PRODUCER`) is produced once more by a new one, as
+        `produce` does."""
+        failed, again = await self._produce_all(topic, records)
+        if again:
+            more, still = await self._produce_all(topic, again)  # by a new producer
+            failed += more + len(still)
+        return failed
+
+    async def _produce_all(
+        self, topic: str, records: Sequence[tuple[bytes, bytes | None]]
+    ) -> tuple[int, list[tuple[bytes, bytes | None]]]:
+        """(records not confirmed, records to produce again with a new producer)."""
+        if not records:
+            return 0, []
+        if self._renew:
+            self._renew_producer()
+        loop = asyncio.get_running_loop()
+        answers = _Answers(records, loop)
+        await asyncio.to_thread(answers.produce_all, self._producer, topic, self._timeout_s)
+        await answers.done
+        if answers.again:
+            self._renew = True
+        return answers.failed, answers.again
 
     def _report(
         self,
@@ -311,6 +347,71 @@ class RecordProducer:
 # bumps its epoch, which the local broker answers with PRODUCER_FENCED. A new producer (a new
 # producer id) starts clean.
 _NEEDS_NEW_PRODUCER = NEEDS_NEW_PRODUCER | {KafkaError._MSG_TIMED_OUT}
+
+
+class _Answers:
+    """The broker's answers for records produced together (`RecordProducer.produce_all`),
+    counted as they come (on the producer's polling thread); `done` is settled once, when the
+    last one came."""
+
+    def __init__(
+        self, records: Sequence[tuple[bytes, bytes | None]], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.records = records
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.failed = 0
+        self.again: list[tuple[bytes, bytes | None]] = []
+        self._loop = loop
+        self._waiting = len(records)
+        self._lock = threading.Lock()
+
+    def produce_all(self, producer: Any, topic: str, timeout: float) -> None:
+        """Hand every record to `producer` (a thread of its own: the producer's queue may be
+        full until the polling thread has served answers). A record it does not take within
+        `timeout` of the one before counts as not confirmed."""
+        deadline = time.monotonic() + timeout
+        refused: KafkaException | None = None
+        for index, (key, value) in enumerate(self.records):
+            report = functools.partial(self._answer, index)
+            while True:
+                try:
+                    producer.produce(topic, key=key, value=value, on_delivery=report)
+                    deadline = time.monotonic() + timeout
+                    break
+                except BufferError:
+                    if time.monotonic() < deadline:
+                        time.sleep(0.01)  # the polling thread empties the queue meanwhile
+                        continue
+                    self._answered(failed=True)
+                except KafkaException as exc:
+                    refused = exc
+                    self._answered(failed=True)
+                break
+        if refused is not None:
+            log.warning("records for %s refused by the producer: %s", topic, refused)
+
+    def _answer(self, index: int, error: KafkaError | None, message: Any) -> None:
+        if error is None:
+            self._answered(failed=False)
+            return
+        renew = error.fatal() or error.code() in _NEEDS_NEW_PRODUCER
+        self._answered(failed=not renew, again=self.records[index] if renew else None)
+
+    def _answered(self, *, failed: bool, again: tuple[bytes, bytes | None] | None = None) -> None:
+        with self._lock:
+            self.failed += failed
+            if again is not None:
+                self.again.append(again)
+            self._waiting -= 1
+            last = self._waiting == 0
+        if last:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                self._loop.call_soon_threadsafe(_settle_once, self.done)
+
+
+def _settle_once(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 class _Renewed(BrokerUnavailable):

@@ -1,0 +1,93 @@
+"""The producer of cluster mode's own records against the real broker: many records produced
+together (a handover's state records) all land, each in its key's partition, and a record the
+producer refuses is counted, never taken for written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from checker.nodes import Topics, read_topic
+
+from periodic_checker.settings import CheckerSettings
+from periodic_checker.task_topic import RecordProducer
+
+from conftest import KafkaTarget
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+def topics(kafka: KafkaTarget) -> Topics:
+    return Topics.make(kafka)
+
+
+def settings(kafka: KafkaTarget, topics: Topics, tmp_path: Path) -> CheckerSettings:
+    env: dict[str, Any] = {k.lower(): v for k, v in kafka.env().items()}
+    return CheckerSettings(
+        **env,
+        kafka_topic=topics.results,
+        kafka_tasks_topic=topics.tasks,
+        kafka_task_names_topic=topics.names,
+        kafka_task_state_topic=topics.states,
+        checker_mode="cluster",
+        checker_node_id="node-a",
+        task_storage=tmp_path / "tasks.sqlite3",
+    )
+
+
+def partition_of(kafka: KafkaTarget, topic: str, key: bytes) -> int:
+    """The partition of the first record under `key` on the topic."""
+    records = read_topic(kafka, topic)
+    return next(partition for partition, _, k, _ in records if k == key)
+
+
+async def test_records_produced_together_all_land_each_in_its_keys_partition(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    producer = RecordProducer(settings(kafka, topics, tmp_path))
+    producer.start()
+    try:
+        records = [(f"task-{n}".encode(), f"state {n}".encode()) for n in range(3000)]
+        assert await producer.produce_all(topics.states, records) == 0
+        # One more alone, the way `produce` writes a record: the same partition for its key.
+        alone = await producer.produce(topics.states, b"task-7", b"alone")
+    finally:
+        await producer.close()
+    landed = read_topic(kafka, topics.states)
+    assert sorted((k, v) for _, _, k, v in landed if v != b"alone") == sorted(records)
+    assert partition_of(kafka, topics.states, b"task-7") == alone[0]
+    # Each partition holds its records in the order they were given.
+    given = {key: n for n, (key, _) in enumerate(records)}
+    for partition in {p for p, _, _, _ in landed}:
+        order = [given[k] for p, _, k, v in sorted(landed) if p == partition and v != b"alone"]
+        assert order == sorted(order)
+
+
+async def test_a_record_the_producer_refuses_is_counted_and_the_others_land(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    producer = RecordProducer(settings(kafka, topics, tmp_path))
+    producer.start()
+    # Larger than the producer's message.max.bytes (librdkafka's 1,000,000): refused at once.
+    too_large = b"x" * 2_000_000
+    records = [(b"a", b"1"), (b"b", too_large), (b"c", b"3"), (b"d", too_large), (b"e", b"5")]
+    try:
+        assert await producer.produce_all(topics.states, records) == 2
+    finally:
+        await producer.close()
+    landed = sorted((k, v) for _, _, k, v in read_topic(kafka, topics.states))
+    assert landed == [(b"a", b"1"), (b"c", b"3"), (b"e", b"5")]
+
+
+async def test_nothing_to_produce_is_answered_at_once(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    producer = RecordProducer(settings(kafka, topics, tmp_path))
+    producer.start()
+    try:
+        assert await producer.produce_all(topics.states, []) == 0
+    finally:
+        await producer.close()
+    assert read_topic(kafka, topics.states) == []
