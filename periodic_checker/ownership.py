@@ -84,6 +84,8 @@ PARTITIONS_OWNED = Gauge(
 FENCE_TIMEOUT = 15.0
 # Tasks a take makes between two turns of the event loop (the API, the task topic).
 YIELD_EVERY = 2000
+# How long a count of the tasks owned stands while nothing it depends on changed.
+OWNED_COUNT_SECONDS = 1.0
 # Longest a revoke waits for the handover beyond its checks' grace (states confirmed).
 PUBLISH_MARGIN = 15.0
 # librdkafka's reconnect.backoff.max.ms (its default; not set here): after a long outage a
@@ -150,6 +152,8 @@ class Ownership:
         # `rejoin_wait` of it wait for releases of tasks still held elsewhere (`_take`).
         self._back_at: float | None = None
         self._snapshots: asyncio.Task[None] | None = None
+        # (when, for which partitions and number of tasks, how many): `tasks_owned`.
+        self._owned_count: tuple[float, tuple[frozenset[int], int] | None, int] = (0.0, None, 0)
         # What the last state record of each task run here said (`_worth_telling`).
         self._published: dict[uuid.UUID, tuple[object, ...]] = {}
 
@@ -159,11 +163,21 @@ class Ownership:
         return self.positions.partition_of(task_id) in self.owned
 
     def tasks_owned(self) -> int:
+        """The tasks of the partitions owned: counted anew when the partitions or the number of
+        tasks changed, else at most once a second (a count walks every task: 10 ms at 100,000,
+        and /status and the metrics ask for it)."""
         owned = self.owned
         if not owned:
             return 0
+        now = time.monotonic()
+        key = (owned, len(self.scheduler.tasks))
+        counted_at, counted_for, count = self._owned_count
+        if counted_for == key and now - counted_at < OWNED_COUNT_SECONDS:
+            return count
         partition_of = self.positions.partition_of
-        return sum(1 for task_id in list(self.scheduler.tasks) if partition_of(task_id) in owned)
+        count = sum(1 for task_id in list(self.scheduler.tasks) if partition_of(task_id) in owned)
+        self._owned_count = (now, key, count)
+        return count
 
     def status(self) -> dict[str, object]:
         """The figures of /status."""
@@ -241,18 +255,31 @@ class Ownership:
             # release once this node has run slots past it.
             running = await self._states_yielding([task for _, task in made.values()])
             await self._publish(running, "taken")
-            self.owned = self.owned | new
             now = self.clock()
+            # Where each one continues, planned in chunks too (nothing of them is owned yet, so
+            # nothing runs meanwhile); one changed meanwhile is planned again below.
+            planned: dict[uuid.UUID, tuple[Task, Task, ResumePlan | None]] = {}
+            for n, task_id in enumerate(self._tasks_of(new), 1):
+                if n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                current = self.scheduler.tasks.get(task_id)
+                if current is None:
+                    continue
+                was, task = made.get(task_id, (None, current))
+                if was is not current:
+                    task = self._with_state(current, prior.get(task_id))
+                planned[task_id] = (current, task, self._resume(task, prior.get(task_id), now))
+            self.owned = self.owned | new
             changed = []
             continued = skipped = late = 0
             # In one go: no slot of a task owned from now on runs before its take.
             for task_id in self._tasks_of(new):
                 current = self.scheduler.tasks[task_id]
                 state = prior.get(task_id)
-                was, task = made.get(task_id, (None, current))
+                was, task, plan = planned.get(task_id, (None, current, None))
                 if was is not current:
                     task = self._with_state(current, state)
-                plan = self._resume(task, state, now)
+                    plan = self._resume(task, state, now)
                 released = state is not None and state.kind is StateKind.RELEASED
                 if released and state is not None and state.last_slot is not None:
                     # What a release before the late slots ran hands on from (not an older

@@ -514,6 +514,9 @@ async def test_task_records_wait_with_their_tasks_results_and_arrive_in_order(
             # librdkafka gives up on them (a short message time-out): they go to the outbox,
             # where they are safe from a crash.
             await wait_for(publisher, lambda s: s.outbox_size == 4, "all four in the outbox")
+            # Told once the step that stored them is back on the event loop: a moment after
+            # its commit, which the outbox's size already counts.
+            await wait_for(publisher, lambda _: len(events.safe) >= 3, "the records told safe")
             assert sorted(events.safe) == ["first", "removed", "second"]
         await wait_for(publisher, settled, "the outbox drained")
         assert not publisher.records_pending(task)
