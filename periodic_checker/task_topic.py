@@ -275,8 +275,8 @@ class RecordProducer:
         event loop is woken once for all of them, not once a record: a future and a wake-up a
         record made a take of 100,000 tasks 8 of its 14 s, the API waiting meanwhile
         (`bench/task_topic.py startup --states`). A record refused because the producer had
-        to be replaced (`_NEEDS_NEW_PRODUCER`) is produced once more by a new one, as
-        `produce` does."""
+        to be replaced (fenced: `NEEDS_NEW_PRODUCER`) is produced once more by a new one, as
+        `produce` does; one that timed out is not (the broker is away)."""
         failed, again = await self._produce_all(topic, records)
         if again:
             more, still = await self._produce_all(topic, again)  # by a new producer
@@ -295,7 +295,7 @@ class RecordProducer:
         answers = _Answers(records, loop)
         await asyncio.to_thread(answers.produce_all, self._producer, topic, self._timeout_s)
         await answers.done
-        if answers.again:
+        if answers.renew:
             self._renew = True
         return answers.failed, answers.again
 
@@ -361,6 +361,7 @@ class _Answers:
         self.done: asyncio.Future[None] = loop.create_future()
         self.failed = 0
         self.again: list[tuple[bytes, bytes | None]] = []
+        self.renew = False  # the producer is to be replaced
         self._loop = loop
         self._waiting = len(records)
         self._lock = threading.Lock()
@@ -394,8 +395,13 @@ class _Answers:
         if error is None:
             self._answered(failed=False)
             return
-        renew = error.fatal() or error.code() in _NEEDS_NEW_PRODUCER
-        self._answered(failed=not renew, again=self.records[index] if renew else None)
+        # As for `produce`: refused by a producer whose idempotence state is broken, the record
+        # goes again through a new one; timed out, it counts as not confirmed (the broker is
+        # away: once more would double a handover's wait), and the next call renews.
+        if error.fatal() or error.code() in _NEEDS_NEW_PRODUCER:
+            self.renew = True
+        fenced = error.fatal() or error.code() in NEEDS_NEW_PRODUCER
+        self._answered(failed=not fenced, again=self.records[index] if fenced else None)
 
     def _answered(self, *, failed: bool, again: tuple[bytes, bytes | None] | None = None) -> None:
         with self._lock:

@@ -7,7 +7,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,16 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+@contextmanager
+def outage(broker: Broker) -> Iterator[None]:
+    """The broker's TLS proxy is down inside the block and always back up after it."""
+    broker.stop_proxy()
+    try:
+        yield
+    finally:
+        broker.start_proxy()
 
 
 def tasks_topic_of(topic: str) -> str:

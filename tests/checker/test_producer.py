@@ -13,8 +13,7 @@ import logging
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +26,12 @@ from checker.nodes import read_topic as read_records
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from checker_common.contract import CheckResult, decode, encode
-from devstack import Broker
 from periodic_checker.outbox import Outbox
 from periodic_checker.producer import PublisherStats, ResultPublisher, counted_failures
 from periodic_checker.settings import CheckerSettings
 
 from conftest import KafkaTarget
-from helpers import tasks_topic_of
+from helpers import outage, tasks_topic_of
 
 pytestmark = pytest.mark.kafka
 
@@ -97,16 +95,6 @@ async def wait_for(
 
 def settled(stats: PublisherStats) -> bool:
     return stats.outbox_size == 0 and stats.queue_length == 0 and stats.in_flight == 0
-
-
-@contextmanager
-def outage(broker: Broker) -> Iterator[None]:
-    """The TLS proxy is down inside the block and always back up after it."""
-    broker.stop_proxy()
-    try:
-        yield
-    finally:
-        broker.start_proxy()
 
 
 def read_topic(kafka: KafkaTarget, topic: str) -> list[tuple[int, int, bytes, bytes]]:

@@ -14,6 +14,7 @@ from periodic_checker.settings import CheckerSettings
 from periodic_checker.task_topic import RecordProducer
 
 from conftest import KafkaTarget
+from helpers import outage
 
 pytestmark = pytest.mark.kafka
 
@@ -91,3 +92,21 @@ async def test_nothing_to_produce_is_answered_at_once(
     finally:
         await producer.close()
     assert read_topic(kafka, topics.states) == []
+
+
+async def test_records_the_broker_never_answers_count_once_and_the_next_ones_land(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path
+) -> None:
+    broker = kafka.require_local()
+    # A short delivery time-out: the broker away, librdkafka gives up on each record after it.
+    producer = RecordProducer(settings(kafka, topics, tmp_path), timeout_ms=2000)
+    producer.start()
+    try:
+        with outage(broker):
+            assert await producer.produce_all(topics.states, [(b"a", b"1"), (b"b", b"2")]) == 2
+        # Back: the records that timed out are not sent again; the next ones land (through a
+        # new producer: the old one's idempotence state is broken after a time-out).
+        assert await producer.produce_all(topics.states, [(b"c", b"3")]) == 0
+    finally:
+        await producer.close()
+    assert sorted((k, v) for _, _, k, v in read_topic(kafka, topics.states)) == [(b"c", b"3")]
