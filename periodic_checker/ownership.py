@@ -265,10 +265,11 @@ class Ownership:
                 current = self.scheduler.tasks.get(task_id)
                 if current is None:
                     continue
+                state = prior.get(task_id)
                 was, task = made.get(task_id, (None, current))
                 if was is not current:
-                    task = self._with_state(current, prior.get(task_id))
-                planned[task_id] = (current, task, self._resume(task, prior.get(task_id), now))
+                    task = self._with_state(current, state)
+                planned[task_id] = (current, task, self._resume(task, state, now))
             self.owned = self.owned | new
             changed = []
             continued = skipped = late = 0

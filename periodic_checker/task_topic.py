@@ -398,9 +398,9 @@ class _Answers:
         # As for `produce`: refused by a producer whose idempotence state is broken, the record
         # goes again through a new one; timed out, it counts as not confirmed (the broker is
         # away: once more would double a handover's wait), and the next call renews.
-        if error.fatal() or error.code() in _NEEDS_NEW_PRODUCER:
-            self.renew = True
         fenced = error.fatal() or error.code() in NEEDS_NEW_PRODUCER
+        if fenced or error.code() in _NEEDS_NEW_PRODUCER:
+            self.renew = True
         self._answered(failed=not fenced, again=self.records[index] if fenced else None)
 
     def _answered(self, *, failed: bool, again: tuple[bytes, bytes | None] | None = None) -> None:

@@ -158,8 +158,9 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
 
 
 @contextmanager
-def outage(broker: Broker) -> Iterator[None]:
-    """The broker's TLS proxy is down inside the block and always back up after it."""
+def broker_cut(broker: Broker) -> Iterator[None]:
+    """The broker unreachable for every client (its TLS proxy stopped) while inside, and
+    always back after it."""
     broker.stop_proxy()
     try:
         yield

@@ -31,7 +31,7 @@ from periodic_checker.producer import PublisherStats, ResultPublisher, counted_f
 from periodic_checker.settings import CheckerSettings
 
 from conftest import KafkaTarget
-from helpers import outage, tasks_topic_of
+from helpers import broker_cut, tasks_topic_of
 
 pytestmark = pytest.mark.kafka
 
@@ -236,7 +236,7 @@ async def test_outage_longer_than_the_message_timeout_loses_nothing(
     try:
         sent.publish_round(publisher, tasks, 1)
         await wait_for(publisher, settled, "first round delivered")
-        with outage(broker):
+        with broker_cut(broker):
             for n in range(2, 6):
                 sent.publish_round(publisher, tasks, n)
             # The first of each task waited in librdkafka and timed out; all 40 are on disk.
@@ -271,7 +271,7 @@ async def test_thousands_of_rows_from_a_long_outage_drain_once_and_in_order(
     rounds = 15
     sent = Sent({})
     try:
-        with outage(broker):
+        with broker_cut(broker):
             for n in range(1, rounds + 1):
                 sent.publish_round(publisher, tasks, n)
             # Longer than the message time-out: the first of each task failed and is stored
@@ -302,7 +302,7 @@ async def test_results_unsent_at_shutdown_are_sent_after_a_restart(
     outbox = Outbox(settings.task_storage)
     publisher = ResultPublisher(settings, outbox)
     await publisher.start()
-    with outage(broker):
+    with broker_cut(broker):
         try:
             sent.publish_round(publisher, tasks, 1)
             sent.publish_round(publisher, tasks, 2)
@@ -339,7 +339,7 @@ async def test_a_long_outage_keeps_memory_bounded_and_the_rest_on_disk(
     sent = Sent({})
     most_in_memory = 0
     try:
-        with outage(broker):
+        with broker_cut(broker):
             for task in tasks:
                 sent.publish_round(publisher, [task], 1)
                 stats = publisher.stats()
@@ -493,7 +493,7 @@ async def test_task_records_wait_with_their_tasks_results_and_arrive_in_order(
     await publisher.start()
     task = uuid.uuid4()
     try:
-        with outage(broker):
+        with broker_cut(broker):
             publisher.publish_record(task, b'{"n": 1}', tag="first")
             publisher.publish(task, a_result(1))
             publisher.publish_record(task, b'{"n": 2}', tag="second")

@@ -4,6 +4,8 @@ producer refuses is counted, never taken for written."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from periodic_checker.settings import CheckerSettings
 from periodic_checker.task_topic import RecordProducer
 
 from conftest import KafkaTarget
-from helpers import outage
+from helpers import broker_cut
 
 pytestmark = pytest.mark.kafka
 
@@ -38,6 +40,19 @@ def settings(kafka: KafkaTarget, topics: Topics, tmp_path: Path) -> CheckerSetti
     )
 
 
+@contextlib.asynccontextmanager
+async def running(
+    kafka: KafkaTarget, topics: Topics, tmp_path: Path, **options: Any
+) -> AsyncIterator[RecordProducer]:
+    """A started producer of node-a's records, closed after the block."""
+    producer = RecordProducer(settings(kafka, topics, tmp_path), **options)
+    producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.close()
+
+
 def partition_of(kafka: KafkaTarget, topic: str, key: bytes) -> int:
     """The partition of the first record under `key` on the topic."""
     records = read_topic(kafka, topic)
@@ -47,15 +62,11 @@ def partition_of(kafka: KafkaTarget, topic: str, key: bytes) -> int:
 async def test_records_produced_together_all_land_each_in_its_keys_partition(
     kafka: KafkaTarget, topics: Topics, tmp_path: Path
 ) -> None:
-    producer = RecordProducer(settings(kafka, topics, tmp_path))
-    producer.start()
-    try:
-        records = [(f"task-{n}".encode(), f"state {n}".encode()) for n in range(3000)]
+    records = [(f"task-{n}".encode(), f"state {n}".encode()) for n in range(3000)]
+    async with running(kafka, topics, tmp_path) as producer:
         assert await producer.produce_all(topics.states, records) == 0
         # One more alone, the way `produce` writes a record: the same partition for its key.
         alone = await producer.produce(topics.states, b"task-7", b"alone")
-    finally:
-        await producer.close()
     landed = read_topic(kafka, topics.states)
     assert sorted((k, v) for _, _, k, v in landed if v != b"alone") == sorted(records)
     assert partition_of(kafka, topics.states, b"task-7") == alone[0]
@@ -69,15 +80,11 @@ async def test_records_produced_together_all_land_each_in_its_keys_partition(
 async def test_a_record_the_producer_refuses_is_counted_and_the_others_land(
     kafka: KafkaTarget, topics: Topics, tmp_path: Path
 ) -> None:
-    producer = RecordProducer(settings(kafka, topics, tmp_path))
-    producer.start()
     # Larger than the producer's message.max.bytes (librdkafka's 1,000,000): refused at once.
     too_large = b"x" * 2_000_000
     records = [(b"a", b"1"), (b"b", too_large), (b"c", b"3"), (b"d", too_large), (b"e", b"5")]
-    try:
+    async with running(kafka, topics, tmp_path) as producer:
         assert await producer.produce_all(topics.states, records) == 2
-    finally:
-        await producer.close()
     landed = sorted((k, v) for _, _, k, v in read_topic(kafka, topics.states))
     assert landed == [(b"a", b"1"), (b"c", b"3"), (b"e", b"5")]
 
@@ -85,12 +92,8 @@ async def test_a_record_the_producer_refuses_is_counted_and_the_others_land(
 async def test_nothing_to_produce_is_answered_at_once(
     kafka: KafkaTarget, topics: Topics, tmp_path: Path
 ) -> None:
-    producer = RecordProducer(settings(kafka, topics, tmp_path))
-    producer.start()
-    try:
+    async with running(kafka, topics, tmp_path) as producer:
         assert await producer.produce_all(topics.states, []) == 0
-    finally:
-        await producer.close()
     assert read_topic(kafka, topics.states) == []
 
 
@@ -99,14 +102,10 @@ async def test_records_the_broker_never_answers_count_once_and_the_next_ones_lan
 ) -> None:
     broker = kafka.require_local()
     # A short delivery time-out: the broker away, librdkafka gives up on each record after it.
-    producer = RecordProducer(settings(kafka, topics, tmp_path), timeout_ms=2000)
-    producer.start()
-    try:
-        with outage(broker):
+    async with running(kafka, topics, tmp_path, timeout_ms=2000) as producer:
+        with broker_cut(broker):
             assert await producer.produce_all(topics.states, [(b"a", b"1"), (b"b", b"2")]) == 2
         # Back: the records that timed out are not sent again; the next ones land (through a
         # new producer: the old one's idempotence state is broken after a time-out).
         assert await producer.produce_all(topics.states, [(b"c", b"3")]) == 0
-    finally:
-        await producer.close()
     assert sorted((k, v) for _, _, k, v in read_topic(kafka, topics.states)) == [(b"c", b"3")]

@@ -44,7 +44,7 @@ from psycopg2 import sql
 
 from checker_common.contract import ContractError, Decoded, decode
 from checker_common.task_spec import TaskSpec
-from devstack import Broker, free_port
+from devstack import free_port
 from periodic_checker.store import SQLiteTaskStore
 from periodic_checker.tasks import Task
 
@@ -518,16 +518,6 @@ def pipeline(kafka: KafkaTarget, topic: str, pg_dsn: str, tmp_path: Path) -> Ite
             yield line
         finally:
             line.close()
-
-
-@contextlib.contextmanager
-def broker_cut(broker: Broker) -> Iterator[None]:
-    """The broker unreachable for every client (its TLS proxy stopped) while inside."""
-    broker.stop_proxy()
-    try:
-        yield
-    finally:
-        broker.start_proxy()
 
 
 def now_utc() -> datetime:

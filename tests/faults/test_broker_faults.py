@@ -11,13 +11,12 @@ import pytest
 from faults.faults_support import (
     DEADLINE_S,
     FULL,
-    broker_cut,
     now_utc,
     pg_proxy,
     pipeline,
 )
 
-from helpers import KafkaTarget, wait_for
+from helpers import KafkaTarget, broker_cut, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres]
 

@@ -25,12 +25,12 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from faults.faults_support import FULL, broker_cut, now_utc, pipeline, query, read_topic, wait_for
+from faults.faults_support import FULL, now_utc, pipeline, query, read_topic, wait_for
 
 from checker_common.contract import Decoded
 from checker_processing.settings import ProcessorSettings
 
-from helpers import KafkaTarget
+from helpers import KafkaTarget, broker_cut
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres]
 

@@ -25,12 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from faults.faults_support import broker_cut, checker_env, pipeline, seed_tasks, spec, wait_for
+from faults.faults_support import checker_env, pipeline, seed_tasks, spec, wait_for
 
 from periodic_checker.outbox import Outbox
 from periodic_checker.store import SQLiteTaskStore
 
-from helpers import KafkaTarget, run_cli
+from helpers import KafkaTarget, broker_cut, run_cli
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres]
 
