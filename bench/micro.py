@@ -43,6 +43,10 @@
               (`store.ViewRebuild.add`): each value formatted in Python (`store._view_row`)
               against the values orjson writes itself (`for_json=True`), and a
               definition's text through pydantic against `task_spec.spec_json`.
+- `record-decode` validating a task record's definition (`TaskSpec.model_validate_json`) with
+              pydantic's cache of texts for keys only (`cache_strings="keys"`, as configured)
+              against every text (pydantic's default), with and without the definition's
+              validators (the same fields and settings, no validator).
 - `plain-urls` reading 100,000 task URLs, each its own (four pages a site, in no order), through
               `urls.parse_url` with and without the one-step reading of a plainly spelled one
               (`urls._plain`).
@@ -57,6 +61,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import operator
 import statistics
 import sys
 import time
@@ -774,6 +779,11 @@ def view_rows() -> None:
     fast = orjson.dumps([stores._view_row(w, checked=False, for_json=True) for w in writes[:1000]])
     assert slow == fast, "the same JSON"
     specs = [w.task.spec for w in writes]
+    view_columns = stores._VIEW_COLUMNS
+    plain_part = operator.itemgetter(*(view_columns.index(c) for c in stores._PLAIN_COLUMNS))
+    assert [
+        plain_part(stores._view_row(w, checked=False, for_json=True)) for w in writes[:100]
+    ] == [stores._plain_view_row(w) for w in writes[:100]]
     for label, fn in (
         (
             "a row, values formatted in Python (_view_row)",
@@ -783,10 +793,70 @@ def view_rows() -> None:
             "a row, values orjson writes (for_json=True)",
             lambda: [stores._view_row(w, checked=False, for_json=True) for w in writes],
         ),
+        (
+            "a plain row's columns, picked from its row (the code before `_plain_view_row`)",
+            lambda: [plain_part(stores._view_row(w, checked=False, for_json=True)) for w in writes],
+        ),
+        (
+            "a plain row's columns, made from the task (_plain_view_row)",
+            lambda: [stores._plain_view_row(w) for w in writes],
+        ),
         ("a definition's text, model_dump_json()", lambda: [s.model_dump_json() for s in specs]),
         ("a definition's text, spec_json()", lambda: [spec_json(s) for s in specs]),
     ):
         print(f"view-rows, {label}: {us(cpu_per_item(fn, 100_000, repeats=3))}")
+
+
+def record_decode() -> None:
+    import orjson
+    from pydantic import ConfigDict, create_model, field_validator
+
+    from checker_common.task_record import TaskRecord, encode
+    from checker_common.task_spec import TaskSpec
+
+    now = datetime.now(UTC)
+    spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
+    texts = []
+    for n in range(BATCH):
+        record = TaskRecord(
+            id=uuid.uuid4(),
+            spec=spec.model_copy(
+                update={"name": f"task {n}", "url": f"http://site-{n // 4}.test:9/page/{n % 4}"}
+            ),
+            created_at=now,
+            updated_at=now,
+        )
+        texts.append(orjson.dumps(orjson.loads(encode(record)[1])["spec"]))
+    fields: dict[str, Any] = {n: (f.annotation, f) for n, f in TaskSpec.model_fields.items()}
+    assert TaskSpec.model_config.get("cache_strings") == "keys"
+    every_text = ConfigDict(**{**TaskSpec.model_config, "cache_strings": True})
+    validators: dict[str, Any] = {  # the same validators, made again from the model's own
+        name: field_validator(*d.info.fields, mode=d.info.mode)(
+            classmethod(getattr(d.func, "__func__"))  # noqa: B009 (typed as a plain callable)
+        )
+        for name, d in TaskSpec.__pydantic_decorators__.field_validators.items()
+    }
+    models: dict[str, Any] = {
+        "as configured (keys)": TaskSpec,
+        "every text cached": create_model(
+            "EveryText",
+            __config__=every_text,
+            __validators__=validators,
+            **fields,
+        ),
+        "no validators, keys": create_model("Bare", __config__=TaskSpec.model_config, **fields),
+        "no validators, every text cached": create_model(
+            "BareAll", __config__=every_text, **fields
+        ),
+    }
+    assert len(models["every text cached"].__pydantic_decorators__.field_validators) == len(
+        TaskSpec.__pydantic_decorators__.field_validators
+    )
+    for model in models.values():  # the first pass over the texts of each is slower
+        [model.model_validate_json(t) for t in texts]
+    for label, model in models.items():
+        each = cpu_per_item(lambda m=model: [m.model_validate_json(t) for t in texts], BATCH)
+        print(f"record-decode, a definition, {label}: {us(each)}")
 
 
 def plain_urls() -> None:
@@ -887,6 +957,7 @@ BENCHES: dict[str, Callable[[], None]] = {
     "stored-rows": stored_rows,
     "view-rows": view_rows,
     "plain-urls": plain_urls,
+    "record-decode": record_decode,
 }
 
 

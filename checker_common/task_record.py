@@ -51,7 +51,7 @@ MAX_RECORD_BYTES = 1_048_576
 class TaskRecord(BaseModel):
     """A task's definition and status, as the task topic carries it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, cache_strings="keys")  # as TaskSpec
 
     schema_version: Literal[1] = SCHEMA_VERSION
     id: uuid.UUID = Field(description="the task id, equal to the record's key (may be left out)")
@@ -149,7 +149,7 @@ def decode(key: bytes | None, value: bytes | None) -> Decoded:
     except ValidationError:
         pass
     else:
-        if record.id == task_id:
+        if record.id.int == task_id.int:  # UUIDs equal (their own __eq__ is Python)
             return TaskChange(task_id, record)
     try:
         document = orjson.loads(value)

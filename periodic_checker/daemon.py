@@ -157,24 +157,31 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     if cluster:
         assert names is not None
         notifier.status("reading the task topic")
+        states = TaskStates(settings)
+        # Its first round trip to the broker (the state topic's partitions) while the task
+        # topic is read; the state topic itself is read once the node serves (below).
+        states_started = asyncio.create_task(states.start(follow=False), name="state-topic-start")
+        prober.load_trust_store()  # the same, for the probe's TLS contexts
         try:
             made = await _materialise(settings, store, follower, stop)
         except FollowerError as exc:
             log.error("cannot read the task topic %s: %s", settings.kafka_tasks_topic, exc)
+            await _abandon(states, states_started)
             store.close()
             return 1
         if made is None:  # stopped while reading
+            await _abandon(states, states_started)
             await follower.stop()
             store.close()
             return 0
         tasks = made
         producer = RecordProducer(settings)
         producer.start()
-        states = TaskStates(settings)
         try:
-            await states.start(follow=False)  # read once the node serves (below)
+            await states_started
         except StateTopicMissing as exc:
             log.error("KAFKA_TASK_STATE_TOPIC: %s", exc)
+            await states.stop()
             await follower.stop()
             await producer.close()
             store.close()
@@ -300,6 +307,15 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
     notifier.close()
     log.info("stopped")
     return 0 if started else 1
+
+
+async def _abandon(states: TaskStates, starting: asyncio.Task[None]) -> None:
+    """Stop the state topic's reader, started or still starting (a broker that does not
+    answer keeps it waiting)."""
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await starting
+    await states.stop()
 
 
 async def _checkpoint(store: SQLiteTaskStore) -> None:

@@ -714,7 +714,7 @@ class ViewBuilder:
                     sink.remove([decoded.task_id])
                 continue
             task = applied(decoded, None, now)
-            kept = runtime.get(decoded.task_id)
+            kept = runtime.get(decoded.task_id) if runtime else None  # a new node keeps none
             if kept is not None:
                 task = with_runtime(task, kept, same_record=kept.position == (partition, offset))
             task = judged(task, follower._refusals(task, None, single=False), now)

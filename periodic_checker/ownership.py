@@ -160,7 +160,9 @@ class Ownership:
     # -- what the scheduler asks --------------------------------------------------------------
 
     def owns(self, task_id: uuid.UUID) -> bool:
-        return self.positions.partition_of(task_id) in self.owned
+        # Nothing owned (a node that just started): no task looked up (the scheduler asks
+        # for each of 100,000 at start).
+        return bool(self.owned) and self.positions.partition_of(task_id) in self.owned
 
     def tasks_owned(self) -> int:
         """The tasks of the partitions owned: counted anew when the partitions or the number of

@@ -82,6 +82,11 @@ class TargetPolicy:
 
     def check_host(self, host: str) -> str | None:
         """Why a literal host may not be reached; None for names (judged after DNS)."""
+        if host[:1].isalpha() and ":" not in host:
+            # A name, as `parse_host_address` reads it (an address starts with a digit or
+            # `[`, or holds a `:`): judged without looking it up or keeping it. A cluster node
+            # judges 100,000 hosts at start, nearly all of them names.
+            return None
         return self._verdict(host, resolved=False)
 
     def check_resolved(self, address: str) -> str | None:

@@ -41,6 +41,7 @@ body size (when asked), pattern.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextvars
 import functools
@@ -429,13 +430,24 @@ class Prober:
         self._verified: ssl.SSLContext | None = None
         self._unverified: ssl.SSLContext | None = None
         self._searcher: PatternSearcher | None = None
+        self._contexts: asyncio.Future[tuple[ssl.SSLContext, ssl.SSLContext]] | None = None
+
+    def load_trust_store(self) -> None:
+        """Begin making the TLS contexts on a thread of their own (inside the running loop):
+        loading the trust store takes tens of milliseconds, mostly without the interpreter
+        lock, which a cluster node spends reading its task topic meanwhile. `start` waits for
+        them (and makes them itself when this was not called)."""
+        if self._contexts is None:
+            self._contexts = asyncio.get_running_loop().run_in_executor(None, tls_contexts)
 
     async def start(self) -> None:
         """Open the keep-alive session (inside the running loop); call once before `check()`."""
         if self._keepalive is not None:
             return
-        # Loading the trust store takes tens of milliseconds: once, here.
-        self._verified, self._unverified = tls_contexts()
+        # Loading the trust store takes tens of milliseconds: once, here (or begun earlier).
+        self.load_trust_store()
+        assert self._contexts is not None
+        self._verified, self._unverified = await self._contexts
         self.stalls.start()
         # Lookups in threads of their own (see dns.py); both paths share one resolver.
         self._dns = DaemonThreadPool(self._dns_threads, name="dns")

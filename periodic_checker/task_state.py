@@ -214,17 +214,19 @@ class TaskStates:
         if found is None or found.error is not None or not found.partitions:
             raise StateTopicMissing(f"topic {self.topic} does not exist on the broker")
         self._partitions = sorted(found.partitions)
-        self._consumer.assign(
-            [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self._partitions]
-        )
         if follow:
             self.follow()
 
     def follow(self) -> None:
         """Read the topic from here on (a cluster node: once it serves, as the names topic;
         only a handover's fences and the mirror of other nodes' tasks need the states, and
-        both wait for them)."""
+        both wait for them). The partitions are assigned here, not at `start`: an assigned
+        consumer fetches at once whether it is read or not, and a node fetching 100,000
+        state records while it starts is slower to READY."""
         if self._runner is None:
+            self._consumer.assign(
+                [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self._partitions]
+            )
             self._runner = asyncio.create_task(self._run(), name="state-topic")
 
     async def stop(self) -> None:

@@ -159,6 +159,26 @@ def test_host_literals(host: str, expected: str | None) -> None:
     assert (str(parsed) if parsed else None) == expected
 
 
+def test_a_host_judged_as_a_name_is_one_no_address_is_read_from() -> None:
+    # check_host judges a host that starts with a letter (and holds no ':') as a name at once;
+    # the same verdict as reading it for an address, for every spelling here.
+    hosts = [
+        "example.com", "EXAMPLE.com.", "a", "x0", "localhost", "xn--bcher-kva.example",
+        "e.1", "f.0x7f", "0x7f.1", "0x7f000001", "127.1", "017700000001", "1", "1e3",
+        "[::1]", "[::ffff:10.0.0.1]", "fe80::1%eth0", "a:b", "::1", "ab::1", "abc::",
+        "169.254.169.254.", " 10.0.0.1", "10.0.0.1 ", "\u0661\u0660.0.0.1", "é.example",
+        "[nonsense]", "", ".", "-", "_.example", "0", "00", "0x", "0xg",
+    ]  # fmt: skip
+    policy = TargetPolicy.from_strings("0.0.0.0/0,::/0")  # every address denied
+
+    for host in hosts:
+        address = parse_host_address(host)
+        expected = None if address is None else policy.check_address(address)
+        assert policy.check_host(host) == expected, host
+    assert policy.check_host("example.com") is None
+    assert policy.check_host("10.0.0.1") is not None  # an address: judged as one
+
+
 @pytest.mark.parametrize(
     ("address", "embedded"),
     [

@@ -212,6 +212,36 @@ def test_task_counts_follow_every_change_without_a_walk() -> None:
         counted.update({})
 
 
+def test_tasks_loaded_at_once_are_counted_as_one_by_one() -> None:
+    now = datetime.now(UTC)
+    spec = TaskSpec(name="t", url="http://127.0.0.1/")
+    kinds = [
+        {}, {"health": Health.UP}, {"health": Health.DOWN, "status": TaskStatus.PAUSED},
+        {"status": TaskStatus.ERROR, "status_reason": "bad"}, {"health": Health.UP},
+    ]  # fmt: skip
+    tasks = [
+        Task(id=uuid.uuid4(), spec=spec, created_at=now, updated_at=now, **kind) for kind in kinds
+    ]
+    one_by_one = TaskMap()
+    for task in tasks:
+        one_by_one[task.id] = task
+    at_once = TaskMap()
+
+    at_once.load(tasks)
+
+    assert dict(at_once) == dict(one_by_one)
+    assert count_tasks(at_once) == count_tasks(one_by_one) == count_tasks(dict(one_by_one))
+    del at_once[tasks[1].id]  # and changed as ever after
+    assert count_tasks(at_once) == count_tasks(dict(at_once))
+    with pytest.raises(ValueError, match="empty"):
+        at_once.load(tasks[1:2])
+    twice = TaskMap()
+    with pytest.raises(ValueError, match="distinct"):
+        twice.load([tasks[0], tasks[0]])
+    assert not twice
+    assert count_tasks(twice) == count_tasks({})
+
+
 # -- logs -----------------------------------------------------------------------------------
 
 
