@@ -311,9 +311,10 @@ async def _serve(settings: CheckerSettings, stop: asyncio.Event) -> int:
 
 async def _abandon(states: TaskStates, starting: asyncio.Task[None]) -> None:
     """Stop the state topic's reader, started or still starting (a broker that does not
-    answer keeps it waiting)."""
-    starting.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
+    answer keeps it waiting). Not cancelled: its consumer is closed only once no request of
+    it runs on another thread."""
+    states.interrupt()
+    with contextlib.suppress(Exception):  # StateTopicMissing: nothing to say now
         await starting
     await states.stop()
 

@@ -196,9 +196,9 @@ class TaskStates:
         return config
 
     async def start(self, *, follow: bool = True) -> None:
-        """Assign every partition from the beginning and follow (`follow`: at once, else from
-        `follow()` on); StateTopicMissing when the topic does not exist. Waits while the
-        broker does not answer."""
+        """Learn the topic's partitions and follow them from the beginning (`follow`: at once,
+        else from `follow()` on); StateTopicMissing when the topic does not exist. Waits while
+        the broker does not answer, until `interrupt` (then returns, following nothing)."""
         self._consumer = Consumer(self._config())
         warned = False
         while True:
@@ -209,7 +209,10 @@ class TaskStates:
                 if not warned:
                     log.warning("waiting for the broker to read the state topic: %s", exc)
                     warned = True
-                await asyncio.sleep(RETRY_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), RETRY_SECONDS)
+            if self._stopping.is_set():
+                return
         found = metadata.topics.get(self.topic)
         if found is None or found.error is not None or not found.partitions:
             raise StateTopicMissing(f"topic {self.topic} does not exist on the broker")
@@ -228,6 +231,11 @@ class TaskStates:
                 [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self._partitions]
             )
             self._runner = asyncio.create_task(self._run(), name="state-topic")
+
+    def interrupt(self) -> None:
+        """Stop waiting for the broker in `start` (its metadata request in flight, at most
+        5 s, still ends): then `stop`, once `start` returned."""
+        self._stopping.set()
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -247,6 +247,7 @@ def test_a_node_stopped_before_it_could_read_the_topic_exits_0_and_keeps_its_vie
         assert b.proc.poll() is None, b.text()
         assert b.text().count("started:") == starts  # not READY: the topic is not read
         assert b.stop() == 0
+        assert "Traceback" not in b.text()  # nor from the state topic's reader, still starting
     finally:
         broker.start_proxy()
     # Its view was not emptied by the rebuild it began: the same tasks, read without the broker.
