@@ -18,6 +18,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from devstack import create_topics, free_port, stop_process
+from periodic_checker.settings import CheckerSettings
 from periodic_checker.store import MIGRATIONS
 from periodic_checker.tasks import Task
 
@@ -48,6 +49,23 @@ class Topics:
             partitions_of={topics.names: 1},
         )
         return topics
+
+
+def node_settings(
+    kafka: KafkaTarget, topics: Topics, directory: Path, mode: str = "cluster"
+) -> CheckerSettings:
+    """The settings of node-a run in-process: this test's topics, its store in `directory`."""
+    env: dict[str, Any] = {k.lower(): v for k, v in kafka.env().items()}
+    return CheckerSettings(
+        **env,
+        kafka_topic=topics.results,
+        kafka_tasks_topic=topics.tasks,
+        kafka_task_names_topic=topics.names,
+        kafka_task_state_topic=topics.states,
+        checker_mode=mode,
+        checker_node_id="node-a",
+        task_storage=directory / "tasks.sqlite3",
+    )
 
 
 @dataclass

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from checker.nodes import Topics, produce
+from checker.nodes import Topics, node_settings, produce
 
 from checker_common.task_spec import TaskSpec
 from periodic_checker import materialiser
 from periodic_checker.materialiser import Snapshot, TaskTopicFollower, TopicMissing
 from periodic_checker.names import NameClaims
-from periodic_checker.settings import CheckerSettings
 from periodic_checker.store import SQLiteTaskStore, ViewBatch
 from periodic_checker.tasks import Task
 
@@ -64,19 +63,6 @@ def topics(kafka: KafkaTarget) -> Topics:
     return Topics.make(kafka)
 
 
-def settings(kafka: KafkaTarget, topics: Topics, tmp_path: Path, mode: str) -> CheckerSettings:
-    env: dict[str, Any] = {k.lower(): v for k, v in kafka.env().items()}
-    return CheckerSettings(
-        **env,
-        kafka_topic=topics.results,
-        kafka_tasks_topic=topics.tasks,
-        kafka_task_names_topic=topics.names,
-        checker_mode=mode,
-        checker_node_id="node-a",
-        task_storage=tmp_path / "tasks.sqlite3",
-    )
-
-
 def record(name: str, **fields: Any) -> bytes:
     return json.dumps({"spec": {**SPEC, "name": name}, **fields}).encode()
 
@@ -97,7 +83,7 @@ async def test_reading_the_whole_topic_gives_the_last_record_of_each_task(
     store.insert(Task(id=uuid.uuid4(), spec=stale, created_at=now, updated_at=now))
     names = NameClaims()
     follower = TaskTopicFollower(
-        settings(kafka, topics, tmp_path, "cluster"), store, Scheduler(), names=names
+        node_settings(kafka, topics, tmp_path, "cluster"), store, Scheduler(), names=names
     )
     try:
         snapshot = await asyncio.to_thread(follower.read_everything)
@@ -128,7 +114,7 @@ def test_a_task_removed_under_another_spelling_of_its_key_leaves_the_written_vie
     snapshot.last[str(d).encode()] = (0, 2, None)
     store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
     follower = TaskTopicFollower(
-        settings(kafka, topics, tmp_path, "cluster"), store, Scheduler(), names=NameClaims()
+        node_settings(kafka, topics, tmp_path, "cluster"), store, Scheduler(), names=NameClaims()
     )
     rebuild = store.rebuild_view()
     writes = follower.build_view(snapshot, {}, datetime.now(UTC), sink=rebuild)
@@ -166,7 +152,7 @@ def test_a_view_built_from_every_record_as_read_is_the_view_of_each_keys_last_re
     for key, partition, offset, value in records:
         snapshot.last.pop(key, None)
         snapshot.last[key] = (partition, offset, value)
-    config = settings(kafka, topics, tmp_path, "cluster")
+    config = node_settings(kafka, topics, tmp_path, "cluster")
     now = datetime.now(UTC)
     views = []
     for name, build in (("as-read", True), ("last", False)):
@@ -207,7 +193,7 @@ def test_a_view_built_from_every_record_as_read_is_the_view_of_each_keys_last_re
 async def test_a_missing_topic_is_said_at_once(
     kafka: KafkaTarget, topics: Topics, tmp_path: Path
 ) -> None:
-    config = settings(kafka, topics, tmp_path, "cluster")
+    config = node_settings(kafka, topics, tmp_path, "cluster")
     config = config.model_copy(update={"kafka_task_names_topic": f"{topics.names}-missing"})
     store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
     follower = TaskTopicFollower(config, store, Scheduler(), names=NameClaims())
@@ -227,7 +213,7 @@ async def test_a_single_mode_node_waiting_for_its_task_topic_keeps_the_loop_thre
     monkeypatch.setattr(materialiser, "RETRY_SECONDS", 0.01)
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
-    config = settings(kafka, topics, tmp_path, "single")
+    config = node_settings(kafka, topics, tmp_path, "single")
     config = config.model_copy(update={"kafka_tasks_topic": f"{topics.tasks}-missing"})
     store = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
     follower = TaskTopicFollower(config, store, Scheduler(), names=NameClaims())
@@ -248,7 +234,7 @@ async def test_a_writer_waits_until_its_record_is_applied_and_a_failed_batch_com
     store = FailingOnce(tmp_path / "tasks.sqlite3")
     scheduler = Scheduler()
     follower = TaskTopicFollower(
-        settings(kafka, topics, tmp_path, "cluster"), store, scheduler, names=NameClaims()
+        node_settings(kafka, topics, tmp_path, "cluster"), store, scheduler, names=NameClaims()
     )
     try:
         await asyncio.to_thread(follower.read_everything)

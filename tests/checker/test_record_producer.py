@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from checker.nodes import Topics, read_topic
+from checker.nodes import Topics, node_settings, read_topic
 
-from periodic_checker.settings import CheckerSettings
 from periodic_checker.task_topic import RecordProducer
 
 from conftest import KafkaTarget
@@ -26,26 +25,12 @@ def topics(kafka: KafkaTarget) -> Topics:
     return Topics.make(kafka)
 
 
-def settings(kafka: KafkaTarget, topics: Topics, tmp_path: Path) -> CheckerSettings:
-    env: dict[str, Any] = {k.lower(): v for k, v in kafka.env().items()}
-    return CheckerSettings(
-        **env,
-        kafka_topic=topics.results,
-        kafka_tasks_topic=topics.tasks,
-        kafka_task_names_topic=topics.names,
-        kafka_task_state_topic=topics.states,
-        checker_mode="cluster",
-        checker_node_id="node-a",
-        task_storage=tmp_path / "tasks.sqlite3",
-    )
-
-
 @contextlib.asynccontextmanager
 async def running(
     kafka: KafkaTarget, topics: Topics, tmp_path: Path, **options: Any
 ) -> AsyncIterator[RecordProducer]:
     """A started producer of node-a's records, closed after the block."""
-    producer = RecordProducer(settings(kafka, topics, tmp_path), **options)
+    producer = RecordProducer(node_settings(kafka, topics, tmp_path), **options)
     producer.start()
     try:
         yield producer

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
-from checker.nodes import Node, Topics, produce
+from checker.nodes import Node, Topics, node_settings, produce
 
-from periodic_checker.settings import CheckerSettings
 from periodic_checker.task_state import TaskStates
 
 from conftest import KafkaTarget
@@ -25,27 +23,13 @@ def topics(kafka: KafkaTarget) -> Topics:
     return Topics.make(kafka)
 
 
-def settings(kafka: KafkaTarget, topics: Topics, tmp_path: Path) -> CheckerSettings:
-    env: dict[str, Any] = {k.lower(): v for k, v in kafka.env().items()}
-    return CheckerSettings(
-        **env,
-        kafka_topic=topics.results,
-        kafka_tasks_topic=topics.tasks,
-        kafka_task_names_topic=topics.names,
-        kafka_task_state_topic=topics.states,
-        checker_mode="cluster",
-        checker_node_id="node-a",
-        task_storage=tmp_path / "tasks.sqlite3",
-    )
-
-
 async def test_the_state_topic_is_fetched_only_once_followed(
     kafka: KafkaTarget, topics: Topics, tmp_path: Path
 ) -> None:
     # A consumer fetches what is assigned to it whether it is read or not: a node that
     # assigned 100,000 state records while it started held them all at READY.
     produce(kafka, topics.states, b"\x00fence:node-b", b"{}")
-    states = TaskStates(settings(kafka, topics, tmp_path))
+    states = TaskStates(node_settings(kafka, topics, tmp_path))
     await states.start(follow=False)
     try:
         assert states._consumer.assignment() == []
