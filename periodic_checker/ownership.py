@@ -57,7 +57,7 @@ from periodic_checker.task_state import (
     unreleased,
     with_state,
 )
-from periodic_checker.tasks import ResumePlan, Task, at_load, next_fire_time, resume_plan
+from periodic_checker.tasks import ResumePlan, Task, ended_by_now, next_fire_time, resume_plan
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,7 @@ class Ownership:
         task = with_state(task, state, self.positions.position_of(task.id))
         # Ended under the previous owner (its runs, a one-shot that ran), whose record of it
         # may not have arrived yet: not run again.
-        return at_load(task, datetime.now(UTC))
+        return ended_by_now(task, datetime.now(UTC))
 
     def _resume(self, task: Task, state: TaskState | None, now: float) -> ResumePlan | None:
         """Where a task this node takes continues (`_with_state` made it): None for the first

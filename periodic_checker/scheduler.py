@@ -45,7 +45,7 @@ from periodic_checker.store import TaskStore
 from periodic_checker.tasks import (
     Task,
     after_attempt,
-    at_load,
+    ended_by_now,
     next_fire_time,
     one_shot_fire_time,
     planned_fire_time,
@@ -207,7 +207,7 @@ class CheckScheduler:
         loaded: list[Task] = []
         ended = []
         for task in tasks:
-            at_start = at_load(task, now)
+            at_start = ended_by_now(task, now)
             if at_start is not task:
                 ended.append(at_start)
             loaded.append(at_start)
@@ -466,6 +466,14 @@ class CheckScheduler:
                 return
             if attempt > 1 and self.owns is not None and not self.owns(task_id):
                 return  # released: the retry is dropped, as at stop
+            if task.spec.end_at is not None:
+                # `end_at` passed since the last run: the task ends here, unchecked (a retry
+                # after it is dropped the same way).
+                ended = ended_by_now(task, datetime.now(UTC))
+                if ended is not task:
+                    self.tasks[task_id] = ended
+                    self._changed(task, ended)
+                    return
             spec = task.spec
             result = await self._check(
                 task_id, spec, scheduled_at, attempt, planned if attempt == 1 and held else None
@@ -567,23 +575,29 @@ class CheckScheduler:
         task = outcome.task
         if outcome.changed:
             self.tasks[task_id] = task
-            self._mark_changed(current, task)
-            if task.status is not current.status:
-                log.info(
-                    "task %s is now %s: %s", task_id, task.status, task.status_reason,
-                    extra={"task_id": str(task_id)},
-                )  # fmt: skip
-                if task.status is not TaskStatus.ACTIVE:
-                    self._unschedule(task_id)
-                if self.on_status_change is not None:
-                    self.on_status_change(task)
-            if task.health is not current.health:
-                log.info(
-                    "task %s health %s -> %s", task_id, current.health, task.health,
-                    extra={"task_id": str(task_id)},
-                )  # fmt: skip
+            self._changed(current, task)
         self.publisher.publish(task_id, result.model_copy(update={"health": task.health}))
         return outcome.retry_after
+
+    def _changed(self, current: Task, task: Task) -> None:
+        """A task's state changed by itself (a check's outcome, its end): written, logged, its
+        slots dropped once it is no longer active, and told (`on_status_change`)."""
+        task_id = task.id
+        self._mark_changed(current, task)
+        if task.status is not current.status:
+            log.info(
+                "task %s is now %s: %s", task_id, task.status, task.status_reason,
+                extra={"task_id": str(task_id)},
+            )  # fmt: skip
+            if task.status is not TaskStatus.ACTIVE:
+                self._unschedule(task_id)
+            if self.on_status_change is not None:
+                self.on_status_change(task)
+        if task.health is not current.health:
+            log.info(
+                "task %s health %s -> %s", task_id, current.health, task.health,
+                extra={"task_id": str(task_id)},
+            )  # fmt: skip
 
     async def run_now(self, task_id: uuid.UUID) -> CheckResult:
         """One check at once, outside the cadence: health moves and it counts in `manual_runs`;

@@ -444,8 +444,10 @@ def edited(task: Task, spec: TaskSpec, now: datetime) -> Task:
     return task.model_copy(update=update)
 
 
-def at_load(task: Task, now: datetime) -> Task:
-    """An active task whose end time passed while the checker was stopped becomes done."""
+def ended_by_now(task: Task, now: datetime) -> Task:
+    """An active task whose end is reached by `now` becomes done (its end time passed while the
+    checker was stopped, before a task is taken over, or between two of its runs); any other
+    task comes back as it is."""
     if task.status is TaskStatus.ACTIVE:
         reason = end_reason(task.spec, task.runs, now)
         if reason is not None:

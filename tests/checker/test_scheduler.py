@@ -388,6 +388,32 @@ async def test_one_shot_and_end_after_runs_become_done(target: Target, make_chec
     assert stored.status_reason == "ran 2 of 2 runs"
 
 
+async def test_a_task_whose_end_time_passes_between_runs_ends_at_its_next_slot_unchecked(
+    target: Target, make_checker: Any
+) -> None:
+    """`end_at` is the last moment a check may start: the slot after it ends the task (done,
+    written, told) without checking the site once more."""
+    c = await make_checker()
+    told: list[Task] = []
+    c.scheduler.on_status_change = told.append
+    end_at = datetime.now(UTC) + timedelta(seconds=2.5)
+    task = await c.service.create(spec(target, "/ok", interval=1.0, end_at=end_at))
+
+    await wait_until(lambda: c.scheduler.tasks[task.id].status is TaskStatus.DONE)
+
+    ended = c.scheduler.tasks[task.id]
+    assert ended.status_reason == f"end time {end_at.isoformat()} reached"
+    assert c.publisher.of(task.id), "it ran before its end"
+    assert all(r.timestamp < end_at for r in c.publisher.of(task.id))
+    assert ended.runs == len(c.publisher.of(task.id))
+    assert c.scheduler.next_fire(task.id) is None
+    assert [(t.id, t.status) for t in told] == [(task.id, TaskStatus.DONE)]
+    await c.scheduler.flush()
+    stored = c.store.get(task.id)
+    assert stored is not None
+    assert (stored.status, stored.status_reason) == (TaskStatus.DONE, ended.status_reason)
+
+
 async def test_a_target_the_policy_refuses_puts_the_task_in_error(make_checker: Any) -> None:
     c = await make_checker()
     # Created by name (allowed), resolved to a denied address at check time.

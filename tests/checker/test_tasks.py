@@ -19,9 +19,9 @@ from periodic_checker.tasks import (
     ONE_SHOT_SPREAD,
     Task,
     after_attempt,
-    at_load,
     edited,
     end_reason,
+    ended_by_now,
     next_fire_time,
     one_shot_fire_time,
     paused,
@@ -201,10 +201,10 @@ def test_end_after_runs_becomes_done_at_the_last_run() -> None:
 def test_end_at_passed_becomes_done_at_the_next_run_or_at_load() -> None:
     task = make_task(end_at=NOW - timedelta(seconds=1))
     assert attempt(task, ok=True).task.status is TaskStatus.DONE
-    loaded = at_load(task, NOW)
+    loaded = ended_by_now(task, NOW)
     assert loaded.status is TaskStatus.DONE
     assert "end time" in (loaded.status_reason or "")
-    assert at_load(make_task(), NOW).status is TaskStatus.ACTIVE
+    assert ended_by_now(make_task(), NOW).status is TaskStatus.ACTIVE
 
 
 def test_denied_target_becomes_error_with_the_reason_and_no_retry() -> None:
