@@ -396,7 +396,7 @@ async def test_a_task_whose_end_time_passes_between_runs_ends_at_its_next_slot_u
     c = await make_checker()
     told: list[Task] = []
     c.scheduler.on_status_change = told.append
-    end_at = datetime.now(UTC) + timedelta(seconds=2.5)
+    end_at = datetime.now(UTC) + timedelta(seconds=3.5)  # a run or more before it, here too
     task = await c.service.create(spec(target, "/ok", interval=1.0, end_at=end_at))
 
     await wait_until(lambda: c.scheduler.tasks[task.id].status is TaskStatus.DONE)
