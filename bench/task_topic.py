@@ -112,6 +112,20 @@ def task_url(n: int, urls: str) -> str:
     return f"http://site-{n // 4}.bench.example:9/page/{n % 4}"
 
 
+BENCH_SPEC = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
+
+
+def bench_record(n: int, urls: str, now: datetime) -> TaskRecord:
+    """The bench's task record `n`, as another program writes one (no claim, its own origin)."""
+    return TaskRecord(
+        id=uuid.UUID(int=n + 1, version=4),
+        spec=BENCH_SPEC.model_copy(update={"name": f"bench task {n}", "url": task_url(n, urls)}),
+        created_at=now,
+        updated_at=now,
+        origin="bench",
+    )
+
+
 def fill(
     k: Kafka,
     topic: str,
@@ -125,18 +139,11 @@ def fill(
     with `state_topic`, each task's state as the node running it last wrote it (a `running`
     snapshot of another node, `task_state.encode_state`); seconds taken."""
     started = time.monotonic()
-    spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
     now = datetime.now(UTC)
     producer = Producer(k.config(**{"linger.ms": 50, "queue.buffering.max.messages": 200_000}))
     for n in range(records):
-        task_id = uuid.UUID(int=n + 1, version=4)
-        record = TaskRecord(
-            id=task_id,
-            spec=spec.model_copy(update={"name": f"bench task {n}", "url": task_url(n, urls)}),
-            created_at=now,
-            updated_at=now,
-            origin="bench",
-        )
+        record = bench_record(n, urls, now)
+        task_id = record.id
         writes = [(topic, *encode(record))]
         if names_topic is not None:
             name = record.spec.name
@@ -444,18 +451,10 @@ def build(args: argparse.Namespace) -> None:
 
     print(f"machine: {machine()}; lscpu model name: {cpu_model()}")
     n = args.records
-    spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
     now = datetime.now(UTC)
     snapshot = Snapshot()
     for i in range(n):
-        record = TaskRecord(
-            id=uuid.UUID(int=i + 1, version=4),
-            spec=spec.model_copy(update={"name": f"bench task {i}", "url": task_url(i, args.urls)}),
-            created_at=now,
-            updated_at=now,
-            origin="bench",
-        )
-        key, value = encode(record)
+        key, value = encode(bench_record(i, args.urls, now))
         snapshot.last[key] = (i % PARTITIONS, i, value)
     policy = TargetPolicy()
     items = [(key, value) for key, (_, _, value) in snapshot.last.items()]

@@ -6,8 +6,8 @@ of them at the same time, and what handing the tasks made in one process to anot
 
 In-process, no broker: the records are made as `bench/task_topic.py build` makes them (each
 task its own URL), then forked processes (the records already in their memory) time the
-node's per-record step (`decode`, `applied`, the target policy, `judged`: the view's rows
-left out) on all of them, and two at once on half each. The hand-over is half of the tasks
+node's per-record step (`ViewBuilder.add` without a sink: decoding, validating, the task,
+the target policy's judgement; the view's rows left out) on all of them, and two at once on half each. The hand-over is half of the tasks
 pickled, then read back, as a worker process would send them to the node. Each round prints
 a Markdown row: wall and CPU seconds. BENCHMARKS.md, "The slow kind measured", quotes it.
 """
@@ -18,52 +18,42 @@ import argparse
 import gc
 import pickle
 import time
-import uuid
 from datetime import UTC, datetime
 from multiprocessing import get_context
 from typing import Any
 
 from common import cpu_model, machine
+from task_topic import PARTITIONS, bench_record
 
-from checker_common.task_record import TaskRecord, decode, encode
-from checker_common.task_spec import TaskSpec
+from checker_common.task_record import encode
+from periodic_checker.materialiser import TaskRecordRead, TaskTopicFollower
 from periodic_checker.policy import TargetPolicy
-from periodic_checker.task_view import Refusals, applied, judged
-
-Items = list[tuple[bytes, bytes]]
+from periodic_checker.settings import CheckerSettings
 
 
-def records(n: int) -> Items:
+def records(n: int) -> list[TaskRecordRead]:
+    """The bench's records (each task its own URL) as the node reads them: key, partition,
+    offset, value."""
     now = datetime.now(UTC)
-    spec = TaskSpec(name="x", url="http://127.0.0.1:9/", interval=3600, timeout=5)
-    made = []
+    read: list[TaskRecordRead] = []
     for i in range(n):
-        record = TaskRecord(
-            id=uuid.UUID(int=i + 1, version=4),
-            spec=spec.model_copy(
-                update={
-                    "name": f"bench task {i}",
-                    "url": f"http://site-{i // 4}.bench.example:9/page/{i % 4}",
-                }
-            ),
-            created_at=now,
-            updated_at=now,
-            origin="bench",
-        )
-        made.append(encode(record))
-    return made
+        key, value = encode(bench_record(i, "own", now))
+        read.append((key, i % PARTITIONS, i, value))
+    return read
 
 
-def tasks_of(items: Items) -> list[Any]:
-    policy, now = TargetPolicy(), datetime.now(UTC)
-    made = []
-    for key, value in items:
-        task = applied(decode(key, value), None, now)  # type: ignore[arg-type]
-        made.append(judged(task, Refusals(target=policy.check_url(task.spec.url)), now))
-    return made
+def tasks_of(items: list[TaskRecordRead]) -> list[Any]:
+    """The node's own per-record step (`ViewBuilder.add`: decode, make, judge), no rows."""
+    settings = CheckerSettings.model_construct(
+        checker_mode="cluster", checker_node_id="bench", kafka_tasks_topic="t"
+    )
+    follower = TaskTopicFollower(settings, None, None, policy=TargetPolicy())  # type: ignore[arg-type]
+    builder = follower.view_builder({}, datetime.now(UTC))
+    builder.add(items)
+    return [write.task for write in builder.finish()]
 
 
-def timed(items: Items) -> tuple[float, float]:
+def timed(items: list[TaskRecordRead]) -> tuple[float, float]:
     """Wall and CPU seconds of the per-record step over `items`, the collector paused as the
     node pauses it."""
     gc.disable()
