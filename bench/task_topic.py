@@ -19,6 +19,9 @@ READY the bench waits until the node has taken its partitions (the group's first
 and reports when the names topic was read to its end, how long the take took, and the slowest
 and median /status answer meanwhile (the event loop's stalls). The node's modules are compiled
 to bytecode first, as `pip install` leaves a deployed checker (`common.as_installed`).
+`--alternate-env NAME=VALUE` (repeatable) starts every second node with those variables too
+and prints the medians of each kind: a variant beside the plain node, on one broker, in one run
+(the measurement-only switches of `bench/results/ready-levers.patch` are set so).
 
 `visibility`: two cluster-mode nodes on one broker; `--changes` tasks created through node A,
 one at a time; for each, the time from A's answer (201) until node B's API serves the task
@@ -195,7 +198,12 @@ SCHEDULED = re.compile(r"(\d+) tasks scheduled in ([\d.]+) s")
 
 
 def startup_run(
-    k: Kafka, records: int, urls: str, claims: bool, states: bool = False
+    k: Kafka,
+    records: int,
+    urls: str,
+    claims: bool,
+    states: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     topics = make_topics(k)
     fill_s = fill(
@@ -213,7 +221,7 @@ def startup_run(
         notify.settimeout(1.0)
         port = free_port()
         env = {**node_env(k, topics, work / "a.sqlite3", port, "a"),
-               "NOTIFY_SOCKET": str(notify_path)}  # fmt: skip
+               "NOTIFY_SOCKET": str(notify_path), **(extra_env or {})}  # fmt: skip
         load = loadavg()
         log_path = work / "a.log"
         with log_path.open("wb") as log:
@@ -286,9 +294,14 @@ def startup(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}; lscpu model name: {cpu_model()}")
     as_installed()  # the node's modules read as a deployed checker reads them
     runs = []
+    alternate = dict(args.alternate_env)
     with workdir() as work, kafka(work) as k:
         for n in range(args.runs):
-            run = startup_run(k, args.records, args.urls, args.claims, args.states)
+            # With --alternate-env: the even runs (2, 4, ...) with those variables, the odd ones
+            # without, on the same broker, so that the two are compared side by side.
+            extra = alternate if alternate and n % 2 else {}
+            run = startup_run(k, args.records, args.urls, args.claims, args.states, extra)
+            run["variant"] = " ".join(f"{name}={value}" for name, value in extra.items()) or "-"
             runs.append(run)
             print(f"run {n + 1}: {run}", file=sys.stderr)
     columns = [
@@ -317,18 +330,23 @@ def startup(args: argparse.Namespace) -> None:
         ("status_p50_s", "median /status"),
     ]
     print(
-        "| run | tasks | " + " | ".join(label for _, label in columns)
+        "| run | environment | tasks | " + " | ".join(label for _, label in columns)
         + " | VmRSS at READY | load average |"
     )  # fmt: skip
-    print("|---|---|" + "---|" * len(columns) + "---|---|")
+    print("|---|---|---|" + "---|" * len(columns) + "---|---|")
     for n, run in enumerate(runs, 1):
         cells = " | ".join(f"{run[key]:.2f} s" for key, _ in columns)
-        print(f"| {n} | {run['tasks']:,} | {cells} | {run['rss_mb']:.0f} MB | {run['load']} |")
-    medians = " | ".join(
-        f"**{statistics.median(r[key] for r in runs):.2f} s**" for key, _ in columns
-    )
-    rss = statistics.median(r["rss_mb"] for r in runs)
-    print(f"| median | | {medians} | **{rss:.0f} MB** | |")
+        print(
+            f"| {n} | {run['variant']} | {run['tasks']:,} | {cells} | {run['rss_mb']:.0f} MB"
+            f" | {run['load']} |"
+        )
+    for variant in dict.fromkeys(run["variant"] for run in runs):
+        group = [run for run in runs if run["variant"] == variant]
+        medians = " | ".join(
+            f"**{statistics.median(r[key] for r in group):.2f} s**" for key, _ in columns
+        )
+        rss = statistics.median(r["rss_mb"] for r in group)
+        print(f"| median of {len(group)} | {variant} | | {medians} | **{rss:.0f} MB** | |")
 
 
 def visibility_run(k: Kafka, changes: int) -> dict[str, Any]:
@@ -547,6 +565,14 @@ def build(args: argparse.Namespace) -> None:
     print(f"\nload average at the end {loadavg()}")
 
 
+def env_setting(text: str) -> tuple[str, str]:
+    """NAME=VALUE, for --alternate-env."""
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -565,6 +591,15 @@ def main() -> int:
         action="store_true",
         help="each task's state on the state topic too, as the nodes running the tasks leave"
         " it (the node reads that topic from its start as well)",
+    )
+    one.add_argument(
+        "--alternate-env",
+        action="append",
+        default=[],
+        type=env_setting,
+        metavar="NAME=VALUE",
+        help="run every second node with this environment variable too (repeatable), to"
+        " compare a variant side by side with the plain node in one run",
     )
     two = sub.add_parser("visibility", help="a change through A, visible through B")
     two.add_argument("--changes", type=int, default=200)
