@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import operator
 import statistics
@@ -96,16 +97,16 @@ def us(seconds: float) -> str:
 
 def regex() -> None:
     from checker_common.task_spec import compile_pattern
-    from periodic_checker.probe import search_body
+    from periodic_checker.search import search_body
 
     filler = "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 1800
     page = filler[:99_000] + "MARKER" + filler[:994]  # 100 KB, the match near the end
     body = page.encode()
     for label, pattern in (("matching near the end", "MARKER"), ("absent", "absent-pattern")):
         compiled = compile_pattern(pattern)
-        as_bytes = cpu_per_item(lambda c=compiled: c.search(body), 1, 50)
-        as_str = cpu_per_item(lambda c=compiled: c.search(page), 1, 20)
-        via_probe = cpu_per_item(lambda c=compiled: search_body(c, body, "utf-8"), 1, 50)
+        as_bytes = cpu_per_item(functools.partial(compiled.search, body), 1, 50)
+        as_str = cpu_per_item(functools.partial(compiled.search, page), 1, 20)
+        via_probe = cpu_per_item(functools.partial(search_body, compiled, body, "utf-8"), 1, 50)
         print(
             f"regex, 100 KB page, pattern {label}: bytes {us(as_bytes)}, str {us(as_str)} "
             f"({as_str / as_bytes:.0f} x), probe.search_body {us(via_probe)}"
@@ -283,7 +284,7 @@ def records() -> None:
     from itertools import repeat
 
     from checker_processing import consumer
-    from checker_processing.writer import Record
+    from checker_processing.records import Record
 
     messages = kafka_messages(BATCH)
 
@@ -318,7 +319,7 @@ def records() -> None:
 
 
 def tuple_vs_dataclass() -> None:
-    from checker_processing.writer import Record
+    from checker_processing.records import Record
 
     @dataclasses.dataclass(frozen=True)
     class FrozenRecord:
@@ -370,7 +371,8 @@ def decode() -> None:
 
 def prepare_gc() -> None:
     from checker_processing import consumer
-    from checker_processing.writer import Record, prepare
+    from checker_processing.records import Record
+    from checker_processing.writer import prepare
 
     template, down = MessageTemplate(), MessageTemplate(down=True)
     stamp = datetime.now(UTC)
@@ -483,7 +485,7 @@ def re2_worst() -> None:
     body = a_and_b(256 * 1024)
     for instructions in (30, 64, 100, 300, MAX_PATTERN_PROGRAM):
         pattern = hostile(instructions)
-        seconds = cpu_per_item(lambda p=pattern: p.search(body), 1, 3)
+        seconds = cpu_per_item(functools.partial(pattern.search, body), 1, 3)
         per = seconds / len(body) / pattern.programsize
         print(
             f"re2-worst, {pattern.programsize} instructions over 256 KiB of a and b:"
@@ -807,6 +809,11 @@ def view_rows() -> None:
         print(f"view-rows, {label}: {us(cpu_per_item(fn, 100_000, repeats=3))}")
 
 
+def validate_each(model: Any, texts: list[bytes]) -> list[Any]:
+    """Each text validated by `model` (pydantic)."""
+    return [model.model_validate_json(t) for t in texts]
+
+
 def record_decode() -> None:
     import orjson
     from pydantic import ConfigDict, create_model, field_validator
@@ -855,7 +862,7 @@ def record_decode() -> None:
     for model in models.values():  # the first pass over the texts of each is slower
         [model.model_validate_json(t) for t in texts]
     for label, model in models.items():
-        each = cpu_per_item(lambda m=model: [m.model_validate_json(t) for t in texts], BATCH)
+        each = cpu_per_item(functools.partial(validate_each, model, texts), BATCH)
         print(f"record-decode, a definition, {label}: {us(each)}")
 
 

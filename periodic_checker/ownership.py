@@ -57,7 +57,14 @@ from periodic_checker.task_state import (
     unreleased,
     with_state,
 )
-from periodic_checker.tasks import ResumePlan, Task, ended_by_now, next_fire_time, resume_plan
+from periodic_checker.tasks import (
+    TASKS_PER_LOOP_TURN,
+    ResumePlan,
+    Task,
+    ended_by_now,
+    next_fire_time,
+    resume_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +89,6 @@ PARTITIONS_OWNED = Gauge(
 )
 # How long a take waits for its fences; past it, the tasks start from now without the state.
 FENCE_TIMEOUT = 15.0
-# Tasks a take makes between two turns of the event loop (the API, the task topic).
-YIELD_EVERY = 2000
 # How long a count of the tasks owned stands while nothing it depends on changed.
 OWNED_COUNT_SECONDS = 1.0
 # Longest a revoke waits for the handover beyond its checks' grace (states confirmed).
@@ -251,7 +256,7 @@ class Ownership:
                 current = self.scheduler.tasks.get(task_id)
                 if current is not None:
                     made[task_id] = (current, self._with_state(current, state))
-                if n % YIELD_EVERY == 0:
+                if n % TASKS_PER_LOOP_TURN == 0:
                     await asyncio.sleep(0)
             # Say first that this node runs them: a later owner must not continue after an old
             # release once this node has run slots past it.
@@ -262,7 +267,7 @@ class Ownership:
             # nothing runs meanwhile); one changed meanwhile is planned again below.
             planned: dict[uuid.UUID, tuple[Task, Task, ResumePlan | None]] = {}
             for n, task_id in enumerate(self._tasks_of(new), 1):
-                if n % YIELD_EVERY == 0:
+                if n % TASKS_PER_LOOP_TURN == 0:
                     await asyncio.sleep(0)
                 current = self.scheduler.tasks.get(task_id)
                 if current is None:
@@ -303,8 +308,8 @@ class Ownership:
             HANDOVER_SLOTS_SKIPPED.inc(skipped)
             # A chunk at a time: the API reads the store meanwhile (it waits for the store's
             # lock, the event loop with it).
-            for start in range(0, len(changed), YIELD_EVERY):
-                chunk = changed[start : start + YIELD_EVERY]
+            for start in range(0, len(changed), TASKS_PER_LOOP_TURN):
+                chunk = changed[start : start + TASKS_PER_LOOP_TURN]
                 await asyncio.to_thread(self.store.save_states, chunk)
             took = time.monotonic() - started
             self.last_take_seconds = took
@@ -488,8 +493,8 @@ class Ownership:
         """`_states(tasks, RUNNING)`, the event loop let run between chunks (a take's 100,000
         state records are made in about a second)."""
         states: list[TaskState] = []
-        for start in range(0, len(tasks), YIELD_EVERY):
-            states += self._states(tasks[start : start + YIELD_EVERY], StateKind.RUNNING)
+        for start in range(0, len(tasks), TASKS_PER_LOOP_TURN):
+            states += self._states(tasks[start : start + TASKS_PER_LOOP_TURN], StateKind.RUNNING)
             await asyncio.sleep(0)
         return states
 

@@ -22,14 +22,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from periodic_checker.task_state import TaskState, with_state
-from periodic_checker.tasks import Task
+from periodic_checker.tasks import TASKS_PER_LOOP_TURN, Task
 
 log = logging.getLogger(__name__)
 
 # How often the states read since the last pass are applied.
 EVERY_SECONDS = 1.0
-# States applied between two turns of the event loop.
-CHUNK = 2000
 
 
 class States(Protocol):
@@ -102,7 +100,7 @@ class StateMirror:
         latest = self.states.latest
         tasks = self.scheduler.tasks
         for n, task_id in enumerate(self.states.take_fresh(), 1):
-            if n % CHUNK == 0:
+            if n % TASKS_PER_LOOP_TURN == 0:
                 await asyncio.sleep(0)
             state = latest.get(task_id)
             task = tasks.get(task_id)

@@ -158,6 +158,11 @@ def _refused(field: str, message: str) -> ValidationError:
     return ValidationError.from_exception_data("TaskSpec", [error])
 
 
+# Tasks (or their states) handled between two turns of the event loop where thousands are handled
+# at once (a take of partitions, the states read since the last pass): the API and the task topic
+# are answered meanwhile.
+TASKS_PER_LOOP_TURN = 2000
+
 # --- Scheduling math (pure: the clock is an argument) -------------------------------------------
 
 # A one-shot task loaded at start (it never ran before a restart) runs within this many seconds,

@@ -8,7 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== ruff check"; ruff check .
 echo "== ruff format --check"; ruff format --check .
-echo "== mypy"; mypy checker_common periodic_checker checker_processing devstack
+echo "== mypy"; mypy checker_common periodic_checker checker_processing devstack bench/micro.py
 echo "== pytest"
 set +e
 python -m pytest "$@"

@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg2
 import pytest
@@ -23,6 +24,9 @@ from psycopg2 import sql
 from devstack import Broker, create_topics, free_port, make_certs
 
 from helpers import KafkaTarget, _is_setting, tasks_topic_of
+
+if TYPE_CHECKING:
+    from checker.nodes import Topics
 
 # Test modules whose async tests run twice: on uvloop (the loop the daemons run on) and on
 # asyncio's default loop (the probe is a library too). Transports differ between the two.
@@ -119,6 +123,15 @@ def topic(kafka: KafkaTarget) -> str:
         compacted=frozenset({tasks_topic_of(name)}),
     )
     return name
+
+
+@pytest.fixture
+def topics(kafka: KafkaTarget) -> Topics:
+    """Fresh topics for cluster-mode nodes (`checker.nodes.Topics`): results, tasks, names and
+    states, one set per test."""
+    from checker.nodes import Topics  # it reads KafkaTarget from this module
+
+    return Topics.make(kafka)
 
 
 @pytest.fixture(scope="session")

@@ -32,11 +32,6 @@ RACES = 20
 
 
 @pytest.fixture
-def topics(kafka: KafkaTarget) -> Topics:
-    return Topics.make(kafka)
-
-
-@pytest.fixture
 def nodes(kafka: KafkaTarget, topics: Topics, tmp_path: Path) -> Iterator[tuple[Node, Node]]:
     a = Node("node-a", kafka, topics, tmp_path, mode="cluster")
     b = Node("node-b", kafka, topics, tmp_path, mode="cluster")

@@ -58,11 +58,6 @@ class FailingOnce(SQLiteTaskStore):
         super().apply(batch)
 
 
-@pytest.fixture
-def topics(kafka: KafkaTarget) -> Topics:
-    return Topics.make(kafka)
-
-
 def record(name: str, **fields: Any) -> bytes:
     return json.dumps({"spec": {**SPEC, "name": name}, **fields}).encode()
 

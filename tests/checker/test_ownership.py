@@ -57,11 +57,6 @@ def target() -> Iterator[str]:
 
 
 @pytest.fixture
-def topics(kafka: KafkaTarget) -> Topics:
-    return Topics.make(kafka)
-
-
-@pytest.fixture
 def make_node(kafka: KafkaTarget, topics: Topics, tmp_path: Path) -> Iterator[type[Node]]:
     made: list[Node] = []
 

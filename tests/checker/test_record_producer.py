@@ -20,11 +20,6 @@ from helpers import broker_cut
 pytestmark = pytest.mark.kafka
 
 
-@pytest.fixture
-def topics(kafka: KafkaTarget) -> Topics:
-    return Topics.make(kafka)
-
-
 @contextlib.asynccontextmanager
 async def running(
     kafka: KafkaTarget, topics: Topics, tmp_path: Path, **options: Any

@@ -18,11 +18,6 @@ from helpers import start_checker
 pytestmark = pytest.mark.kafka
 
 
-@pytest.fixture
-def topics(kafka: KafkaTarget) -> Topics:
-    return Topics.make(kafka)
-
-
 async def test_the_state_topic_is_fetched_only_once_followed(
     kafka: KafkaTarget, topics: Topics, tmp_path: Path
 ) -> None:

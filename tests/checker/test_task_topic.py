@@ -41,11 +41,6 @@ SPEC = {"name": "shop", "url": DEAD, "interval": 60, "timeout": 5}
 
 
 @pytest.fixture
-def topics(kafka: KafkaTarget) -> Topics:
-    return Topics.make(kafka)
-
-
-@pytest.fixture
 def node(kafka: KafkaTarget, topics: Topics, tmp_path: Path) -> Any:
     one = Node("node-a", kafka, topics, tmp_path)
     yield one
