@@ -6,6 +6,7 @@ statuses, settings errors as one line and exit 2, and the one-line-per-check out
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1  # a check ran and failed: probe, tasks run, check-config
 EXIT_USAGE = 2  # bad arguments or settings, or a request the checker's API refuses (4xx)
 EXIT_UNAVAILABLE = 3  # the checker's API or the database could not be reached, or failed
+# The reader of the output went away (`| head -1`): 128 + SIGPIPE, what a shell reports for
+# `cat` or `grep` in its place; the command stops quietly.
+EXIT_READER_GONE = 141
 EXIT_EPILOG = (
     "exit status: 0 success (probe, tasks run, check-config: the checks passed); 1 a check"
     " failed; 2 bad arguments or settings, or a request the API refused; 3 the API or the"
@@ -107,9 +111,32 @@ class CommandLine:
         fail(self.prog, message, code)
 
     def main(self, argv: list[str] | None = None) -> int:
-        """Parse `argv` (the process's arguments by default) and run the command's handler."""
-        args = self.parser.parse_args(argv)
-        return self.handlers[args.command](args)
+        """Parse `argv` (the process's arguments by default) and run the command's handler.
+
+        A reader that stops reading (`| head -1`) ends the command quietly, status 141."""
+        try:
+            try:
+                args = self.parser.parse_args(argv)
+                return self.handlers[args.command](args)
+            finally:
+                # A closed pipe shows here at the latest, not in Python's flush at exit.
+                sys.stdout.flush()
+        except BrokenPipeError:
+            return reader_gone()
+
+
+def reader_gone() -> int:
+    """Stdout's reader went away: point stdout at /dev/null, so that Python's own flush at
+    exit writes what is still buffered there instead of printing a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (a test's capture): nothing to quiet
+        pass
+    return EXIT_READER_GONE
 
 
 def fail(prog: str, message: str, code: int = EXIT_USAGE) -> NoReturn:

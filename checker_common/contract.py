@@ -87,6 +87,9 @@ NOT_JUDGED: frozenset[ErrorKind] = frozenset({ErrorKind.CHECKER_OVERLOADED})
 MAX_NAME = 200
 MAX_URL = 8192
 MAX_METHOD = 10
+# An HTTP status code has three digits (RFC 9110, 15); the first is 1-9 in what a result holds.
+MIN_STATUS = 100
+MAX_STATUS = 999
 MAX_ERROR_MESSAGE = 2000
 # A checker node's name (CHECKER_NODE_ID): 1-255 printable ASCII characters, no space.
 MAX_NODE = 255
@@ -164,7 +167,9 @@ class CheckResult(BaseModel):
     timestamp: datetime = Field(description="when the check started, ISO 8601 UTC")
     scheduled_at: datetime | None = Field(None, description="when the check was planned to start")
     attempt: int = Field(1, ge=1, description="1 for the first try, then retries")
-    status: int | None = Field(None, ge=100, le=999, description="HTTP status, null if none")
+    status: int | None = Field(
+        None, ge=MIN_STATUS, le=MAX_STATUS, description="HTTP status, null if none"
+    )
     load_time: Seconds = Field(description="seconds from start to last byte or to the failure")
     pattern_search: PatternResult | None = None
     ok: bool
@@ -329,7 +334,7 @@ class PlainBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
     method: Annotated[str, msgspec.Meta(max_length=MAX_METHOD)] = "GET"
     scheduled_at: str | None = None
     attempt: Annotated[int, msgspec.Meta(ge=1, le=_MAX_NUMBER)] = 1
-    status: Annotated[int, msgspec.Meta(ge=100, le=999)] | None = None
+    status: Annotated[int, msgspec.Meta(ge=MIN_STATUS, le=MAX_STATUS)] | None = None
     pattern_search: PatternValue | None = None
     health: HealthValue = "unknown"
     error: PlainError | None = None

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from checker_common.settings import KafkaSettings
@@ -14,8 +19,8 @@ log = logging.getLogger(__name__)
 
 class LibrdkafkaLevels(logging.Filter):
     """librdkafka's syslog level 3 (mapped to ERROR by confluent-kafka) as WARNING for
-    connection failures ("FAIL"): during a broker outage they repeat every few seconds and
-    the client reconnects on its own; an outage that matters shows in the results' delivery."""
+    connection failures ("FAIL"): the client reconnects on its own; an outage that matters
+    shows in the results' delivery. (`LibrdkafkaRepeats` keeps an outage to a few lines.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
@@ -25,11 +30,96 @@ class LibrdkafkaLevels(logging.Filter):
         return True
 
 
+# While a broker is down librdkafka reports each reconnect that fails, per client and broker
+# (a 20 s outage: some 400 lines a daemon). One line per message and this long, at most.
+REPEAT_EVERY_S = 30.0
+# "[thrd:ssl://kafka-1:9093/bootstrap]: ssl://kafka-1:9093/bootstrap: Connect to ... failed"
+THREAD = re.compile(r"^\[thrd:([^\]]*)\]: ")
+NUMBERS = re.compile(r"\d+")
+MAX_REMEMBERED = 1024
+
+
+@dataclass
+class _Seen:
+    """When a message was last logged, and how often it came since."""
+
+    logged_at: float
+    suppressed: int = 0
+
+
+class LibrdkafkaRepeats(logging.Filter):
+    """The same librdkafka message once per `every` seconds: a message is the client, the
+    facility, the broker's thread and the rest of the text without its numbers. When
+    it is logged again, it says how many times it was held back; any other message (a
+    recovery, another broker's failure) is logged at once."""
+
+    def __init__(
+        self, every: float = REPEAT_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.every = every
+        self.clock = clock
+        self.seen: dict[tuple[str, ...], _Seen] = {}
+        # confluent-kafka calls the logger from whichever thread polls each client.
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = repeat_key(record)
+        if key is None:
+            return True
+        now = self.clock()
+        with self.lock:
+            seen = self.seen.get(key)
+            if seen is not None and now - seen.logged_at < self.every:
+                seen.suppressed += 1
+                return False
+            suppressed = seen.suppressed if seen is not None else 0
+            self._forget_old(now)
+            self.seen[key] = _Seen(now)
+        if suppressed:
+            record.msg = f"{record.msg} (%d repeats suppressed)"
+            record.args = (*_tuple_args(record), suppressed)
+        return True
+
+    def _forget_old(self, now: float) -> None:
+        """Keep the table small: messages not seen for a window need no memory (and a flood
+        of distinct ones starts it afresh)."""
+        if len(self.seen) >= MAX_REMEMBERED:
+            self.seen = {k: v for k, v in self.seen.items() if now - v.logged_at < self.every}
+        if len(self.seen) >= MAX_REMEMBERED:
+            self.seen.clear()
+
+
+def repeat_key(record: logging.LogRecord) -> tuple[str, ...] | None:
+    """What makes two librdkafka records the same message; None for a record not shaped like
+    confluent-kafka's (`"%s [%s] %s"`, facility, client name, text), which is never held."""
+    args = record.args
+    if not isinstance(args, tuple) or len(args) != 3:
+        return None
+    facility, client, text = args
+    if not (isinstance(facility, str) and isinstance(client, str) and isinstance(text, str)):
+        return None
+    # The broker's thread as it is (brokers differ by their numbers too), and the text after
+    # it without its numbers ("after 0ms", counts): another failure of the same broker (a
+    # refused certificate after a refused connection) is another message.
+    thread = THREAD.match(text)
+    where = thread[1] if thread else ""
+    rest = text[thread.end() :] if thread else text
+    return (facility, client, where, NUMBERS.sub("#", rest))
+
+
+def _tuple_args(record: logging.LogRecord) -> tuple[object, ...]:
+    return record.args if isinstance(record.args, tuple) else ()
+
+
 def librdkafka_logger() -> logging.Logger:
-    """The logger librdkafka writes to, with `LibrdkafkaLevels` attached once."""
+    """The logger librdkafka writes to, with `LibrdkafkaLevels` and `LibrdkafkaRepeats`
+    attached once."""
     logger = logging.getLogger("librdkafka")
     if not any(isinstance(f, LibrdkafkaLevels) for f in logger.filters):
         logger.addFilter(LibrdkafkaLevels())
+    if not any(isinstance(f, LibrdkafkaRepeats) for f in logger.filters):
+        logger.addFilter(LibrdkafkaRepeats())
     return logger
 
 

@@ -168,6 +168,7 @@ def check_tls_material(settings: KafkaSettings) -> None:
         context.load_verify_locations(cafile=str(settings.kafka_ca_path))
     except (ssl.SSLError, OSError) as exc:
         raise FieldError("kafka_ca_path", f"not a PEM CA certificate ({_reason(exc)})") from None
+    only_ca = _only_ca_certificates(settings.kafka_cert_path)
     password = settings.kafka_cert_pass.get_secret_value() if settings.kafka_cert_pass else None
     try:
         # An empty passphrase callback result makes OpenSSL fail fast instead of prompting.
@@ -175,22 +176,45 @@ def check_tls_material(settings: KafkaSettings) -> None:
             str(settings.kafka_cert_path), str(settings.kafka_key_file), password=password or ""
         )
     except ssl.SSLError as exc:
+        raise _key_problem(settings, _reason(exc), password, only_ca=only_ca) from None
+
+
+def _only_ca_certificates(cert_path: Path) -> bool:
+    """Whether every certificate in `cert_path` is a CA's; FieldError when it holds none.
+
+    OpenSSL loads the certificate before the key and says only "PEM lib" for either, so the
+    certificate is read on its own first: a wrong file is not blamed on the key."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(cert_path))
+    except (ssl.SSLError, OSError) as exc:
         reason = _reason(exc)
-        if _looks_like_passphrase_problem(settings.kafka_key_file, reason):
-            if password:
-                raise FieldError(
-                    "kafka_cert_pass", "wrong passphrase for the key in KAFKA_KEY_FILE"
-                ) from None
-            raise FieldError(
-                "kafka_cert_pass", "KAFKA_KEY_FILE is encrypted; set its passphrase"
-            ) from None
-        if "KEY_VALUES_MISMATCH" in reason.upper() or "key values mismatch" in reason:
-            raise FieldError(
-                "kafka_key_file", "key does not match the certificate in KAFKA_CERT_PATH"
-            ) from None
-        raise FieldError(
-            "kafka_cert_path", f"certificate or key cannot be loaded ({reason})"
-        ) from None
+        if "NO_CERTIFICATE" in reason:
+            reason = "no certificate in the file"
+        raise FieldError("kafka_cert_path", f"not a PEM certificate ({reason})") from None
+    stats = context.cert_store_stats()
+    if not stats["x509"]:  # a file of CRLs only
+        raise FieldError("kafka_cert_path", "not a PEM certificate (no certificate in the file)")
+    return stats["x509_ca"] == stats["x509"]
+
+
+def _key_problem(
+    settings: KafkaSettings, reason: str, password: str | None, *, only_ca: bool
+) -> FieldError:
+    """What is wrong when a readable certificate and its key do not load together."""
+    if "KEY_VALUES_MISMATCH" in reason.upper() or "key values mismatch" in reason:
+        if only_ca:
+            return FieldError(
+                "kafka_cert_path",
+                "a CA certificate, not the client's: it does not match the key in KAFKA_KEY_FILE",
+            )
+        return FieldError("kafka_key_file", "key does not match the certificate in KAFKA_CERT_PATH")
+    if _looks_like_passphrase_problem(settings.kafka_key_file, reason):
+        if password:
+            return FieldError("kafka_cert_pass", "wrong passphrase for the key in KAFKA_KEY_FILE")
+        return FieldError("kafka_cert_pass", "KAFKA_KEY_FILE is encrypted; set its passphrase")
+    # OpenSSL says only "PEM lib" when the file holds no key it can read.
+    return FieldError("kafka_key_file", "not a PEM private key")
 
 
 def _reason(exc: BaseException) -> str:

@@ -60,6 +60,10 @@ MAX_INTERVAL = 7 * 24 * 3600.0
 MIN_INTERVAL = 1.0
 MAX_TIMEOUT = 300.0
 DEFAULT_MAX_BODY = 1_048_576
+# Headers that frame the request's body: the checker writes them from `body` (a task's own
+# would contradict it: a Content-Length on a request without a body makes a server wait for
+# bytes that never come, and both of them together is how requests are smuggled).
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 # Headers whose values are always secret (masked when shown, dropped when a redirect leaves
 # the origin), whether or not the task names them in `secret_headers`.
 CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -183,7 +187,9 @@ class TaskSpec(BaseModel):
     headers: dict[str, str] = Field(
         default_factory=dict,
         max_length=50,
-        description="request headers: token names, values without control characters",
+        description="request headers: token names, values without control characters; each"
+        " name once, whatever its case; no Content-Length or Transfer-Encoding (the checker"
+        " writes them from `body`)",
         json_schema_extra=_headers_schema,
     )
     secret_headers: list[str] = Field(
@@ -273,9 +279,17 @@ class TaskSpec(BaseModel):
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        seen: set[str] = set()
         for name, header in value.items():
             if not HEADER_NAME.match(name):
                 raise ValueError(f"header name {name[:40]!r} is not a valid token")
+            lower = name.lower()
+            if lower in FRAMING_HEADERS:
+                raise ValueError(f"header {name!r} is written by the checker from `body`")
+            # Names are case-insensitive: one of two spellings would be sent, the other dropped.
+            if lower in seen:
+                raise ValueError(f"header {name!r} is given twice (names ignore case)")
+            seen.add(lower)
             if not HEADER_VALUE.match(header):
                 raise ValueError(
                     f"header {name!r} value must not contain CR, LF, NUL or other control"

@@ -161,12 +161,13 @@ def report_command(line: CommandLine, args: argparse.Namespace) -> int:
     try:
         conn = db.connect(settings.postgresql_connection)
         try:
+            report.require_schema(conn)
             rows = report.availability(conn, since, report.resolve_task(conn, task))
         finally:
             conn.close()
     except psycopg2.Error as exc:
         line.fail(f"report: {_first_line(exc, settings)}", code=EXIT_UNAVAILABLE)
-    except report.ReportArgumentError as exc:
+    except (report.ReportArgumentError, report.SchemaMissingError) as exc:
         line.fail(str(exc))
     print(report.render(rows, fmt))
     return EXIT_OK

@@ -23,6 +23,32 @@ class ReportArgumentError(ValueError):
     the message names the option."""
 
 
+class SchemaMissingError(RuntimeError):
+    """The database lacks a table the report reads: it was never migrated. The message says
+    which command creates the schema."""
+
+
+# The tables the report reads; the first migration makes them all.
+_TABLES = ("check_results", "tasks", "incidents")
+
+
+def require_schema(conn: Connection) -> None:
+    """Raise SchemaMissingError when a table the report reads is not in the database (in its
+    search path), rather than let the report fail on it as if the database had failed."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT name FROM unnest(%s::text[]) AS name WHERE to_regclass(name) IS NULL",
+            (list(_TABLES),),
+        )
+        missing = [name for (name,) in cur.fetchall()]
+    conn.rollback()
+    if missing:
+        raise SchemaMissingError(
+            f"report: the database has no schema (no table {', '.join(missing)}): create it"
+            " with `checker-processing migrate` (the processor's `run` also does at start)"
+        )
+
+
 def parse_since(text: str) -> timedelta:
     """`30d`, `24h`, `90m`, `2w` -> a positive duration (pure)."""
     match = _SINCE.match(text.strip())

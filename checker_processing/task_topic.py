@@ -15,6 +15,10 @@ them, so the offsets of both are committed after the rows of both:
   but move neither the task nor its incidents;
 - a record without a task id (`UnusableRecord`) goes to rejected_messages.
 
+Within a batch a task's last record decides, except that a tombstone after a record of the
+task in the batch leaves the row as the two would coming apart: the record's definition, with
+`removed_at` set (a task created and removed at once still shows what it was).
+
 Each task row remembers the position (topic, partition, offset) of the record it was last set
 from; a record at or before that position (a redelivery, a group reading the topic again)
 changes nothing, so applying the topic again from any offset leaves the same rows.
@@ -44,7 +48,8 @@ _PAGE = 10_000
 
 @dataclass(frozen=True, slots=True)
 class TaskRow:
-    """What the last record of a task in a batch does to the task's row (pure data)."""
+    """What a task's last record in a batch (or its definition before a last tombstone) does
+    to the task's row (pure data)."""
 
     task_id: str
     record: Record  # the record itself: its position, and its bytes should it be refused
@@ -63,7 +68,8 @@ class TaskRow:
 
 @dataclass(frozen=True)
 class TaskBatch:
-    """A batch's task records: one row per task (its last record), and the rejections."""
+    """A batch's task records: one row per task (its last record; two when a tombstone follows
+    a record of the task: the record's, then the tombstone's), and the rejections."""
 
     rows: list[TaskRow] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
@@ -86,8 +92,13 @@ class Applied:
 
 
 def plan(records: Sequence[Record]) -> TaskBatch:
-    """Decode task records into one row per task: its last record in the batch (pure)."""
+    """Decode task records into one row per task: its last record in the batch (pure).
+
+    A task whose last record is a tombstone that follows a record of it in the batch gets two
+    rows, that record's then the tombstone's, so the row is left as the two would leave it
+    coming in two batches: the definition, then `removed_at`."""
     last: dict[str, TaskRow] = {}
+    defined: dict[str, TaskRow] = {}  # the definition before a task's last record, a tombstone
     rejected: list[Rejection] = []
     for record in records:
         row = _row(record)
@@ -95,10 +106,24 @@ def plan(records: Sequence[Record]) -> TaskBatch:
             rejected.append(row)
             continue
         before = last.pop(row.task_id, None)
-        if before is not None:
-            row = replace(row, records=before.records + 1)
+        if before is not None and row.removed and not before.removed:
+            defined[row.task_id] = before
+        elif before is not None:
+            earlier = 0 if row.removed else _records(defined.pop(row.task_id, None))
+            row = replace(row, records=before.records + earlier + 1)
         last[row.task_id] = row
-    return TaskBatch([last[task_id] for task_id in sorted(last)], rejected)
+    return TaskBatch(
+        [row for task_id in sorted(last) for row in _rows(defined.get(task_id), last[task_id])],
+        rejected,
+    )
+
+
+def _records(row: TaskRow | None) -> int:
+    return 0 if row is None else row.records
+
+
+def _rows(definition: TaskRow | None, last: TaskRow) -> list[TaskRow]:
+    return [last] if definition is None else [definition, last]
 
 
 def _row(record: Record) -> TaskRow | Rejection:

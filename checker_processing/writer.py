@@ -301,7 +301,7 @@ class Prepared:
     days: frozenset[date]
     checked: tuple[datetime, datetime] | None  # the earliest and latest check time of the rows
     if_all_new: NewRows  # what the tasks and incidents need when every row is new
-    tasks: TaskBatch = field(default=NO_TASKS)  # the batch's task records, one row per task
+    tasks: TaskBatch = field(default=NO_TASKS)  # the batch's task records (task_topic.plan)
 
 
 _topic_of = itemgetter(0)

@@ -160,6 +160,7 @@ class CheckerService:
             },
             max_start_lag=self.scheduler.max_start_lag,
             checks_not_judged=stats.not_judged,
+            runs_failed=stats.runs_failed,
         )
         if self.stalls is not None:
             status.extra["loop_stall_longest_1m"] = self.stalls.longest(STALL_WINDOW)

@@ -168,6 +168,8 @@ class _SchedulerStats(Protocol):
     def skipped_late(self) -> int: ...
     @property
     def in_flight(self) -> int: ...
+    @property
+    def runs_failed(self) -> int: ...
 
 
 class SchedulerView(Protocol):
@@ -244,6 +246,12 @@ class CheckerCollector(Collector):
             "periodic_checker_skipped_overlaps",
             "Fires skipped because the task's previous check was still running",
             stats.skipped_overlap,
+        )
+        yield _counter(
+            "periodic_checker_runs_failed",
+            "Runs that ended in an error of the checker itself instead of a result (each one"
+            " logged with its traceback): a bug to report; the task got no result from it",
+            stats.runs_failed,
         )
         yield _counter(
             "periodic_checker_slots_skipped",

@@ -61,7 +61,9 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from checker_common.contract import (
+    MAX_STATUS,
     MAX_URL,
+    MIN_STATUS,
     CheckError,
     CheckResult,
     ErrorKind,
@@ -204,7 +206,7 @@ def _result(**fields: Any) -> CheckResult:
     status = fields["status"]
     scheduled_at = fields["scheduled_at"]
     if (
-        (status is None or 100 <= status <= 999)
+        (status is None or MIN_STATUS <= status <= MAX_STATUS)
         and (scheduled_at is None or scheduled_at.tzinfo is UTC)
         and fields["attempt"] >= 1
     ):
@@ -614,6 +616,13 @@ class Prober:
                 )
             try:
                 run.headers = time.monotonic()
+                if not MIN_STATUS <= response.status <= MAX_STATUS:
+                    # "HTTP/1.1 000 Zero" parses, but is no status a result can hold.
+                    return CheckError(
+                        kind=ErrorKind.INVALID_RESPONSE,
+                        message=f"malformed response: status code {response.status:03d} is"
+                        f" outside {MIN_STATUS}-{MAX_STATUS}",
+                    )
                 run.status = response.status
                 if https:
                     run.cert_expires_at = certificate_expiry(response.ssl_object())
@@ -702,13 +711,17 @@ class Prober:
         run.truncated = body.truncated
         if body.error is not None:
             return CheckError(kind=ErrorKind.INVALID_RESPONSE, message=_short(body.error))
-        if pattern is not None and body.data:
-            if self._searcher is None:
-                raise RuntimeError("Prober.start() was not called")
-            run.searching = True
-            charset = body_charset(response.charset)
-            found = await self._searcher.search(pattern, body.data, charset, run)
-            run.searching = False
+        if pattern is not None:
+            if not body.data:
+                # A blank page is searched too (it is a common outage): nothing to hand a thread.
+                found = pattern.search(b"") is not None
+            else:
+                if self._searcher is None:
+                    raise RuntimeError("Prober.start() was not called")
+                run.searching = True
+                charset = body_charset(response.charset)
+                found = await self._searcher.search(pattern, body.data, charset, run)
+                run.searching = False
             run.pattern = PatternResult.MATCH if found else PatternResult.NO_MATCH
         return judge(spec, response.status, truncated=body.truncated, pattern=run.pattern)
 
@@ -910,11 +923,15 @@ def body_charset(charset: str | None) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _codec_name(charset: str) -> str | None:
-    """codecs.lookup()'s name for a charset, None if unknown; cached, as every check asks."""
+    """codecs.lookup()'s name for a charset, None if unknown or no text encoding (a server may
+    label its page `rot13`, `base64`, `zlib`, `idna` or `undefined`, codecs Python knows that
+    cannot decode a page with `errors="replace"`); cached, as every check asks."""
     try:
-        return codecs.lookup(charset).name
-    except LookupError:
+        name = codecs.lookup(charset).name
+        b"a\xff".decode(name, errors="replace")  # LookupError or UnicodeError when it cannot
+    except (LookupError, UnicodeError):
         return None
+    return name
 
 
 def certificate_expiry(ssl_object: ssl.SSLObject | None) -> datetime | None:

@@ -133,6 +133,7 @@ class SchedulerStats:
     skipped_late: int = 0  # slots not started: they would have started too late
     skipped_handover: int = 0  # slots that passed while a task moved between nodes
     not_judged: int = 0  # checks the checker held up past twice their time-out
+    runs_failed: int = 0  # runs that ended in an exception instead of a result (a bug: logged)
     in_flight: int = 0
 
 
@@ -430,6 +431,9 @@ class CheckScheduler:
             # Cancelled by stop() after its grace period, which logged it once for all of them.
         except Exception:
             # Errors are data in results; this is a bug, and it must not end the scheduler.
+            # Counted where an operator looks (/status `runs_failed`, a metric), as the task
+            # gets no result from it.
+            self.stats.runs_failed += 1
             log.exception("run of task %s failed", task_id, extra={"task_id": str(task_id)})
         finally:
             self._running.pop(task_id, None)

@@ -11,7 +11,9 @@ shared at load 3-4), so a thread keeps the loop free.
 
 The work of a search is bounded before it starts: `task_spec.compile_pattern` refuses patterns of
 more than MAX_PATTERN_PROGRAM instructions, and a task's instructions x max_body_bytes is at
-most MAX_SEARCH_WORK (about 20 s of one core).
+most MAX_SEARCH_WORK (about 20 s of one core). A body in a charset other than UTF-8 is searched
+re-encoded, up to 3 x its bytes (`searched_size`): up to three times that bound, and its lane
+is chosen by the bytes searched.
 
 Two lanes, each a fixed number of daemon threads with a queue in front. A search whose worst
 case (instructions x bytes) is at most QUICK_WORK (under 1 s) runs in the quick lane, any
@@ -62,8 +64,17 @@ def search_body(pattern: Any, body: bytes, charset: str) -> bool:
     100 KB page (`bench/micro.py regex`).
     """
     if charset not in UTF8_COMPATIBLE:
-        body = body.decode(charset, errors="replace").encode("utf-8")
+        # A codec that cannot read it after all (`probe.body_charset` drops most): as UTF-8.
+        with contextlib.suppress(LookupError, UnicodeError):
+            body = body.decode(charset, errors="replace").encode("utf-8")
     return pattern.search(body) is not None
+
+
+def searched_size(size: int, charset: str) -> int:
+    """The most bytes RE2 searches for a body of `size` bytes in `charset` (pure): a body in
+    another charset is searched re-encoded as UTF-8, at most 3 bytes for each byte read (a
+    character of a one-byte charset, or U+FFFD for a byte that does not decode)."""
+    return size if charset in UTF8_COMPATIBLE else 3 * size
 
 
 def search_work(pattern: Any, size: int) -> int:
@@ -105,7 +116,8 @@ class PatternSearcher:
         not started; one that has runs to its end in its thread, its answer unused."""
         if self._closed:
             raise RuntimeError("the searcher is closed")
-        lane = self._quick if search_work(pattern, len(body)) <= QUICK_WORK else self._slow
+        work = search_work(pattern, searched_size(len(body), charset))
+        lane = self._quick if work <= QUICK_WORK else self._slow
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[bool] = loop.create_future()
         lane.put(_Job(loop, answer, pattern, body, charset, marks))

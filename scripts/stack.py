@@ -12,7 +12,9 @@
     scripts/stack.sh status        which of them run, and each checker's API address
 
 Run state (PID files, logs, the task SQLite files, the nodes' settings, `layout`: how many
-nodes `up` started) lives in `.run/`, which git ignores.
+nodes `up` started, `stack.env`: the STACK_* settings it ran with) lives in `.run/`, which git
+ignores. `down`, `down --purge` and `status` use the recorded settings, not the shell's; the
+next `up` carries on with them unless a STACK_* variable is set again.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 from psycopg2 import sql
@@ -56,18 +60,76 @@ TASKS_TOPIC = "checker-tasks"
 TASK_NAMES_TOPIC = "checker-task-names"
 # Cluster mode: the tasks' run state handed from node to node (docs/ownership.md), compacted.
 TASK_STATE_TOPIC = "checker-task-state"
-DATABASE = os.environ.get("STACK_DATABASE", "periodic_checker")
-ADMIN_DSN = os.environ.get("STACK_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-KAFKA_PORT = int(os.environ.get("STACK_KAFKA_PORT", "9093"))
-KAFKA_PLAIN_PORT = int(os.environ.get("STACK_KAFKA_PLAIN_PORT", "19092"))
-API_PORT = int(os.environ.get("STACK_API_PORT", "8080"))
-METRICS_PORT = int(os.environ.get("STACK_METRICS_PORT", "9108"))
-PAGE_PORT = int(os.environ.get("STACK_PAGE_PORT", "8089"))
 CHECKER = "periodic-checker"
 # Stopped in this order after the checker(s), which go first so they can flush; the broker last.
 OTHERS = ["checker-processing", "example-page", "stunnel", "tansu"]
 # What `up` started: "single", or the number of cluster nodes.
 LAYOUT = RUN / "layout"
+# The STACK_* settings `up` ran with, read back by `down`, `status` and the next `up`.
+RECORD = RUN / "stack.env"
+ENV_HEADER = "# Written by scripts/stack.sh up for the local stack; see .env.prod.example."
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the stack is made of: a database and ports, each the STACK_* variable `variable`
+    names (or its default)."""
+
+    database: str = "periodic_checker"
+    admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    kafka_port: int = 9093
+    kafka_plain_port: int = 19092
+    api_port: int = 8080
+    metrics_port: int = 9108
+    page_port: int = 8089
+
+    @classmethod
+    def of(cls, values: Mapping[str, str]) -> Settings:
+        """The settings named in `values` (STACK_* variables), the defaults for the others."""
+        given: dict[str, Any] = {}
+        for field in fields(cls):
+            name = variable(field.name)
+            if name in values:
+                given[field.name] = int(values[name]) if field.type == "int" else values[name]
+        return replace(cls(), **given)
+
+    def variables(self) -> dict[str, str]:
+        """Every setting under its STACK_* name."""
+        return {variable(f.name): str(getattr(self, f.name)) for f in fields(self)}
+
+
+def variable(field: str) -> str:
+    """The STACK_* variable of a Settings field (`admin_dsn` is STACK_POSTGRES_ADMIN)."""
+    return "STACK_POSTGRES_ADMIN" if field == "admin_dsn" else f"STACK_{field.upper()}"
+
+
+def stack_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """The STACK_* variables set in `environ`."""
+    return {k: v for k, v in environ.items() if k in Settings().variables()}
+
+
+def read_record(path: Path) -> dict[str, str]:
+    """The STACK_* settings recorded at `path` by `up`; empty when there is no record."""
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return stack_variables({key.strip(): value.strip() for key, value in pairs})
+
+
+def write_record(path: Path, settings: Settings) -> None:
+    """Record what `up` makes the stack of, for `down`, `status` and the next `up`."""
+    lines = ["# Written by scripts/stack.sh up: what down, status and the next up use."]
+    lines += [f"{key}={value}" for key, value in settings.variables().items()]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # the admin DSN may hold a password
+
+
+def settings_for(command: str, environ: Mapping[str, str], record: Mapping[str, str]) -> Settings:
+    """`up` takes the STACK_* variables set in the shell and the record for the others (it
+    carries on where it stopped); `down` and `status` take the record over the shell, which
+    they use only when there is none."""
+    shell = stack_variables(environ)
+    return Settings.of({**record, **shell} if command == "up" else {**shell, **record})
 
 
 @dataclass(frozen=True)
@@ -83,11 +145,11 @@ class Node:
         return f"http://127.0.0.1:{self.port}"
 
 
-def checkers(nodes: int | None) -> list[Node]:
+def checkers(nodes: int | None, api_port: int) -> list[Node]:
     """The checker(s) of a layout: None is the single-mode checker, N the cluster's N nodes."""
     if nodes is None:
-        return [Node(CHECKER, API_PORT, ENV_FILE)]
-    return [Node(f"node-{i}", API_PORT + i - 1, RUN / f"node-{i}.env") for i in range(1, nodes + 1)]
+        return [Node(CHECKER, api_port, ENV_FILE)]
+    return [Node(f"node-{i}", api_port + i - 1, RUN / f"node-{i}.env") for i in range(1, nodes + 1)]
 
 
 def recorded_layout() -> int | None:
@@ -96,9 +158,9 @@ def recorded_layout() -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def process_names(nodes: int | None) -> list[str]:
+def process_names(nodes: int | None, api_port: int) -> list[str]:
     """Every process of a layout, in the order `down` stops them."""
-    return [pid_name(node) for node in checkers(nodes)] + OTHERS
+    return [pid_name(node) for node in checkers(nodes, api_port)] + OTHERS
 
 
 def pid_name(node: Node) -> str:
@@ -120,23 +182,24 @@ def running(name: str) -> bool:
     return True
 
 
-def ensure_database() -> str:
-    admin = psycopg2.connect(ADMIN_DSN, connect_timeout=5)
+def ensure_database(stack: Settings) -> str:
+    admin = psycopg2.connect(stack.admin_dsn, connect_timeout=5)
     admin.autocommit = True
     with admin.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (stack.database,))
         if cur.fetchone() is None:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
-            say(f"created database {DATABASE}")
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(stack.database)))
+            say(f"created database {stack.database}")
     admin.close()
-    return f"{ADMIN_DSN.rsplit('/', 1)[0]}/{DATABASE}"
+    return f"{stack.admin_dsn.rsplit('/', 1)[0]}/{stack.database}"
 
 
-def write_env(dsn: str) -> None:
+def write_env(dsn: str, stack: Settings) -> None:
+    """Write .env.prod: the settings `up` manages updated, every other line of it kept."""
     password = (CERTS / "client.pass").read_text().strip()
-    settings = {
+    settings: dict[str, object] = {
         "LOG_LEVEL": "INFO",
-        "KAFKA_CONNECTION": f"localhost:{KAFKA_PORT}",
+        "KAFKA_CONNECTION": f"localhost:{stack.kafka_port}",
         "KAFKA_CA_PATH": CERTS / "ca.pem",
         "KAFKA_CERT_PATH": CERTS / "client.pem",
         "KAFKA_KEY_FILE": CERTS / "client.key",
@@ -145,18 +208,40 @@ def write_env(dsn: str) -> None:
         "KAFKA_TASKS_TOPIC": TASKS_TOPIC,
         "TASK_STORAGE": RUN / "tasks.sqlite3",
         "API_HOST": "127.0.0.1",
-        "API_PORT": API_PORT,
+        "API_PORT": stack.api_port,
         "POSTGRESQL_CONNECTION": dsn,
         "KAFKA_CONSUMER_TOPICS": TOPIC,
         # A short session lets a restarted local processor rejoin in seconds.
         "KAFKA_SESSION_TIMEOUT_MS": 6000,
-        "METRICS_PORT": METRICS_PORT,
+        "METRICS_PORT": stack.metrics_port,
         "BATCH_MAX_MS": 200,
     }
-    lines = ["# Written by scripts/stack.sh up for the local stack; see .env.prod.example."]
-    lines += [f"{key}={value}" for key, value in settings.items()]
-    ENV_FILE.write_text("\n".join(lines) + "\n")
+    ENV_FILE.write_text(merged_env(ENV_FILE.read_text() if ENV_FILE.exists() else "", settings))
     ENV_FILE.chmod(0o600)
+
+
+def merged_env(text: str, settings: Mapping[str, object]) -> str:
+    """`text` (a settings file, empty when there is none) with `settings` in it: each one `up`
+    manages updated where it stands (once) or added at the end; every other line (one the
+    user added, a comment) kept as it is."""
+    lines, done = [], set()
+    for line in text.splitlines() or [ENV_HEADER]:
+        key = setting_of(line)
+        if key is not None and key in settings:
+            if key not in done:
+                lines.append(f"{key}={settings[key]}")
+            done.add(key)
+        else:
+            lines.append(line)
+    lines += [f"{key}={value}" for key, value in settings.items() if key not in done]
+    return "\n".join(lines) + "\n"
+
+
+def setting_of(line: str) -> str | None:
+    """The name a settings line sets, or None (a comment, a blank line)."""
+    if line.lstrip().startswith("#") or "=" not in line:
+        return None
+    return line.split("=", 1)[0].strip()
 
 
 def start_daemon(name: str, *args: str, program: str | None = None) -> None:
@@ -200,9 +285,7 @@ def port_taken(port: int) -> bool:
         return True
 
 
-def api(
-    method: str, path: str, body: dict[str, object] | None = None, port: int = API_PORT
-) -> object:
+def api(method: str, path: str, body: dict[str, object] | None = None, *, port: int) -> object:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
@@ -227,7 +310,7 @@ def wait_for(what: str, probe: object, timeout: float) -> None:
     raise StackError(f"{what} did not happen within {timeout:.0f} s (logs in {RUN})")
 
 
-def add_example_check(port: int) -> None:
+def add_example_check(port: int, page_port: int) -> None:
     tasks = api("GET", "/tasks?q=local%20example", port=port)
     if isinstance(tasks, dict) and tasks.get("tasks"):
         return
@@ -236,7 +319,7 @@ def add_example_check(port: int) -> None:
         "/tasks",
         {
             "name": "local example",
-            "url": f"http://127.0.0.1:{PAGE_PORT}/",
+            "url": f"http://127.0.0.1:{page_port}/",
             "pattern": "periodic-checker example page",
             "interval": 10,
             "timeout": 5,
@@ -254,35 +337,66 @@ def count_rows(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def check_layout(nodes: int | None) -> None:
+def check_layout(nodes: int | None, stack: Settings) -> None:
     """Refuse to mix layouts: a running stack of another layout is taken down first."""
     recorded = recorded_layout()
-    if recorded != nodes and any(running(pid_name(n)) for n in checkers(recorded)):
+    if recorded != nodes and any(running(pid_name(n)) for n in checkers(recorded, stack.api_port)):
         now = "one checker (single mode)" if recorded is None else f"{recorded} cluster nodes"
         raise StackError(f"the stack runs {now}; run `scripts/stack.sh down` first")
-    for node in checkers(nodes):
+    for node in checkers(nodes, stack.api_port):
         if not running(pid_name(node)) and port_taken(node.port):
             raise StackError(f"{node.name}'s API port {node.port} is taken (STACK_API_PORT)")
 
 
-def up(nodes: int | None = None) -> None:
+def check_settings(stack: Settings, record: Mapping[str, str]) -> None:
+    """Refuse to move a running stack: a STACK_* variable set to other than what it runs with
+    waits for `down`."""
+    if not any(running(pid_file.stem) for pid_file in RUN.glob("*.pid")):
+        return
+    for key, value in stack.variables().items():
+        if key in record and record[key] != value:
+            raise StackError(
+                f"the stack runs with {key}={record[key]}; run `scripts/stack.sh down` first"
+            )
+
+
+def check_ports(stack: Settings) -> None:
+    """Refuse a port another program holds (the broker's, the example page's, the processor's
+    metrics), before anything starts; one of this stack's own processes may hold its port."""
+    owners = [
+        ("stunnel", stack.kafka_port, "the broker's TLS port", "STACK_KAFKA_PORT"),
+        ("tansu", stack.kafka_plain_port, "the broker's plain port", "STACK_KAFKA_PLAIN_PORT"),
+        ("example-page", stack.page_port, "the example page's port", "STACK_PAGE_PORT"),
+        ("checker-processing", stack.metrics_port, "the metrics port", "STACK_METRICS_PORT"),
+    ]
+    broker_runs = running("stunnel") and running("tansu")  # else `up` restarts both
+    for name, port, what, key in owners:
+        own = broker_runs if name in ("stunnel", "tansu") else running(name)
+        if not own and port_taken(port):
+            raise StackError(f"{what} {port} is taken ({key})")
+
+
+def up(stack: Settings, record: Mapping[str, str], nodes: int | None = None) -> None:
     RUN.mkdir(exist_ok=True)
-    check_layout(nodes)
+    check_settings(stack, record)
+    check_layout(nodes, stack)
+    check_ports(stack)
     LAYOUT.write_text(f"{'single' if nodes is None else nodes}\n")
+    write_record(RECORD, stack)
     make_certs(CERTS)
     if running("tansu") and running("stunnel"):
-        say(f"broker already runs on localhost:{KAFKA_PORT}")
+        say(f"broker already runs on localhost:{stack.kafka_port}")
     else:
         for name in ("stunnel", "tansu"):
             stop_pid_file(RUN / f"{name}.pid")
-        Broker(RUN, CERTS, tls_port=KAFKA_PORT, plain_port=KAFKA_PLAIN_PORT).start()
-        say(f"broker (tansu) behind mutual TLS (stunnel) on localhost:{KAFKA_PORT}")
-    dsn = ensure_database()
-    write_env(dsn)
+        Broker(RUN, CERTS, tls_port=stack.kafka_port, plain_port=stack.kafka_plain_port).start()
+        say(f"broker (tansu) behind mutual TLS (stunnel) on localhost:{stack.kafka_port}")
+    dsn = ensure_database(stack)
+    write_env(dsn, stack)
     password = (CERTS / "client.pass").read_text().strip()
     create_topics(
         {
-            "bootstrap.servers": f"localhost:{KAFKA_PORT}",
+            "bootstrap.servers": f"localhost:{stack.kafka_port}",
             "security.protocol": "SSL",
             "ssl.ca.location": str(CERTS / "ca.pem"),
             "ssl.certificate.location": str(CERTS / "client.pem"),
@@ -304,7 +418,7 @@ def up(nodes: int | None = None) -> None:
                 sys.executable,
                 "-m",
                 "http.server",
-                str(PAGE_PORT),
+                str(stack.page_port),
                 "--bind",
                 "127.0.0.1",
                 "--directory",
@@ -313,9 +427,9 @@ def up(nodes: int | None = None) -> None:
             RUN / "example-page.log",
             RUN / "example-page.pid",
         )
-    wait_for_port(PAGE_PORT)
+    wait_for_port(stack.page_port)
     start_daemon("checker-processing", "--env-file", str(ENV_FILE), "run")
-    started = checkers(nodes)
+    started = checkers(nodes, stack.api_port)
     for node in started:
         if nodes is not None:
             write_node_env(node)
@@ -326,7 +440,7 @@ def up(nodes: int | None = None) -> None:
             lambda node=node: api("GET", "/health", port=node.port) is not None,
             120,
         )
-    add_example_check(started[0].port)
+    add_example_check(started[0].port, stack.page_port)
     wait_for("a first result in PostgreSQL", lambda: count_rows(dsn) > 0, 90)
     say("the pipeline is up and results are flowing into PostgreSQL")
     if nodes is not None:
@@ -335,9 +449,9 @@ def up(nodes: int | None = None) -> None:
             print(f"  {node.name}: API {node.url}/  settings {node.env_file}")
     print(
         f"""
-  API (and /docs, /metrics):  http://127.0.0.1:{API_PORT}/
+  API (and /docs, /metrics):  http://127.0.0.1:{stack.api_port}/
   results:                    psql {dsn} -c 'SELECT * FROM latest_results'
-  processor metrics:          http://127.0.0.1:{METRICS_PORT}/metrics
+  processor metrics:          http://127.0.0.1:{stack.metrics_port}/metrics
   logs:                       {RUN}/*.log
   settings:                   {ENV_FILE}
   stop everything:            scripts/stack.sh down          (keeps the tasks, results, settings)
@@ -355,7 +469,7 @@ def up(nodes: int | None = None) -> None:
     )
 
 
-def down(purge: bool) -> None:
+def down(stack: Settings, purge: bool) -> None:
     # Whatever checker PID files there are (any layout), then the rest.
     names = sorted(p.stem for p in RUN.glob(f"{CHECKER}*.pid")) + OTHERS
     for name in names:
@@ -363,7 +477,7 @@ def down(purge: bool) -> None:
         if pid_file.exists():
             stop_pid_file(pid_file)
             say(f"stopped {name}")
-    made = f".env.prod, .run/ (tasks, logs) and the database {DATABASE}"
+    made = f".env.prod, .run/ (tasks, logs) and the database {stack.database}"
     if not purge:
         say(f"kept {made}; `scripts/stack.sh down --purge` removes them")
         return
@@ -371,28 +485,30 @@ def down(purge: bool) -> None:
     ENV_FILE.unlink(missing_ok=True)
     if RUN.exists():
         shutil.rmtree(RUN)
-    drop_database()
+    drop_database(stack)
     say(f"removed {made}")
 
 
-def drop_database() -> None:
-    admin = psycopg2.connect(ADMIN_DSN, connect_timeout=5)
+def drop_database(stack: Settings) -> None:
+    admin = psycopg2.connect(stack.admin_dsn, connect_timeout=5)
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE))
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(stack.database)
+            )
         )
     admin.close()
 
 
-def status() -> int:
+def status(stack: Settings) -> int:
     nodes = recorded_layout()
-    for node in checkers(nodes):
+    for node in checkers(nodes, stack.api_port):
         state = "running" if running(pid_name(node)) else "stopped"
         say(f"{pid_name(node)}: {state}, API {node.url}/{owns(node) if nodes else ''}")
     for name in OTHERS:
         say(f"{name}: {'running' if running(name) else 'stopped'}")
-    return 0 if all(running(name) for name in process_names(nodes)) else 1
+    return 0 if all(running(name) for name in process_names(nodes, stack.api_port)) else 1
 
 
 def owns(node: Node) -> str:
@@ -418,6 +534,12 @@ def nodes_of(args: list[str]) -> int | None:
 
 def main(argv: list[str]) -> int:
     command = argv or ["up"]
+    record = read_record(RECORD)
+    try:
+        stack = settings_for(command[0], os.environ, record)
+    except ValueError as exc:
+        print(f"stack: error: a STACK_*_PORT is not a number: {exc}", file=sys.stderr)
+        return 2
     try:
         if command[0] == "up":
             try:
@@ -425,11 +547,11 @@ def main(argv: list[str]) -> int:
             except ValueError as exc:
                 print(f"stack: error: {exc}", file=sys.stderr)
                 return 2
-            up(nodes)
+            up(stack, record, nodes)
         elif command in (["down"], ["down", "--purge"]):
-            down(purge="--purge" in command)
+            down(stack, purge="--purge" in command)
         elif command == ["status"]:
-            return status()
+            return status(stack)
         else:
             print(
                 "usage: scripts/stack.sh up [--nodes N] | down [--purge] | status", file=sys.stderr

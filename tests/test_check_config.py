@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from devstack import create_topics
 
 from helpers import KafkaTarget, run_cli, tasks_topic_of
@@ -97,3 +99,53 @@ def test_check_config_fails_when_storage_is_not_writable(
     result = run_cli("periodic_checker.cli", "check-config", env=env)
     assert result.returncode == 1
     assert any(line.startswith("FAIL task storage") for line in result.stdout.splitlines())
+
+
+def email_channel(ca_file: Path) -> str:
+    return (
+        "[channels.oncall-mail]\n"
+        'type = "email"\n'
+        'host = "smtp.example.net"\n'
+        f'ca_file = "{ca_file}"\n'
+        'from_address = "alerts@example.net"\n'
+        'to = ["oncall@example.net"]\n'
+    )
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+@pytest.mark.parametrize("case", ["missing", "not-pem"])
+def test_processor_refuses_an_email_channel_with_a_bad_ca_file(
+    dev_certs: Path, tmp_path: Path, command: str, case: str
+) -> None:
+    ca_file = tmp_path / "no-such-ca.pem"
+    if case == "not-pem":
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_text("not a certificate\n")
+    alerting = tmp_path / "alerting.toml"
+    alerting.write_text(email_channel(ca_file))
+    env = {
+        "KAFKA_CONNECTION": "localhost:9093",
+        "KAFKA_CA_PATH": str(dev_certs / "ca.pem"),
+        "KAFKA_CERT_PATH": str(dev_certs / "client.pem"),
+        "KAFKA_KEY_FILE": str(dev_certs / "client.key"),
+        "KAFKA_CERT_PASS": (dev_certs / "client.pass").read_text().strip(),
+        "POSTGRESQL_CONNECTION": "postgresql://reporter@127.0.0.1:1/none",
+        "ALERTING_CONFIG": str(alerting),
+    }
+    result = run_cli("checker_processing.cli", command, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "ALERTING_CONFIG" in lines[0]
+    assert "channels.oncall-mail.ca_file" in lines[0]
+    assert str(ca_file) in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    # A PEM CA file is accepted.
+    good = tmp_path / "good.toml"
+    good.write_text(email_channel(dev_certs / "ca.pem"))
+    if command == "check-config":
+        accepted = run_cli(
+            "checker_processing.cli", command, env={**env, "ALERTING_CONFIG": str(good)}
+        )
+        assert "ok   alerting: " in accepted.stdout, accepted.stdout + accepted.stderr

@@ -137,6 +137,60 @@ def test_key_that_does_not_match_the_certificate_is_named(
     assert "KAFKA_KEY_FILE" in result.stderr
 
 
+def bad_client_certificate(case: str, dev_certs: Path, tmp_path: Path) -> Path:
+    """A file given as KAFKA_CERT_PATH that is not the client's certificate."""
+    if case == "empty":
+        empty = tmp_path / "empty.pem"
+        empty.write_text("")
+        return empty
+    if case == "not-pem":
+        text = tmp_path / "hostname"
+        text.write_text("checker-1\n")
+        return text
+    if case == "the-key":
+        return dev_certs / "client.key"
+    return dev_certs / "ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("empty", "not a PEM certificate"),
+        ("not-pem", "not a PEM certificate"),
+        ("the-key", "not a PEM certificate"),
+        ("ca", "does not match the key"),
+    ],
+)
+@pytest.mark.parametrize(("daemon", "command"), [(CHECKER, "run"), (PROCESSOR, "check-config")])
+def test_bad_client_certificate_is_named_not_blamed_on_the_passphrase(
+    good_env: dict[str, str],
+    dev_certs: Path,
+    tmp_path: Path,
+    case: str,
+    words: str,
+    daemon: str,
+    command: str,
+) -> None:
+    cert = bad_client_certificate(case, dev_certs, tmp_path)
+    result = run_cli(daemon, command, env={**good_env, "KAFKA_CERT_PATH": str(cert)})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert ": error: KAFKA_CERT_PATH: " in lines[0]
+    assert words in lines[0]
+    assert "passphrase" not in lines[0]
+    assert result.stdout == ""
+
+
+def test_key_file_that_holds_no_key_is_named(good_env: dict[str, str], tmp_path: Path) -> None:
+    garbage = tmp_path / "client.key"
+    garbage.write_text("not a key\n")
+    result = run_cli(CHECKER, "run", env={**good_env, "KAFKA_KEY_FILE": str(garbage)})
+    assert result.returncode == 2
+    assert ": error: KAFKA_KEY_FILE: not a PEM private key" in result.stderr
+    assert "passphrase" not in result.stderr
+
+
 def test_unreadable_certificate_is_named(good_env: dict[str, str], tmp_path: Path) -> None:
     garbage = tmp_path / "ca.pem"
     garbage.write_text("not a certificate\n")

@@ -10,13 +10,23 @@ filter.
 from __future__ import annotations
 
 import re
+import ssl
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from checker_common.settings import readable_file
 from checker_common.task_spec import TAG_PATTERN
 from checker_common.urls import InvalidURL, parse_url
 
@@ -36,6 +46,19 @@ def _http_url(value: str) -> str:
         parse_url(value)
     except InvalidURL as exc:
         raise ValueError(str(exc)) from None
+    return value
+
+
+def _pem_ca_file(value: str) -> str:
+    """`value` when it names a readable file of PEM CA certificates; ValueError otherwise.
+
+    Read as the mail sender will read it, so a wrong file stops the daemon at start (and
+    fails `check-config`) rather than every notification of the channel."""
+    path = readable_file(Path(value))
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError):
+        raise ValueError(f"not a PEM CA certificate: {path}") from None
     return value
 
 
@@ -98,6 +121,11 @@ class EmailChannel(_Strict):
     max_per_minute: int = Field(
         20, ge=1, le=10000, description="individual notifications a minute; the rest: a summary"
     )
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, value: str | None) -> str | None:
+        return None if value is None else _pem_ca_file(value)
 
     @model_validator(mode="after")
     def _login(self) -> EmailChannel:

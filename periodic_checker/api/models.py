@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from pydantic.fields import FieldInfo
 
-from checker_common.contract import CheckResult, Health
+from checker_common.contract import SAFE_TEXT_PATTERN, CheckResult, Health
 from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.task_service import CURSOR_PATTERN, ServiceStatus
 from periodic_checker.tasks import Task
@@ -83,7 +83,14 @@ class TaskListQuery(BaseModel):
 
     status: TaskStatus | None = None
     health: Health | None = None
-    q: str | None = Field(None, min_length=1, max_length=200, description="text in the name or URL")
+    q: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        # Names hold no control characters, and SQLite's LIKE ends the pattern at a NUL.
+        pattern=SAFE_TEXT_PATTERN,
+        description="text in the name or URL; no control characters",
+    )
     limit: int = Field(100, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(
         None, pattern=CURSOR_PATTERN, description="next_cursor of the previous page"

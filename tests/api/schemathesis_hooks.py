@@ -22,6 +22,7 @@ DEFAULT_MAX_BODY = 1_048_576
 MAX_PROGRAM = 1000  # "compiles to at most 1000 RE2 instructions"
 MAX_SEARCH_WORK = 2**32  # "instructions x max_body_bytes at most 2^32"
 MASK = "***"
+FRAMING = {"content-length", "transfer-encoding"}
 SPEC_OPERATIONS = {("POST", "/tasks"), ("PUT", "/tasks/{id}")}
 DENIED = [ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10")]
 
@@ -62,6 +63,11 @@ def _spec_keeps_its_rules(body: dict[str, Any], *, partial: bool = False) -> boo
         if isinstance(cap, int) and size * cap > MAX_SEARCH_WORK:
             return False
     headers = body.get("headers")
+    if isinstance(headers, dict):
+        # "each name once, whatever its case; no Content-Length or Transfer-Encoding"
+        names = [str(name).lower() for name in headers]
+        if len(set(names)) < len(names) or FRAMING & set(names):
+            return False
     secret = body.get("secret_headers")
     if isinstance(secret, list):
         # "names of headers (in `headers`)": a patch cannot see the stored headers.

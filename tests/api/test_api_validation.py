@@ -108,6 +108,13 @@ BODY_CASES: list[tuple[str, Any, int, str, str]] = [
     ("header value DEL", {**OK, "headers": {"X-A": "a\u007f"}}, 422, "headers", "control"),
     ("header value VT", {**OK, "headers": {"X-A": "a\u000bb"}}, 422, "headers", "control"),
     ("header value NUL", {**OK, "headers": {"X-A": "a\u0000"}}, 422, "headers", "NUL"),
+    # The checker writes the body's framing itself; a task's own would contradict it.
+    ("Content-Length header", {**OK, "headers": {"Content-Length": "5"}}, 422, "headers", "body"),
+    ("Transfer-Encoding header", {**OK, "headers": {"transfer-encoding": "chunked"}}, 422,
+     "headers", "body"),
+    # Names ignore case: one of the two would be sent, the other dropped.
+    ("header twice in two cases", {**OK, "headers": {"X-A": "1", "x-a": "2"}}, 422, "headers",
+     "twice"),
     # The status ranges are what the pattern in the document says.
     ("status code 600", {**OK, "accepted_statuses": "200-600"}, 422, STATUSES, "100-599"),
     ("status code 000", {**OK, "accepted_statuses": "000"}, 422, STATUSES, "100-599"),
@@ -240,6 +247,8 @@ async def test_a_malformed_id_is_422_naming_id(client: Client, path: str) -> Non
         ({"sort": "name"}, "sort"),
         ({"cursor": "0"}, "cursor"),
         ({"cursor": "WyIyMDI2LTExLTI3IiwgIngiXQ"}, "cursor"),  # the old base64 cursors
+        ({"q": "\u0000zzzz"}, "q"),  # SQLite's LIKE ended the text at the NUL: every task
+        ({"q": "a\u001bb"}, "q"),
     ],
 )
 async def test_bad_list_queries_name_the_parameter(

@@ -266,7 +266,8 @@ ROWS = [
     ),
     Row("head", "http", "/ok", 200, None, None, {**HELLO, "method": "HEAD"}),
     Row("no-content", "http", "/no-content", 204, None, None, HELLO),
-    Row("empty-body", "http", "/empty", 200, None, None, HELLO),
+    # A blank page is searched like any other (it was passed unsearched: a false "up").
+    Row("empty-body", "http", "/empty", 200, ErrorKind.PATTERN, NO_MATCH, HELLO),
     # A longer body is searched up to the cap; it fails for its size only when asked.
     Row("body-over-cap", "http", "/bytes?size=5000", 200, None, MATCH, {**A_4096}),
     Row(
@@ -587,6 +588,77 @@ async def test_an_error_message_holds_no_control_character_a_server_sent(
     assert not UNSAFE.search(result.error.message), result.error.message
     _, value = encode(TASK, result)
     assert decode(value).result.error == result.error
+
+
+async def check_raw(prober: Prober, raw: bytes, **fields: Any) -> Any:
+    """The result of a check of a server that answers every request with `raw`, then closes."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await prober.check(TASK, spec(f"http://127.0.0.1:{port}/", **fields))
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["http1", "aiohttp"])
+@pytest.mark.parametrize("code", ["000", "099"])
+async def test_a_status_code_below_100_is_an_invalid_response_not_a_silence(
+    code: str, keepalive: bool, prober: Prober
+) -> None:
+    # It parses, but no result can hold it: the check raised instead of giving one, every
+    # time, and the task stayed `unknown` with nothing counted.
+    raw = f"HTTP/1.1 {code} Zero\r\nContent-Length: 2\r\n\r\nOK".encode()
+    result = await check_raw(prober, raw, pattern="OK", keepalive=keepalive)
+
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.INVALID_RESPONSE
+    assert f"status code {code} is outside 100-999" in result.error.message
+    assert result.status is None
+    _, value = encode(TASK, result)
+    assert decode(value).result == result
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["http1", "aiohttp"])
+async def test_a_blank_page_fails_a_pattern_that_must_be_present(
+    keepalive: bool, prober: Prober
+) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    result = await check_raw(prober, raw, pattern="Welcome", keepalive=keepalive)
+
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.PATTERN
+    assert result.status == 200
+    assert result.pattern_search is NO_MATCH
+    absent = await check_raw(
+        prober, raw, pattern="Welcome", pattern_fails_when="present", keepalive=keepalive
+    )
+    assert absent.ok
+    assert absent.pattern_search is NO_MATCH
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["http1", "aiohttp"])
+@pytest.mark.parametrize("charset", ["rot13", "base64", "zlib", "idna", "undefined"])
+async def test_a_charset_that_names_no_text_encoding_is_read_as_utf_8(
+    charset: str, keepalive: bool, prober: Prober
+) -> None:
+    # Codecs Python knows, but that cannot decode a page: a healthy page was reported down.
+    body = "OK, caf\u00e9".encode()
+    raw = (
+        f"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset={charset}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    result = await check_raw(prober, raw, pattern="caf\u00e9", keepalive=keepalive)
+
+    assert result.ok, result.error
+    assert result.pattern_search is MATCH
 
 
 # --- certificate parsing -----------------------------------------------------------------

@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestServer
 from checker_common.contract import CheckResult, ErrorKind, Health
 from checker_common.task_spec import TaskSpec, TaskStatus
 from periodic_checker.checker_service import CheckerService
+from periodic_checker.metrics import CheckerCollector
 from periodic_checker.policy import TargetPolicy
 from periodic_checker.probe import Prober
 from periodic_checker.scheduler import (
@@ -330,6 +331,38 @@ async def test_a_slot_that_cannot_start_in_time_is_skipped_and_counted_not_run_l
     # A skipped slot publishes nothing and is not a run: each run left one result.
     for task in [hog, *others]:
         assert c.scheduler.tasks[task.id].runs == len(c.publisher.of(task.id))
+
+
+class BrokenPublisher(RecordingPublisher):
+    """A publisher with a bug: it raises for every result of one task."""
+
+    broken: uuid.UUID | None = None
+
+    def publish(self, task_id: uuid.UUID, result: CheckResult) -> None:
+        if task_id == self.broken:
+            raise RuntimeError("a bug in the publisher")
+        super().publish(task_id, result)
+
+
+async def test_a_run_that_ends_in_an_error_of_the_checker_is_counted_where_operators_look(
+    target: Target, make_checker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Such a run gives its task no result: counted, or a task that fails so on every run
+    # (a site answering "HTTP/1.1 000", before it was handled) only shows as never checked.
+    c = await make_checker()
+    broken = BrokenPublisher()
+    c.scheduler.publisher = broken
+    healthy = await c.service.create(spec(target, "/ok"))
+    silenced = await c.service.create(spec(target, "/ok"))
+    broken.broken = silenced.id
+    await broken.wait_for(lambda: len(broken.of(healthy.id)) >= 2, "the healthy task's results")
+    await wait_until(lambda: c.scheduler.stats.runs_failed >= 2)
+
+    assert c.service.status().extra["runs_failed"] == c.scheduler.stats.runs_failed
+    metrics = {m.name: m for m in CheckerCollector(c.scheduler, None).collect()}
+    assert metrics["periodic_checker_runs_failed"].samples[0].value >= 2
+    assert f"run of task {silenced.id} failed" in caplog.text
+    assert broken.of(silenced.id) == []
 
 
 async def test_retries_come_before_down_and_health_moves_after_the_last_attempt(

@@ -216,6 +216,26 @@ def test_report_and_migrate_commands(schema_dsn: str) -> None:
     assert (other.returncode, other.stdout) == (0, "no results in this window\n")
 
 
+def test_report_on_a_database_never_migrated_says_how_to_make_the_schema(
+    schema_dsn: str,
+) -> None:
+    """No schema is a setup to fix (exit 2), not a database to wait for (3): one line saying
+    what is missing and the command that creates it; the report creates nothing itself."""
+    env = {"POSTGRESQL_CONNECTION": schema_dsn}
+    done = run_cli("checker_processing.cli", "report", "--since", "24h", env=env)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr == (
+        "checker-processing: error: report: the database has no schema (no table"
+        " check_results, tasks, incidents): create it with `checker-processing migrate`"
+        " (the processor's `run` also does at start)\n"
+    )
+    conn = db.connect(schema_dsn)
+    try:
+        assert scalar(conn, "SELECT to_regclass('schema_migrations')::text") is None
+    finally:
+        conn.close()
+
+
 def test_report_takes_a_task_name_or_id(loaded: Any, schema_dsn: str) -> None:
     env = {"POSTGRESQL_CONNECTION": schema_dsn}
     report = ["checker_processing.cli", "report", "--since", "5000w", "--format", "json"]

@@ -309,6 +309,45 @@ def test_a_task_removed_before_the_processor_knew_it_stays_removed(
     assert latest(migrated) == []
 
 
+def test_a_record_and_its_tombstone_in_one_batch_leave_the_definition_removed(
+    writer: Writer, migrated: Any
+) -> None:
+    """As if they came apart: the record's definition, then `removed_at`; once more after a
+    removal, and a redelivery of the batch changes nothing."""
+    batch = [change(A, 0, name="shop", tags=["prod"]), tombstone(A, 1, at(2))]
+    assert writer.write(batch) == Outcome(task_changes=2)
+    row = task(migrated, A)
+    assert (row["name"], row["url"], row["status"], row["tags"], row["removed_at"]) == (
+        "shop", "https://shop.test/health", "active", ["prod"], at(2),
+    )  # fmt: skip
+    assert row["record_offset"] == 1
+    assert writer.write(batch) == Outcome(duplicates=2)
+
+    again = [change(A, 2, name="store"), change(A, 3, name="blog"), tombstone(A, 4, at(5))]
+    assert writer.write(again) == Outcome(task_changes=3)
+    row = task(migrated, A)
+    assert (row["name"], row["removed_at"], row["record_offset"]) == ("blog", at(5), 4)
+    assert latest(migrated) == []
+
+
+def test_a_tombstone_after_a_record_in_a_batch_keeps_the_record_before_it() -> None:
+    planned = task_topic.plan(
+        [
+            change(A, 0, name="first"),
+            tombstone(A, 1, at(1)),
+            change(A, 2, name="second"),
+            tombstone(A, 3, at(3)),
+            tombstone(A, 4, at(4)),
+            tombstone(B, 5, at(5)),
+        ]
+    )
+    assert [(row.task_id, row.removed, row.name, row.records) for row in planned.rows] == [
+        (str(A), False, "second", 3),
+        (str(A), True, None, 2),
+        (str(B), True, None, 1),
+    ]
+
+
 def test_a_tombstone_without_a_kafka_time_is_dated_by_the_database(
     writer: Writer, migrated: Any
 ) -> None:
@@ -466,3 +505,63 @@ def test_retention_drops_a_task_removed_before_the_first_kept_day(
     retention.maintain(migrated, datetime.now(UTC).date(), retention_days=90)
     assert rows(migrated, "SELECT task_id::text FROM tasks") == [(str(B),)]  # removed lately
     assert incidents(migrated, A) == []
+
+
+@pytest.mark.kafka
+def test_a_task_created_and_removed_by_another_program_keeps_its_row(
+    kafka: Any, topic: str, schema_dsn: str, migrated: Any
+) -> None:
+    """A record and then a tombstone of one task, produced as the README's example producer
+    does: the task's row holds the record's definition and `removed_at`, whether the two come
+    in one batch (A: both on the topic before the processor starts) or apart (B)."""
+    tasks = f"{topic}-tasks"
+    create_topics(kafka.client_config(), [tasks], partitions=3)
+    settings = ProcessorSettings.model_validate(
+        {
+            **{k.lower(): v for k, v in kafka.env().items()},
+            "postgresql_connection": schema_dsn,
+            "kafka_consumer_topics": topic,
+            "kafka_tasks_topic": tasks,
+            "kafka_consumer_group": f"g-{uuid.uuid4().hex[:8]}",
+        }
+    )
+
+    def definition(task_id: uuid.UUID, name: str) -> tuple[str, bytes, bytes]:
+        spec = {"name": name, "url": f"https://{name}.example.net/health", "interval": 30,
+                "timeout": 5}  # fmt: skip
+        value = {"schema_version": 1, "id": str(task_id), "spec": spec}
+        return (tasks, str(task_id).encode(), orjson.dumps(value))
+
+    def shown(task_id: uuid.UUID) -> tuple[Any, ...] | None:
+        found = rows(
+            migrated,
+            "SELECT name, url, status, removed_at IS NOT NULL FROM tasks WHERE task_id = %s",
+            str(task_id),
+        )
+        return found[0] if found else None
+
+    produce(kafka, [definition(A, "shop"), (tasks, str(A).encode(), None)])
+    consumer = Consumer(consumer_config(settings))
+    stop = threading.Event()
+    writer = Writer(partial(db.connect, schema_dsn), 4096, window=WIDE_WINDOW, tasks_topic=tasks)
+    processor = Processor(
+        consumer, writer, topics=settings.subscribed_topics, batch_max_messages=500,
+        batch_max_ms=100, stop=stop,
+    )  # fmt: skip
+    thread = threading.Thread(target=processor.run)
+    thread.start()
+    try:
+        wait_for(lambda: shown(A) is not None, "task A's row", 60)
+        assert shown(A) == ("shop", "https://shop.example.net/health", "active", True)
+
+        produce(kafka, [definition(B, "blog")])
+        wait_for(lambda: shown(B) is not None, "task B's row", 60)
+        produce(kafka, [(tasks, str(B).encode(), None)])
+        wait_for(lambda: (shown(B) or ())[-1:] == (True,), "task B's removal", 60)
+        assert shown(B) == ("blog", "https://blog.example.net/health", "active", True)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    # Set last from the tombstone: a redelivery of either record changes nothing.
+    assert task(migrated, A)["record_offset"] == 1
+    assert scalar(migrated, "SELECT count(*) FROM rejected_messages") == 0
