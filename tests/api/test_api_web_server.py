@@ -201,6 +201,11 @@ async def test_a_request_without_a_host_header_is_refused(served: Served) -> Non
 
     assert status == 421
     assert orjson.loads(body)["error"] == "host_not_allowed"
+    # HTTP/1.1 requires the header: without it the request is malformed (docs/api.md).
+    status, _, body = head_and_body(await served.exchange(b"GET /tasks HTTP/1.1\r\n\r\n"))
+
+    assert status == 400
+    assert orjson.loads(body)["error"] == "bad_request"
 
 
 async def test_a_slow_request_head_is_cut_off(served: Served) -> None:
