@@ -211,7 +211,7 @@ class TaskSpec(BaseModel):
         min_length=1,
         max_length=4096,
         description="RE2 regular expression that compiles to at most 1000 RE2 instructions;"
-        " instructions x max_body_bytes at most 2^32",
+        " instructions x max_body_bytes at most 2^32; not with method HEAD (no body to search)",
     )
     pattern_fails_when: Literal["absent", "present"] = "absent"
     accepted_statuses: str = Field(
@@ -333,8 +333,12 @@ class TaskSpec(BaseModel):
 
     @field_validator("pattern")
     @classmethod
-    def _pattern_compiles(cls, value: str | None) -> str | None:
+    def _pattern_compiles(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
+            # A HEAD response has no body: the pattern would never be searched, and the check
+            # would pass as if it had been.
+            if info.data.get("method") == "HEAD":
+                raise ValueError("a HEAD request gets no body to search; use GET")
             compile_pattern(value)
         return value
 

@@ -44,6 +44,11 @@ def filter_case(context: Any, case: Any) -> bool:
         # a patch that moves only one of interval and timeout may break "timeout < interval".
         if ("interval" in body) != ("timeout" in body):
             return False
+        # The same for "not with method HEAD": the stored method or pattern is not in the case.
+        if ("method" in body) != ("pattern" in body) and (
+            body.get("method") == "HEAD" or isinstance(body.get("pattern"), str)
+        ):
+            return False
         return _spec_keeps_its_rules(body, partial=True)
     return True
 
@@ -55,6 +60,8 @@ def _spec_keeps_its_rules(body: dict[str, Any], *, partial: bool = False) -> boo
     if numbers and timeout >= interval:  # "timeout: seconds; below the interval"
         return False
     pattern = body.get("pattern")
+    if isinstance(pattern, str) and body.get("method") == "HEAD":
+        return False  # "not with method HEAD"
     if isinstance(pattern, str):
         size = _re2_program_size(pattern)  # "RE2 regular expression"
         if size is None or size > MAX_PROGRAM:

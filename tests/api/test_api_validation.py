@@ -68,6 +68,8 @@ BODY_CASES: list[tuple[str, Any, int, str, str]] = [
     ("empty name", {**OK, "name": ""}, 422, "name", "at least 1"),
     ("wrong method", {**OK, "method": "TRACE"}, 422, "method", "GET"),
     ("bad status ranges", {**OK, "accepted_statuses": "200-"}, 422, "accepted_statuses", "ranges"),
+    # A HEAD response has no body: the pattern would never be searched, and the check pass.
+    ("pattern with HEAD", {**OK, "method": "HEAD", "pattern": "ok"}, 422, "pattern", "HEAD"),
     ("retries negative", {**OK, "retries": -1}, 422, "retries", "greater than or equal"),
     ("interval a string", {**OK, "interval": "often"}, 422, "interval", "number"),
     ("body is a list", [OK], 422, "body", "JSON object"),

@@ -117,8 +117,7 @@ def curl_outcome(spec: TaskSpec, exit_code: int, written: str, body: bytes, stde
         and status is not None
         and status >= 200
         and status not in (204, 304)
-        and body
-    ):
+    ):  # an empty body is searched too (a blank page fails a pattern that must be present)
         charset = body_charset(content_charset(content_type))
         pattern = "match" if search_body(spec.compiled_pattern, body, charset) else "no_match"
     if exit_code == 0:

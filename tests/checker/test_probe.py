@@ -264,7 +264,7 @@ ROWS = [
         NO_MATCH,
         {"pattern": "error", "pattern_fails_when": "present"},
     ),
-    Row("head", "http", "/ok", 200, None, None, {**HELLO, "method": "HEAD"}),
+    Row("head", "http", "/ok", 200, None, None, {"method": "HEAD"}),
     Row("no-content", "http", "/no-content", 204, None, None, HELLO),
     # A blank page is searched like any other (it was passed unsearched: a false "up").
     Row("empty-body", "http", "/empty", 200, ErrorKind.PATTERN, NO_MATCH, HELLO),
