@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from checker_common.cli import EXIT_READER_GONE
+
+from helpers import http_server
 
 
 class FakeApi(BaseHTTPRequestHandler):
@@ -41,14 +42,8 @@ class FakeApi(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeApi)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(FakeApi) as url:
+        yield url
 
 
 def run_into_a_closed_pipe(module: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -11,19 +11,18 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from checker.nodes import DEADLINE, Node, Topics, read_topic
 
 from conftest import KafkaTarget
-from helpers import wait_for
+from helpers import http_server, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -46,14 +45,8 @@ class _Ok(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(_Ok) as url:
+        yield f"{url}/"
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -418,12 +419,8 @@ def produce(kafka: Any, messages: list[tuple[str, bytes, bytes | None]]) -> None
     assert producer.flush(60) == 0
 
 
-@pytest.mark.kafka
-def test_the_processor_follows_the_task_topic_beside_the_results(
-    kafka: Any, topic: str, schema_dsn: str, migrated: Any
-) -> None:
-    tasks = f"{topic}-tasks"
-    create_topics(kafka.client_config(), [tasks], partitions=3)
+def processor_settings(kafka: Any, schema_dsn: str, topic: str, tasks: str) -> ProcessorSettings:
+    """A processor of `topic`'s results and the task topic `tasks`, in a group of its own."""
     env = {
         **kafka.env(),
         "POSTGRESQL_CONNECTION": schema_dsn,
@@ -431,16 +428,38 @@ def test_the_processor_follows_the_task_topic_beside_the_results(
         "KAFKA_TASKS_TOPIC": tasks,
         "KAFKA_CONSUMER_GROUP": f"g-{uuid.uuid4().hex[:8]}",
     }
-    settings = ProcessorSettings.model_validate({k.lower(): v for k, v in env.items()})
-    consumer = Consumer(consumer_config(settings))
+    return ProcessorSettings.model_validate({k.lower(): v for k, v in env.items()})
+
+
+@contextmanager
+def running_processor(settings: ProcessorSettings, schema_dsn: str) -> Iterator[None]:
+    """The processor, in a thread, for the block; stopping commits what it stored (the
+    offsets of both topics, after their rows)."""
     stop = threading.Event()
-    writer = Writer(partial(db.connect, schema_dsn), 4096, window=WIDE_WINDOW, tasks_topic=tasks)
+    writer = Writer(
+        partial(db.connect, schema_dsn), 4096, window=WIDE_WINDOW,
+        tasks_topic=settings.kafka_tasks_topic,
+    )  # fmt: skip
     processor = Processor(
-        consumer, writer, topics=settings.subscribed_topics, batch_max_messages=500,
-        batch_max_ms=100, stop=stop,
+        Consumer(consumer_config(settings)), writer, topics=settings.subscribed_topics,
+        batch_max_messages=500, batch_max_ms=100, stop=stop,
     )  # fmt: skip
     thread = threading.Thread(target=processor.run)
     thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
+@pytest.mark.kafka
+def test_the_processor_follows_the_task_topic_beside_the_results(
+    kafka: Any, topic: str, schema_dsn: str, migrated: Any
+) -> None:
+    tasks = f"{topic}-tasks"
+    create_topics(kafka.client_config(), [tasks], partitions=3)
+    settings = processor_settings(kafka, schema_dsn, topic, tasks)
     key = str(A).encode()
 
     def record(**fields: Any) -> tuple[str, bytes, bytes]:
@@ -454,7 +473,7 @@ def test_the_processor_follows_the_task_topic_beside_the_results(
     def shown(column: str) -> Any:
         return scalar(migrated, f"SELECT {column} FROM tasks WHERE task_id = %s", str(A))
 
-    try:
+    with running_processor(settings, schema_dsn):
         produce(kafka, [record(name="shop"), checked("up", 1), checked("down", 2)])
         wait_for(lambda: incidents(migrated, A), "the incident opened", 60)
         assert shown("name") == "shop"
@@ -479,11 +498,7 @@ def test_the_processor_follows_the_task_topic_beside_the_results(
         )
         assert [reason for _, _, reason in incidents(migrated, A)] == ["task_removed"]
         assert shown("last_checked_at") == at(2)
-    finally:
-        # Stopping commits what is stored (offsets of both topics, after their rows).
-        stop.set()
-        thread.join(timeout=60)
-    watcher = Consumer(kafka.client_config(**{"group.id": env["KAFKA_CONSUMER_GROUP"]}))
+    watcher = Consumer(kafka.client_config(**{"group.id": settings.kafka_consumer_group}))
     try:
         partitions = [TopicPartition(t, p) for t in (topic, tasks) for p in range(3)]
         done = watcher.committed(partitions, timeout=30)
@@ -516,15 +531,7 @@ def test_a_task_created_and_removed_by_another_program_keeps_its_row(
     in one batch (A: both on the topic before the processor starts) or apart (B)."""
     tasks = f"{topic}-tasks"
     create_topics(kafka.client_config(), [tasks], partitions=3)
-    settings = ProcessorSettings.model_validate(
-        {
-            **{k.lower(): v for k, v in kafka.env().items()},
-            "postgresql_connection": schema_dsn,
-            "kafka_consumer_topics": topic,
-            "kafka_tasks_topic": tasks,
-            "kafka_consumer_group": f"g-{uuid.uuid4().hex[:8]}",
-        }
-    )
+    settings = processor_settings(kafka, schema_dsn, topic, tasks)
 
     def definition(task_id: uuid.UUID, name: str) -> tuple[str, bytes, bytes]:
         spec = {"name": name, "url": f"https://{name}.example.net/health", "interval": 30,
@@ -541,16 +548,7 @@ def test_a_task_created_and_removed_by_another_program_keeps_its_row(
         return found[0] if found else None
 
     produce(kafka, [definition(A, "shop"), (tasks, str(A).encode(), None)])
-    consumer = Consumer(consumer_config(settings))
-    stop = threading.Event()
-    writer = Writer(partial(db.connect, schema_dsn), 4096, window=WIDE_WINDOW, tasks_topic=tasks)
-    processor = Processor(
-        consumer, writer, topics=settings.subscribed_topics, batch_max_messages=500,
-        batch_max_ms=100, stop=stop,
-    )  # fmt: skip
-    thread = threading.Thread(target=processor.run)
-    thread.start()
-    try:
+    with running_processor(settings, schema_dsn):
         wait_for(lambda: shown(A) is not None, "task A's row", 60)
         assert shown(A) == ("shop", "https://shop.example.net/health", "active", True)
 
@@ -559,9 +557,6 @@ def test_a_task_created_and_removed_by_another_program_keeps_its_row(
         produce(kafka, [(tasks, str(B).encode(), None)])
         wait_for(lambda: (shown(B) or ())[-1:] == (True,), "task B's removal", 60)
         assert shown(B) == ("blog", "https://blog.example.net/health", "active", True)
-    finally:
-        stop.set()
-        thread.join(timeout=60)
     # Set last from the tombstone: a redelivery of either record changes nothing.
     assert task(migrated, A)["record_offset"] == 1
     assert scalar(migrated, "SELECT count(*) FROM rejected_messages") == 0
